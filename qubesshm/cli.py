@@ -1,0 +1,148 @@
+"""Command line: ``qubesshm serve``, ``qubesshm run -- CMD`` and ``qubesshm bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from .relay.listener import DEFAULT_SOCKET_NAME, AddressError, Listener, upstream_path
+from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
+from .relay.trace import ProtocolLog
+from .wire.codec import DEFAULT_MAX_MESSAGE_SIZE
+from .wire.protocol import ProtocolLoadError, ProtocolTable, load_protocols
+
+log = logging.getLogger("qubesshm")
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get("QUBESSHM_DEBUG", "") not in ("", "0")
+
+
+def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | None) -> None:
+    parser.add_argument("--socket", default=default_socket, metavar="NAME",
+                        help="listening socket name in $XDG_RUNTIME_DIR, or an absolute path"
+                        + (f" (default {default_socket})" if default_socket else
+                           " (default: a private name)"))
+    parser.add_argument("--upstream", metavar="NAME|PATH",
+                        help="compositor socket (default $WAYLAND_DISPLAY, else wayland-0)")
+    parser.add_argument("--debug", action="store_true", default=_debug_from_env(),
+                        help="log every relayed message (also QUBESSHM_DEBUG=1)")
+    parser.add_argument("--protocol-dir", action="append", default=[], metavar="DIR",
+                        help="more protocol XML to understand (repeatable)")
+    parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
+                        metavar="BYTES", help="largest message accepted (default %(default)s)")
+    parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                        metavar="SECONDS", help="drop a session whose peer stops reading for "
+                        "this long (default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qubesshm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="relay Wayland clients to the compositor")
+    _add_relay_options(serve, DEFAULT_SOCKET_NAME)
+
+    run = sub.add_parser("run", help="run one command through a private proxy")
+    _add_relay_options(run, None)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    bench = sub.add_parser("bench", help="measure the proxy against baselines")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    relay = bench_sub.add_parser("relay", help="round-trip latency: direct, qubesshm, waypipe")
+    relay.add_argument("--upstream", metavar="NAME|PATH",
+                       help="compositor to measure against (default: start a headless Weston "
+                       "when none is running)")
+    relay.add_argument("--round-trips", type=int, default=2000,
+                       help="wl_display.sync round trips per path (default %(default)s)")
+    relay.add_argument("--burst", type=int, default=10000,
+                       help="requests in the burst test (default %(default)s)")
+    relay.add_argument("--repeats", type=int, default=5,
+                       help="bursts per path; the median is reported (default %(default)s)")
+    relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or getattr(args, "debug", False) else logging.WARNING,
+        format="qubesshm: %(message)s",
+    )
+    try:
+        if args.command == "bench":
+            from .bench.relay import run_relay_bench
+            return run_relay_bench(args)
+        protocol = load_protocols(args.protocol_dir)
+        options = RelayOptions(max_message_size=args.max_message_size,
+                               stall_timeout=args.stall_timeout)
+        if args.command == "serve":
+            return asyncio.run(_serve(args, protocol, options))
+        cmd = list(args.cmd)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            print("qubesshm run: give the command after --", file=sys.stderr)
+            return 2
+        return asyncio.run(_run(args, protocol, options, cmd))
+    except (AddressError, ProtocolLoadError) as exc:
+        print(f"qubesshm: {exc}", file=sys.stderr)
+        return 1
+
+
+def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
+           socket_name: str) -> ProxyServer:
+    upstream = upstream_path(args.upstream)
+    listener = Listener(socket_name)
+    if listener.path.resolve() == upstream.resolve():
+        listener.close()
+        raise AddressError(f"the upstream {upstream} is qubesshm's own socket")
+    protocol_log = ProtocolLog(sys.stderr) if args.debug else None
+    server = ProxyServer(protocol, listener, upstream, options=options,
+                         protocol_log=protocol_log)
+    log.info("listening on %s, relaying to %s (%d interfaces known)", listener.path, upstream,
+             len(protocol))
+    return server
+
+
+async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
+                 options: RelayOptions) -> int:
+    server = _start(args, protocol, options, args.socket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+    return 0
+
+
+async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
+               cmd: list[str]) -> int:
+    socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
+    server = _start(args, protocol, options, socket_name)
+    env = dict(os.environ)
+    env["WAYLAND_DISPLAY"] = str(server.listener.path)
+    env.pop("WAYLAND_SOCKET", None)
+    try:
+        try:
+            child = await asyncio.create_subprocess_exec(*cmd, env=env)
+        except OSError as exc:
+            print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
+            return 127
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, child.send_signal, sig)
+        status = await child.wait()
+    finally:
+        server.close()
+    # Shells report a death by signal N as 128+N.
+    return status if status >= 0 else 128 - status

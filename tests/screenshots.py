@@ -1,0 +1,140 @@
+"""Screenshot helpers for tests that look at what a headless Weston shows.
+
+``weston-screenshooter`` (needs Weston's ``--debug``) captures the whole
+output as an RGB PNG: the desktop shell's background and panel, with client
+windows at places the shell picks at random.  :func:`find_pattern` finds the
+window of ``examples/pattern_client.py`` in such a shot by the pattern's first
+row, and :func:`crop` cuts it out for a byte-for-byte comparison with
+:func:`expected_rgb`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+PATTERN_CLIENT = REPO / "examples" / "pattern_client.py"
+
+@functools.cache
+def pattern_client() -> ModuleType:
+    """``examples/pattern_client.py`` as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("pattern_client", PATTERN_CLIENT)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {PATTERN_CLIENT}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def expected_rgb(width: int, height: int) -> bytes:
+    """The pattern client's pixels as packed RGB bytes, as a screenshot shows them."""
+    pixels: bytes = pattern_client().pattern_pixels(width, height)
+    # ARGB8888 little-endian is B, G, R, A in memory; alpha is dropped.
+    return Image.frombytes("RGB", (width, height), pixels, "raw", "BGRX").tobytes()
+
+
+def take_screenshot(env: Mapping[str, str], workdir: Path) -> Path:
+    """Run ``weston-screenshooter`` in ``workdir`` and return the PNG it wrote.
+
+    The tool names its file ``wayland-screenshot-<date>_<time>.png`` (adding
+    ``-1``, ``-2``... within the same second) in its working directory, unless
+    ``XDG_PICTURES_DIR`` is set, which is therefore removed from ``env``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in env.items() if k != "XDG_PICTURES_DIR"}
+    before = set(workdir.glob("wayland-screenshot-*.png"))
+    result = subprocess.run(
+        ["weston-screenshooter"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"weston-screenshooter failed with status {result.returncode} "
+            f"(is Weston running with --debug?): {result.stderr.strip()}"
+        )
+    new = sorted(set(workdir.glob("wayland-screenshot-*.png")) - before)
+    if len(new) != 1:
+        raise RuntimeError(f"expected one new screenshot in {workdir}, found {new}")
+    return new[0]
+
+
+def _rgb(png_path: Path) -> Image.Image:
+    with Image.open(png_path) as image:
+        return image.convert("RGB")
+
+
+def find_pattern(png_path: Path, width: int, height: int) -> tuple[int, int]:
+    """Top-left corner of the pattern client's ``width`` x ``height`` window in a shot.
+
+    Searches for the pattern's first row (a black/white checker line) and
+    confirms a hit by its last row.  Raises LookupError when it is not there.
+    """
+    image = _rgb(png_path)
+    shot_w, shot_h = image.size
+    data = image.tobytes()
+    expected = expected_rgb(width, height)
+    row_len = width * 3
+    first, last = expected[:row_len], expected[-row_len:]
+    start = 0
+    while (hit := data.find(first, start)) >= 0:
+        start = hit + 1
+        if hit % 3:
+            continue
+        y, x = divmod(hit // 3, shot_w)
+        if x + width > shot_w or y + height > shot_h:
+            continue
+        offset = ((y + height - 1) * shot_w + x) * 3
+        if data[offset : offset + row_len] == last:
+            return x, y
+    raise LookupError(f"no {width}x{height} pattern window in {png_path}")
+
+
+def wait_for_pattern(
+    env: Mapping[str, str], workdir: Path, width: int, height: int, timeout: float = 10.0
+) -> tuple[Path, int, int]:
+    """Take screenshots until one shows the pattern window; return it and the corner."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shot = take_screenshot(env, workdir)
+        try:
+            x, y = find_pattern(shot, width, height)
+        except LookupError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        return shot, x, y
+
+
+def crop(png_path: Path, x: int, y: int, w: int, h: int) -> bytes:
+    """The RGB bytes (packed rows) of the ``w`` x ``h`` rectangle at ``(x, y)``."""
+    return _rgb(png_path).crop((x, y, x + w, y + h)).tobytes()
+
+
+def mismatch_summary(actual: bytes, expected: bytes, width: int) -> str:
+    """How many pixels differ, and where the first one is, for assertion messages."""
+    if len(actual) != len(expected):
+        return f"size differs: {len(actual)} != {len(expected)} bytes"
+    bad = [i for i in range(0, len(expected), 3) if actual[i : i + 3] != expected[i : i + 3]]
+    if not bad:
+        return "identical"
+    y, x = divmod(bad[0] // 3, width)
+    return (
+        f"{len(bad)} pixels differ; first at ({x}, {y}): "
+        f"got {tuple(actual[bad[0] : bad[0] + 3])}, want {tuple(expected[bad[0] : bad[0] + 3])}"
+    )
