@@ -13,9 +13,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-
 
 # The desktop shell fades the screen in for about a second after start-up and fades
 # closed windows out, so shots taken meanwhile show dimmed pixels; turn that off.
@@ -60,6 +60,37 @@ def compositor_is_running(display: str | None = None) -> bool:
         except OSError:
             return False
     return True
+
+
+def take_screenshot(env: Mapping[str, str], workdir: Path) -> Path:
+    """Run ``weston-screenshooter`` in ``workdir`` and return the PNG it wrote.
+
+    The tool names its file ``wayland-screenshot-<date>_<time>.png`` (adding
+    ``-1``, ``-2``... within the same second) in its working directory, unless
+    ``XDG_PICTURES_DIR`` is set, which is therefore removed from ``env``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in env.items() if k != "XDG_PICTURES_DIR"}
+    before = set(workdir.glob("wayland-screenshot-*.png"))
+    result = subprocess.run(
+        ["weston-screenshooter"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"weston-screenshooter failed with status {result.returncode} "
+            f"(is Weston running with --debug?): {result.stderr.strip()}"
+        )
+    new = sorted(set(workdir.glob("wayland-screenshot-*.png")) - before)
+    if len(new) != 1:
+        raise RuntimeError(f"expected one new screenshot in {workdir}, found {new}")
+    return new[0]
 
 
 class HeadlessWeston:
@@ -153,6 +184,9 @@ class HeadlessWeston:
                 self.process.wait()
         self.process = None
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def screenshot(self, workdir: Path) -> Path:
+        return take_screenshot(self.env(), workdir)
 
     def __enter__(self) -> HeadlessWeston:
         self.start()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
 from PIL import Image
+
+from qubesshm.headless import take_screenshot
 
 REPO = Path(__file__).resolve().parent.parent
 PATTERN_CLIENT = REPO / "examples" / "pattern_client.py"
@@ -40,37 +41,6 @@ def expected_rgb(width: int, height: int) -> bytes:
     pixels: bytes = pattern_client().pattern_pixels(width, height)
     # ARGB8888 little-endian is B, G, R, A in memory; alpha is dropped.
     return Image.frombytes("RGB", (width, height), pixels, "raw", "BGRX").tobytes()
-
-
-def take_screenshot(env: Mapping[str, str], workdir: Path) -> Path:
-    """Run ``weston-screenshooter`` in ``workdir`` and return the PNG it wrote.
-
-    The tool names its file ``wayland-screenshot-<date>_<time>.png`` (adding
-    ``-1``, ``-2``... within the same second) in its working directory, unless
-    ``XDG_PICTURES_DIR`` is set, which is therefore removed from ``env``.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in env.items() if k != "XDG_PICTURES_DIR"}
-    before = set(workdir.glob("wayland-screenshot-*.png"))
-    result = subprocess.run(
-        ["weston-screenshooter"],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"weston-screenshooter failed with status {result.returncode} "
-            f"(is Weston running with --debug?): {result.stderr.strip()}"
-        )
-    new = sorted(set(workdir.glob("wayland-screenshot-*.png")) - before)
-    if len(new) != 1:
-        raise RuntimeError(f"expected one new screenshot in {workdir}, found {new}")
-    return new[0]
 
 
 def _rgb(png_path: Path) -> Image.Image:

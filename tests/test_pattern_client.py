@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import wait_for_file
 from screenshots import (  # tests/ is on sys.path (pytest's rootdir-less "prepend" import)
     PATTERN_CLIENT,
     crop,
@@ -26,28 +24,6 @@ from screenshots import (  # tests/ is on sys.path (pytest's rootdir-less "prepe
 )
 
 from qubesshm.headless import HeadlessWeston
-
-needs_weston = pytest.mark.skipif(
-    shutil.which("weston") is None or shutil.which("weston-screenshooter") is None,
-    reason="weston and weston-screenshooter are needed (Debian package 'weston')",
-)
-
-
-@pytest.fixture(scope="module")
-def weston(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadlessWeston]:
-    with HeadlessWeston() as compositor:
-        yield compositor
-
-
-def wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            _, err = process.communicate()
-            pytest.fail(f"client exited with {process.returncode} before ready: {err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
 
 
 def test_pattern_pixels_shows_off_by_one() -> None:
@@ -79,7 +55,6 @@ def test_client_fails_without_compositor(tmp_path: Path) -> None:
     assert "cannot connect" in result.stderr
 
 
-@needs_weston
 @pytest.mark.parametrize(
     ("width", "height", "extra"),
     [

@@ -59,6 +59,7 @@ class ClientRelay:
         )
         self.closed = False
         self._paused: set[Transport] = set()
+        self._waiting_to_write: set[Transport] = set()
         self._stall: dict[Transport, asyncio.TimerHandle] = {}
         self.loop.add_reader(self.client.fileno(), self._readable, self.client)
         self.loop.add_reader(self.compositor.fileno(), self._readable, self.compositor)
@@ -136,9 +137,13 @@ class ClientRelay:
             self.close(f"{'client' if dest is self.client else 'compositor'} hung up")
             return
         source = self._other(dest)
+        # Registering with the selector costs a syscall, so only on state changes.
         if drained:
-            self.loop.remove_writer(dest.fileno())
-        else:
+            if dest in self._waiting_to_write:
+                self._waiting_to_write.discard(dest)
+                self.loop.remove_writer(dest.fileno())
+        elif dest not in self._waiting_to_write:
+            self._waiting_to_write.add(dest)
             self.loop.add_writer(dest.fileno(), self._writable, dest)
         if dest.queued_bytes > self.server.options.high_water:
             if source not in self._paused:

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pywayland.scanner.protocol import Protocol as ScannedProtocol
 from pywayland.scanner.argument import ArgumentType
+from pywayland.scanner.protocol import Protocol as ScannedProtocol
 
 
 class ArgKind(enum.IntEnum):

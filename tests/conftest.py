@@ -1,0 +1,28 @@
+"""Shared fixtures: a real headless Weston, and qubesshm relaying to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import RunningProxy, start_proxy
+
+from qubesshm.headless import HeadlessWeston
+
+
+@pytest.fixture(scope="session")
+def weston() -> Iterator[HeadlessWeston]:
+    """One headless Weston (pixman, --debug for screenshots) for the whole run."""
+    with HeadlessWeston() as compositor:
+        yield compositor
+
+
+@pytest.fixture
+def proxy(weston: HeadlessWeston, tmp_path: Path) -> Iterator[RunningProxy]:
+    """``qubesshm serve`` relaying to the session's Weston; must exit 0 on SIGTERM."""
+    running = start_proxy(weston, tmp_path / "qubesshm.log", socket_name=f"qs-{os.getpid()}")
+    yield running
+    assert running.stop() == 0, running.log()
+    assert "Traceback" not in running.log(), running.log()

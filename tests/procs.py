@@ -1,0 +1,66 @@
+"""Processes the tests start: qubesshm serve, and waiting on clients."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qubesshm.headless import HeadlessWeston, compositor_is_running
+
+
+@dataclass
+class RunningProxy:
+    process: subprocess.Popen[bytes]
+    socket_name: str
+    env: dict[str, str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
+                socket_name: str = "qubesshm-test") -> RunningProxy:
+    env = weston.env()
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,
+         "--upstream", weston.socket_name, *extra],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    path = Path(env["XDG_RUNTIME_DIR"]) / socket_name
+    deadline = time.monotonic() + 20
+    while not compositor_is_running(str(path)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"qubesshm serve did not start: {log_path.read_text()}")
+        time.sleep(0.05)
+    return RunningProxy(process, socket_name, dict(env, WAYLAND_DISPLAY=socket_name), log_path)
+
+
+def wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            _, err = process.communicate()
+            pytest.fail(f"client exited with {process.returncode} before ready: {err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)

@@ -1,0 +1,132 @@
+"""Real clients through ``qubesshm serve`` and ``qubesshm run`` against a real Weston."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from procs import RunningProxy, wait_for_file
+from screenshots import PATTERN_CLIENT, crop, expected_rgb, mismatch_summary, wait_for_pattern
+
+from qubesshm.headless import HeadlessWeston
+from qubesshm.wire.protocol import load_protocols
+
+GLOBAL_LINE = re.compile(r"interface: '(\w+)',\s+version:\s+(\d+),\s+name:\s+(\d+)")
+
+
+def wayland_info(env: dict[str, str]) -> dict[str, tuple[int, int]]:
+    result = subprocess.run(["wayland-info"], env=env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    return {m[1]: (int(m[2]), int(m[3])) for m in GLOBAL_LINE.finditer(result.stdout)}
+
+
+def test_wayland_info_matches_direct_except_hidden(weston: HeadlessWeston,
+                                                   proxy: RunningProxy) -> None:
+    direct = wayland_info(weston.env())
+    proxied = wayland_info(proxy.env)
+    protocol = load_protocols()
+    hidden = {name for name in direct if name not in protocol}
+    expected = {name: (min(version, protocol[name].version), global_name)
+                for name, (version, global_name) in direct.items() if name not in hidden}
+    assert proxied == expected
+    # Weston advertises its private protocols, which have no XML in protocols/.
+    assert "weston_screenshooter" in hidden
+    assert "wl_compositor" in proxied
+    for name in hidden:
+        assert f"hiding global {name}" in proxy.log()
+    # Logged once per interface, not once per client.
+    wayland_info(proxy.env)
+    assert proxy.log().count("hiding global weston_screenshooter") == 1
+
+
+@pytest.mark.parametrize("client", ["weston-simple-shm", "weston-simple-damage"])
+def test_weston_demo_clients_run_through_proxy(proxy: RunningProxy, client: str) -> None:
+    process = subprocess.Popen([client], env=proxy.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        # These clients draw until killed; any protocol error ends them early.
+        time.sleep(4)
+        assert process.poll() is None, process.communicate()
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    assert "error" not in err.lower(), err
+    assert "protocol error" not in proxy.log()
+
+
+def test_screenshot_through_proxy_equals_direct(weston: HeadlessWeston, proxy: RunningProxy,
+                                               tmp_path: Path) -> None:
+    width, height = 301, 187
+    crops = {}
+    for label, env in (("direct", weston.env()), ("proxied", proxy.env)):
+        ready = tmp_path / f"ready-{label}"
+        client = subprocess.Popen(
+            [sys.executable, str(PATTERN_CLIENT), f"--width={width}", f"--height={height}",
+             "--frames=5", "--damage=partial", "--hold=5", f"--ready-file={ready}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_file(ready, client)
+            # Screenshots always go straight to Weston: weston_screenshooter is hidden.
+            shot, x, y = wait_for_pattern(weston.env(), tmp_path / label, width, height)
+            crops[label] = crop(shot, x, y, width, height)
+        finally:
+            client.terminate()
+            client.communicate(timeout=20)
+    expected = expected_rgb(width, height)
+    assert crops["direct"] == expected, mismatch_summary(crops["direct"], expected, width)
+    assert crops["proxied"] == crops["direct"], mismatch_summary(
+        crops["proxied"], crops["direct"], width)
+
+
+def qubesshm(*args: str, env: dict[str, str],
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qubesshm", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_run_exits_with_the_commands_status(weston: HeadlessWeston) -> None:
+    env = weston.env()
+    assert qubesshm("run", "--", "sh", "-c", "exit 7", env=env).returncode == 7
+    killed = qubesshm("run", "--", "sh", "-c", "kill -TERM $$", env=env)
+    assert killed.returncode == 128 + 15
+    missing = qubesshm("run", "--", "no-such-command-qubesshm", env=env)
+    assert missing.returncode == 127
+    assert "cannot start" in missing.stderr
+
+
+def test_run_relays_a_real_client(weston: HeadlessWeston) -> None:
+    result = qubesshm("run", "--debug", "--", sys.executable, str(PATTERN_CLIENT),
+                      "--frames=3", env=weston.env())
+    assert result.returncode == 0, result.stderr
+    assert "3 frames" in result.stdout
+    # The protocol log names each relayed message as WAYLAND_DEBUG does.
+    assert re.search(r"client#1 -> wl_display@1\.get_registry\(new id wl_registry@2\)",
+                     result.stderr), result.stderr[:2000]
+    assert re.search(r"client#1 <- wl_registry@2\.global\(\d+, \"wl_compositor\", \d+\)",
+                     result.stderr)
+    assert re.search(r"-> wl_shm@\d+\.create_pool\(new id wl_shm_pool@\d+, fd \d+, \d+\)",
+                     result.stderr)
+    # Private sockets are cleaned up.
+    runtime = Path(weston.env()["XDG_RUNTIME_DIR"])
+    assert not list(runtime.glob("qubesshm-run-*"))
+
+
+def test_debug_from_environment(weston: HeadlessWeston) -> None:
+    env = dict(weston.env(), QUBESSHM_DEBUG="1")
+    result = qubesshm("run", "--", "wayland-info", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "wl_registry@2.global(" in result.stderr
+    assert "# dropped: interface unknown to qubesshm" in result.stderr
+
+
+def test_unreachable_compositor_is_reported_to_the_client(tmp_path: Path) -> None:
+    env = {"XDG_RUNTIME_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    tmp_path.chmod(0o700)
+    result = qubesshm("run", "--upstream", "nothing-here", "--", "wayland-info", env=env)
+    # libwayland in the client prints the wl_display.error the proxy sent it.
+    assert re.search(r"error 3: qubesshm: cannot reach the compositor at \S+nothing-here",
+                     result.stderr), result.stderr
