@@ -60,6 +60,8 @@ class ClientRelay:
         self.closed = False
         self._paused: set[Transport] = set()
         self._waiting_to_write: set[Transport] = set()
+        # Set once the session is over but the client still has bytes to read.
+        self._finishing: str | None = None
         self._stall: dict[Transport, asyncio.TimerHandle] = {}
         self.loop.add_reader(self.client.fileno(), self._readable, self.client)
         self.loop.add_reader(self.compositor.fileno(), self._readable, self.compositor)
@@ -80,7 +82,7 @@ class ClientRelay:
             self.close("internal error")
 
     def _pump(self, source: Transport) -> None:
-        if self.closed:
+        if self.closed or self._finishing is not None:
             return
         is_client = source is self.client
         try:
@@ -88,11 +90,11 @@ class ClientRelay:
         except PeerClosed:
             step = self.session.client_eof() if is_client else self.session.compositor_eof()
             self._apply(step)
-            if not self.closed:
-                if not is_client:
-                    # Let the client read the compositor's last words (often an error).
-                    self._try_flush(self.client)
-                self.close(f"{'client' if is_client else 'compositor'} hung up")
+            if is_client:
+                self.close("client hung up")
+            else:
+                # The client still gets the compositor's last words (often an error).
+                self.finish("compositor hung up")
             return
         except FdsTruncated as exc:
             if is_client:
@@ -113,8 +115,7 @@ class ClientRelay:
         if step.error is not None and not self.closed:
             who = "client" if step.client_at_fault else "compositor"
             log.warning("client#%d: %s protocol error: %s", self.number, who, step.error)
-            self._try_flush(self.client)
-            self.close(f"{who} protocol error")
+            self.finish(f"{who} protocol error")
 
     def _fail_client(self, error: WireError) -> None:
         data = display_error(self.server.protocol, error)
@@ -122,7 +123,12 @@ class ClientRelay:
         self._apply(Step(error=error, client_at_fault=True))
 
     def _send(self, dest: Transport, segments: list[Segment]) -> None:
-        if self.closed or not segments:
+        if self.closed or dest.closed:
+            for _, fds in segments:
+                for fd in fds:
+                    os.close(fd)
+            return
+        if not segments:
             return
         for data, fds in segments:
             dest.queue(data, fds)
@@ -145,6 +151,10 @@ class ClientRelay:
         elif dest not in self._waiting_to_write:
             self._waiting_to_write.add(dest)
             self.loop.add_writer(dest.fileno(), self._writable, dest)
+        if self._finishing is not None:
+            if drained:
+                self.close(self._finishing)
+            return
         if dest.queued_bytes > self.server.options.high_water:
             if source not in self._paused:
                 self._paused.add(source)
@@ -173,8 +183,31 @@ class ClientRelay:
 
     def _stalled(self, dest: Transport) -> None:
         who = "client" if dest is self.client else "compositor"
+        self._finishing = None
         self.close(f"{who} stopped reading: {dest.queued_bytes} bytes queued for "
                    f"{self.server.options.stall_timeout:g} s")
+
+    def finish(self, reason: str) -> None:
+        """End the session once the client has read what is queued for it.
+
+        The compositor side closes now; the client side stays open, unread, until
+        its queue drains or it accepts nothing for ``stall_timeout`` seconds.
+        """
+        if self.closed or self._finishing is not None:
+            return
+        self._finishing = reason
+        for transport in (self.client, self.compositor):
+            if transport not in self._paused:
+                self.loop.remove_reader(transport.fileno())
+        self._paused.clear()
+        for handle in self._stall.values():
+            handle.cancel()
+        self._stall.clear()
+        self.loop.remove_writer(self.compositor.fileno())
+        self._waiting_to_write.discard(self.compositor)
+        self.compositor.close()
+        self._arm_stall(self.client)
+        self._try_flush(self.client)
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -184,9 +217,10 @@ class ClientRelay:
         for handle in self._stall.values():
             handle.cancel()
         for transport in (self.client, self.compositor):
-            self.loop.remove_reader(transport.fileno())
-            self.loop.remove_writer(transport.fileno())
-            transport.close()
+            if not transport.closed:
+                self.loop.remove_reader(transport.fileno())
+                self.loop.remove_writer(transport.fileno())
+                transport.close()
         for fd in self.session.unclaimed_fds():
             os.close(fd)
         self.server.forget(self)

@@ -1,0 +1,932 @@
+"""The proxy end to end, waypipe-style: the test is both the client and the compositor.
+
+Every test starts ``python3 -m qubesshm serve`` as a subprocess with a private
+``XDG_RUNTIME_DIR`` and ``--upstream`` pointing at a listening Unix socket the test
+owns (the fake compositor). A test connects as a client, accepts the proxy's
+upstream connection on the fake compositor socket and then drives both ends with
+real ``sendmsg``/``recvmsg`` calls, fds included. Every read has a timeout, so a
+broken proxy fails a test instead of hanging it. There are no wall-clock
+performance thresholds: only generous deadlines for things that must happen.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from qubesshm.wire.codec import HEADER, ArgValue, UntypedNewId, decode_args, encode_message
+from qubesshm.wire.protocol import MessageSpec, load_protocols
+
+REPO = Path(__file__).resolve().parent.parent
+PROTOCOL = load_protocols()
+
+# Every blocking socket operation of the test gives up after this long.
+IO_TIMEOUT = 10.0
+# How long the proxy may take to start up or to exit after a signal.
+PROCESS_TIMEOUT = 30.0
+# The kernel's SCM_MAX_FD: the most fds one sendmsg may carry.
+SCM_MAX_FD = 253
+# What libwayland passes (and sizes its receive buffer for) per sendmsg.
+LIBWAYLAND_MAX_FDS = 28
+ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+RECV_SIZE = 256 * 1024
+
+
+# -- messages ------------------------------------------------------------------
+
+
+def request_spec(interface: str, name: str) -> MessageSpec:
+    return next(m for m in PROTOCOL[interface].requests if m.name == name)
+
+
+def event_spec(interface: str, name: str) -> MessageSpec:
+    return next(m for m in PROTOCOL[interface].events if m.name == name)
+
+
+def req(object_id: int, interface: str, name: str, *args: ArgValue) -> bytes:
+    data, fds = encode_message(object_id, request_spec(interface, name), args)
+    assert not fds, "use encode_message directly for messages with fds"
+    return data
+
+
+def evt(object_id: int, interface: str, name: str, *args: ArgValue) -> bytes:
+    data, fds = encode_message(object_id, event_spec(interface, name), args)
+    assert not fds, "use encode_message directly for messages with fds"
+    return data
+
+
+def global_event(registry: int, name: int, interface: str, version: int) -> bytes:
+    return evt(registry, "wl_registry", "global", name, interface, version)
+
+
+def memfd_with(marker: bytes) -> int:
+    fd = os.memfd_create("qubesshm-test", os.MFD_CLOEXEC)
+    os.write(fd, marker)
+    return fd
+
+
+def read_marker(fd: int, length: int) -> bytes:
+    return os.pread(fd, length, 0)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def unread_outgoing(sock: socket.socket) -> int:
+    """Bytes this socket sent that its peer has not read yet (SIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    return int(struct.unpack("i", raw)[0])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s")
+        time.sleep(0.01)
+
+
+# -- sockets -------------------------------------------------------------------
+
+
+class Endpoint:
+    """One end of a Unix stream connection: bytes and SCM_RIGHTS fds, with timeouts."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(IO_TIMEOUT)
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        # How many fds each recvmsg delivered (for the libwayland 28-fd limit).
+        self.fds_per_recv: list[int] = []
+        self.closed = False
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        ancillary = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            if fds else []
+        )
+        sent = self.sock.sendmsg([data], ancillary)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def _recv(self) -> bytes:
+        data, ancdata, flags, _ = self.sock.recvmsg(
+            RECV_SIZE, ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % 4])
+                fds.extend(received)
+        assert not flags & socket.MSG_CTRUNC, "fds were truncated"
+        if fds:
+            self.fds_per_recv.append(len(fds))
+        self.fds.extend(fds)
+        self.buf += data
+        return data
+
+    def recv_exact(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            if not self._recv():
+                raise AssertionError(f"EOF after {len(self.buf)} of {size} expected bytes")
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def expect(self, data: bytes) -> None:
+        got = self.recv_exact(len(data))
+        assert got == data
+
+    def recv_message(self) -> tuple[int, int, bytes]:
+        """(object id, opcode, whole message) of the next message."""
+        while len(self.buf) < HEADER.size:
+            if not self._recv():
+                raise AssertionError(f"EOF with {len(self.buf)} bytes of a header")
+        object_id, word = HEADER.unpack_from(self.buf)
+        data = self.recv_exact(word >> 16)
+        return object_id, word & 0xFFFF, data
+
+    def take_fds(self, count: int) -> list[int]:
+        assert len(self.fds) >= count, f"expected {count} fds, have {len(self.fds)}"
+        fds, self.fds = self.fds[:count], self.fds[count:]
+        return fds
+
+    def expect_eof(self, *, reset_ok: bool = False) -> None:
+        """The peer hung up, with nothing (more) in flight.
+
+        ``reset_ok``: a Unix socket closed with unread data in its receive queue
+        makes its peer's recv fail with ECONNRESET instead of returning b"".
+        """
+        assert not self.buf, f"{len(self.buf)} unexpected bytes before EOF"
+        try:
+            data = self._recv()
+        except ConnectionResetError:
+            if reset_ok:
+                return
+            raise
+        assert data == b"", f"expected EOF, got {len(data)} more bytes"
+        assert not self.fds, f"{len(self.fds)} unexpected fds"
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.sock.close()
+
+
+class Pair:
+    """A client connected through the proxy and the compositor side of it."""
+
+    def __init__(self, client: Endpoint, compositor: Endpoint) -> None:
+        self.client = client
+        self.compositor = compositor
+        self._next_id = 2
+        self._serial = 1000
+
+    def new_id(self) -> int:
+        object_id = self._next_id
+        self._next_id += 1
+        return object_id
+
+    def request(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """The client sends; the compositor receives exactly these bytes."""
+        self.client.send(data, fds)
+        self.compositor.expect(data)
+
+    def events(self, data: bytes) -> None:
+        """The compositor sends; the client receives exactly these bytes."""
+        self.compositor.send(data)
+        self.client.expect(data)
+
+    def roundtrip(self) -> None:
+        """wl_display.sync through the proxy and back."""
+        callback = self.new_id()
+        self.request(req(1, "wl_display", "sync", callback))
+        self._serial += 1
+        self.events(evt(callback, "wl_callback", "done", self._serial)
+                    + evt(1, "wl_display", "delete_id", callback))
+
+    def get_registry(self) -> int:
+        registry = self.new_id()
+        self.request(req(1, "wl_display", "get_registry", registry))
+        return registry
+
+    def bind(self, registry: int, name: int, interface: str, version: int) -> int:
+        """Advertise a global, then bind it."""
+        self.events(global_event(registry, name, interface, version))
+        object_id = self.new_id()
+        self.request(req(registry, "wl_registry", "bind", name,
+                         UntypedNewId(interface, version, object_id)))
+        return object_id
+
+    def close(self) -> None:
+        self.client.close()
+        self.compositor.close()
+
+
+# -- the proxy -----------------------------------------------------------------
+
+
+class Proxy:
+    def __init__(self, process: subprocess.Popen[bytes], path: Path, log: Path) -> None:
+        self.process = process
+        self.path = path
+        self.lock_path = Path(f"{path}.lock")
+        self.log_path = log
+        self.stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Signal the proxy and return its exit status."""
+        self.stopped = True
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=PROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the proxy did not exit within {PROCESS_TIMEOUT:g} s of {sig.name}; "
+                        f"log:\n{self.log()}")
+
+    def assert_stopped_cleanly(self, status: int) -> None:
+        assert status == 0, f"the proxy exited with {status}; log:\n{self.log()}"
+        assert not self.path.exists(), "the proxy left its socket behind"
+        assert not self.lock_path.exists(), "the proxy left its lock file behind"
+
+
+class Harness:
+    """A private runtime dir, a fake compositor socket and the proxies under test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_dir = root / "run"
+        self.run_dir.mkdir(mode=0o700)
+        self.run_dir.chmod(0o700)
+        self.upstream = root / "fake-compositor"
+        self.compositor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.compositor.bind(str(self.upstream))
+        self.compositor.listen(64)
+        self.compositor.settimeout(IO_TIMEOUT)
+        self.proxies: list[Proxy] = []
+        self.pairs: list[Pair] = []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["XDG_RUNTIME_DIR"] = str(self.run_dir)
+        env.pop("WAYLAND_DISPLAY", None)
+        env.pop("WAYLAND_SOCKET", None)
+        env.pop("QUBESSHM_DEBUG", None)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def command(self, name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "qubesshm", "serve", "--socket", name,
+                "--upstream", str(self.upstream), *extra]
+
+    def start_proxy(self, *extra: str, name: str = "qs-test") -> Proxy:
+        log_path = self.root / f"proxy-{len(self.proxies)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                self.command(name, *extra), env=self.env(), cwd=REPO,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proxy = Proxy(process, self.run_dir / name, log_path)
+        self.proxies.append(proxy)
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while not proxy.path.exists():
+            if process.poll() is not None:
+                pytest.fail(f"the proxy exited with {process.returncode}:\n{proxy.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{proxy.path} did not appear; log:\n{proxy.log()}")
+            time.sleep(0.01)
+        # A session set up and torn down proves the event loop (and with it the
+        # signal handlers) is running, not just that the socket file exists.
+        probe = self.connect(proxy, track=False)
+        probe.client.close()
+        probe.compositor.expect_eof()
+        probe.compositor.close()
+        return proxy
+
+    def connect(self, proxy: Proxy, *, track: bool = True) -> Pair:
+        """Connect as a client and accept the proxy's connection to the compositor."""
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect(str(proxy.path))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                # Between bind() and listen(), or a stale socket not yet replaced.
+                client.close()
+                if proxy.process.poll() is not None:
+                    pytest.fail(f"the proxy exited with {proxy.process.returncode}:\n"
+                                f"{proxy.log()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"cannot connect to {proxy.path}; log:\n{proxy.log()}")
+                time.sleep(0.01)
+        try:
+            upstream, _ = self.compositor.accept()
+        except TimeoutError:
+            client.close()
+            pytest.fail(f"the proxy did not connect upstream; log:\n{proxy.log()}")
+        pair = Pair(Endpoint(client), Endpoint(upstream))
+        if track:
+            self.pairs.append(pair)
+        return pair
+
+    def close(self) -> None:
+        for pair in self.pairs:
+            pair.close()
+        self.compositor.close()
+        for proxy in self.proxies:
+            if not proxy.stopped:
+                proxy.assert_stopped_cleanly(proxy.stop(signal.SIGTERM))
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    root = tmp_path
+    if len(os.fsencode(root / "run" / "qs-test.lock")) > 100:
+        root = Path(tempfile.mkdtemp(prefix="qs-"))  # sun_path holds 108 bytes
+    h = Harness(root)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def proxy(harness: Harness) -> Proxy:
+    return harness.start_proxy()
+
+
+def decode_display_error(data: bytes) -> tuple[int, int, str]:
+    object_id, code, message = decode_args(event_spec("wl_display", "error"), data, [])
+    assert isinstance(object_id, int) and isinstance(code, int)
+    assert isinstance(message, str)
+    return object_id, code, message
+
+
+# -- 1. byte-exact passthrough ----------------------------------------------------
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["quiet", "debug"])
+def test_passthrough_is_byte_exact_both_ways(harness: Harness, debug: bool) -> None:
+    proxy = harness.start_proxy(*(["--debug"] if debug else []))
+    pair = harness.connect(proxy)
+
+    registry, callback = pair.new_id(), pair.new_id()
+    assert (registry, callback) == (2, 3)
+    requests = (req(1, "wl_display", "get_registry", registry)
+                + req(1, "wl_display", "sync", callback))
+    pair.client.send(requests)
+    pair.compositor.expect(requests)
+
+    events = b"".join([
+        global_event(2, 1, "wl_compositor", PROTOCOL["wl_compositor"].version),
+        global_event(2, 2, "wl_shm", PROTOCOL["wl_shm"].version),
+        global_event(2, 3, "wl_seat", min(5, PROTOCOL["wl_seat"].version)),
+        global_event(2, 4, "xdg_wm_base", 1),
+        global_event(2, 5, "wl_output", PROTOCOL["wl_output"].version),
+        evt(3, "wl_callback", "done", 4242),
+        evt(1, "wl_display", "delete_id", 3),
+    ])
+    pair.compositor.send(events)
+    pair.client.expect(events)
+
+    # The freed id 3 is usable again, and nothing else was in flight.
+    sync_again = req(1, "wl_display", "sync", 3)
+    pair.request(sync_again)
+    pair.events(evt(3, "wl_callback", "done", 4243) + evt(1, "wl_display", "delete_id", 3))
+    pair.roundtrip()
+
+    if debug:
+        wait_until(lambda: "wl_display@1.get_registry" in proxy.log(), "protocol log")
+        log = proxy.log()
+        assert "wl_registry@2.global" in log
+        assert "wl_callback@3.done" in log
+
+
+# -- 2. fds both ways ---------------------------------------------------------------
+
+
+def test_fd_reaches_compositor_and_proxy_closes_its_copies(harness: Harness,
+                                                           proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    shm = pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
+    create_pool = request_spec("wl_shm", "create_pool")
+
+    def send_pools(count: int) -> None:
+        data = bytearray()
+        fds: list[int] = []
+        markers: list[bytes] = []
+        for _ in range(count):
+            pool = pair.new_id()
+            marker = f"pool {pool} marker".encode()
+            fd = memfd_with(marker)
+            message, message_fds = encode_message(shm, create_pool, [pool, fd, 4096])
+            assert message_fds == [fd]
+            data += message
+            fds.append(fd)
+            markers.append(marker)
+        inodes = [os.fstat(fd).st_ino for fd in fds]
+        pair.client.send(bytes(data), fds)
+        for fd in fds:
+            os.close(fd)
+        pair.compositor.expect(bytes(data))
+        got = pair.compositor.take_fds(count)
+        for fd, marker, inode in zip(got, markers, inodes, strict=True):
+            assert read_marker(fd, len(marker)) == marker
+            assert os.fstat(fd).st_ino == inode
+            os.close(fd)
+
+    send_pools(1)
+    pair.roundtrip()
+    baseline = fd_count(proxy.pid)
+    for _ in range(10):
+        send_pools(20)
+    # The round trip orders us after the proxy finished with the last batch.
+    pair.roundtrip()
+    assert fd_count(proxy.pid) <= baseline, "the proxy keeps copies of forwarded fds"
+    assert not pair.compositor.fds and not pair.client.fds
+
+
+def test_fd_from_compositor_event_reaches_client(harness: Harness, proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    seat = pair.bind(registry, 7, "wl_seat", min(7, PROTOCOL["wl_seat"].version))
+    keyboard = pair.new_id()
+    pair.request(req(seat, "wl_seat", "get_keyboard", keyboard))
+    keymap = event_spec("wl_keyboard", "keymap")
+
+    def send_keymap(n: int) -> None:
+        marker = f"xkb keymap #{n}".encode()
+        fd = memfd_with(marker)
+        inode = os.fstat(fd).st_ino
+        data, fds = encode_message(keyboard, keymap, [1, fd, len(marker)])
+        pair.compositor.send(data, fds)
+        os.close(fd)
+        pair.client.expect(data)
+        [got] = pair.client.take_fds(1)
+        assert read_marker(got, len(marker)) == marker
+        assert os.fstat(got).st_ino == inode
+        os.close(got)
+
+    send_keymap(0)
+    pair.roundtrip()
+    baseline = fd_count(proxy.pid)
+    for n in range(1, 51):
+        send_keymap(n)
+    pair.roundtrip()
+    assert fd_count(proxy.pid) <= baseline, "the proxy keeps copies of forwarded fds"
+
+
+# -- 3. 100 fds in one burst ----------------------------------------------------------
+
+
+# (messages, fds) per client sendmsg. "skewed" sends some fds ahead of their
+# messages and some messages ahead of their fds, as a stream socket may deliver them.
+BURSTS = {
+    "4-sendmsg": [(25, 25)] * 4,
+    "1-sendmsg": [(100, 100)],
+    "skewed": [(10, 25), (50, 25), (20, 25), (20, 25)],
+}
+
+
+@pytest.mark.parametrize("burst", BURSTS, ids=list(BURSTS))
+def test_hundred_fds_in_one_burst_arrive_in_order(harness: Harness, proxy: Proxy,
+                                                  burst: str) -> None:
+    calls = BURSTS[burst]
+    assert all(n_fds <= SCM_MAX_FD for _, n_fds in calls)
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    shm = pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
+    create_pool = request_spec("wl_shm", "create_pool")
+
+    count = 100
+    messages: list[bytes] = []
+    fds: list[int] = []
+    for i in range(count):
+        fd = memfd_with(f"marker {i:03d}".encode())
+        message, _ = encode_message(shm, create_pool, [pair.new_id(), fd, 4096])
+        messages.append(message)
+        fds.append(fd)
+    assert sum(n for n, _ in calls) == sum(n for _, n in calls) == count
+    message_at = fd_at = 0
+    for n_messages, n_fds in calls:
+        pair.client.send(b"".join(messages[message_at:message_at + n_messages]),
+                         fds[fd_at:fd_at + n_fds])
+        message_at += n_messages
+        fd_at += n_fds
+    for fd in fds:
+        os.close(fd)
+
+    pair.compositor.expect(b"".join(messages))
+    got = pair.compositor.take_fds(count)
+    assert [read_marker(fd, 10) for fd in got] == [
+        f"marker {i:03d}".encode() for i in range(count)]
+    for fd in got:
+        os.close(fd)
+    assert sum(pair.compositor.fds_per_recv) == count
+    assert max(pair.compositor.fds_per_recv) <= LIBWAYLAND_MAX_FDS, (
+        f"fds per recvmsg: {pair.compositor.fds_per_recv}")
+    pair.roundtrip()
+
+
+# -- 4. globals the proxy cannot decode are hidden ----------------------------------------
+
+
+def test_unknown_global_hidden_and_version_capped(harness: Harness, proxy: Proxy) -> None:
+    assert "weston_screenshooter" not in PROTOCOL
+    xml_version = PROTOCOL["wl_compositor"].version
+    assert xml_version < 99
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    callback = pair.new_id()
+    pair.request(req(1, "wl_display", "sync", callback))
+
+    pair.compositor.send(
+        global_event(registry, 1, "weston_screenshooter", 1)
+        + global_event(registry, 2, "wl_compositor", 99)
+        + evt(callback, "wl_callback", "done", 7)
+        + evt(1, "wl_display", "delete_id", callback))
+    pair.client.expect(
+        global_event(registry, 2, "wl_compositor", xml_version)
+        + evt(callback, "wl_callback", "done", 7)
+        + evt(1, "wl_display", "delete_id", callback))
+
+    # The capped version is what the client may bind.
+    compositor = pair.new_id()
+    pair.request(req(registry, "wl_registry", "bind", 2,
+                     UntypedNewId("wl_compositor", xml_version, compositor)))
+    # Removing the hidden global is hidden too; removing the visible one is not.
+    pair.compositor.send(evt(registry, "wl_registry", "global_remove", 1))
+    pair.events(evt(registry, "wl_registry", "global_remove", 2))
+    pair.roundtrip()
+
+
+def test_binding_a_hidden_global_is_an_error(harness: Harness, proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    pair.compositor.send(global_event(registry, 1, "weston_screenshooter", 1))
+    pair.roundtrip()
+    pair.client.send(req(registry, "wl_registry", "bind", 1,
+                         UntypedNewId("weston_screenshooter", 1, pair.new_id())))
+    object_id, opcode, data = pair.client.recv_message()
+    assert (object_id, opcode) == (1, 0)
+    _, code, message = decode_display_error(data)
+    assert code == 0, message  # INVALID_OBJECT
+    pair.client.expect_eof()
+    pair.compositor.expect_eof()
+
+
+# -- 5. protocol violations cost only the offender -------------------------------------------
+
+GARBAGE = {
+    # A request to an object that does not exist: INVALID_OBJECT on wl_display.
+    "unknown-object": (HEADER.pack(77, 8 << 16 | 0), {0}),
+    # An opcode wl_display does not have: INVALID_METHOD.
+    "unknown-opcode": (HEADER.pack(1, 8 << 16 | 9), {1}),
+    # A header claiming 5 bytes, less than the header itself.
+    "size-5": (HEADER.pack(1, 5 << 16 | 0), {0, 1}),
+}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=list(GARBAGE))
+def test_protocol_violation_ends_only_that_client(harness: Harness, proxy: Proxy,
+                                                 garbage: str) -> None:
+    data, codes = GARBAGE[garbage]
+    before = harness.connect(proxy)
+    before.roundtrip()
+
+    bad = harness.connect(proxy)
+    bad.get_registry()
+    bad.roundtrip()
+    bad.client.send(data)
+    object_id, opcode, message_data = bad.client.recv_message()
+    assert (object_id, opcode) == (1, 0), "expected a wl_display.error event"
+    error_object, code, message = decode_display_error(message_data)
+    assert error_object == 1
+    assert code in codes, message
+    assert message and message.isprintable()
+    bad.client.expect_eof()
+    # The compositor saw none of the garbage, only the end of the connection.
+    assert bad.compositor.sock.recv(RECV_SIZE) == b""
+
+    after = harness.connect(proxy)
+    after.roundtrip()
+    before.roundtrip()
+    after.get_registry()
+    after.roundtrip()
+
+
+# -- 6. hang-ups travel to the other side --------------------------------------------------
+
+
+def test_client_hangup_reaches_compositor(harness: Harness, proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    pair.roundtrip()
+    last = req(1, "wl_display", "sync", pair.new_id())
+    pair.client.send(last)
+    pair.client.close()
+    pair.compositor.expect(last)
+    pair.compositor.expect_eof()
+
+
+def test_compositor_hangup_reaches_client_after_its_last_words(harness: Harness,
+                                                               proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    pair.roundtrip()
+    last_words = (
+        global_event(registry, 1, "wl_output", 2)
+        + evt(1, "wl_display", "error", registry, 0, "the compositor says goodbye"))
+    pair.compositor.send(last_words)
+    pair.compositor.close()
+    pair.client.expect(last_words)
+    pair.client.expect_eof()
+
+
+def backlog_size() -> int:
+    """Bytes enough to fill a client's socket buffer without pausing the proxy.
+
+    The kernel takes about ``wmem_default`` bytes into a client's socket; the proxy
+    queues the rest and stops reading its compositor only above 256 KiB, so 96 KiB
+    more than that stays queued inside the proxy, well below the pause.
+    """
+    try:
+        wmem = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    except (OSError, ValueError):
+        wmem = 212992
+    return wmem + 96 * 1024
+
+
+def globals_blob(registry: int, size: int, first_name: int = 1) -> bytes:
+    one = len(global_event(registry, 1, "wl_output", 2))
+    return b"".join(global_event(registry, first_name + i, "wl_output", 2)
+                    for i in range(size // one + 1))
+
+
+def wait_for_proxy_hangup(client: Endpoint, timeout: float = 5.0) -> None:
+    """Wait (without reading) until the proxy closes the client, or give up quietly.
+
+    A proxy that keeps the client until its queue is flushed never closes it here;
+    the caller then reads everything anyway.
+    """
+    poller = select.poll()
+    poller.register(client.sock.fileno(), select.POLLRDHUP)
+    poller.poll(timeout * 1000)
+
+
+def test_compositor_hangup_with_backlog_keeps_all_bytes(harness: Harness,
+                                                         proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    pair.roundtrip()
+    last_words = (
+        globals_blob(registry, backlog_size())
+        + evt(1, "wl_display", "error", registry, 0, "the compositor says goodbye"))
+    pair.compositor.send(last_words)
+    pair.compositor.close()
+    wait_for_proxy_hangup(pair.client)
+    pair.client.expect(last_words)
+    pair.client.expect_eof()
+
+
+def test_protocol_error_reaches_client_behind_backlog(harness: Harness,
+                                                      proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    pair.roundtrip()
+    backlog = globals_blob(registry, backlog_size())
+    pair.compositor.send(backlog)
+    wait_until(lambda: unread_outgoing(pair.compositor.sock) == 0,
+               "the proxy reading the compositor's events")
+    pair.client.send(HEADER.pack(77, 8 << 16 | 0))
+    wait_for_proxy_hangup(pair.client)
+    pair.client.expect(backlog)
+    object_id, opcode, data = pair.client.recv_message()
+    assert (object_id, opcode) == (1, 0)
+    assert decode_display_error(data)[1] == 0
+    pair.client.expect_eof()
+
+
+# -- 7. backpressure -----------------------------------------------------------------------
+
+
+FLOOD_LIMIT = 64 * 1024 * 1024
+DONE_SIZE = 12  # wl_callback.done: header and one uint
+
+
+def flood(compositor: Endpoint, callback: int) -> tuple[int, bytes]:
+    """Send wl_callback.done events (serials 0, 1, ...) until the proxy stops reading.
+
+    Stops once the socket stays unwritable for two seconds, the proxy hangs up, or
+    at FLOOD_LIMIT. Returns the number of bytes sent and the rest of the message a
+    partial send cut (empty if none), which the caller may send later.
+    """
+    word = DONE_SIZE << 16 | 0
+    batch = 4096
+    sock = compositor.sock
+    sock.setblocking(False)
+    sent_total = 0
+    serial = 0
+    pending = b""
+    try:
+        while sent_total < FLOOD_LIMIT:
+            if not pending:
+                values = array.array("I")
+                for s in range(serial, serial + batch):
+                    values.extend((callback, word, s))
+                serial += batch
+                pending = values.tobytes()
+            try:
+                n = sock.send(pending)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [sock], [], 2.0)
+                if not writable:
+                    break
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent_total += n
+            pending = pending[n:]
+    finally:
+        sock.settimeout(IO_TIMEOUT)
+    return sent_total, pending[: -sent_total % DONE_SIZE]
+
+
+def test_backpressure_bounds_memory_and_loses_nothing(harness: Harness) -> None:
+    proxy = harness.start_proxy("--stall-timeout", "300")
+    pair = harness.connect(proxy)
+    callback = pair.new_id()
+    pair.request(req(1, "wl_display", "sync", callback))
+    pair.roundtrip()
+    rss_before = vm_rss_kib(proxy.pid)
+
+    sent, tail = flood(pair.compositor, callback)
+    rss_after = vm_rss_kib(proxy.pid)
+    assert sent < FLOOD_LIMIT, "the proxy never stopped reading the compositor"
+    # More than the kernel buffers alone hold: the proxy did queue and then pause.
+    assert sent > 256 * 1024
+    assert (rss_after - rss_before) * 1024 < 64 * 1024 * 1024, (
+        f"proxy RSS grew from {rss_before} KiB to {rss_after} KiB")
+
+    # The client catches up and gets every event, in order.
+    whole = sent - sent % DONE_SIZE
+    received = pair.client.recv_exact(whole)
+    if tail:
+        pair.compositor.send(tail)
+        received += pair.client.recv_exact(DONE_SIZE)
+    sent = len(received)
+    values = array.array("I")
+    values.frombytes(received)
+    count = sent // DONE_SIZE
+    assert list(values[0::3]) == [callback] * count
+    assert list(values[1::3]) == [DONE_SIZE << 16] * count
+    assert list(values[2::3]) == list(range(count))
+    pair.roundtrip()
+
+
+def test_stalled_client_is_dropped_others_keep_working(harness: Harness) -> None:
+    proxy = harness.start_proxy("--stall-timeout", "1")
+    other = harness.connect(proxy)
+    other.roundtrip()
+
+    stalled = harness.connect(proxy)
+    callback = stalled.new_id()
+    stalled.request(req(1, "wl_display", "sync", callback))
+    flood(stalled.compositor, callback)
+    other.roundtrip()  # most likely while the stalled session is paused
+    stalled.compositor.sock.settimeout(20.0)
+    try:
+        stalled.compositor.expect_eof(reset_ok=True)
+    except TimeoutError:
+        pytest.fail(f"the stalled session was not dropped; log:\n{proxy.log()}")
+
+    other.roundtrip()
+    later = harness.connect(proxy)
+    later.roundtrip()
+    other.roundtrip()
+
+
+def test_compositor_that_stops_reading_is_dropped(harness: Harness) -> None:
+    proxy = harness.start_proxy("--stall-timeout", "1")
+    other = harness.connect(proxy)
+    other.roundtrip()
+
+    stalled = harness.connect(proxy)
+    registry = stalled.get_registry()
+    compositor = stalled.bind(registry, 1, "wl_compositor", 4)
+    surface = stalled.new_id()
+    stalled.request(req(compositor, "wl_compositor", "create_surface", surface))
+    rss_before = vm_rss_kib(proxy.pid)
+    # The client floods wl_surface.commit; the compositor reads none of it.
+    commit = req(surface, "wl_surface", "commit")
+    commits = commit * 8192
+    sock = stalled.client.sock
+    sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < FLOOD_LIMIT:
+            try:
+                sent += sock.send(commits)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [sock], [], 2.0)
+                if not writable:
+                    break
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    finally:
+        sock.settimeout(20.0)
+    assert sent < FLOOD_LIMIT, "the proxy never stopped reading the client"
+    assert (vm_rss_kib(proxy.pid) - rss_before) * 1024 < 64 * 1024 * 1024
+    try:
+        stalled.client.expect_eof(reset_ok=True)
+    except TimeoutError:
+        pytest.fail(f"the stalled session was not dropped; log:\n{proxy.log()}")
+    # Whatever reached the compositor were whole commits, then the end.
+    stalled.compositor.sock.settimeout(20.0)
+    received = b""
+    try:
+        while chunk := stalled.compositor.sock.recv(RECV_SIZE):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    assert len(received) % len(commit) == 0
+    assert received == commit * (len(received) // len(commit))
+
+    other.roundtrip()
+
+
+# -- 8. signals and the socket lock -------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_proxy_cleanly(harness: Harness, proxy: Proxy,
+                                    sig: signal.Signals) -> None:
+    pair = harness.connect(proxy)
+    pair.roundtrip()
+    proxy.assert_stopped_cleanly(proxy.stop(sig))
+    # Its sessions went with it.
+    pair.client.expect_eof()
+    pair.compositor.expect_eof()
+
+
+def test_second_serve_on_same_name_fails_naming_the_lock(harness: Harness,
+                                                         proxy: Proxy) -> None:
+    result = subprocess.run(
+        harness.command("qs-test"), env=harness.env(), cwd=REPO, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False)
+    assert result.returncode != 0
+    assert "qs-test.lock" in result.stderr, result.stderr
+    # The first one still owns its socket and serves.
+    assert proxy.path.exists() and proxy.lock_path.exists()
+    pair = harness.connect(proxy)
+    pair.roundtrip()
+
+
+def test_stale_socket_is_replaced(harness: Harness) -> None:
+    path = harness.run_dir / "qs-test"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    Path(f"{path}.lock").touch()  # a lock file nobody holds
+
+    proxy = harness.start_proxy()
+    # A stale socket refuses connections; this one relays.
+    pair = harness.connect(proxy)
+    pair.roundtrip()
