@@ -56,14 +56,15 @@ class ObjectMap:
 
     def create_by_client(self, object_id: int, interface: InterfaceSpec,
                          version: int) -> WaylandObject:
+        # libwayland reports a bad new id as invalid arguments, on wl_display.
         if not is_client_id(object_id):
             raise WireError(f"new id {object_id} is outside the client id range",
-                            ErrorCode.INVALID_OBJECT, DISPLAY_ID)
+                            ErrorCode.INVALID_METHOD, DISPLAY_ID)
         known = self._objects.get(object_id)
         if known is not None:
             state = "in use" if known.alive else "awaiting wl_display.delete_id"
             raise WireError(f"new id {object_id} is still {state} ({known})",
-                            ErrorCode.INVALID_OBJECT, DISPLAY_ID)
+                            ErrorCode.INVALID_METHOD, DISPLAY_ID)
         obj = WaylandObject(object_id, interface, version)
         self._objects[object_id] = obj
         return obj

@@ -33,6 +33,18 @@ from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 FD_WAIT_LIMIT_BYTES = 64 * 1024
 
 
+# The error text quotes client input, so it is cut to keep the event well under
+# any peer's maximum message size.
+ERROR_MESSAGE_LIMIT = 1024
+
+
+def _abridge(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 class Direction(enum.Enum):
     REQUEST = "->"
     EVENT = "<-"
@@ -175,7 +187,8 @@ class RelaySession:
                 err = WireError(f"qubesshm: the compositor broke the protocol: {err.message}",
                                 ErrorCode.IMPLEMENTATION, DISPLAY_ID)
             data, _ = encode_message(DISPLAY_ID, self._display_error,
-                                     [err.object_id, int(err.code), err.message])
+                                     [err.object_id, int(err.code),
+                                      _abridge(err.message, ERROR_MESSAGE_LIMIT)])
             downstream.add(data, [])
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()
@@ -220,15 +233,19 @@ class RelaySession:
         args = self._decode(obj, spec, frame, fds)
         for arg, value in zip(spec.args, args, strict=True):
             if arg.kind is ArgKind.OBJECT and value is not None:
+                # libwayland reports bad object arguments as invalid arguments, on
+                # wl_display.
                 assert isinstance(value, int)
                 target = self.objects.live(value)
                 if target is None:
-                    raise WireError(f"invalid object {value} in {obj}.{spec.name}",
-                                    ErrorCode.INVALID_OBJECT, obj.id)
+                    raise WireError(f"invalid arguments for {obj}.{spec.name}: argument "
+                                    f"{arg.name} is invalid object {value}",
+                                    ErrorCode.INVALID_METHOD, DISPLAY_ID)
                 if arg.interface is not None and target.interface.name != arg.interface:
                     raise WireError(
-                        f"{obj}.{spec.name}: argument {arg.name} must be a {arg.interface}, "
-                        f"got {target}", ErrorCode.INVALID_OBJECT, obj.id)
+                        f"invalid arguments for {obj}.{spec.name}: argument {arg.name} must "
+                        f"be a {arg.interface}, got {target}",
+                        ErrorCode.INVALID_METHOD, DISPLAY_ID)
         if spec.new_id_index is not None:
             self._create_from_request(obj, spec, args)
         if spec.destructor:
@@ -332,7 +349,7 @@ class RelaySession:
         if spec.name == "global_remove":
             name = args[0]
             assert isinstance(name, int)
+            # Global names are never reused, and every registry hears the removal.
             if name in self._hidden_globals:
-                self._hidden_globals.discard(name)
                 return None
         return args
