@@ -33,11 +33,21 @@ from ..wire.protocol import MessageSpec, load_protocols
 _FIRST_ID = 2
 
 
+# Round trips per path before moving to the next, so drift hits all paths alike.
+_BLOCK = 25
+# Every sync is answered by wl_callback.done and wl_display.delete_id.
+_MESSAGES_PER_SYNC = 3
+
+
 @dataclass
 class PathResult:
     name: str
+    # Processes relaying on this path, whose CPU time is the relay's cost.
+    relay_pids: list[int] = field(default_factory=list)
     round_trips: list[float] = field(default_factory=list)
     bursts: list[float] = field(default_factory=list)
+    rtt_cpu: float = 0.0
+    burst_cpu: float = 0.0
 
     def rtt(self) -> float:
         return statistics.median(self.round_trips)
@@ -47,6 +57,31 @@ class PathResult:
 
     def burst(self) -> float:
         return statistics.median(self.bursts)
+
+    def cpu_seconds(self) -> float:
+        """CPU time so far of the relay processes and their children (waypipe forks
+        one per connection)."""
+        if not self.relay_pids:
+            return 0.0
+        ticks = 0
+        parents: dict[int, int] = {}
+        usage: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            fields = text.rsplit(")", 1)[1].split()
+            pid = int(stat.parents[2].name)
+            parents[pid] = int(fields[1])
+            usage[pid] = usage.get(pid, 0) + int(fields[11]) + int(fields[12])
+        for pid in usage:
+            ancestor = pid
+            while ancestor > 1 and ancestor not in self.relay_pids:
+                ancestor = parents.get(ancestor, 0)
+            if ancestor in self.relay_pids:
+                ticks += usage[pid]
+        return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class SyncClient:
@@ -172,6 +207,7 @@ def run_relay_bench(args: argparse.Namespace) -> int:
              "--upstream", str(compositor)], env))
         _wait_for_socket(proxy_socket, proxy, "qubesshm serve")
         paths["qubesshm"] = proxy_socket
+        relay_pids = {"qubesshm": [proxy.pid]}
 
         waypipe = shutil.which("waypipe")
         if args.no_waypipe:
@@ -194,19 +230,26 @@ def run_relay_bench(args: argparse.Namespace) -> int:
                  "--display", str(display), "server", "--", "sleep", "86400"], env))
             _wait_for_socket(display, wp_server, "waypipe server")
             paths["waypipe"] = display
+            relay_pids["waypipe"] = [wp_client.pid, wp_server.pid]
 
-        results = {name: PathResult(name) for name in paths}
+        results = {name: PathResult(name, relay_pids.get(name, [])) for name in paths}
         clients = {name: SyncClient(path, sync) for name, path in paths.items()}
         try:
             for client in clients.values():
                 for _ in range(100):  # warm-up: first connections, page faults, caches
                     client.round_trip()
-            per_round = max(1, args.round_trips // args.repeats)
+            for _ in range(max(1, args.round_trips // _BLOCK)):
+                for name, client in clients.items():
+                    res = results[name]
+                    before = res.cpu_seconds()
+                    res.round_trips.extend(client.round_trip() for _ in range(_BLOCK))
+                    res.rtt_cpu += res.cpu_seconds() - before
             for _ in range(args.repeats):
                 for name, client in clients.items():
-                    results[name].round_trips.extend(
-                        client.round_trip() for _ in range(per_round))
-                    results[name].bursts.append(client.burst(args.burst))
+                    res = results[name]
+                    before = res.cpu_seconds()
+                    res.bursts.append(client.burst(args.burst))
+                    res.burst_cpu += res.cpu_seconds() - before
         finally:
             for client in clients.values():
                 client.close()
@@ -216,27 +259,39 @@ def run_relay_bench(args: argparse.Namespace) -> int:
 
 def _report(results: dict[str, PathResult], args: argparse.Namespace) -> None:
     direct = results["direct"]
-    print(f"\nwl_display.sync round trip, {len(direct.round_trips)} per path "
-          f"(median, p90), and a burst of {args.burst} syncs answered "
-          f"(median of {args.repeats}):")
-    print(f"{'path':<10} {'rtt µs':>9} {'p90 µs':>9} {'added µs':>9} "
-          f"{'burst ms':>9} {'added ms':>9}")
+    print(f"\nwl_display.sync round trips, {len(direct.round_trips)} per path in interleaved "
+          f"blocks of {_BLOCK} (median, p90); bursts of {args.burst} syncs (median of "
+          f"{args.repeats}); relay CPU = user+system time of the relaying processes per "
+          "relayed message:")
+    print(f"{'path':<10} {'rtt µs':>9} {'p90 µs':>9} {'added µs':>9} {'burst ms':>9} "
+          f"{'added ms':>9} {'CPU µs/msg':>11}")
     for res in results.values():
         added_rtt = (res.rtt() - direct.rtt()) * 1e6
         added_burst = (res.burst() - direct.burst()) * 1e3
         print(f"{res.name:<10} {res.rtt() * 1e6:9.1f} {res.rtt_p90() * 1e6:9.1f} "
-              f"{added_rtt:9.1f} {res.burst() * 1e3:9.2f} {added_burst:9.2f}")
+              f"{added_rtt:9.1f} {res.burst() * 1e3:9.2f} {added_burst:9.2f} "
+              f"{_cpu_per_message(res, args):>11}")
     if "waypipe" in results:
         q, w = results["qubesshm"], results["waypipe"]
-        q_added, w_added = q.rtt() - direct.rtt(), w.rtt() - direct.rtt()
-        qb_added, wb_added = q.burst() - direct.burst(), w.burst() - direct.burst()
-        print(f"\nadded round-trip latency, qubesshm / waypipe: {_ratio(q_added, w_added)}")
-        print(f"added burst time, qubesshm / waypipe:         {_ratio(qb_added, wb_added)}")
-    print(f"round trip through qubesshm / direct:          "
-          f"{results['qubesshm'].rtt() / direct.rtt():.2f}x")
+        print("\nqubesshm / waypipe:")
+        print(f"  added round-trip latency: "
+              f"{_ratio(q.rtt() - direct.rtt(), w.rtt() - direct.rtt())}")
+        print(f"  added burst time:         "
+              f"{_ratio(q.burst() - direct.burst(), w.burst() - direct.burst())}")
+        print(f"  relay CPU per message:    {_ratio(_cpu(q, args), _cpu(w, args))}")
+    print(f"round trip through qubesshm / direct: {results['qubesshm'].rtt() / direct.rtt():.2f}x")
+
+
+def _cpu(res: PathResult, args: argparse.Namespace) -> float:
+    messages: int = _MESSAGES_PER_SYNC * (len(res.round_trips) + args.burst * len(res.bursts))
+    return (res.rtt_cpu + res.burst_cpu) / messages
+
+
+def _cpu_per_message(res: PathResult, args: argparse.Namespace) -> str:
+    return f"{_cpu(res, args) * 1e6:.2f}" if res.relay_pids else "-"
 
 
 def _ratio(ours: float, theirs: float) -> str:
     if theirs <= 0:
-        return f"n/a (waypipe added {theirs * 1e6:.1f} µs, not above direct)"
+        return f"n/a (waypipe's figure {theirs * 1e6:.1f} µs is not above zero)"
     return f"{ours / theirs:.2f}"

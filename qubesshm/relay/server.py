@@ -27,6 +27,11 @@ log = logging.getLogger("qubesshm.relay")
 
 
 DEFAULT_STALL_TIMEOUT = 10.0
+# libwayland reads 4 KiB at a time; larger client reads let requests run ahead of
+# the events they cause.
+CLIENT_READ_SIZE = 4096
+COMPOSITOR_READ_SIZE = 64 * 1024
+COMPOSITOR_READS_PER_WAKEUP = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +80,30 @@ class ClientRelay:
 
     def _readable(self, source: Transport) -> None:
         try:
-            self._pump(source)
+            # A libwayland compositor drops a client whose events back up, and
+            # requests make events: so always drain the compositor first, and take
+            # requests in small reads.
+            for _ in range(COMPOSITOR_READS_PER_WAKEUP):
+                if not self._pump(self.compositor):
+                    break
+            if source is self.client:
+                self._pump(self.client)
         except Exception:
             # A bug must cost one session, never the proxy and its other clients.
             log.exception("client#%d: internal error", self.number)
             self.close("internal error")
 
-    def _pump(self, source: Transport) -> None:
-        if self.closed or self._finishing is not None:
-            return
+    def _pump(self, source: Transport) -> bool:
+        """Read once from ``source`` and relay; True if more may be waiting there."""
+        if self.closed or self._finishing is not None or source in self._paused:
+            return False
+        if source is self.client and self.compositor in self._paused:
+            # The client is not reading its events; more requests would only make
+            # more events for the compositor to back up on.
+            return False
         is_client = source is self.client
         try:
-            got = source.receive()
+            got = source.receive(CLIENT_READ_SIZE if is_client else COMPOSITOR_READ_SIZE)
         except PeerClosed:
             step = self.session.client_eof() if is_client else self.session.compositor_eof()
             self._apply(step)
@@ -95,19 +112,20 @@ class ClientRelay:
             else:
                 # The client still gets the compositor's last words (often an error).
                 self.finish("compositor hung up")
-            return
+            return False
         except FdsTruncated as exc:
             if is_client:
                 self._fail_client(WireError(str(exc), ErrorCode.NO_MEMORY))
             else:
                 self.close(f"compositor: {exc}")
-            return
+            return False
         if got is None:
-            return
+            return False
         data, fds = got
         step = (self.session.from_client(data, fds) if is_client
                 else self.session.from_compositor(data, fds))
         self._apply(step)
+        return True
 
     def _apply(self, step: Step) -> None:
         self._send(self.compositor, step.to_compositor)
@@ -130,9 +148,15 @@ class ClientRelay:
             return
         if not segments:
             return
-        for data, fds in segments:
-            dest.queue(data, fds)
-        self._try_flush(dest)
+        try:
+            drained = dest.send(segments)
+        except PeerClosed:
+            self.close(f"{'client' if dest is self.client else 'compositor'} hung up")
+            return
+        if drained and not self._waiting_to_write and not self._paused \
+                and self._finishing is None:
+            return  # the hot path: everything went, nothing to re-register
+        self._after_flush(dest, drained)
 
     def _try_flush(self, dest: Transport) -> None:
         if self.closed:
@@ -142,6 +166,10 @@ class ClientRelay:
         except PeerClosed:
             self.close(f"{'client' if dest is self.client else 'compositor'} hung up")
             return
+        self._after_flush(dest, drained)
+
+    def _after_flush(self, dest: Transport, drained: bool) -> None:
+        """Follow a flush with selector registrations and backpressure."""
         source = self._other(dest)
         # Registering with the selector costs a syscall, so only on state changes.
         if drained:

@@ -21,6 +21,16 @@ RECV_SIZE = 64 * 1024
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECVMSG * 4)
 # Bytes coalesced into one sendmsg.
 SEND_SIZE = 256 * 1024
+# Plain ints: operators on the socket module's IntFlag members are slow in a hot path.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+
+
+def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """The SCM_RIGHTS ancillary data passing ``fds``."""
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
 
 
 class PeerClosed(Exception):
@@ -45,23 +55,22 @@ class Transport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> tuple[bytes, list[int]] | None:
+    def receive(self, size: int = RECV_SIZE) -> tuple[bytes, list[int]] | None:
         """Bytes and fds available now; None if nothing is ready; raises PeerClosed at EOF."""
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(
-                RECV_SIZE, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
+            data, ancdata, flags, _ = self.sock.recvmsg(size, _ANCILLARY_SPACE,
+                                                        _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError as exc:
             raise PeerClosed(str(exc)) from exc
         fds: list[int] = []
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 received = array.array("i")
                 received.frombytes(payload[: len(payload) - len(payload) % 4])
                 fds.extend(received)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
             raise FdsTruncated(f"more than {MAX_FDS_PER_RECVMSG} fds in one message")
@@ -70,6 +79,34 @@ class Transport:
                 os.close(fd)
             raise PeerClosed("end of stream")
         return data, fds
+
+    def send(self, segments: list[tuple[bytes, list[int]]]) -> bool:
+        """Queue ``segments`` and send what the socket takes now; True once all went.
+
+        The usual case, one segment and nothing queued before it, costs one
+        ``sendmsg`` and no queueing.
+        """
+        if not self._out and len(segments) == 1:
+            data, fds = segments[0]
+            if data and len(fds) <= MAX_FDS_PER_SENDMSG:
+                try:
+                    sent = self.sock.sendmsg([data], _rights(fds))
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise PeerClosed(str(exc)) from exc
+                if sent:
+                    for fd in fds:
+                        os.close(fd)
+                    if sent == len(data):
+                        return True
+                    self.queue(data[sent:], [])
+                else:
+                    self.queue(data, fds)
+                return False
+        for data, fds in segments:
+            self.queue(data, fds)
+        return self.flush()
 
     def queue(self, data: bytes, fds: list[int]) -> None:
         if not data:
@@ -100,12 +137,8 @@ class Transport:
                 taken += 1
             if not chunks:
                 continue
-            ancillary = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                if fds else []
-            )
             try:
-                sent = self.sock.sendmsg(chunks, ancillary)
+                sent = self.sock.sendmsg(chunks, _rights(fds))
             except (BlockingIOError, InterruptedError):
                 return False
             except (BrokenPipeError, ConnectionResetError) as exc:

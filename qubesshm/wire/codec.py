@@ -85,15 +85,17 @@ class WireReader:
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = max_message_size
-        self._buf = bytearray()
+        # Immutable bytes: slicing a message out is then a single copy.
+        self._buf = b""
         self._pos = 0
         self._fds: deque[int] = deque()
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if self._pos and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos :] + data
+        self._pos = 0
         self._fds.extend(fds)
 
     @property
@@ -129,10 +131,10 @@ class WireReader:
         if len(self._fds) < fd_count:
             return None
         start = self._pos
-        data = bytes(self._buf[start : start + size])
+        data = self._buf[start : start + size]
         self._pos = start + size
         object_id, word = HEADER.unpack_from(data)
-        fds = [self._fds.popleft() for _ in range(fd_count)]
+        fds = [self._fds.popleft() for _ in range(fd_count)] if fd_count else []
         return Frame(object_id, word & 0xFFFF, data), fds
 
     def drain_fds(self) -> list[int]:
@@ -142,8 +144,44 @@ class WireReader:
         return fds
 
 
+_SCALAR_KINDS = frozenset({ArgKind.INT, ArgKind.UINT, ArgKind.FIXED, ArgKind.OBJECT,
+                           ArgKind.NEW_ID, ArgKind.FD})
+
+
+@dataclass(frozen=True, slots=True)
+class _ScalarPlan:
+    """How to decode a signature made only of 32-bit words (and fds) in one unpack."""
+
+    layout: struct.Struct
+    size: int
+    plain: bool  # nothing but int/uint: the unpacked tuple is the answer
+
+
+def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
+    """The precompiled plan for ``spec``, or False when it needs the general decoder."""
+    plan = spec.codec_plan
+    if plan is None:
+        if all(a.kind in _SCALAR_KINDS and not a.untyped_new_id for a in spec.args):
+            words = "".join("i" if a.kind in (ArgKind.INT, ArgKind.FIXED) else "I"
+                            for a in spec.args if a.kind is not ArgKind.FD)
+            layout = struct.Struct("=" + words)
+            plan = _ScalarPlan(layout, HEADER_SIZE + layout.size,
+                               all(a.kind in (ArgKind.INT, ArgKind.UINT) for a in spec.args))
+        else:
+            plan = False
+        object.__setattr__(spec, "codec_plan", plan)
+    assert isinstance(plan, _ScalarPlan | bool)
+    return plan
+
+
 def decode_args(spec: MessageSpec, data: bytes, fds: Sequence[int]) -> list[ArgValue]:
     """Argument values of one framed message (header included in ``data``)."""
+    plan = _plan(spec)
+    if plan and isinstance(plan, _ScalarPlan) and len(data) == plan.size:
+        if plan.plain:
+            return list(plan.layout.unpack_from(data, HEADER_SIZE))
+        return _finish_scalars(spec, plan.layout.unpack_from(data, HEADER_SIZE), fds)
+    # The general decoder also says precisely what is wrong with a bad message.
     out: list[ArgValue] = []
     pos = HEADER_SIZE
     end = len(data)
@@ -192,6 +230,30 @@ def decode_args(spec: MessageSpec, data: bytes, fds: Sequence[int]) -> list[ArgV
             out.append(None if kind is ArgKind.OBJECT and value == 0 else value)
     if pos != end:
         raise _bad(spec, None, f"{end - pos} trailing bytes")
+    return out
+
+
+def _finish_scalars(spec: MessageSpec, words: tuple[int, ...],
+                    fds: Sequence[int]) -> list[ArgValue]:
+    out: list[ArgValue] = []
+    word = iter(words)
+    fd = iter(fds)
+    for arg in spec.args:
+        kind = arg.kind
+        if kind is ArgKind.FD:
+            out.append(next(fd))
+            continue
+        value = next(word)
+        if kind is ArgKind.FIXED:
+            out.append(Fixed(value))
+        elif value == 0 and kind is ArgKind.NEW_ID:
+            raise _bad(spec, arg.name, "null new_id")
+        elif value == 0 and kind is ArgKind.OBJECT:
+            if not arg.nullable:
+                raise _bad(spec, arg.name, "null object")
+            out.append(None)
+        else:
+            out.append(value)
     return out
 
 
