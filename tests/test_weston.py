@@ -12,6 +12,7 @@ import pytest
 from procs import RunningProxy, wait_for_file
 from screenshots import PATTERN_CLIENT, crop, expected_rgb, mismatch_summary, wait_for_pattern
 
+from qubesshm.bench.relay import SyncClient
 from qubesshm.headless import HeadlessWeston
 from qubesshm.wire.protocol import load_protocols
 
@@ -130,3 +131,17 @@ def test_unreachable_compositor_is_reported_to_the_client(tmp_path: Path) -> Non
     # libwayland in the client prints the wl_display.error the proxy sent it.
     assert re.search(r"error 3: qubesshm: cannot reach the compositor at \S+nothing-here",
                      result.stderr), result.stderr
+
+
+def test_a_burst_of_requests_survives_the_compositors_buffer_limits(
+        weston: HeadlessWeston, proxy: RunningProxy) -> None:
+    """10 000 syncs at once make 20 000 events; Weston drops a client that lets its
+    events back up, so the proxy must keep draining the compositor while relaying."""
+    sync = load_protocols()["wl_display"].requests[0]
+    client = SyncClient(Path(weston.env()["XDG_RUNTIME_DIR"]) / proxy.socket_name, sync)
+    try:
+        for _ in range(3):
+            client.burst(10_000)
+    finally:
+        client.close()
+    assert "closed (compositor hung up)" not in proxy.log()
