@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .relay.listener import DEFAULT_SOCKET_NAME, AddressError, Listener, upstream_path
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
@@ -75,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose or getattr(args, "debug", False) else logging.WARNING,
         format="qubesshm: %(message)s",
     )
+    _raise_fd_limit()
     try:
         if args.command == "bench":
             from .bench.relay import run_relay_bench
@@ -94,6 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AddressError, ProtocolLoadError) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
+
+
+def _raise_fd_limit() -> None:
+    """Every relayed fd is open in the proxy for a moment, and each client costs two
+    sockets: take the whole hard limit rather than the customary soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
@@ -125,6 +136,40 @@ async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
     return 0
 
 
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+@contextlib.contextmanager
+def _foreground(pgid: int) -> Iterator[None]:
+    """Make ``pgid`` the terminal's foreground job while it runs, as a shell does,
+    so it can read the terminal and Ctrl-C goes to it."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        yield  # no controlling terminal: nothing to hand over
+        return
+    try:
+        if os.tcgetpgrp(tty) != os.getpgrp():
+            yield  # we are not the foreground job ourselves
+            return
+        # A background group may only take the terminal with SIGTTOU ignored.
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(tty, pgid)
+            # If it touched the terminal before it owned it, it is stopped now.
+            _signal_group(pgid, signal.SIGCONT)
+            try:
+                yield
+            finally:
+                os.tcsetpgrp(tty, os.getpgrp())
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+    finally:
+        os.close(tty)
+
+
 async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
                cmd: list[str]) -> int:
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
@@ -134,14 +179,17 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
     env.pop("WAYLAND_SOCKET", None)
     try:
         try:
-            child = await asyncio.create_subprocess_exec(*cmd, env=env)
+            # The command gets a process group of its own, so a signal meant for
+            # it arrives exactly once: from us, never also from a group-wide kill.
+            child = await asyncio.create_subprocess_exec(*cmd, env=env, process_group=0)
         except OSError as exc:
             print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
             return 127
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, child.send_signal, sig)
-        status = await child.wait()
+        with _foreground(child.pid):
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, _signal_group, child.pid, sig)
+            status = await child.wait()
     finally:
         server.close()
     # Shells report a death by signal N as 128+N.

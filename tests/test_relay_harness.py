@@ -930,3 +930,137 @@ def test_stale_socket_is_replaced(harness: Harness) -> None:
     # A stale socket refuses connections; this one relays.
     pair = harness.connect(proxy)
     pair.roundtrip()
+
+
+# -- 9. fd accounting and resource limits (review findings) -------------------------------
+
+
+def proxy_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def shm_pair(harness: Harness, proxy: Proxy) -> tuple[Pair, int]:
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    return pair, pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
+
+
+def test_fds_of_rejected_messages_are_closed(harness: Harness, proxy: Proxy) -> None:
+    pair, shm = shm_pair(harness, proxy)
+    pair.roundtrip()
+    baseline = fd_count(proxy.pid)
+    pair.close()
+    create_pool = request_spec("wl_shm", "create_pool")
+    for _ in range(20):
+        pair, shm = shm_pair(harness, proxy)
+        fd = memfd_with(b"rejected")
+        # A pool reusing the live wl_shm id: rejected after its fd was taken.
+        data, _ = encode_message(shm, create_pool, [shm, fd, 4096])
+        pair.client.send(data, [fd])
+        os.close(fd)
+        object_id, opcode, _ = pair.client.recv_message()
+        assert (object_id, opcode) == (1, 0)
+        pair.client.expect_eof()
+        pair.compositor.expect_eof(reset_ok=True)
+        pair.close()
+    wait_until(lambda: fd_count(proxy.pid) <= baseline,
+               f"the proxy closing rejected fds (baseline {baseline})")
+
+
+def test_fds_sent_ahead_of_any_message_are_bounded(harness: Harness, proxy: Proxy) -> None:
+    pair = harness.connect(proxy)
+    baseline = fd_count(proxy.pid)
+    sync = request_spec("wl_display", "sync")
+    hit_limit = False
+    for _ in range(8):
+        fds = [memfd_with(b"x") for _ in range(200)]
+        try:
+            pair.client.send(encode_message(1, sync, [pair.new_id()])[0], fds)
+        except OSError:
+            hit_limit = True  # the proxy already hung up on us
+        for fd in fds:
+            os.close(fd)
+        if hit_limit:
+            break
+    object_id, opcode, data = pair.client.recv_message()
+    assert (object_id, opcode) == (1, 0)
+    assert decode_display_error(data)[1] == 2  # NO_MEMORY
+    pair.client.expect_eof(reset_ok=True)
+    wait_until(lambda: fd_count(proxy.pid) <= baseline + 2,
+               "the proxy closing the unclaimed fds")
+    other = harness.connect(proxy)
+    other.roundtrip()
+
+
+def test_queued_fds_towards_a_stuck_compositor_are_bounded(harness: Harness,
+                                                           proxy: Proxy) -> None:
+    pair, shm = shm_pair(harness, proxy)
+    pair.roundtrip()
+    baseline = fd_count(proxy.pid)
+    create_pool = request_spec("wl_shm", "create_pool")
+    pair.client.sock.setblocking(False)
+    sent = 0
+    # The compositor side reads nothing; the client pushes pools until the proxy
+    # stops reading it.
+    for _ in range(4000):
+        fd = memfd_with(b"p")
+        data, _ = encode_message(shm, create_pool, [pair.new_id(), fd, 4096])
+        try:
+            pair.client.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [fd]).tobytes())])
+            sent += 1
+        except BlockingIOError:
+            os.close(fd)
+            break
+        os.close(fd)
+    time.sleep(0.5)
+    held = fd_count(proxy.pid) - baseline
+    # Queued fds (high water 256) plus what sits in the proxy's read path.
+    assert held < 600, f"proxy holds {held} extra fds after {sent} pools"
+
+
+def test_paused_client_does_not_spin_the_proxy(harness: Harness) -> None:
+    proxy = harness.start_proxy("--stall-timeout", "300")
+    pair = harness.connect(proxy)
+    callback = pair.new_id()
+    pair.request(req(1, "wl_display", "sync", callback))
+    flood(pair.compositor, callback)
+    # One more request that the proxy must not keep waking up for.
+    pair.client.send(req(1, "wl_display", "sync", pair.new_id()))
+    time.sleep(0.5)
+    before = proxy_cpu_seconds(proxy.pid)
+    time.sleep(2)
+    used = proxy_cpu_seconds(proxy.pid) - before
+    assert used < 0.5, f"the paused proxy used {used:.2f} s of CPU in 2 s"
+
+
+def test_accept_survives_running_out_of_fds(harness: Harness) -> None:
+    proxy = harness.start_proxy()
+    # Let the proxy open almost no files: it lifts its soft limit to the hard one.
+    subprocess.run(["prlimit", f"--pid={proxy.pid}", "--nofile=24:24"], check=True)
+    pairs = []
+    for _ in range(12):
+        try:
+            pairs.append(harness.connect(proxy, track=False))
+        except (OSError, pytest.fail.Exception):
+            break  # out of fds: this one waits in the backlog
+    assert len(pairs) < 12, "the fd limit was never reached"
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra.connect(str(proxy.path))  # sits in the backlog: no fd to accept it with
+    time.sleep(0.5)
+    before = proxy_cpu_seconds(proxy.pid)
+    time.sleep(2)
+    used = proxy_cpu_seconds(proxy.pid) - before
+    assert used < 0.5, f"the proxy used {used:.2f} s of CPU while out of fds"
+    assert "cannot accept a client" in proxy.log()
+    for pair in pairs:
+        pair.close()
+    # With fds free again, the backlog is served in order: first the attempt the
+    # loop above gave up on (its client is gone), then ``extra``.
+    gone, _ = harness.compositor.accept()
+    Endpoint(gone).expect_eof(reset_ok=True)
+    upstream, _ = harness.compositor.accept()
+    late = Pair(Endpoint(extra), Endpoint(upstream))
+    late.roundtrip()
+    late.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -145,3 +147,33 @@ def test_a_burst_of_requests_survives_the_compositors_buffer_limits(
     finally:
         client.close()
     assert "closed (compositor hung up)" not in proxy.log()
+
+
+CHILD_COUNTING_SIGINT = """
+import signal, sys, time
+count = 0
+def on_int(signum, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, on_int)
+print("ready", flush=True)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and count == 0:
+    time.sleep(0.05)
+time.sleep(1)  # time for a second, duplicate SIGINT to arrive
+print(f"SIGINT {count}", flush=True)
+"""
+
+
+def test_run_passes_a_group_wide_sigint_on_once(weston: HeadlessWeston) -> None:
+    # A terminal's Ctrl-C goes to the whole foreground process group.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qubesshm", "run", "--", sys.executable, "-c",
+         CHILD_COUNTING_SIGINT],
+        env=weston.env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout is not None
+    assert process.stdout.readline() == "ready\n"
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert out == "SIGINT 1\n"
+    assert process.returncode == 0

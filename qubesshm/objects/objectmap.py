@@ -16,6 +16,8 @@ from ..wire.protocol import InterfaceSpec
 
 DISPLAY_ID = 1
 CLIENT_ID_MAX = 0xFEFFFFFF
+# libwayland's wl_map refuses ids from here on (WL_MAP_MAX_OBJECTS).
+MAP_MAX_OBJECTS = 0x00F00000
 SERVER_ID_MIN = 0xFF000000
 SERVER_ID_MAX = 0xFFFFFFFF
 
@@ -57,7 +59,7 @@ class ObjectMap:
     def create_by_client(self, object_id: int, interface: InterfaceSpec,
                          version: int) -> WaylandObject:
         # libwayland reports a bad new id as invalid arguments, on wl_display.
-        if not is_client_id(object_id):
+        if not 1 <= object_id < MAP_MAX_OBJECTS:
             raise WireError(f"new id {object_id} is outside the client id range",
                             ErrorCode.INVALID_METHOD, DISPLAY_ID)
         known = self._objects.get(object_id)

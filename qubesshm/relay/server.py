@@ -2,14 +2,15 @@
 
 Everything protocol-related is decided by ``RelaySession``; this module only moves
 bytes and fds between sockets with asyncio readers and writers, applies
-backpressure (a side whose peer stops reading is paused, and the session is
-dropped if that peer accepts nothing for ``stall_timeout`` seconds) and tears a
-session down when either end goes away.
+backpressure (while a peer is not reading, the proxy stops reading what would
+add to its queue; the session is dropped if that peer accepts nothing for
+``stall_timeout`` seconds) and tears a session down when either end goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode, WireError, encode_message
 from ..wire.protocol import ProtocolTable
 from .listener import Listener
-from .session import RelaySession, Segment, Step
+from .session import ERROR_MESSAGE_LIMIT, RelaySession, Segment, Step, abridge
 from .trace import ProtocolLog
 from .transport import FdsTruncated, PeerClosed, Transport
 
@@ -32,15 +33,21 @@ DEFAULT_STALL_TIMEOUT = 10.0
 CLIENT_READ_SIZE = 4096
 COMPOSITOR_READ_SIZE = 64 * 1024
 COMPOSITOR_READS_PER_WAKEUP = 16
+# How often to retry accept() after running out of file descriptors.
+ACCEPT_RETRY_DELAY = 0.5
+CONNECT_RETRY_DELAY = 0.01
 
 
 @dataclass(frozen=True, slots=True)
 class RelayOptions:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    # Above this many queued bytes towards a peer, stop reading from the other one.
+    # Above this many queued bytes, or fds, towards a peer, stop reading what
+    # would add to that queue.
     high_water: int = 256 * 1024
+    high_water_fds: int = 256
     # A paused session whose slow peer accepts nothing for this long is dropped.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # How long a client waits for a compositor whose listen backlog is full.
     connect_timeout: float = 5.0
 
 
@@ -63,20 +70,44 @@ class ClientRelay:
             on_hidden_global=server.hidden_global,
         )
         self.closed = False
-        self._paused: set[Transport] = set()
+        # Peers whose queue is over the high-water mark, and so block reading.
+        self._backed_up: set[Transport] = set()
+        self._reading: set[Transport] = set()
         self._waiting_to_write: set[Transport] = set()
         # Set once the session is over but the client still has bytes to read.
         self._finishing: str | None = None
         self._stall: dict[Transport, asyncio.TimerHandle] = {}
-        self.loop.add_reader(self.client.fileno(), self._readable, self.client)
-        self.loop.add_reader(self.compositor.fileno(), self._readable, self.compositor)
+        self._update_readers()
 
     def _object_name(self, object_id: int) -> str:
         obj = self.session.objects.get(object_id)
         return f"{obj}" if obj is not None else f"[unknown]@{object_id}"
 
-    def _other(self, transport: Transport) -> Transport:
-        return self.compositor if transport is self.client else self.client
+    def _name(self, transport: Transport) -> str:
+        return "client" if transport is self.client else "compositor"
+
+    # -- reading -------------------------------------------------------------
+
+    def _wanted_readers(self) -> set[Transport]:
+        if self.closed or self._finishing is not None:
+            return set()
+        wanted = {self.client, self.compositor}
+        if self.client in self._backed_up:
+            # Events are piling up for a client that does not read them: stop
+            # taking them, and stop taking the requests that cause more.
+            wanted.clear()
+        if self.compositor in self._backed_up:
+            wanted.discard(self.client)
+        return wanted
+
+    def _update_readers(self) -> None:
+        """Register with the selector exactly the transports we may read now."""
+        wanted = self._wanted_readers()
+        for transport in self._reading - wanted:
+            self.loop.remove_reader(transport.fileno())
+        for transport in wanted - self._reading:
+            self.loop.add_reader(transport.fileno(), self._readable, transport)
+        self._reading = wanted
 
     def _readable(self, source: Transport) -> None:
         try:
@@ -95,11 +126,7 @@ class ClientRelay:
 
     def _pump(self, source: Transport) -> bool:
         """Read once from ``source`` and relay; True if more may be waiting there."""
-        if self.closed or self._finishing is not None or source in self._paused:
-            return False
-        if source is self.client and self.compositor in self._paused:
-            # The client is not reading its events; more requests would only make
-            # more events for the compositor to back up on.
+        if source not in self._reading:
             return False
         is_client = source is self.client
         try:
@@ -117,7 +144,7 @@ class ClientRelay:
             if is_client:
                 self._fail_client(WireError(str(exc), ErrorCode.NO_MEMORY))
             else:
-                self.close(f"compositor: {exc}")
+                self.finish(f"compositor: {exc}")
             return False
         if got is None:
             return False
@@ -128,6 +155,8 @@ class ClientRelay:
         return True
 
     def _apply(self, step: Step) -> None:
+        for fd in step.discarded_fds:
+            os.close(fd)
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
         if step.error is not None and not self.closed:
@@ -136,9 +165,10 @@ class ClientRelay:
             self.finish(f"{who} protocol error")
 
     def _fail_client(self, error: WireError) -> None:
-        data = display_error(self.server.protocol, error)
-        self._send(self.client, [(data, [])])
+        self._send(self.client, [(display_error(self.server.protocol, error), [])])
         self._apply(Step(error=error, client_at_fault=True))
+
+    # -- writing -------------------------------------------------------------
 
     def _send(self, dest: Transport, segments: list[Segment]) -> None:
         if self.closed or dest.closed:
@@ -151,26 +181,34 @@ class ClientRelay:
         try:
             drained = dest.send(segments)
         except PeerClosed:
-            self.close(f"{'client' if dest is self.client else 'compositor'} hung up")
+            self._peer_gone(dest)
             return
-        if drained and not self._waiting_to_write and not self._paused \
+        if drained and not self._waiting_to_write and not self._backed_up \
                 and self._finishing is None:
             return  # the hot path: everything went, nothing to re-register
         self._after_flush(dest, drained)
 
-    def _try_flush(self, dest: Transport) -> None:
-        if self.closed:
-            return
+    def _writable(self, dest: Transport) -> None:
+        before = dest.queued_bytes
         try:
             drained = dest.flush()
         except PeerClosed:
-            self.close(f"{'client' if dest is self.client else 'compositor'} hung up")
+            self._peer_gone(dest)
             return
         self._after_flush(dest, drained)
+        if not self.closed and dest in self._stall and dest.queued_bytes < before:
+            self._arm_stall(dest)  # progress: the peer is slow, not stuck
+
+    def _peer_gone(self, dest: Transport) -> None:
+        if dest is self.compositor and self._finishing is None:
+            self.finish("compositor hung up")
+        else:
+            self.close(f"{self._name(dest)} hung up")
 
     def _after_flush(self, dest: Transport, drained: bool) -> None:
-        """Follow a flush with selector registrations and backpressure."""
-        source = self._other(dest)
+        """Follow a send with selector registrations and backpressure."""
+        if self.closed:
+            return
         # Registering with the selector costs a syscall, so only on state changes.
         if drained:
             if dest in self._waiting_to_write:
@@ -183,21 +221,17 @@ class ClientRelay:
             if drained:
                 self.close(self._finishing)
             return
-        if dest.queued_bytes > self.server.options.high_water:
-            if source not in self._paused:
-                self._paused.add(source)
-                self.loop.remove_reader(source.fileno())
-                self._arm_stall(dest)
-        elif source in self._paused:
-            self._paused.discard(source)
-            self._disarm_stall(dest)
-            self.loop.add_reader(source.fileno(), self._readable, source)
-
-    def _writable(self, dest: Transport) -> None:
-        before = dest.queued_bytes
-        self._try_flush(dest)
-        if not self.closed and dest in self._stall and dest.queued_bytes < before:
+        options = self.server.options
+        backed_up = (dest.queued_bytes > options.high_water
+                     or dest.queued_fds > options.high_water_fds)
+        if backed_up and dest not in self._backed_up:
+            self._backed_up.add(dest)
             self._arm_stall(dest)
+            self._update_readers()
+        elif not backed_up and dest in self._backed_up:
+            self._backed_up.discard(dest)
+            self._disarm_stall(dest)
+            self._update_readers()
 
     def _arm_stall(self, dest: Transport) -> None:
         self._disarm_stall(dest)
@@ -210,10 +244,11 @@ class ClientRelay:
             handle.cancel()
 
     def _stalled(self, dest: Transport) -> None:
-        who = "client" if dest is self.client else "compositor"
-        self._finishing = None
-        self.close(f"{who} stopped reading: {dest.queued_bytes} bytes queued for "
-                   f"{self.server.options.stall_timeout:g} s")
+        self._stall.pop(dest, None)
+        self.close(f"{self._name(dest)} stopped reading: {dest.queued_bytes} bytes queued "
+                   f"for {self.server.options.stall_timeout:g} s")
+
+    # -- ending --------------------------------------------------------------
 
     def finish(self, reason: str) -> None:
         """End the session once the client has read what is queued for it.
@@ -224,18 +259,21 @@ class ClientRelay:
         if self.closed or self._finishing is not None:
             return
         self._finishing = reason
-        for transport in (self.client, self.compositor):
-            if transport not in self._paused:
-                self.loop.remove_reader(transport.fileno())
-        self._paused.clear()
-        for handle in self._stall.values():
-            handle.cancel()
-        self._stall.clear()
-        self.loop.remove_writer(self.compositor.fileno())
-        self._waiting_to_write.discard(self.compositor)
+        self._update_readers()
+        for dest in list(self._stall):
+            self._disarm_stall(dest)
+        self._backed_up.clear()
+        if self.compositor in self._waiting_to_write:
+            self._waiting_to_write.discard(self.compositor)
+            self.loop.remove_writer(self.compositor.fileno())
         self.compositor.close()
         self._arm_stall(self.client)
-        self._try_flush(self.client)
+        try:
+            drained = self.client.flush()
+        except PeerClosed:
+            self.close(reason)
+            return
+        self._after_flush(self.client, drained)
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -244,11 +282,13 @@ class ClientRelay:
         log.info("client#%d: closed (%s)", self.number, reason)
         for handle in self._stall.values():
             handle.cancel()
-        for transport in (self.client, self.compositor):
-            if not transport.closed:
-                self.loop.remove_reader(transport.fileno())
-                self.loop.remove_writer(transport.fileno())
-                transport.close()
+        self._stall.clear()
+        self._update_readers()
+        for transport in self._waiting_to_write:
+            self.loop.remove_writer(transport.fileno())
+        self._waiting_to_write.clear()
+        self.client.close()
+        self.compositor.close()
         for fd in self.session.unclaimed_fds():
             os.close(fd)
         self.server.forget(self)
@@ -257,7 +297,8 @@ class ClientRelay:
 def display_error(protocol: ProtocolTable, error: WireError) -> bytes:
     """The ``wl_display.error`` event telling a client what it did wrong."""
     data, _ = encode_message(1, protocol["wl_display"].events[0],
-                             [error.object_id, int(error.code), error.message])
+                             [error.object_id, int(error.code),
+                              abridge(error.message, ERROR_MESSAGE_LIMIT)])
     return data
 
 
@@ -280,8 +321,10 @@ class ProxyServer:
         self.protocol_log = protocol_log
         self.loop = asyncio.get_running_loop()
         self.clients: set[ClientRelay] = set()
+        self._connecting: set[socket.socket] = set()
         self._next_number = 1
         self._hidden_logged: set[str] = set()
+        self._accept_retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._accept)
 
     def hidden_global(self, interface: str, version: int) -> None:
@@ -293,34 +336,77 @@ class ProxyServer:
     def _accept(self) -> None:
         try:
             client, _ = self.listener.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            # The connection stays in the backlog; the listener would stay readable
+            # and spin, so look again a little later.
+            log.error("cannot accept a client: %s; retrying in %g s", exc,
+                      ACCEPT_RETRY_DELAY)
+            self.loop.remove_reader(self.listener.fileno())
+            self._accept_retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept)
             return
         number = self._next_number
         self._next_number += 1
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        upstream.settimeout(self.options.connect_timeout)
+        upstream.setblocking(False)
+        self._connecting.add(client)
+        self._connect(number, client, upstream, self.loop.time() + self.options.connect_timeout)
+
+    def _resume_accept(self) -> None:
+        self._accept_retry = None
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _connect(self, number: int, client: socket.socket, upstream: socket.socket,
+                 deadline: float) -> None:
+        if client not in self._connecting:
+            upstream.close()  # the proxy is shutting down
+            return
         try:
             upstream.connect(str(self.upstream))
-        except OSError as exc:
-            upstream.close()
-            message = f"qubesshm: cannot reach the compositor at {self.upstream}: {exc}"
-            log.error("client#%d: %s", number, message)
-            try:
-                client.setblocking(False)
-                client.send(display_error(self.protocol,
-                                          WireError(message, ErrorCode.IMPLEMENTATION)))
-            except OSError:
-                pass
-            client.close()
+        except (BlockingIOError, InterruptedError) as exc:
+            # A Unix socket says EAGAIN while the compositor's backlog is full; a
+            # client connecting directly would wait, so wait without blocking.
+            if self.loop.time() < deadline:
+                self.loop.call_later(CONNECT_RETRY_DELAY, self._connect, number, client,
+                                     upstream, deadline)
+                return
+            self._refuse(number, client, upstream, exc)
             return
+        except OSError as exc:
+            self._refuse(number, client, upstream, exc)
+            return
+        self._connecting.discard(client)
         log.info("client#%d: connected", number)
         self.clients.add(ClientRelay(self, number, client, upstream))
+
+    def _refuse(self, number: int, client: socket.socket, upstream: socket.socket,
+                exc: OSError) -> None:
+        self._connecting.discard(client)
+        upstream.close()
+        message = f"qubesshm: cannot reach the compositor at {self.upstream}: {exc}"
+        log.error("client#%d: %s", number, message)
+        try:
+            client.setblocking(False)
+            client.send(display_error(self.protocol,
+                                      WireError(message, ErrorCode.IMPLEMENTATION)))
+        except OSError:
+            pass
+        client.close()
 
     def forget(self, relay: ClientRelay) -> None:
         self.clients.discard(relay)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.listener.fileno())
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+        else:
+            self.loop.remove_reader(self.listener.fileno())
+        for client in self._connecting:
+            client.close()
+        self._connecting.clear()
         for relay in list(self.clients):
             relay.close("proxy shutting down")
         self.listener.close()

@@ -31,6 +31,9 @@ from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 # A message may wait for fds that a later sendmsg carries, but only this far:
 # every real sender passes the fds no later than the following few messages.
 FD_WAIT_LIMIT_BYTES = 64 * 1024
+# Fds received ahead of the messages that claim them; libwayland's own fd buffer
+# holds 1024, and every unclaimed one is an open file in the proxy.
+MAX_UNCLAIMED_FDS = 1024
 
 
 # The error text quotes client input, so it is cut to keep the event well under
@@ -38,7 +41,7 @@ FD_WAIT_LIMIT_BYTES = 64 * 1024
 ERROR_MESSAGE_LIMIT = 1024
 
 
-def _abridge(text: str, limit: int) -> str:
+def abridge(text: str, limit: int) -> str:
     raw = text.encode("utf-8", "surrogateescape")
     if len(raw) <= limit:
         return text
@@ -92,6 +95,8 @@ class Step:
     # for the client when the client was at fault), then close both sides.
     error: WireError | None = None
     client_at_fault: bool = False
+    # Fds of the rejected message: taken off the wire, forwarded nowhere.
+    discarded_fds: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -153,6 +158,7 @@ class RelaySession:
         reader = self._requests if direction is Direction.REQUEST else self._events
         upstream, downstream = Outbox(), Outbox()
         out = upstream if direction is Direction.REQUEST else downstream
+        fds: list[int] = []
         try:
             while True:
                 head = reader.peek()
@@ -179,8 +185,13 @@ class RelaySession:
                     self._relay_request(obj, spec, frame, fds, out)
                 else:
                     self._relay_event(obj, spec, frame, fds, out)
+                fds = []
+            if reader.buffered_fds > MAX_UNCLAIMED_FDS:
+                raise WireError(f"more than {MAX_UNCLAIMED_FDS} file descriptors sent ahead "
+                                "of their messages", ErrorCode.NO_MEMORY)
         except WireError as err:
             self.closed = True
+            step.discarded_fds = fds
             step.error = err
             step.client_at_fault = direction is Direction.REQUEST
             if not step.client_at_fault:
@@ -188,7 +199,7 @@ class RelaySession:
                                 ErrorCode.IMPLEMENTATION, DISPLAY_ID)
             data, _ = encode_message(DISPLAY_ID, self._display_error,
                                      [err.object_id, int(err.code),
-                                      _abridge(err.message, ERROR_MESSAGE_LIMIT)])
+                                      abridge(err.message, ERROR_MESSAGE_LIMIT)])
             downstream.add(data, [])
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()

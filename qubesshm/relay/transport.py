@@ -93,7 +93,11 @@ class Transport:
                     sent = self.sock.sendmsg([data], _rights(fds))
                 except (BlockingIOError, InterruptedError):
                     sent = 0
-                except (BrokenPipeError, ConnectionResetError) as exc:
+                except OSError as exc:
+                    # Not queued, so ours to close. Any failure but EAGAIN ends the
+                    # connection: EPIPE, ECONNRESET, ETOOMANYREFS, ENOBUFS...
+                    for fd in fds:
+                        os.close(fd)
                     raise PeerClosed(str(exc)) from exc
                 if sent:
                     for fd in fds:
@@ -141,19 +145,21 @@ class Transport:
                 sent = self.sock.sendmsg(chunks, _rights(fds))
             except (BlockingIOError, InterruptedError):
                 return False
-            except (BrokenPipeError, ConnectionResetError) as exc:
+            except OSError as exc:
+                # The queue, fds included, is released by close().
                 raise PeerClosed(str(exc)) from exc
             self._consume(sent, taken)
         return True
 
     def _split_fd_heavy_head(self) -> None:
-        data, seg_fds = self._out.popleft()
+        data, seg_fds = self._out[0]
         head_len = 1
         rest_fds = seg_fds[MAX_FDS_PER_SENDMSG:]
         if len(data) <= head_len:
             raise ValueError(
                 f"{len(seg_fds)} fds ride on {len(data)} byte(s): at most "
                 f"{MAX_FDS_PER_SENDMSG} per byte can be sent")
+        self._out.popleft()
         self._out.appendleft((data[head_len:], rest_fds))
         self._out.appendleft((data[:head_len], seg_fds[:MAX_FDS_PER_SENDMSG]))
 
