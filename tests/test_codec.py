@@ -15,6 +15,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from messages import PROTO, ev, event, req, request
 
 from qubesshm.relay.session import RelaySession, Step
 from qubesshm.wire.codec import (
@@ -28,9 +29,8 @@ from qubesshm.wire.codec import (
     decode_args,
     encode_message,
 )
-from qubesshm.wire.protocol import ArgKind, MessageSpec, load_protocols
+from qubesshm.wire.protocol import ArgKind, MessageSpec
 
-PROTO = load_protocols()
 ALL_SPECS: list[MessageSpec] = list(PROTO.messages())
 SPEC_IDS = [
     f"{s.interface}.{'req' if s in PROTO[s.interface].requests else 'ev'}.{s.name}"
@@ -51,20 +51,8 @@ TEXT = st.text(
 # -- helpers -------------------------------------------------------------------
 
 
-def req(interface: str, name: str) -> MessageSpec:
-    return next(m for m in PROTO[interface].requests if m.name == name)
 
 
-def ev(interface: str, name: str) -> MessageSpec:
-    return next(m for m in PROTO[interface].events if m.name == name)
-
-
-def request(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
-    return encode_message(object_id, req(interface, name), list(args))
-
-
-def event(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
-    return encode_message(object_id, ev(interface, name), list(args))
 
 
 def header(object_id: int, opcode: int, size: int) -> bytes:

@@ -19,6 +19,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from messages import PROTO, ev, event, req, request
 
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.relay.session import RelaySession, Step
@@ -31,9 +32,8 @@ from qubesshm.wire.codec import (
     decode_args,
     encode_message,
 )
-from qubesshm.wire.protocol import ArgKind, MessageSpec, load_protocols
+from qubesshm.wire.protocol import ArgKind
 
-PROTO = load_protocols()
 DISPLAY_ERROR = PROTO["wl_display"].events[0]
 REGISTRY = 2
 
@@ -44,20 +44,8 @@ U32 = st.integers(0, 2**32 - 1)
 # -- helpers -------------------------------------------------------------------
 
 
-def req(interface: str, name: str) -> MessageSpec:
-    return next(m for m in PROTO[interface].requests if m.name == name)
 
 
-def ev(interface: str, name: str) -> MessageSpec:
-    return next(m for m in PROTO[interface].events if m.name == name)
-
-
-def request(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
-    return encode_message(object_id, req(interface, name), list(args))
-
-
-def event(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
-    return encode_message(object_id, ev(interface, name), list(args))
 
 
 def r(object_id: int, interface: str, name: str, *args: ArgValue) -> bytes:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .protocol import ArgKind, MessageSpec
+from .protocol import Arg, ArgKind, MessageSpec
 
 HEADER = struct.Struct("=II")
 HEADER_SIZE = HEADER.size
@@ -214,20 +214,10 @@ def decode_args(spec: MessageSpec, data: bytes, fds: Sequence[int]) -> list[ArgV
                 raise _truncated(spec, arg.name)
             out.append(bytes(data[pos : pos + length]))
             pos += _pad4(length)
-        elif kind is ArgKind.INT:
-            out.append(_I32.unpack_from(data, pos)[0])
+        else:  # a 32-bit word
+            word = _I32 if kind is ArgKind.INT or kind is ArgKind.FIXED else _U32
+            out.append(_word_value(spec, arg, word.unpack_from(data, pos)[0]))
             pos += 4
-        elif kind is ArgKind.FIXED:
-            out.append(Fixed(_I32.unpack_from(data, pos)[0]))
-            pos += 4
-        else:  # UINT, OBJECT, typed NEW_ID
-            value = _U32.unpack_from(data, pos)[0]
-            pos += 4
-            if value == 0 and kind is ArgKind.NEW_ID:
-                raise _bad(spec, arg.name, "null new_id")
-            if value == 0 and kind is ArgKind.OBJECT and not arg.nullable:
-                raise _bad(spec, arg.name, "null object")
-            out.append(None if kind is ArgKind.OBJECT and value == 0 else value)
     if pos != end:
         raise _bad(spec, None, f"{end - pos} trailing bytes")
     return out
@@ -235,26 +225,25 @@ def decode_args(spec: MessageSpec, data: bytes, fds: Sequence[int]) -> list[ArgV
 
 def _finish_scalars(spec: MessageSpec, words: tuple[int, ...],
                     fds: Sequence[int]) -> list[ArgValue]:
-    out: list[ArgValue] = []
     word = iter(words)
     fd = iter(fds)
-    for arg in spec.args:
-        kind = arg.kind
-        if kind is ArgKind.FD:
-            out.append(next(fd))
-            continue
-        value = next(word)
-        if kind is ArgKind.FIXED:
-            out.append(Fixed(value))
-        elif value == 0 and kind is ArgKind.NEW_ID:
+    return [next(fd) if arg.kind is ArgKind.FD else _word_value(spec, arg, next(word))
+            for arg in spec.args]
+
+
+def _word_value(spec: MessageSpec, arg: Arg, value: int) -> ArgValue:
+    """The argument a 32-bit word stands for, refusing nulls where not allowed."""
+    kind = arg.kind
+    if kind is ArgKind.FIXED:
+        return Fixed(value)
+    if value == 0:
+        if kind is ArgKind.NEW_ID:
             raise _bad(spec, arg.name, "null new_id")
-        elif value == 0 and kind is ArgKind.OBJECT:
+        if kind is ArgKind.OBJECT:
             if not arg.nullable:
                 raise _bad(spec, arg.name, "null object")
-            out.append(None)
-        else:
-            out.append(value)
-    return out
+            return None
+    return value
 
 
 def _read_string(spec: MessageSpec, name: str, data: bytes, pos: int, end: int,
