@@ -44,7 +44,10 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qubesshm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qubesshm",
+        description="A Wayland proxy that validates and relays every message between "
+        "clients and the compositor.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log connections")
     sub = parser.add_subparsers(dest="command", required=True)
 
