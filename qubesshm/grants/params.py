@@ -1,0 +1,81 @@
+"""The two kernel module parameters that govern grant reclaim, as sysfs files.
+
+``/sys/module/grant_table/parameters/free_per_iteration`` (Linux >= 6.5): how many
+deferred grants the 1-second reclaim timer retries per tick, 0 for all.
+``/sys/module/xen_gntalloc/parameters/limit``: how many pages gntalloc may have
+granted at once. The simulated hypervisor keeps the same files under its own root.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+FREE_PER_ITERATION = Path("sys/module/grant_table/parameters/free_per_iteration")
+GNTALLOC_LIMIT = Path("sys/module/xen_gntalloc/parameters/limit")
+# Linux's defaults: CONFIG_XEN_GRANTS_RECLAIM_PER_ITERATION and gntalloc's limit.
+DEFAULT_FREE_PER_ITERATION = 10
+DEFAULT_GNTALLOC_LIMIT = 1024
+_U32_MAX = 2**32 - 1
+
+
+class ModuleParams:
+    """Reads and writes the parameter files under ``root`` (``/`` on real Xen)."""
+
+    def __init__(self, root: Path = Path("/")) -> None:
+        self.root = root
+
+    def path(self, relative: Path) -> Path:
+        return self.root / relative
+
+    def read(self, relative: Path) -> int:
+        path = self.path(relative)
+        try:
+            return int(path.read_text().strip())
+        except FileNotFoundError as exc:
+            raise OSError(errno.ENOENT, f"{path} does not exist: {_missing(relative)}",
+                          str(path)) from exc
+
+    def write(self, relative: Path, value: int) -> None:
+        if not 0 <= value <= _U32_MAX:
+            raise OSError(errno.EINVAL, f"{value} is not an unsigned 32-bit value")
+        path = self.path(relative)
+        if not path.exists():
+            raise OSError(errno.ENOENT, f"{path} does not exist: {_missing(relative)}",
+                          str(path))
+        try:
+            path.write_text(f"{value}\n")
+        except PermissionError as exc:
+            raise OSError(errno.EACCES, f"not permitted to write {path}: it is writable "
+                          "by root only (mode 0600/0644)", str(path)) from exc
+
+    @property
+    def free_per_iteration(self) -> int:
+        return self.read(FREE_PER_ITERATION)
+
+    @free_per_iteration.setter
+    def free_per_iteration(self, value: int) -> None:
+        self.write(FREE_PER_ITERATION, value)
+
+    @property
+    def gntalloc_limit(self) -> int:
+        return self.read(GNTALLOC_LIMIT)
+
+    @gntalloc_limit.setter
+    def gntalloc_limit(self, value: int) -> None:
+        self.write(GNTALLOC_LIMIT, value)
+
+    def create_defaults(self) -> None:
+        """Lay out the files with Linux's defaults (for a simulated hypervisor)."""
+        for relative, value in ((FREE_PER_ITERATION, DEFAULT_FREE_PER_ITERATION),
+                                (GNTALLOC_LIMIT, DEFAULT_GNTALLOC_LIMIT)):
+            path = self.path(relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                path.write_text(f"{value}\n")
+
+
+def _missing(relative: Path) -> str:
+    if relative == FREE_PER_ITERATION:
+        return "free_per_iteration is a module parameter since Linux 6.5"
+    return "is the xen_gntalloc module loaded?"
