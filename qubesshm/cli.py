@@ -12,6 +12,16 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
+from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
+from .grants.select import (
+    CHOICES,
+    XEN_DEVICE_DIR,
+    GrantsChoiceError,
+    choose,
+    open_backend,
+    params_for,
+    reclaim_status,
+)
 from .relay.listener import DEFAULT_SOCKET_NAME, AddressError, Listener, upstream_path
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
 from .relay.trace import ProtocolLog
@@ -43,6 +53,13 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
                         "this long (default %(default)s)")
 
 
+def _add_grants_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grants", choices=CHOICES, default=None,
+                        help="grant backend: the simulated hypervisor, real Xen through "
+                        "/dev/xen, or xen when /dev/xen/gntalloc exists (default: "
+                        "$QUBESSHM_GRANTS, else auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesshm",
@@ -53,10 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="relay Wayland clients to the compositor")
     _add_relay_options(serve, DEFAULT_SOCKET_NAME)
+    _add_grants_option(serve)
 
     run = sub.add_parser("run", help="run one command through a private proxy")
     _add_relay_options(run, None)
+    _add_grants_option(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    tune = sub.add_parser("tune", help="show or set the kernel's grant reclaim parameters")
+    _add_grants_option(tune)
+    tune.add_argument("--free-per-iteration", type=int, metavar="N",
+                      help="deferred grants retried per 1-second tick (0: all)")
+    tune.add_argument("--gntalloc-limit", type=int, metavar="N",
+                      help="pages gntalloc may have granted at once")
 
     bench = sub.add_parser("bench", help="measure the proxy against baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -85,19 +111,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from .bench.relay import run_relay_bench
             return run_relay_bench(args)
+        if args.command == "tune":
+            return _tune(args)
         protocol = load_protocols(args.protocol_dir)
+        # The relay does not copy into grants yet; opening the backend now makes a
+        # wrong --grants fail at start-up, with the reason.
+        try:
+            backend = open_backend(choose(args.grants))
+        except OSError as exc:
+            print(f"qubesshm: {exc}", file=sys.stderr)
+            return 1
+        log.info("grant backend: %s", backend.name)
         options = RelayOptions(max_message_size=args.max_message_size,
                                stall_timeout=args.stall_timeout)
-        if args.command == "serve":
-            return asyncio.run(_serve(args, protocol, options))
-        cmd = list(args.cmd)
-        if cmd and cmd[0] == "--":
-            cmd = cmd[1:]
-        if not cmd:
-            print("qubesshm run: give the command after --", file=sys.stderr)
-            return 2
-        return asyncio.run(_run(args, protocol, options, cmd))
-    except (AddressError, ProtocolLoadError) as exc:
+        try:
+            if args.command == "serve":
+                return asyncio.run(_serve(args, protocol, options))
+            cmd = list(args.cmd)
+            if cmd and cmd[0] == "--":
+                cmd = cmd[1:]
+            if not cmd:
+                print("qubesshm run: give the command after --", file=sys.stderr)
+                return 2
+            return asyncio.run(_run(args, protocol, options, cmd))
+        finally:
+            backend.close()
+    except (AddressError, ProtocolLoadError, GrantsChoiceError) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
 
@@ -108,6 +147,42 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    choice = choose(args.grants)
+    if choice == "xen" and not (XEN_DEVICE_DIR / "gntalloc").exists():
+        print(f"qubesshm tune: {XEN_DEVICE_DIR / 'gntalloc'} does not exist: this is not a "
+              "Xen domain; use --grants sim or QUBESSHM_GRANTS=sim for the simulated "
+              "hypervisor", file=sys.stderr)
+        return 1
+    params = params_for(choice)
+    try:
+        if args.free_per_iteration is not None:
+            params.free_per_iteration = args.free_per_iteration
+        if args.gntalloc_limit is not None:
+            params.gntalloc_limit = args.gntalloc_limit
+    except OSError as exc:
+        print(f"qubesshm tune: {exc.strerror}", file=sys.stderr)
+        return 1
+    status = reclaim_status(choice)
+    where = "real Xen" if choice == "xen" else f"simulated, files under {params.root}"
+    print(f"grants: {choice} ({where})")
+
+    def show(label: str, value: int | None, missing: str) -> None:
+        print(f"{label:<22}{value if value is not None else missing}")
+
+    show("free_per_iteration", status.free_per_iteration,
+         f"not available ({params.path(FREE_PER_ITERATION)} missing: Linux < 6.5?)")
+    show("gntalloc limit", status.gntalloc_limit,
+         f"not available ({params.path(GNTALLOC_LIMIT)} missing: xen_gntalloc not loaded?)")
+    hidden = ("not exposed by the kernel" if choice == "xen"
+              else "none yet (no simulated hypervisor has run)")
+    show("deferred_count", status.deferred_count, hidden)
+    show("leaked_count", status.leaked_count, hidden)
+    if status.deferred_pages_bytes is not None:
+        show("deferred bytes", status.deferred_pages_bytes, hidden)
+    return 0
 
 
 def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
