@@ -1045,24 +1045,29 @@ def test_accept_survives_running_out_of_fds(harness: Harness) -> None:
     proxy = harness.start_proxy()
     # Let the proxy open almost no files: it lifts its soft limit to the hard one.
     subprocess.run(["prlimit", f"--pid={proxy.pid}", "--nofile=24:24"], check=True)
-    pairs = []
+    clients = []
     for _ in range(12):
-        try:
-            pairs.append(harness.connect(proxy, track=False))
-        except (OSError, pytest.fail.Exception):
-            break  # out of fds: this one waits in the backlog
-    assert len(pairs) < 12, "the fd limit was never reached"
-    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    extra.connect(str(proxy.path))  # sits in the backlog: no fd to accept it with
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(PROCESS_TIMEOUT)
+        client.connect(str(proxy.path))  # completes in the backlog even if never accepted
+        clients.append(client)
+    upstreams = []
+    harness.compositor.settimeout(1.0)
+    try:
+        while True:
+            upstreams.append(harness.compositor.accept()[0])
+    except TimeoutError:
+        pass
+    assert 0 < len(upstreams) < len(clients), "the fd limit was never reached"
     assert_idle(proxy, "out of fds")
     assert "cannot accept a client" in proxy.log()
-    for pair in pairs:
+    served = [Pair(Endpoint(c), Endpoint(u)) for c, u in zip(clients, upstreams, strict=False)]
+    for pair in served:
+        pair.roundtrip()
         pair.close()
-    # With fds free again, the backlog is served in order: first the attempt the
-    # loop above gave up on (its client is gone), then ``extra``.
-    gone, _ = harness.compositor.accept()
-    Endpoint(gone).expect_eof(reset_ok=True)
-    upstream, _ = harness.compositor.accept()
-    late = Pair(Endpoint(extra), Endpoint(upstream))
-    late.roundtrip()
-    late.close()
+    # With fds free again, the waiting clients are served in order, none lost.
+    harness.compositor.settimeout(PROCESS_TIMEOUT)
+    for client in clients[len(upstreams):]:
+        late = Pair(Endpoint(client), Endpoint(harness.compositor.accept()[0]))
+        late.roundtrip()
+        late.close()

@@ -73,7 +73,8 @@ def reclaim_status(choice: str) -> ReclaimStatus:
     def read(getter: str) -> int | None:
         try:
             value: int = getattr(params, getter)
-        except FileNotFoundError:  # an older kernel, or the module is not loaded
+        except (FileNotFoundError, PermissionError):
+            # An older kernel, the module not loaded, or a file only root may read.
             return None
         return value
 

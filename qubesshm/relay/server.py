@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ COMPOSITOR_READS_PER_WAKEUP = 16
 # How often to retry accept() after running out of file descriptors.
 ACCEPT_RETRY_DELAY = 0.5
 CONNECT_RETRY_DELAY = 0.01
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +324,7 @@ class ProxyServer:
         self.loop = asyncio.get_running_loop()
         self.clients: set[ClientRelay] = set()
         self._connecting: set[socket.socket] = set()
+        self._waiting_for_fds: deque[tuple[int, socket.socket]] = deque()
         self._next_number = 1
         self._hidden_logged: set[str] = set()
         self._accept_retry: asyncio.TimerHandle | None = None
@@ -339,24 +342,48 @@ class ProxyServer:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if exc.errno not in _OUT_OF_RESOURCES:
                 raise
-            # The connection stays in the backlog; the listener would stay readable
-            # and spin, so look again a little later.
-            log.error("cannot accept a client: %s; retrying in %g s", exc,
-                      ACCEPT_RETRY_DELAY)
-            self.loop.remove_reader(self.listener.fileno())
-            self._accept_retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept)
+            # The connection stays in the backlog.
+            self._pause_accepting(exc)
             return
         number = self._next_number
         self._next_number += 1
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._start_upstream(number, client)
+
+    def _start_upstream(self, number: int, client: socket.socket, *,
+                        retry: bool = False) -> bool:
+        try:
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            # Accepted but no fd for its compositor connection: it waits, first in line.
+            if retry:
+                self._waiting_for_fds.appendleft((number, client))
+            else:
+                self._waiting_for_fds.append((number, client))
+            self._pause_accepting(exc)
+            return False
         upstream.setblocking(False)
         self._connecting.add(client)
         self._connect(number, client, upstream, self.loop.time() + self.options.connect_timeout)
+        return True
 
-    def _resume_accept(self) -> None:
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds: a readable listener would spin the loop, so look again later."""
+        if self._accept_retry is not None:
+            return
+        log.error("cannot accept a client: %s; retrying in %g s", exc, ACCEPT_RETRY_DELAY)
+        self.loop.remove_reader(self.listener.fileno())
+        self._accept_retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
         self._accept_retry = None
+        while self._waiting_for_fds:
+            number, client = self._waiting_for_fds.popleft()
+            if not self._start_upstream(number, client, retry=True):
+                return
         self.loop.add_reader(self.listener.fileno(), self._accept)
 
     def _connect(self, number: int, client: socket.socket, upstream: socket.socket,
@@ -407,6 +434,9 @@ class ProxyServer:
         for client in self._connecting:
             client.close()
         self._connecting.clear()
+        for _, client in self._waiting_for_fds:
+            client.close()
+        self._waiting_for_fds.clear()
         for relay in list(self.clients):
             relay.close("proxy shutting down")
         self.listener.close()
