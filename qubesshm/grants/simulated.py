@@ -95,6 +95,10 @@ class _Port:
     remote: _Port | None = None
     masked: bool = False
     pending: bool = False
+    # An unmap notify holds the channel (evtchn_get in the kernel): unbinding it
+    # then only marks it closing, and it closes once the notify has been sent.
+    holds: int = 0
+    closing: bool = False
 
 
 @dataclass(eq=False)
@@ -104,6 +108,7 @@ class _Mapping:
     pages: _Pages
     # Set once the mapping side let go while a watched process still maps it.
     waiting_for_processes: bool = False
+    notify_port: _Port | None = None
 
 
 @dataclass
@@ -337,11 +342,9 @@ class SimHypervisor:
             return
         if notify.clear_byte is not None:
             self._clear_byte(mapping.pages, notify.clear_byte)
-        if notify.event_port is not None:
-            self.notify(self._mapper_of(mapping), notify.event_port)
-
-    def _mapper_of(self, mapping: _Mapping) -> int:
-        return mapping.entries[0].grantee
+        if mapping.notify_port is not None:
+            self.send_and_release(mapping.notify_port)
+            mapping.notify_port = None
 
     def _clear_byte(self, pages: _Pages, offset: int) -> None:
         # Once every grant has ended the pages are gone and nobody can see the byte.
@@ -373,19 +376,44 @@ class SimHypervisor:
         local.remote, remote.remote = remote, local
         return port
 
-    def unbind(self, domid: int, port: int) -> None:
-        local = self._ports.pop((domid, port), None)
-        if local is None:
+    def _live_port(self, domid: int, port: int) -> _Port:
+        local = self._ports.get((domid, port))
+        if local is None or local.closing:
             raise OSError(errno.ENOTCONN, f"port {port} is not bound")
+        return local
+
+    def unbind(self, domid: int, port: int) -> None:
+        local = self._live_port(domid, port)
+        if local.holds:
+            local.closing = True
+        else:
+            self._close_port(local)
+
+    def _close_port(self, local: _Port) -> None:
+        del self._ports[(local.domid, local.port)]
         if local.remote is not None:
             local.remote.remote = None
 
+    def hold_port(self, domid: int, port: int) -> _Port:
+        local = self._live_port(domid, port)
+        local.holds += 1
+        return local
+
+    def release_port(self, local: _Port) -> None:
+        local.holds -= 1
+        if local.closing and local.holds == 0:
+            self._close_port(local)
+
+    def send_and_release(self, local: _Port) -> None:
+        self._send(local)
+        self.release_port(local)
+
     def notify(self, domid: int, port: int) -> None:
-        local = self._ports.get((domid, port))
-        if local is None:
-            raise OSError(errno.ENOTCONN, f"port {port} is not bound")
+        self._send(self._live_port(domid, port))
+
+    def _send(self, local: _Port) -> None:
         remote = local.remote
-        if remote is None:
+        if remote is None or remote.closing:
             return  # sending on an unconnected port does nothing, as in Xen
         if remote.masked:
             remote.pending = True
@@ -396,9 +424,7 @@ class SimHypervisor:
             backend.deliver(remote.port)
 
     def unmask(self, domid: int, port: int) -> None:
-        local = self._ports.get((domid, port))
-        if local is None:
-            raise OSError(errno.ENOTCONN, f"port {port} is not bound")
+        local = self._live_port(domid, port)
         local.masked = False
         if local.pending:
             local.pending = False
@@ -450,6 +476,7 @@ class SimBackend(GrantBackend):
         self.domid = domid
         self._next_index = 0
         self._shared: dict[int, tuple[SharedArea, _Pages]] = {}
+        self._share_ports: dict[int, _Port] = {}  # area index -> port its notify holds
         self._mappings: dict[int, _Mapping] = {}
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fired: list[int] = []
@@ -477,7 +504,15 @@ class SimBackend(GrantBackend):
     def set_share_notify(self, area: SharedArea, notify: UnmapNotify) -> None:
         self._own_share(area)
         _check_notify(notify, area.size, self._ports)
+        self._replace_hold(self._share_ports, area.index, notify)
         area.notify = notify
+
+    def _replace_hold(self, holds: dict[int, _Port], key: int, notify: UnmapNotify) -> None:
+        old = holds.pop(key, None)
+        if notify.event_port is not None:
+            holds[key] = self.hv.hold_port(self.domid, notify.event_port)
+        if old is not None:
+            self.hv.release_port(old)
 
     def unshare(self, area: SharedArea) -> Unshared:
         self._own_share(area)
@@ -489,8 +524,9 @@ class SimBackend(GrantBackend):
             area.memory[notify.clear_byte] = 0
         area.memory.close()
         outcome = self.hv.unshare(area.refs)
-        if notify is not None and notify.event_port is not None:
-            self.hv.notify(self.domid, notify.event_port)
+        held = self._share_ports.pop(area.index, None)
+        if held is not None:
+            self.hv.send_and_release(held)
         return outcome
 
     # -- mapping side -----------------------------------------------------------------
@@ -511,16 +547,26 @@ class SimBackend(GrantBackend):
         self.hv.add_mapping(mapping)
         return area
 
-    def set_map_notify(self, area: MappedArea, notify: UnmapNotify) -> None:
-        if self._mappings.get(area.fd) is None or area.released:
+    def _own_mapping(self, area: MappedArea) -> _Mapping:
+        mapping = self._mappings.get(area.fd)
+        # Fd numbers are reused: the area itself must be the one mapped there.
+        if mapping is None or mapping.area is not area or area.released:
             raise OSError(errno.EINVAL, "not a live mapping of this backend")
+        return mapping
+
+    def set_map_notify(self, area: MappedArea, notify: UnmapNotify) -> None:
+        mapping = self._own_mapping(area)
         _check_notify(notify, area.size, self._ports)
+        new = (self.hv.hold_port(self.domid, notify.event_port)
+               if notify.event_port is not None else None)
+        if mapping.notify_port is not None:
+            self.hv.release_port(mapping.notify_port)
+        mapping.notify_port = new
         area.notify = notify
 
     def unmap(self, area: MappedArea) -> None:
-        mapping = self._mappings.pop(area.fd, None)
-        if mapping is None or area.released:
-            raise OSError(errno.EINVAL, "not a live mapping of this backend")
+        mapping = self._own_mapping(area)
+        del self._mappings[area.fd]
         area.released = True
         os.close(area.fd)
         self.hv.release_mapping(mapping)
