@@ -357,6 +357,12 @@ class SimVersusReference(RuleBasedStateMachine):
     def share(self, count: int) -> None:
         self._share(count)
 
+    @precondition(lambda self: 0 < self.ref.limit - self.ref.pages <= 200)
+    @rule(over=st.booleans())
+    def share_up_to_limit(self, over: bool) -> None:
+        """Exactly to gntalloc's limit (fits, unless the table is full), or one past it."""
+        self._share(self.ref.limit - self.ref.pages + over)
+
     @precondition(lambda self: bool(self.shared))
     @rule(data=st.data())
     def unshare(self, data: st.DataObject) -> None:
@@ -551,6 +557,14 @@ class SimVersusReference(RuleBasedStateMachine):
         assert self.hv.timer_due == self.ref.timer_due
 
     @invariant()
+    def mappings_awaiting_notify_match(self) -> None:
+        """The model's live mappings: held ones, and let-go ones a process still maps."""
+        live = self.hv._mappings
+        assert [m.area for m in live] == [m.area for m in self.ref.mappings]
+        assert [m.waiting_for_processes for m in live] == [
+            not m.held for m in self.ref.mappings]
+
+    @invariant()
     def status_and_published_counters_match(self) -> None:
         status = self.vm.status()
         assert status.free_per_iteration == self.ref.fpi
@@ -581,7 +595,7 @@ class SimVersusReference(RuleBasedStateMachine):
 
 
 SimVersusReference.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=100, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestSimVersusReference = SimVersusReference.TestCase

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,8 +96,12 @@ def test_foreign_process_mapping_blocks_end_and_fires_notifies(world: tuple[
 def test_grant_ends_only_after_the_process_exits(world: tuple[
         SimHypervisor, SimBackend, SimBackend, Clock]) -> None:
     hv, vm, gui, clock = world
+    vm_port = vm.bind_unbound_port(GUI)
+    gui_port = gui.bind_interdomain(VM, vm_port)
     area = vm.share(GUI, 2)
+    area.memory[7] = 0x55
     mapped = gui.map([(VM, ref) for ref in area.refs])
+    gui.set_map_notify(mapped, UnmapNotify(clear_byte=7, event_port=gui_port))
     child = start_mapper(mapped.fd, mapped.size)
     assert child.stdin is not None and child.stdout is not None
     child.stdout.readline()
@@ -109,9 +114,17 @@ def test_grant_ends_only_after_the_process_exits(world: tuple[
     clock.now += 1.0
     assert hv.advance() == 1
     assert hv.counters.deferred_count == 2  # retried, still mapped, re-queued
+    hv.refresh()
+    assert vm.fired_ports() == []
 
     child.stdin.close()  # the process exits, and its mappings with it
     assert child.wait(timeout=30) == 0
+    hv.refresh()
+    # The exit was the last mapping: the notify fires (the deferred pages still
+    # exist, so the cleared byte is real), and the next tick ends the grants.
+    assert vm.fired_ports() == [vm_port]
+    deferred_pages = hv._entries[area.refs[0]].pages
+    assert os.pread(deferred_pages.fd, 1, 7) == b"\0"
     clock.now += 1.0
     assert hv.advance() == 1
     assert hv.counters.deferred_count == 0
