@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from qubesshm.wire.codec import ArgValue, encode_message
+from collections.abc import Sequence
+
+from qubesshm.wire.codec import ArgValue, WireReader, decode_args, encode_message
 from qubesshm.wire.protocol import MessageSpec, load_protocols
 
 PROTO = load_protocols()
@@ -22,3 +24,28 @@ def request(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple
 
 def event(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
     return encode_message(object_id, ev(interface, name), list(args))
+
+
+def joined(segments: Sequence[tuple[bytes, list[int]]]) -> tuple[bytes, list[int]]:
+    """The bytes and fds of a Step's segments, concatenated."""
+    return b"".join(d for d, _ in segments), [fd for _, f in segments for fd in f]
+
+
+def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
+    """The args of the wl_display.error that ``to_client`` must end with."""
+    data, fds = joined(to_client)
+    assert fds == []
+    reader = WireReader()
+    reader.feed(data)
+    frames = []
+    while (head := reader.peek()) is not None:
+        taken = reader.take(head[2], 0)
+        assert taken is not None
+        frames.append(taken[0])
+    assert reader.buffered_bytes == 0, "to_client holds a partial message"
+    assert frames, "no wl_display.error sent to the client"
+    last = frames[-1]
+    assert (last.object_id, last.opcode) == (1, 0)
+    args = decode_args(PROTO["wl_display"].events[0], last.data, [])
+    assert isinstance(args[2], str) and args[2].isprintable() and args[2]
+    return args

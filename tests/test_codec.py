@@ -15,7 +15,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from messages import PROTO, ev, event, req, request
+from messages import PROTO, ev, event, joined, parse_error, req, request
 
 from qubesshm.relay.session import RelaySession, Step
 from qubesshm.wire.codec import (
@@ -444,9 +444,6 @@ COMPOSITOR, SHM, DDM = 3, 4, 5  # bound ids
 GLOBALS = [(1, "wl_compositor", 1), (2, "wl_shm", 1), (3, "wl_data_device_manager", 3)]
 
 
-def joined(segments: Sequence[tuple[bytes, list[int]]]) -> tuple[bytes, list[int]]:
-    return b"".join(d for d, _ in segments), [fd for _, f in segments for fd in f]
-
 
 def ready_session() -> RelaySession:
     """A session with a registry, wl_compositor v1 at 3, wl_shm at 4, data device mgr at 5."""
@@ -461,25 +458,6 @@ def ready_session() -> RelaySession:
     assert all(s.error is None for s in steps)
     return session
 
-
-def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
-    """The args of the wl_display.error that ``to_client`` must end with."""
-    data, fds = joined(to_client)
-    assert fds == []
-    reader = WireReader()
-    reader.feed(data)
-    frames = []
-    while (head := reader.peek()) is not None:
-        taken = reader.take(head[2], 0)
-        assert taken is not None
-        frames.append(taken[0])
-    assert reader.buffered_bytes == 0, "to_client holds a partial message"
-    assert frames, "no wl_display.error sent to the client"
-    last = frames[-1]
-    assert (last.object_id, last.opcode) == (1, 0)
-    args = decode_args(DISPLAY_ERROR, last.data, [])
-    assert isinstance(args[2], str) and args[2].isprintable() and args[2]
-    return args
 
 
 def assert_client_error(step: Step, code: ErrorCode, *, object_id: int | None = None) -> str:

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from messages import PROTO, ev, event, req, request
+from messages import PROTO, ev, event, joined, parse_error, req, request
 
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.relay.session import RelaySession, Step
@@ -70,9 +70,6 @@ def bind(name: int, interface: str, version: int, new_id: int) -> bytes:
     return r(REGISTRY, "wl_registry", "bind", name, UntypedNewId(interface, version, new_id))
 
 
-def joined(segments: Sequence[tuple[bytes, list[int]]]) -> tuple[bytes, list[int]]:
-    return b"".join(d for d, _ in segments), [fd for _, f in segments for fd in f]
-
 
 def to_comp(step: Step) -> bytes:
     assert step.error is None, step.error
@@ -91,22 +88,6 @@ def with_registry(*globals_: tuple[int, str, int], **kwargs: object) -> RelaySes
         to_client(session.from_compositor(global_(*g)))
     return session
 
-
-def parse_error(segments: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
-    """The args of the wl_display.error that ``segments`` must end with."""
-    data, _ = joined(segments)
-    reader = WireReader()
-    reader.feed(data)
-    frames = []
-    while (head := reader.peek()) is not None:
-        taken = reader.take(head[2], 0)
-        assert taken is not None
-        frames.append(taken[0])
-    assert reader.buffered_bytes == 0 and frames
-    assert (frames[-1].object_id, frames[-1].opcode) == (1, 0)
-    args = decode_args(DISPLAY_ERROR, frames[-1].data, [])
-    assert isinstance(args[2], str) and args[2]
-    return args
 
 
 def assert_client_error(step: Step, code: ErrorCode, object_id: int | None = None) -> str:
