@@ -64,6 +64,13 @@ def test_tune_shows_and_sets_simulated_parameters(env: dict[str, str]) -> None:
     vm.close()
 
 
+def test_tune_sets_parameters_of_a_fresh_simulated_kernel(env: dict[str, str]) -> None:
+    changed = qubesshm("tune", "--free-per-iteration", "0", env=env)
+    assert changed.returncode == 0, changed.stderr
+    assert "free_per_iteration    0\n" in changed.stdout
+    assert "gntalloc limit        1024\n" in changed.stdout
+
+
 def test_tune_errors(env: dict[str, str], tmp_path: Path) -> None:
     negative = qubesshm("tune", "--free-per-iteration", "-1", env=env)
     assert negative.returncode == 1

@@ -57,7 +57,14 @@ def open_backend(choice: str) -> GrantBackend:
 
 
 def params_for(choice: str) -> ModuleParams:
-    return ModuleParams(Path("/") if choice == "xen" else sim_root())
+    if choice == "xen":
+        return ModuleParams(Path("/"))
+    params = ModuleParams(sim_root())
+    if not params.root.exists():
+        # A simulated kernel that never booted has Linux's defaults; one that exists
+        # keeps its files as they are, missing ones included.
+        params.create_defaults()
+    return params
 
 
 def reclaim_status(choice: str) -> ReclaimStatus:
@@ -67,8 +74,7 @@ def reclaim_status(choice: str) -> ReclaimStatus:
     if choice == "sim":
         from .simulated import read_published_counters
 
-        ModuleParams(sim_root()).create_defaults()
-        counters = read_published_counters(sim_root())
+        counters = read_published_counters(params.root)
 
     def read(getter: str) -> int | None:
         try:
