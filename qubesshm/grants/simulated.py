@@ -504,15 +504,18 @@ class SimBackend(GrantBackend):
     def set_share_notify(self, area: SharedArea, notify: UnmapNotify) -> None:
         self._own_share(area)
         _check_notify(notify, area.size, self._ports)
-        self._replace_hold(self._share_ports, area.index, notify)
+        held = self._rehold(notify, self._share_ports.pop(area.index, None))
+        if held is not None:
+            self._share_ports[area.index] = held
         area.notify = notify
 
-    def _replace_hold(self, holds: dict[int, _Port], key: int, notify: UnmapNotify) -> None:
-        old = holds.pop(key, None)
-        if notify.event_port is not None:
-            holds[key] = self.hv.hold_port(self.domid, notify.event_port)
-        if old is not None:
-            self.hv.release_port(old)
+    def _rehold(self, notify: UnmapNotify, previous: _Port | None) -> _Port | None:
+        """Hold the port ``notify`` will signal, then release the one it replaces."""
+        held = (self.hv.hold_port(self.domid, notify.event_port)
+                if notify.event_port is not None else None)
+        if previous is not None:
+            self.hv.release_port(previous)
+        return held
 
     def unshare(self, area: SharedArea) -> Unshared:
         self._own_share(area)
@@ -557,11 +560,7 @@ class SimBackend(GrantBackend):
     def set_map_notify(self, area: MappedArea, notify: UnmapNotify) -> None:
         mapping = self._own_mapping(area)
         _check_notify(notify, area.size, self._ports)
-        new = (self.hv.hold_port(self.domid, notify.event_port)
-               if notify.event_port is not None else None)
-        if mapping.notify_port is not None:
-            self.hv.release_port(mapping.notify_port)
-        mapping.notify_port = new
+        mapping.notify_port = self._rehold(notify, mapping.notify_port)
         area.notify = notify
 
     def unmap(self, area: MappedArea) -> None:
