@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qubesshm.wire.codec import ArgValue, WireReader, decode_args, encode_message
+from qubesshm.relay.session import Step
+from qubesshm.wire.codec import ArgValue, ErrorCode, WireReader, decode_args, encode_message
 from qubesshm.wire.protocol import MessageSpec, load_protocols
 
 PROTO = load_protocols()
@@ -49,3 +50,16 @@ def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
     args = decode_args(PROTO["wl_display"].events[0], last.data, [])
     assert isinstance(args[2], str) and args[2].isprintable() and args[2]
     return args
+
+
+def assert_client_error(step: Step, code: ErrorCode, *, object_id: int | None = None) -> str:
+    """The session ended on the client's fault and told it ``code``; the message text."""
+    assert step.error is not None, "expected a protocol error"
+    assert step.client_at_fault is True
+    assert step.error.code is code
+    err_object, err_code, message = parse_error(step.to_client)
+    assert err_code == int(code)
+    if object_id is not None:
+        assert err_object == object_id
+    assert isinstance(message, str)
+    return message

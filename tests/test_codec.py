@@ -15,9 +15,9 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from messages import PROTO, ev, event, joined, parse_error, req, request
+from messages import PROTO, assert_client_error, ev, event, joined, parse_error, req, request
 
-from qubesshm.relay.session import RelaySession, Step
+from qubesshm.relay.session import RelaySession
 from qubesshm.wire.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ArgValue,
@@ -459,17 +459,6 @@ def ready_session() -> RelaySession:
     return session
 
 
-
-def assert_client_error(step: Step, code: ErrorCode, *, object_id: int | None = None) -> str:
-    assert step.error is not None
-    assert step.client_at_fault is True
-    assert step.error.code is code
-    err_object, err_code, message = parse_error(step.to_client)
-    assert err_code == int(code)
-    if object_id is not None:
-        assert err_object == object_id
-    assert isinstance(message, str)
-    return message
 
 
 PRE, _ = request(1, "wl_display", "sync", 40)  # valid, sent before the bad message

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+import messages
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -91,16 +92,9 @@ def with_registry(*globals_: tuple[int, str, int], **kwargs: object) -> RelaySes
 
 
 def assert_client_error(step: Step, code: ErrorCode, object_id: int | None = None) -> str:
-    assert step.error is not None, "expected a protocol error"
-    assert step.client_at_fault is True
-    assert step.error.code is code
+    """As messages.assert_client_error, and nothing reached the compositor."""
     assert step.to_compositor == []
-    err_object, err_code, message = parse_error(step.to_client)
-    assert err_code == int(code)
-    if object_id is not None:
-        assert err_object == object_id
-    assert isinstance(message, str)
-    return message
+    return messages.assert_client_error(step, code, object_id=object_id)
 
 
 def assert_compositor_error(step: Step) -> str:
