@@ -12,13 +12,14 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
+from .grants.halves import GrantHalves, open_halves
+from .grants.ledger import GrantLedger
 from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
 from .grants.select import (
     CHOICES,
     XEN_DEVICE_DIR,
     GrantsChoiceError,
     choose,
-    open_backend,
     params_for,
     reclaim_status,
 )
@@ -60,6 +61,16 @@ def _add_grants_option(parser: argparse.ArgumentParser) -> None:
                         "$QUBESSHM_GRANTS, else auto)")
 
 
+def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gntalloc-limit", type=int, metavar="PAGES",
+                        help="raise the kernel's gntalloc limit to this many pages at "
+                        "start-up (Qubes sets 1073741824; Linux's default, 1024 pages, is "
+                        "less than one 1920x1080 buffer)")
+    parser.add_argument("--allow-dmabuf", action="store_true",
+                        help="relay zwp_linux_dmabuf_v1 (hidden by default: dma-buf cannot "
+                        "cross a VM boundary, so toolkits fall back to wl_shm)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesshm",
@@ -71,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="relay Wayland clients to the compositor")
     _add_relay_options(serve, DEFAULT_SOCKET_NAME)
     _add_grants_option(serve)
+    _add_buffer_options(serve)
 
     run = sub.add_parser("run", help="run one command through a private proxy")
     _add_relay_options(run, None)
     _add_grants_option(run)
+    _add_buffer_options(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     tune = sub.add_parser("tune", help="show or set the kernel's grant reclaim parameters")
@@ -114,28 +127,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tune":
             return _tune(args)
         protocol = load_protocols(args.protocol_dir)
-        # The relay does not copy into grants yet; opening the backend now makes a
-        # wrong --grants fail at start-up, with the reason.
-        try:
-            backend = open_backend(choose(args.grants))
-        except OSError as exc:
-            print(f"qubesshm: {exc}", file=sys.stderr)
-            return 1
-        log.info("grant backend: %s", backend.name)
-        options = RelayOptions(max_message_size=args.max_message_size,
-                               stall_timeout=args.stall_timeout)
-        try:
-            if args.command == "serve":
-                return asyncio.run(_serve(args, protocol, options))
+        cmd: list[str] = []
+        if args.command == "run":
             cmd = list(args.cmd)
             if cmd and cmd[0] == "--":
                 cmd = cmd[1:]
             if not cmd:
                 print("qubesshm run: give the command after --", file=sys.stderr)
                 return 2
-            return asyncio.run(_run(args, protocol, options, cmd))
+        try:
+            grants = open_halves(choose(args.grants))
+        except OSError as exc:
+            print(f"qubesshm: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        try:
+            if args.gntalloc_limit is not None:
+                try:
+                    grants.sharing.backend.set_gntalloc_limit(args.gntalloc_limit)
+                except OSError as exc:
+                    print(f"qubesshm: cannot set the gntalloc limit: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    return 1
+            log.info("grant backend: %s", grants.name)
+            options = RelayOptions(max_message_size=args.max_message_size,
+                                   stall_timeout=args.stall_timeout,
+                                   allow_dmabuf=args.allow_dmabuf)
+            if args.command == "serve":
+                return asyncio.run(_serve(args, protocol, options, grants))
+            return asyncio.run(_run(args, protocol, options, cmd, grants))
         finally:
-            backend.close()
+            grants.close()
     except (AddressError, ProtocolLoadError, GrantsChoiceError) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
@@ -186,7 +207,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
-           socket_name: str) -> ProxyServer:
+           socket_name: str, grants: GrantHalves) -> ProxyServer:
     upstream = upstream_path(args.upstream)
     listener = Listener(socket_name)
     if listener.path.resolve() == upstream.resolve():
@@ -194,15 +215,15 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
         raise AddressError(f"the upstream {upstream} is qubesshm's own socket")
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
     server = ProxyServer(protocol, listener, upstream, options=options,
-                         protocol_log=protocol_log)
+                         protocol_log=protocol_log, grants=grants, ledger=GrantLedger())
     log.info("listening on %s, relaying to %s (%d interfaces known)", listener.path, upstream,
              len(protocol))
     return server
 
 
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
-                 options: RelayOptions) -> int:
-    server = _start(args, protocol, options, args.socket)
+                 options: RelayOptions, grants: GrantHalves) -> int:
+    server = _start(args, protocol, options, args.socket, grants)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -249,9 +270,9 @@ def _foreground(pgid: int) -> Iterator[None]:
 
 
 async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
-               cmd: list[str]) -> int:
+               cmd: list[str], grants: GrantHalves) -> int:
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
-    server = _start(args, protocol, options, socket_name)
+    server = _start(args, protocol, options, socket_name, grants)
     env = dict(os.environ)
     env["WAYLAND_DISPLAY"] = str(server.listener.path)
     env.pop("WAYLAND_SOCKET", None)

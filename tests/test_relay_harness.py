@@ -442,22 +442,42 @@ def test_passthrough_is_byte_exact_both_ways(harness: Harness, debug: bool) -> N
 # -- 2. fds both ways ---------------------------------------------------------------
 
 
-def test_fd_reaches_compositor_and_proxy_closes_its_copies(harness: Harness,
-                                                           proxy: Proxy) -> None:
-    pair = harness.connect(proxy)
+# wl_shm pools stay in the proxy (it copies their pixels into grant pages), so the
+# fd-carrying request these tests relay is zwp_linux_buffer_params_v1.add, which the
+# proxy relays unchanged once --allow-dmabuf stops hiding zwp_linux_dmabuf_v1.
+FD_RELAY_OPTIONS = ("--allow-dmabuf",)
+
+
+def fd_params(pair: Pair) -> int:
+    """A zwp_linux_buffer_params_v1 whose ``add`` requests carry one fd each."""
     registry = pair.get_registry()
-    shm = pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
-    create_pool = request_spec("wl_shm", "create_pool")
+    dmabuf = pair.bind(registry, 1, "zwp_linux_dmabuf_v1", 3)
+    params = pair.new_id()
+    pair.request(req(dmabuf, "zwp_linux_dmabuf_v1", "create_params", params))
+    return params
+
+
+def add_fd(params: int, fd: int, plane: int = 0) -> bytes:
+    data, fds = encode_message(params, request_spec("zwp_linux_buffer_params_v1", "add"),
+                               [fd, plane, 0, 4096, 0, 0])
+    assert fds == [fd]
+    return data
+
+
+def test_fd_reaches_compositor_and_proxy_closes_its_copies(harness: Harness) -> None:
+    proxy = harness.start_proxy(*FD_RELAY_OPTIONS)
+    pair = harness.connect(proxy)
+    params = fd_params(pair)
 
     def send_pools(count: int) -> None:
         data = bytearray()
         fds: list[int] = []
         markers: list[bytes] = []
-        for _ in range(count):
-            pool = pair.new_id()
-            marker = f"pool {pool} marker".encode()
+        for plane in range(count):
+            marker = f"plane {plane} marker".encode()
             fd = memfd_with(marker)
-            message, message_fds = encode_message(shm, create_pool, [pool, fd, 4096])
+            message = add_fd(params, fd, plane)
+            message_fds = [fd]
             assert message_fds == [fd]
             data += message
             fds.append(fd)
@@ -527,22 +547,19 @@ BURSTS = {
 
 
 @pytest.mark.parametrize("burst", BURSTS, ids=list(BURSTS))
-def test_hundred_fds_in_one_burst_arrive_in_order(harness: Harness, proxy: Proxy,
-                                                  burst: str) -> None:
+def test_hundred_fds_in_one_burst_arrive_in_order(harness: Harness, burst: str) -> None:
     calls = BURSTS[burst]
     assert all(n_fds <= SCM_MAX_FD for _, n_fds in calls)
+    proxy = harness.start_proxy(*FD_RELAY_OPTIONS)
     pair = harness.connect(proxy)
-    registry = pair.get_registry()
-    shm = pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
-    create_pool = request_spec("wl_shm", "create_pool")
+    params = fd_params(pair)
 
     count = 100
     messages: list[bytes] = []
     fds: list[int] = []
     for i in range(count):
         fd = memfd_with(f"marker {i:03d}".encode())
-        message, _ = encode_message(shm, create_pool, [pair.new_id(), fd, 4096])
-        messages.append(message)
+        messages.append(add_fd(params, fd, i))
         fds.append(fd)
     assert sum(n for n, _ in calls) == sum(n for _, n in calls) == count
     message_at = fd_at = 0
@@ -1003,19 +1020,19 @@ def test_fds_sent_ahead_of_any_message_are_bounded(harness: Harness, proxy: Prox
     other.roundtrip()
 
 
-def test_queued_fds_towards_a_stuck_compositor_are_bounded(harness: Harness,
-                                                           proxy: Proxy) -> None:
-    pair, shm = shm_pair(harness, proxy)
+def test_queued_fds_towards_a_stuck_compositor_are_bounded(harness: Harness) -> None:
+    proxy = harness.start_proxy(*FD_RELAY_OPTIONS)
+    pair = harness.connect(proxy)
+    params = fd_params(pair)
     pair.roundtrip()
     baseline = fd_count(proxy.pid)
-    create_pool = request_spec("wl_shm", "create_pool")
     pair.client.sock.setblocking(False)
     sent = 0
-    # The compositor side reads nothing; the client pushes pools until the proxy
+    # The compositor side reads nothing; the client pushes fds until the proxy
     # stops reading it.
     for _ in range(4000):
         fd = memfd_with(b"p")
-        data, _ = encode_message(shm, create_pool, [pair.new_id(), fd, 4096])
+        data = add_fd(params, fd)
         try:
             pair.client.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", [fd]).tobytes())])

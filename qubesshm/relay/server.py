@@ -18,10 +18,20 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..grants.halves import GrantHalves
+from ..grants.ledger import GrantLedger
+from ..grants.mapping import peer_pid
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode, WireError, encode_message
 from ..wire.protocol import ProtocolTable
 from .listener import Listener
-from .session import ERROR_MESSAGE_LIMIT, RelaySession, Segment, Step, abridge
+from .session import (
+    DMABUF_INTERFACES,
+    ERROR_MESSAGE_LIMIT,
+    RelaySession,
+    Segment,
+    Step,
+    abridge,
+)
 from .trace import ProtocolLog
 from .transport import FdsTruncated, PeerClosed, Transport
 
@@ -37,6 +47,8 @@ COMPOSITOR_READS_PER_WAKEUP = 16
 # How often to retry accept() after running out of file descriptors.
 ACCEPT_RETRY_DELAY = 0.5
 CONNECT_RETRY_DELAY = 0.01
+# How often the simulated kernel's deferred-reclaim timer is looked at.
+TICK_INTERVAL = 0.25
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -51,6 +63,8 @@ class RelayOptions:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     # How long a client waits for a compositor whose listen backlog is full.
     connect_timeout: float = 5.0
+    # Relay zwp_linux_dmabuf_v1 (hidden by default: dma-buf cannot cross VMs).
+    allow_dmabuf: bool = False
 
 
 class ClientRelay:
@@ -64,13 +78,21 @@ class ClientRelay:
         self.client = Transport(client)
         self.compositor = Transport(compositor)
         protocol_log = server.protocol_log
+        grants = server.grants
+        if grants is not None:
+            grants.watch_compositor(peer_pid(compositor))
         self.session = RelaySession(
             server.protocol,
             max_message_size=server.options.max_message_size,
             tracer=None if protocol_log is None else protocol_log.tracer(
                 number, self._object_name),
             on_hidden_global=server.hidden_global,
+            grants=grants,
+            counters=(server.ledger.client(number), server.ledger.total),
+            hidden_interfaces=(frozenset() if server.options.allow_dmabuf
+                               else DMABUF_INTERFACES),
         )
+        self._blocked = False
         self.closed = False
         # Peers whose queue is over the high-water mark, and so block reading.
         self._backed_up: set[Transport] = set()
@@ -98,7 +120,9 @@ class ClientRelay:
             # Events are piling up for a client that does not read them: stop
             # taking them, and stop taking the requests that cause more.
             wanted.clear()
-        if self.compositor in self._backed_up:
+        if self.compositor in self._backed_up or self.session.blocked:
+            # A commit waiting for the compositor to release a buffer holds back the
+            # requests behind it.
             wanted.discard(self.client)
         return wanted
 
@@ -161,6 +185,12 @@ class ClientRelay:
             os.close(fd)
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
+        if self.session.blocked != self._blocked and not self.closed:
+            self._blocked = self.session.blocked
+            self._update_readers()
+            if not self._blocked and self.client in self._reading:
+                # Requests read while blocked are waiting in the session.
+                self._apply(self.session.from_client(b""))
         if step.error is not None and not self.closed:
             who = "client" if step.client_at_fault else "compositor"
             log.warning("client#%d: %s protocol error: %s", self.number, who, step.error)
@@ -293,6 +323,7 @@ class ClientRelay:
         self.compositor.close()
         for fd in self.session.unclaimed_fds():
             os.close(fd)
+        self.session.end()
         self.server.forget(self)
 
 
@@ -315,8 +346,14 @@ class ProxyServer:
         *,
         options: RelayOptions | None = None,
         protocol_log: ProtocolLog | None = None,
+        grants: GrantHalves | None = None,
+        ledger: GrantLedger | None = None,
     ) -> None:
         self.protocol = protocol
+        # Without grants this is the plain validating relay (the socket-level tests
+        # drive it so); qubesshm serve and run always give it grants.
+        self.grants = grants
+        self.ledger = ledger or GrantLedger()
         self.listener = listener
         self.upstream = upstream
         self.options = options or RelayOptions()
@@ -329,6 +366,15 @@ class ProxyServer:
         self._hidden_logged: set[str] = set()
         self._accept_retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._accept)
+        self._tick_handle: asyncio.TimerHandle | None = None
+        if grants is not None:
+            self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        """Drive the simulated kernel's 1-second deferred-reclaim timer."""
+        assert self.grants is not None
+        self.grants.tick()
+        self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
 
     def hidden_global(self, interface: str, version: int) -> None:
         if interface not in self._hidden_logged:
@@ -425,8 +471,11 @@ class ProxyServer:
 
     def forget(self, relay: ClientRelay) -> None:
         self.clients.discard(relay)
+        self.ledger.forget(relay.number)
 
     def close(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
         if self._accept_retry is not None:
             self._accept_retry.cancel()
         else:

@@ -11,10 +11,15 @@ Messages are forwarded byte for byte unless the proxy had to rewrite them.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from ..grants.ledger import ClientCounters
+from ..objects.idmap import UpstreamIds
 from ..objects.objectmap import DISPLAY_ID, ObjectMap, WaylandObject
+from ..shm.bridge import OwnObject, ShmBridge, Verdict
 from ..wire.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ArgValue,
@@ -28,6 +33,9 @@ from ..wire.codec import (
 )
 from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 
+if TYPE_CHECKING:
+    from ..grants.halves import GrantHalves
+
 # A message may wait for fds that a later sendmsg carries, but only this far:
 # every real sender passes the fds no later than the following few messages.
 FD_WAIT_LIMIT_BYTES = 64 * 1024
@@ -35,6 +43,10 @@ FD_WAIT_LIMIT_BYTES = 64 * 1024
 # holds 1024, and every unclaimed one is an open file in the proxy.
 MAX_UNCLAIMED_FDS = 1024
 
+
+# Globals a VM's compositor connection cannot use: dma-buf cannot cross a VM boundary,
+# so toolkits that do not see it fall back to wl_shm.
+DMABUF_INTERFACES = frozenset({"zwp_linux_dmabuf_v1"})
 
 # The error text quotes client input, so it is cut to keep the event well under
 # any peer's maximum message size.
@@ -115,9 +127,23 @@ class RelaySession:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         tracer: Callable[[Relayed], None] | None = None,
         on_hidden_global: Callable[[str, int], None] | None = None,
+        grants: GrantHalves | None = None,
+        counters: Sequence[ClientCounters] = (),
+        clock: Callable[[], float] = time.monotonic,
+        hidden_interfaces: frozenset[str] = frozenset(),
     ) -> None:
         self.protocol = protocol
         self.objects = ObjectMap(protocol["wl_display"])
+        self.ids = UpstreamIds()
+        # Without grants the session is the plain validating relay (the codec and
+        # session tests use it so); the proxy always gives it grants.
+        self.shm = (ShmBridge(protocol, self.ids, grants, counters, clock)
+                    if grants is not None else None)
+        self.hidden_interfaces = hidden_interfaces
+        # A commit waiting for an output buffer, and the requests behind it.
+        self._parked: tuple[WaylandObject, MessageSpec, Frame, list[ArgValue]] | None = None
+        self._inflight_fds: list[int] = []
+        self._faulting = Direction.REQUEST
         self.tracer = tracer
         self.on_hidden_global = on_hidden_global
         self._requests = WireReader(max_message_size)
@@ -126,7 +152,14 @@ class RelaySession:
         self._hidden_globals: set[int] = set()
         self._display_error = protocol["wl_display"].events[0]
         self._delete_id = protocol["wl_display"].events[1]
+        self._buffer_release = protocol["wl_buffer"].events[0]
         self.closed = False
+
+    @property
+    def blocked(self) -> bool:
+        """A commit waits for the compositor to release an output buffer: the I/O
+        layer should stop reading the client meanwhile."""
+        return self._parked is not None
 
     # -- inputs -------------------------------------------------------------
 
@@ -149,61 +182,132 @@ class RelaySession:
         """Fds received but never forwarded; the owner closes them."""
         return self._requests.drain_fds() + self._events.drain_fds()
 
+    def end(self) -> None:
+        """The connection is gone: release every grant and client fd the session holds."""
+        self.closed = True
+        if self.shm is not None:
+            self.shm.close()
+
     # -- the pump ------------------------------------------------------------
 
     def _pump(self, direction: Direction, *, at_eof: bool) -> Step:
         step = Step()
         if self.closed:
             return step
-        reader = self._requests if direction is Direction.REQUEST else self._events
         upstream, downstream = Outbox(), Outbox()
-        out = upstream if direction is Direction.REQUEST else downstream
-        fds: list[int] = []
+        self._inflight_fds = []
+        self._faulting = direction
         try:
-            while True:
-                head = reader.peek()
-                if head is None:
-                    if at_eof and reader.buffered_bytes:
-                        raise WireError(
-                            f"connection closed inside a message "
-                            f"({reader.buffered_bytes} bytes left over)"
-                        )
-                    break
-                object_id, opcode, size = head
-                obj, spec = self._resolve(direction, object_id, opcode)
-                taken = reader.take(size, spec.fd_count)
-                if taken is None:
-                    if at_eof or reader.buffered_bytes > FD_WAIT_LIMIT_BYTES:
-                        raise WireError(
-                            f"{obj}.{spec.name} needs {spec.fd_count} fd(s) but only "
-                            f"{reader.buffered_fds} arrived",
-                            object_id=object_id,
-                        )
-                    break
-                frame, fds = taken
-                if direction is Direction.REQUEST:
-                    self._relay_request(obj, spec, frame, fds, out)
-                else:
-                    self._relay_event(obj, spec, frame, fds, out)
-                fds = []
-            if reader.buffered_fds > MAX_UNCLAIMED_FDS:
-                raise WireError(f"more than {MAX_UNCLAIMED_FDS} file descriptors sent ahead "
-                                "of their messages", ErrorCode.NO_MEMORY)
+            if direction is Direction.REQUEST:
+                self._pump_requests(at_eof, upstream, downstream)
+            else:
+                self._pump_events(at_eof, upstream, downstream)
+                if (self._parked is not None and self.shm is not None
+                        and self.shm.released_since_block):
+                    self._pump_requests(False, upstream, downstream)
         except WireError as err:
             self.closed = True
-            step.discarded_fds = fds
+            step.discarded_fds = self._inflight_fds
             step.error = err
-            step.client_at_fault = direction is Direction.REQUEST
-            if not step.client_at_fault:
+            step.client_at_fault = self._faulting is Direction.REQUEST
+            if not step.client_at_fault and err.code is not ErrorCode.NO_MEMORY:
                 err = WireError(f"qubesshm: the compositor broke the protocol: {err.message}",
                                 ErrorCode.IMPLEMENTATION, DISPLAY_ID)
             data, _ = encode_message(DISPLAY_ID, self._display_error,
                                      [err.object_id, int(err.code),
                                       abridge(err.message, ERROR_MESSAGE_LIMIT)])
             downstream.add(data, [])
+        self._inflight_fds = []
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()
         return step
+
+    def _next_frame(self, reader: WireReader, at_eof: bool) -> tuple[int, int, int] | None:
+        head = reader.peek()
+        if head is None and at_eof and reader.buffered_bytes:
+            raise WireError(f"connection closed inside a message "
+                            f"({reader.buffered_bytes} bytes left over)")
+        return head
+
+    def _take(self, reader: WireReader, obj: WaylandObject, spec: MessageSpec, size: int,
+              at_eof: bool) -> Frame | None:
+        taken = reader.take(size, spec.fd_count)
+        if taken is None:
+            if at_eof or reader.buffered_bytes > FD_WAIT_LIMIT_BYTES:
+                raise WireError(
+                    f"{obj}.{spec.name} needs {spec.fd_count} fd(s) but only "
+                    f"{reader.buffered_fds} arrived",
+                    object_id=obj.id,
+                )
+            return None
+        frame, self._inflight_fds = taken
+        return frame
+
+    def _check_unclaimed(self, reader: WireReader) -> None:
+        if reader.buffered_fds > MAX_UNCLAIMED_FDS:
+            raise WireError(f"more than {MAX_UNCLAIMED_FDS} file descriptors sent ahead "
+                            "of their messages", ErrorCode.NO_MEMORY)
+
+    def _pump_requests(self, at_eof: bool, up: Outbox, down: Outbox) -> None:
+        self._faulting = Direction.REQUEST
+        if self._parked is not None:
+            if at_eof:
+                return  # the client left; its parked commit goes with it
+            parked_obj, parked_spec, parked_frame, parked_args = self._parked
+            self._parked = None
+            if not self._dispatch_request(parked_obj, parked_spec, parked_frame, parked_args,
+                                          [], up, down):
+                return
+        reader = self._requests
+        while (head := self._next_frame(reader, at_eof)) is not None:
+            object_id, opcode, size = head
+            obj, spec = self._resolve(Direction.REQUEST, object_id, opcode)
+            frame = self._take(reader, obj, spec, size, at_eof)
+            if frame is None:
+                break
+            if not self._relay_request(obj, spec, frame, self._inflight_fds, up, down):
+                self._inflight_fds = []
+                return
+            self._inflight_fds = []
+        self._check_unclaimed(reader)
+
+    def _pump_events(self, at_eof: bool, up: Outbox, down: Outbox) -> None:
+        reader = self._events
+        while (head := self._next_frame(reader, at_eof)) is not None:
+            upstream_id, opcode, size = head
+            own = self.ids.owner(upstream_id)
+            if isinstance(own, OwnObject):
+                if not self._own_event(reader, upstream_id, own, opcode, size, at_eof, up):
+                    break
+                continue
+            client_id = self.ids.client(upstream_id)
+            if client_id is None:
+                raise WireError(f"event for unknown object {upstream_id}")
+            obj, spec = self._resolve(Direction.EVENT, client_id, opcode)
+            frame = self._take(reader, obj, spec, size, at_eof)
+            if frame is None:
+                break
+            self._relay_event(obj, spec, frame, self._inflight_fds, down)
+            self._inflight_fds = []
+        self._check_unclaimed(reader)
+
+    def _own_event(self, reader: WireReader, upstream_id: int, own: OwnObject, opcode: int,
+                   size: int, at_eof: bool, up: Outbox) -> bool:
+        """An event for an object the proxy made upstream: it stays in the proxy."""
+        assert self.shm is not None
+        obj = WaylandObject(upstream_id, own.interface, 1)
+        if opcode >= len(own.interface.events):
+            raise WireError(f"invalid event {opcode} of {obj}")
+        spec = own.interface.events[opcode]
+        frame = self._take(reader, obj, spec, size, at_eof)
+        if frame is None:
+            return False
+        args = self._decode(obj, spec, frame, self._inflight_fds)
+        if self.tracer is not None:
+            self.tracer(Relayed(Direction.EVENT, obj, spec, args, "to qubesshm"))
+        self.shm.own_event(own, spec, args, up)
+        self._inflight_fds = []
+        return True
 
     def _resolve(self, direction: Direction, object_id: int,
                  opcode: int) -> tuple[WaylandObject, MessageSpec]:
@@ -240,7 +344,8 @@ class RelaySession:
     # -- requests ------------------------------------------------------------
 
     def _relay_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
-                       fds: list[int], out: Outbox) -> None:
+                       fds: list[int], up: Outbox, down: Outbox) -> bool:
+        """Validate, track and relay one request; False if it must wait (parked)."""
         args = self._decode(obj, spec, frame, fds)
         for arg, value in zip(spec.args, args, strict=True):
             if arg.kind is ArgKind.OBJECT and value is not None:
@@ -259,11 +364,89 @@ class RelaySession:
                         ErrorCode.INVALID_METHOD, DISPLAY_ID)
         if spec.new_id_index is not None:
             self._create_from_request(obj, spec, args)
+        return self._dispatch_request(obj, spec, frame, args, fds, up, down)
+
+    def _dispatch_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
+                          args: list[ArgValue], fds: list[int], up: Outbox,
+                          down: Outbox) -> bool:
+        verdict = Verdict.FORWARD
+        if self.shm is not None and self.shm.handles(obj.interface.name):
+            verdict = self.shm.request(obj, spec, args, fds, up, down)
+            if verdict is Verdict.BLOCKED:
+                self._parked = (obj, spec, frame, args)
+                if self.tracer is not None:
+                    self.tracer(Relayed(Direction.REQUEST, obj, spec, args,
+                                        "waiting for the compositor to release a buffer"))
+                return False
+        if verdict is Verdict.CONSUMED:
+            if spec.new_id_index is not None:
+                created = args[spec.new_id_index]
+                assert isinstance(created, int)
+                self.ids.add_local(created)
+            if spec.destructor:
+                self.objects.destroyed(obj, by_compositor=False)
+                if self.ids.upstream(obj.id) is None:
+                    # The compositor never knew it: the proxy retires the id itself.
+                    self.ids.remove_local(obj.id)
+                    self.objects.delete_id(obj.id)
+                    data, _ = encode_message(DISPLAY_ID, self._delete_id, [obj.id])
+                    down.add(data, [])
+            if self.tracer is not None:
+                self.tracer(Relayed(Direction.REQUEST, obj, spec, args, "kept by qubesshm"))
+            return True
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=False)
+        self._forward_request(obj, spec, frame, args, fds, up)
+        return True
+
+    def _forward_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
+                         args: list[ArgValue], fds: list[int], up: Outbox) -> None:
+        ids = self.ids
+        target = ids.upstream(obj.id)
+        if target is None:
+            raise WireError(f"{obj} is kept by qubesshm; the compositor cannot take "
+                            f"{obj}.{spec.name}", ErrorCode.INVALID_OBJECT, obj.id)
+        changed = target != obj.id
+        translated: list[ArgValue] = list(args)
+        for index, (arg, value) in enumerate(zip(spec.args, args, strict=True)):
+            kind = arg.kind
+            if kind is ArgKind.OBJECT and value is not None:
+                assert isinstance(value, int)
+                upstream = ids.upstream(value)
+                if upstream is None:
+                    raise WireError(
+                        f"invalid arguments for {obj}.{spec.name}: qubesshm copies "
+                        f"wl_shm buffers into grant pages and cannot hand "
+                        f"{self.objects.get(value)} itself to the compositor",
+                        ErrorCode.INVALID_METHOD, DISPLAY_ID)
+                if upstream != value:
+                    translated[index] = upstream
+                    changed = True
+            elif kind is ArgKind.NEW_ID:
+                if isinstance(value, UntypedNewId):
+                    upstream = ids.add_client_object(value.id)
+                    if upstream != value.id:
+                        translated[index] = UntypedNewId(value.interface, value.version,
+                                                         upstream)
+                        changed = True
+                else:
+                    assert isinstance(value, int)
+                    upstream = ids.add_client_object(value)
+                    if upstream != value:
+                        translated[index] = upstream
+                        changed = True
+        if spec.destructor:
+            ids.destroyed(target)
+        if not changed:
+            if self.tracer is not None:
+                self.tracer(Relayed(Direction.REQUEST, obj, spec, args))
+            up.add(frame.data, fds)
+            return
+        data, _ = encode_message(target, spec, translated)
         if self.tracer is not None:
-            self.tracer(Relayed(Direction.REQUEST, obj, spec, args))
-        out.add(frame.data, fds)
+            self.tracer(Relayed(Direction.REQUEST, obj, spec, args,
+                                "upstream: " + _upstream_note(spec, target, translated)))
+        up.add(data, fds)
 
     def _create_from_request(self, obj: WaylandObject, spec: MessageSpec,
                              args: list[ArgValue]) -> None:
@@ -318,8 +501,10 @@ class RelaySession:
             rewritten = self._registry_event(spec, args)
             if rewritten is None:
                 if self.tracer is not None:
-                    self.tracer(Relayed(Direction.EVENT, obj, spec, args,
-                                        "dropped: interface unknown to qubesshm"))
+                    why = ("dma-buf cannot cross a VM boundary (--allow-dmabuf relays it)"
+                           if spec.name == "global" and args[1] in self.hidden_interfaces
+                           else "interface unknown to qubesshm")
+                    self.tracer(Relayed(Direction.EVENT, obj, spec, args, f"dropped: {why}"))
                 return
             if rewritten is not args:
                 args = rewritten
@@ -332,15 +517,88 @@ class RelaySession:
             if iface is None or not isinstance(value, int):
                 raise WireError(f"{obj}.{spec.name} creates an object of unknown interface")
             self.objects.create_by_server(value, iface, obj.version)
-        if obj.id == DISPLAY_ID and spec is self._delete_id:
-            deleted = args[0]
-            assert isinstance(deleted, int)
-            self.objects.delete_id(deleted)
+        if obj.id == DISPLAY_ID:
+            if spec is self._delete_id:
+                upstream_deleted = args[0]
+                assert isinstance(upstream_deleted, int)
+                if not self._delete_id_event(args, out):
+                    return
+                if args[0] != upstream_deleted:
+                    data, _ = encode_message(DISPLAY_ID, spec, args)
+                    note = f"upstream delete_id({upstream_deleted})"
+            elif spec is self._display_error:
+                rewritten_error = self._display_error_event(args)
+                if rewritten_error is not args:
+                    args = rewritten_error
+                    data, _ = encode_message(DISPLAY_ID, spec, args)
+                    note = "about an object of qubesshm's"
+        if self.shm is not None:
+            self.shm.observe_event(obj, spec, args)
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=True)
+        upstream_id = frame.object_id
+        translated = self._translate_event_args(obj, spec, args)
+        if translated is not args or upstream_id != obj.id:
+            data, _ = encode_message(obj.id, spec, translated)
+            note = note or f"upstream @{upstream_id}"
+            args = translated
         if self.tracer is not None:
             self.tracer(Relayed(Direction.EVENT, obj, spec, args, note))
         out.add(data, fds)
+
+    def _delete_id_event(self, args: list[ArgValue], out: Outbox) -> bool:
+        """Retire an upstream id; True if the client must hear of it (args rewritten)."""
+        deleted = args[0]
+        assert isinstance(deleted, int)
+        slot = self.ids.delete_id(deleted)
+        if slot is None:
+            # An id the proxy does not know: libwayland clients log and ignore it. While
+            # the id spaces agree it means the same to the client; once they differ it
+            # could name another of the client's objects, so it goes no further.
+            if not self.ids.identical():
+                return False
+            self.objects.delete_id(deleted)
+            return True
+        if slot.client_id is None:
+            if self.shm is not None and isinstance(slot.owner, OwnObject):
+                self.shm.own_deleted(slot.owner)
+            return False
+        self.objects.delete_id(slot.client_id)
+        args[0] = slot.client_id
+        return True
+
+    def _display_error_event(self, args: list[ArgValue]) -> list[ArgValue]:
+        about, code, message = args
+        assert isinstance(about, int) and isinstance(code, int) and isinstance(message, str)
+        own = self.ids.owner(about)
+        if own is None:
+            return args
+        # The compositor refused something the proxy made: the client cannot know
+        # that object, so it hears of it on wl_display.
+        return [DISPLAY_ID, int(ErrorCode.IMPLEMENTATION),
+                f"qubesshm: the compositor refused the proxy's {own}@{about}: {message}"]
+
+    def _translate_event_args(self, obj: WaylandObject, spec: MessageSpec,
+                              args: list[ArgValue]) -> list[ArgValue]:
+        """Object arguments in client ids (``args`` itself when nothing changes)."""
+        if self.ids.identical():
+            return args
+        translated: list[ArgValue] | None = None
+        for index, (arg, value) in enumerate(zip(spec.args, args, strict=True)):
+            if arg.kind is not ArgKind.OBJECT or value is None:
+                continue
+            assert isinstance(value, int)
+            if obj.id == DISPLAY_ID and spec is self._display_error:
+                continue  # already in client ids
+            client = self.ids.client(value)
+            if client is None:
+                raise WireError(f"{obj}.{spec.name} refers to object {value}, which the "
+                                "client does not know")
+            if client != value:
+                if translated is None:
+                    translated = list(args)
+                translated[index] = client
+        return args if translated is None else translated
 
     def _registry_event(self, spec: MessageSpec, args: list[ArgValue]) -> list[ArgValue] | None:
         """The event to forward (``args`` itself when unchanged), or None to hide it."""
@@ -349,7 +607,7 @@ class RelaySession:
             assert isinstance(name, int) and isinstance(iface_name, str)
             assert isinstance(version, int)
             iface = self.protocol.get(iface_name)
-            if iface is None:
+            if iface is None or iface_name in self.hidden_interfaces:
                 self._hidden_globals.add(name)
                 if self.on_hidden_global is not None:
                     self.on_hidden_global(iface_name, version)
@@ -364,3 +622,17 @@ class RelaySession:
             if name in self._hidden_globals:
                 return None
         return args
+
+
+def _upstream_note(spec: MessageSpec, target: int, args: Sequence[ArgValue]) -> str:
+    parts = []
+    for arg, value in zip(spec.args, args, strict=True):
+        if isinstance(value, UntypedNewId):
+            parts.append(f"new id @{value.id}")
+        elif arg.kind is ArgKind.NEW_ID and isinstance(value, int):
+            parts.append(f"new id @{value}")
+        elif arg.kind is ArgKind.OBJECT:
+            parts.append("nil" if not isinstance(value, int) else f"@{value}")
+        else:
+            parts.append("_")
+    return f"@{target}({', '.join(parts)})"

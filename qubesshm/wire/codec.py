@@ -35,9 +35,13 @@ class ErrorCode(enum.IntEnum):
 
 
 class WireError(Exception):
-    """The peer broke the protocol; ``code`` and ``object_id`` go into ``wl_display.error``."""
+    """The peer broke the protocol; ``code`` and ``object_id`` go into ``wl_display.error``.
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_METHOD,
+    ``code`` is a ``wl_display`` error, or an interface's own error code (an int)
+    when ``object_id`` is an object of that interface.
+    """
+
+    def __init__(self, message: str, code: ErrorCode | int = ErrorCode.INVALID_METHOD,
                  object_id: int = 1) -> None:
         super().__init__(message)
         self.message = message

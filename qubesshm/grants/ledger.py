@@ -1,0 +1,91 @@
+"""Grant accounting: how many pages are in each stage of an output buffer's life.
+
+Stages, in pages of 4 KiB: *live* (shared by the sharing half and not yet
+unshared), of which *in_use* (attached upstream and not yet released by the
+compositor) and *awaiting_unmap* (retired, waiting for the compositor to let go
+before the grants are ended); then *ended* or *deferred* (handed to the kernel's
+deferred reclaim while still mapped). One ``GrantLedger`` counts for the whole
+proxy and one per client; both halves report into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PageCounts:
+    live: int = 0
+    in_use: int = 0
+    cached: int = 0  # stays 0 until output buffers are recycled across surfaces
+    awaiting_unmap: int = 0
+    peak_live: int = 0
+    shared_total: int = 0
+    unshared_total: int = 0  # ended at once or handed to deferred reclaim
+    deferred_at_unshare: int = 0  # of those, pages that were still mapped
+
+    def shared(self, pages: int) -> None:
+        self.live += pages
+        self.shared_total += pages
+        self.peak_live = max(self.peak_live, self.live)
+
+    def unshared(self, pages: int, *, deferred: bool) -> None:
+        self.live -= pages
+        self.unshared_total += pages
+        if deferred:
+            self.deferred_at_unshare += pages
+
+
+@dataclass
+class Latency:
+    """Attach upstream -> the compositor's release, in milliseconds."""
+
+    samples: list[float] = field(default_factory=list)
+    limit: int = 4096  # the most recent ones; percentiles of a long run stay cheap
+
+    def add(self, milliseconds: float) -> None:
+        self.samples.append(milliseconds)
+        if len(self.samples) > 2 * self.limit:
+            del self.samples[: len(self.samples) - self.limit]
+        self.count_total += 1
+        self.max_total = max(self.max_total, milliseconds)
+
+    count_total: int = 0
+    max_total: float = 0.0
+
+    def summary(self) -> dict[str, float | int | None]:
+        if not self.samples:
+            return {"count": 0, "p50": None, "p99": None, "max": None}
+        ordered = sorted(self.samples)
+
+        def pick(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+        return {"count": self.count_total, "p50": pick(0.5), "p99": pick(0.99),
+                "max": round(self.max_total, 3)}
+
+
+@dataclass
+class ClientCounters:
+    """What one client cost; the proxy's totals have the same shape."""
+
+    commits: int = 0
+    bytes_damaged: int = 0
+    bytes_copied: int = 0
+    early_releases: int = 0
+    pages: PageCounts = field(default_factory=PageCounts)
+    release_latency: Latency = field(default_factory=Latency)
+
+
+class GrantLedger:
+    """Totals for the proxy, and the counters of each connected client."""
+
+    def __init__(self) -> None:
+        self.total = ClientCounters()
+        self.clients: dict[int, ClientCounters] = {}
+
+    def client(self, number: int) -> ClientCounters:
+        return self.clients.setdefault(number, ClientCounters())
+
+    def forget(self, number: int) -> None:
+        self.clients.pop(number, None)

@@ -1,0 +1,106 @@
+"""Copying a damaged region from a client's memory into grant pages.
+
+The client's pool is read with ``preadv`` straight into the destination (the
+mmapped grant pages): one kernel copy, no SIGBUS when the client shrank its
+file, and a short read tells the proxy exactly that. Both buffers have the same
+stride, so a pixel lives at the same offset in each. Each rectangle costs one
+system call per 512 rows: the bytes between its rows are read into a scratch
+buffer rather than into the destination, so only damaged bytes are written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .region import Rect, Region
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Above this many bytes between rows, read row by row instead of into scratch.
+_MAX_GAP = 1 << 20
+
+
+class ShortRead(Exception):
+    """The client's file ended before the bytes its buffer promised."""
+
+    def __init__(self, offset: int, wanted: int, got: int) -> None:
+        super().__init__(f"read {got} of {wanted} bytes at offset {offset}")
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a buffer's pixels are: ``offset`` into the file, ``stride`` bytes a row."""
+
+    offset: int
+    width: int
+    height: int
+    stride: int
+    bpp: int | None  # None: copy whole rows
+
+
+def row_span(layout: Layout, rect: Rect) -> tuple[int, int]:
+    """Byte offset (from the buffer's start) and length of ``rect``'s part of a row."""
+    if layout.bpp is None:
+        return 0, layout.stride
+    return rect.x * layout.bpp, rect.width * layout.bpp
+
+
+def damaged_bytes(layout: Layout, region: Region) -> int:
+    """Bytes of ``region`` (clipped to the buffer) in this layout."""
+    total = 0
+    for rect in region.clip(layout.width, layout.height).rects():
+        total += row_span(layout, rect)[1] * rect.height
+    return total
+
+
+def copy_region(src_fd: int, layout: Layout, region: Region, dst: memoryview) -> int:
+    """Copy ``region`` of the buffer in ``src_fd`` to ``dst``; the bytes written."""
+    written = 0
+    for rect in region.clip(layout.width, layout.height).rects():
+        written += _copy_rect(src_fd, layout, rect, dst)
+    return written
+
+
+def _copy_rect(src_fd: int, layout: Layout, rect: Rect, dst: memoryview) -> int:
+    start, length = row_span(layout, rect)
+    stride = layout.stride
+    first = rect.y * stride + start
+    if length == stride or rect.height == 1:
+        # Whole rows, or one row: a single contiguous span.
+        total = (rect.height - 1) * stride + length
+        _read_exact(src_fd, [dst[first:first + total]], layout.offset + first, total)
+        return total
+    gap = stride - length
+    if gap > _MAX_GAP:
+        for row in range(rect.height):
+            at = first + row * stride
+            _read_exact(src_fd, [dst[at:at + length]], layout.offset + at, length)
+        return length * rect.height
+    scratch = memoryview(bytearray(gap))
+    for rows in _batches(rect.height, _IOV_MAX // 2):
+        y0 = rows.start
+        buffers: list[memoryview] = []
+        for row in rows:
+            at = first + row * stride
+            buffers.append(dst[at:at + length])
+            if row != rows.stop - 1:
+                buffers.append(scratch)
+        count = len(rows)
+        _read_exact(src_fd, buffers, layout.offset + first + y0 * stride,
+                    count * length + (count - 1) * gap)
+    return length * rect.height
+
+
+def _batches(count: int, size: int) -> Iterator[range]:
+    for start in range(0, count, size):
+        yield range(start, min(start + size, count))
+
+
+def _read_exact(fd: int, buffers: list[memoryview], offset: int, wanted: int) -> None:
+    got = os.preadv(fd, buffers, offset)
+    if got != wanted:
+        # A regular file returns everything up to its end in one call; less means
+        # the client's file is shorter than its buffer.
+        raise ShortRead(offset, wanted, got)

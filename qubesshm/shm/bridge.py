@@ -1,0 +1,526 @@
+"""Sans-IO core of grant-backed buffers for one client: shm requests in, messages out.
+
+The relay session hands every ``wl_shm``, ``wl_shm_pool``, ``wl_buffer``,
+``wl_surface``, ``wp_viewport`` and ``wl_subsurface`` request here first. Client
+pools and shm buffers stay in the proxy (the compositor never sees a client
+fd); on commit the damaged pixels are copied into a released output buffer in
+grant pages, which is attached upstream in the client buffer's place, and the
+client's buffer is released at once. The compositor's releases of output
+buffers come back here and are never forwarded. I/O happens only through the
+grant halves (injected) and the outboxes the session passes in.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Protocol
+
+from ..grants.ledger import ClientCounters
+from ..grants.sharing import GrantUnavailable
+from ..objects.idmap import UpstreamIds
+from ..objects.objectmap import DISPLAY_ID, WaylandObject
+from ..pixels.copy import Layout, ShortRead, copy_region, damaged_bytes
+from ..pixels.formats import ARGB8888, XRGB8888, bytes_per_pixel
+from ..pixels.region import TRANSFORMS, Rect, Region
+from ..wire.codec import ArgValue, ErrorCode, Fixed, WireError, encode_message
+from ..wire.protocol import InterfaceSpec, MessageSpec, ProtocolTable
+from .clientpool import (
+    INVALID_FD,
+    ClientBuffer,
+    ClientPool,
+    make_buffer,
+    open_pool,
+    resize_pool,
+)
+from .errors import ShmError
+from .outputs import OutputBuffer, OutputState
+from .surfaces import Attach, Surface, ViewportRequests
+
+if TYPE_CHECKING:
+    from ..grants.halves import GrantHalves
+
+log = logging.getLogger("qubesshm.shm")
+
+# Each client pool holds an open fd in the proxy until the client destroys it and
+# its buffers; libwayland's own fd buffer bounds a client to about this many.
+MAX_POOLS_PER_CLIENT = 1024
+
+# wl_surface.error
+INVALID_SCALE = 0
+INVALID_TRANSFORM = 1
+# wp_viewport.error
+VIEWPORT_BAD_VALUE = 0
+
+
+class Verdict(enum.Enum):
+    FORWARD = "forward"  # the session relays it, ids translated
+    CONSUMED = "consumed"  # handled here; anything to send is in the outboxes
+    BLOCKED = "blocked"  # no output buffer free: retry once the compositor releases one
+
+
+class Outbox(Protocol):
+    """Where the bridge puts messages: the session's outbox towards one peer."""
+
+    def add(self, data: bytes, fds: list[int]) -> None: ...
+
+
+@dataclass(eq=False)
+class OwnObject:
+    """An object the proxy created upstream."""
+
+    interface: InterfaceSpec
+    output: OutputBuffer | None = None
+
+    def __str__(self) -> str:
+        return self.interface.name
+
+
+class ShmBridge:
+    """Client pools, surfaces and output buffers of one client connection."""
+
+    def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, halves: GrantHalves,
+                 counters: Sequence[ClientCounters], clock: Callable[[], float]) -> None:
+        self.protocol = protocol
+        self.ids = ids
+        self.halves = halves
+        self.counters = tuple(counters)
+        self.clock = clock
+        self.pools: dict[int, ClientPool] = {}
+        self.buffers: dict[int, ClientBuffer] = {}
+        self.surfaces: dict[int, Surface] = {}
+        self.viewports: dict[int, int] = {}  # wp_viewport id -> surface id
+        self.formats: set[int] = {ARGB8888, XRGB8888}
+        # Set when the compositor released an output buffer: a blocked commit may go on.
+        self.released_since_block = False
+        # Output buffers of destroyed surfaces that the compositor still holds, and
+        # retired ones waiting for their delete_id.
+        self._orphans: set[OutputBuffer] = set()
+        self._retiring: set[OutputBuffer] = set()
+        self._req = {
+            (iface.name, m.name): m for iface in protocol.interfaces.values()
+            for m in iface.requests
+        }
+        self._handlers: dict[tuple[str, str], Callable[..., Verdict]] = {
+            ("wl_shm", "create_pool"): self._create_pool,
+            ("wl_shm_pool", "create_buffer"): self._create_buffer,
+            ("wl_shm_pool", "resize"): self._resize_pool,
+            ("wl_shm_pool", "destroy"): self._destroy_pool,
+            ("wl_buffer", "destroy"): self._destroy_buffer,
+            ("wl_surface", "attach"): self._attach,
+            ("wl_surface", "damage"): self._damage,
+            ("wl_surface", "damage_buffer"): self._damage_buffer,
+            ("wl_surface", "set_buffer_transform"): self._set_transform,
+            ("wl_surface", "set_buffer_scale"): self._set_scale,
+            ("wl_surface", "commit"): self._commit,
+            ("wl_surface", "destroy"): self._destroy_surface,
+            ("wp_viewporter", "get_viewport"): self._get_viewport,
+            ("wp_viewport", "set_source"): self._set_source,
+            ("wp_viewport", "set_destination"): self._set_destination,
+            ("wp_viewport", "destroy"): self._destroy_viewport,
+        }
+        self._wl_shm_pool = protocol["wl_shm_pool"]
+        self._wl_buffer = protocol["wl_buffer"]
+
+    # -- what the session calls ----------------------------------------------
+
+    def handles(self, interface: str) -> bool:
+        return interface in _INTERCEPTED
+
+    def request(self, obj: WaylandObject, spec: MessageSpec, args: list[ArgValue],
+                fds: list[int], up: Outbox, down: Outbox) -> Verdict:
+        handler = self._handlers.get((obj.interface.name, spec.name))
+        if handler is None:
+            return Verdict.FORWARD
+        return handler(obj, args, fds, up, down)
+
+    def is_local(self, client_id: int) -> bool:
+        """A client object the compositor never sees (its shm pools and buffers)."""
+        return client_id in self.pools or client_id in self.buffers
+
+    def observe_event(self, obj: WaylandObject, spec: MessageSpec,
+                      args: list[ArgValue]) -> None:
+        if obj.interface.name == "wl_shm" and spec.name == "format":
+            value = args[0]
+            assert isinstance(value, int)
+            self.formats.add(value)
+
+    def own_event(self, own: OwnObject, spec: MessageSpec, args: list[ArgValue],
+                  up: Outbox) -> None:
+        out = own.output
+        if out is None or spec.name != "release":
+            return
+        if out.state is not OutputState.BUSY:
+            return  # a release after retirement, or a duplicate: nothing to do
+        latency = (self.clock() - out.attached_at) * 1000.0
+        for c in self.counters:
+            c.pages.in_use -= out.pages
+            c.release_latency.add(latency)
+        out.state = OutputState.RELEASED
+        self.released_since_block = True
+        if out.orphaned:
+            self._retire(out, up)
+
+    def own_deleted(self, own: OwnObject) -> None:
+        """The compositor is done with an upstream id of ours (``delete_id``)."""
+        out = own.output
+        if out is None or out.state is not OutputState.RETIRING:
+            return
+        for c in self.counters:
+            c.pages.awaiting_unmap -= out.pages
+        self._end(out)
+
+    def close(self) -> None:
+        """The session is over: let go of every grant and client fd."""
+        for surface in self.surfaces.values():
+            for out in surface.outputs.buffers:
+                self._drop(out)
+            surface.outputs.buffers.clear()
+        self.surfaces.clear()
+        for out in list(self._orphans | self._retiring):
+            self._drop(out)
+        self._orphans.clear()
+        self._retiring.clear()
+        pools = {id(p): p for p in self.pools.values()}
+        pools.update((id(b.pool), b.pool) for b in self.buffers.values())
+        for pool in pools.values():
+            pool.close()
+        self.pools.clear()
+        self.buffers.clear()
+
+    # -- pools and buffers -----------------------------------------------------
+
+    def _create_pool(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                     up: Outbox, down: Outbox) -> Verdict:
+        new_id, fd, size = args
+        assert isinstance(new_id, int) and isinstance(fd, int) and isinstance(size, int)
+        held = {id(b.pool) for b in self.buffers.values()} | {id(p) for p in self.pools.values()}
+        if len(held) >= MAX_POOLS_PER_CLIENT:
+            raise WireError(f"qubesshm: too many wl_shm pools: a client may hold "
+                            f"{MAX_POOLS_PER_CLIENT} at once", ErrorCode.NO_MEMORY, DISPLAY_ID)
+        pool = open_pool(new_id, fd, size, obj.id)
+        fds.clear()  # the pool owns the fd now
+        self.pools[new_id] = pool
+        return Verdict.CONSUMED
+
+    def _create_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                       up: Outbox, down: Outbox) -> Verdict:
+        new_id, offset, width, height, stride, format_code = args
+        assert isinstance(new_id, int)
+        assert isinstance(offset, int) and isinstance(width, int) and isinstance(height, int)
+        assert isinstance(stride, int) and isinstance(format_code, int)
+        pool = self.pools[obj.id]
+        self.buffers[new_id] = make_buffer(pool, new_id, offset, width, height, stride,
+                                           format_code, self.formats)
+        return Verdict.CONSUMED
+
+    def _resize_pool(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                     up: Outbox, down: Outbox) -> Verdict:
+        size = args[0]
+        assert isinstance(size, int)
+        resize_pool(self.pools[obj.id], size)
+        return Verdict.CONSUMED
+
+    def _destroy_pool(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                      up: Outbox, down: Outbox) -> Verdict:
+        pool = self.pools.pop(obj.id)
+        pool.alive = False
+        if not pool.needed:
+            pool.close()
+        return Verdict.CONSUMED
+
+    def _destroy_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                        up: Outbox, down: Outbox) -> Verdict:
+        buffer = self.buffers.pop(obj.id, None)
+        if buffer is None:
+            return Verdict.FORWARD  # not an shm buffer: the compositor owns it
+        buffer.alive = False
+        buffer.pool.buffers.discard(buffer.client_id)
+        if not buffer.pool.needed:
+            buffer.pool.close()
+        for surface in self.surfaces.values():
+            # A destroyed pending buffer means a null attach, as in libwayland compositors.
+            if surface.pending.attach is buffer:
+                surface.pending.attach = Attach.OTHER
+                self._send(up, obj_upstream(self.ids, surface.client_id), "wl_surface",
+                           "attach", [None, surface.pending.dx, surface.pending.dy])
+            if surface.buffer is buffer:
+                surface.buffer = None
+        return Verdict.CONSUMED
+
+    # -- surface state -----------------------------------------------------------
+
+    def _surface(self, client_id: int) -> Surface:
+        surface = self.surfaces.get(client_id)
+        if surface is None:
+            surface = self.surfaces[client_id] = Surface(client_id)
+        return surface
+
+    def _attach(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                up: Outbox, down: Outbox) -> Verdict:
+        buffer_id, dx, dy = args
+        assert isinstance(dx, int) and isinstance(dy, int)
+        pending = self._surface(obj.id).pending
+        shm = self.buffers.get(buffer_id) if isinstance(buffer_id, int) else None
+        if shm is None:
+            pending.attach = Attach.OTHER
+            return Verdict.FORWARD
+        pending.attach, pending.dx, pending.dy = shm, dx, dy
+        return Verdict.CONSUMED
+
+    def _damage(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                up: Outbox, down: Outbox) -> Verdict:
+        self._surface(obj.id).pending.surface_damage.append(_rect(args))
+        return Verdict.FORWARD
+
+    def _damage_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                       up: Outbox, down: Outbox) -> Verdict:
+        self._surface(obj.id).pending.buffer_damage.append(_rect(args))
+        return Verdict.FORWARD
+
+    def _set_transform(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                       up: Outbox, down: Outbox) -> Verdict:
+        transform = args[0]
+        assert isinstance(transform, int)
+        if transform not in TRANSFORMS:
+            raise WireError(f"buffer transform value {transform} is invalid",
+                            INVALID_TRANSFORM, obj.id)
+        self._surface(obj.id).pending.transform = transform
+        return Verdict.FORWARD
+
+    def _set_scale(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                   up: Outbox, down: Outbox) -> Verdict:
+        scale = args[0]
+        assert isinstance(scale, int)
+        if scale < 1:
+            raise WireError(f"buffer scale must be at least one ({scale} specified)",
+                            INVALID_SCALE, obj.id)
+        self._surface(obj.id).pending.scale = scale
+        return Verdict.FORWARD
+
+    def _destroy_surface(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                         up: Outbox, down: Outbox) -> Verdict:
+        surface = self.surfaces.pop(obj.id, None)
+        if surface is not None:
+            for out in list(surface.outputs.buffers):
+                if out.state is OutputState.RELEASED:
+                    self._retire(out, up)
+                elif out.state is OutputState.BUSY:
+                    out.orphaned = True
+                    self._orphans.add(out)
+        for viewport, surface_id in list(self.viewports.items()):
+            if surface_id == obj.id:
+                del self.viewports[viewport]
+        return Verdict.FORWARD
+
+    # -- viewports -----------------------------------------------------------------
+
+    def _get_viewport(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                      up: Outbox, down: Outbox) -> Verdict:
+        new_id, surface_id = args
+        assert isinstance(new_id, int) and isinstance(surface_id, int)
+        self.viewports[new_id] = surface_id
+        surface = self._surface(surface_id)
+        surface.viewport_requests = ViewportRequests()
+        surface.viewport_gone = False
+        return Verdict.FORWARD
+
+    def _viewport_surface(self, viewport_id: int) -> Surface | None:
+        surface_id = self.viewports.get(viewport_id)
+        return None if surface_id is None else self.surfaces.get(surface_id)
+
+    def _set_source(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                    up: Outbox, down: Outbox) -> Verdict:
+        surface = self._viewport_surface(obj.id)
+        values = [Fraction(a.raw, 256) for a in args if isinstance(a, Fixed)]
+        if all(v == -1 for v in values):
+            source = None
+        elif values[0] < 0 or values[1] < 0 or values[2] <= 0 or values[3] <= 0:
+            raise WireError("source rectangle out of bounds", VIEWPORT_BAD_VALUE, obj.id)
+        else:
+            source = (values[0], values[1], values[2], values[3])
+        if surface is not None and surface.viewport_requests is not None:
+            surface.viewport_requests.source = source
+            surface.viewport_requests.source_set = True
+        return Verdict.FORWARD
+
+    def _set_destination(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                         up: Outbox, down: Outbox) -> Verdict:
+        surface = self._viewport_surface(obj.id)
+        width, height = args
+        assert isinstance(width, int) and isinstance(height, int)
+        if width == -1 and height == -1:
+            destination = None
+        elif width <= 0 or height <= 0:
+            raise WireError("destination size is not integer or not positive",
+                            VIEWPORT_BAD_VALUE, obj.id)
+        else:
+            destination = (width, height)
+        if surface is not None and surface.viewport_requests is not None:
+            surface.viewport_requests.destination = destination
+            surface.viewport_requests.destination_set = True
+        return Verdict.FORWARD
+
+    def _destroy_viewport(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                          up: Outbox, down: Outbox) -> Verdict:
+        surface = self._viewport_surface(obj.id)
+        self.viewports.pop(obj.id, None)
+        if surface is not None and surface.viewport_requests is not None:
+            surface.viewport_requests = ViewportRequests(None, None, True, True)
+            surface.viewport_gone = True
+        return Verdict.FORWARD
+
+    # -- commit: copy into an output buffer ------------------------------------
+
+    def _commit(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
+                up: Outbox, down: Outbox) -> Verdict:
+        surface = self._surface(obj.id)
+        for c in self.counters:
+            c.commits += 1
+        buffer = surface.next_buffer()
+        newly = isinstance(surface.pending.attach, ClientBuffer)
+        pending = surface.pending
+        has_damage = bool(pending.surface_damage or pending.buffer_damage)
+        if buffer is None or not buffer.alive or not (newly or has_damage):
+            surface.apply()
+            return Verdict.FORWARD
+        out = surface.outputs.pick(buffer.key)
+        evict = None
+        if out is None and surface.outputs.full:
+            evict = surface.outputs.evictable(buffer.key)
+            if evict is None:
+                self.released_since_block = False
+                for c in self.counters:
+                    c.commits -= 1  # counted again when it goes through
+                return Verdict.BLOCKED
+        damage = surface.commit_damage(buffer)
+        geometry_changed = surface.apply()
+        if geometry_changed or (newly and buffer.key != surface.shown_key):
+            surface.outputs.make_stale()
+        surface.outputs.add_damage(damage)
+        surface.shown_key = buffer.key
+        if evict is not None:
+            surface.outputs.buffers.remove(evict)
+            self._retire(evict, up)
+        if out is None:
+            out = self._new_output(buffer, up)
+            surface.outputs.buffers.append(out)
+        layout = Layout(buffer.offset, buffer.width, buffer.height, buffer.stride,
+                        bytes_per_pixel(buffer.format))
+        try:
+            with memoryview(out.grant.area.memory) as memory:
+                written = copy_region(buffer.pool.fd, layout, out.stale, memory)
+        except ShortRead as exc:
+            raise ShmError(buffer.client_id, INVALID_FD,
+                           f"error accessing SHM buffer: the client's file is shorter than "
+                           f"its buffer ({exc})") from exc
+        except OSError as exc:
+            raise ShmError(buffer.client_id, INVALID_FD,
+                           f"error accessing SHM buffer: {exc.strerror or exc}") from exc
+        out.stale = Region()
+        out.fills += 1
+        out.state = OutputState.BUSY
+        out.attached_at = self.clock()
+        surface_up = obj_upstream(self.ids, obj.id)
+        dx, dy = (pending.dx, pending.dy) if newly else (0, 0)
+        self._send(up, surface_up, "wl_surface", "attach", [out.upstream_id, dx, dy])
+        self._send(up, surface_up, "wl_surface", "commit", [])
+        damaged = damaged_bytes(layout, damage)
+        for c in self.counters:
+            c.pages.in_use += out.pages
+            c.bytes_damaged += damaged
+            c.bytes_copied += written
+        if newly:
+            data, _ = encode_message(buffer.client_id, self._wl_buffer.events[0], [])
+            down.add(data, [])
+            for c in self.counters:
+                c.early_releases += 1
+        return Verdict.CONSUMED
+
+    def _new_output(self, buffer: ClientBuffer, up: Outbox) -> OutputBuffer:
+        width, height, stride = buffer.width, buffer.height, buffer.stride
+        try:
+            grant = self.halves.sharing.share(stride * height)
+        except GrantUnavailable as exc:
+            raise WireError(f"qubesshm: {exc}", ErrorCode.NO_MEMORY, DISPLAY_ID) from exc
+        try:
+            mapping = self.halves.mapping.map(grant.granter, grant.refs)
+        except OSError as exc:
+            self.halves.sharing.end(grant)
+            raise WireError(f"qubesshm: cannot map the grants of a {width}x{height} buffer: "
+                            f"{exc.strerror or exc}", ErrorCode.NO_MEMORY, DISPLAY_ID) from exc
+        for c in self.counters:
+            c.pages.shared(grant.pages)
+        pool = OwnObject(self._wl_shm_pool)
+        pool_id = self.ids.add_own_object(pool)
+        out = OutputBuffer(buffer.key, grant, mapping, 0, Region.full(width, height))
+        out.upstream_id = self.ids.add_own_object(OwnObject(self._wl_buffer, out))
+        shm_up = obj_upstream(self.ids, buffer.pool.shm_id)
+        self._send(up, shm_up, "wl_shm", "create_pool", [pool_id, mapping.pool_fd(),
+                                                         mapping.size])
+        self._send(up, pool_id, "wl_shm_pool", "create_buffer",
+                   [out.upstream_id, 0, width, height, stride, buffer.format])
+        # The compositor keeps the pool mapped while the buffer lives; destroying the
+        # pool now ties the mapping's life to the buffer's alone.
+        self._send(up, pool_id, "wl_shm_pool", "destroy", [])
+        self.ids.destroyed(pool_id)
+        return out
+
+    # -- retiring output buffers -------------------------------------------------
+
+    def _retire(self, out: OutputBuffer, up: Outbox) -> None:
+        """Destroy a released output buffer upstream; its grants end at delete_id."""
+        self._orphans.discard(out)
+        out.state = OutputState.RETIRING
+        self._send(up, out.upstream_id, "wl_buffer", "destroy", [])
+        self.ids.destroyed(out.upstream_id)
+        self._retiring.add(out)
+        for c in self.counters:
+            c.pages.awaiting_unmap += out.pages
+
+    def _end(self, out: OutputBuffer) -> None:
+        self._retiring.discard(out)
+        self.halves.mapping.unmap(out.mapping)
+        outcome = self.halves.sharing.end(out.grant)
+        for c in self.counters:
+            c.pages.unshared(out.pages, deferred=outcome.value == "deferred")
+
+    def _drop(self, out: OutputBuffer) -> None:
+        """End an output buffer at session end, whatever its state."""
+        if out.state is OutputState.BUSY:
+            for c in self.counters:
+                c.pages.in_use -= out.pages
+        elif out.state is OutputState.RETIRING:
+            for c in self.counters:
+                c.pages.awaiting_unmap -= out.pages
+        out.state = OutputState.RETIRING
+        self._end(out)
+
+    # -- encoding ----------------------------------------------------------------
+
+    def _send(self, out: Outbox, object_id: int, interface: str, name: str,
+              args: list[ArgValue]) -> None:
+        data, fds = encode_message(object_id, self._req[(interface, name)], args)
+        out.add(data, fds)
+
+
+_INTERCEPTED = frozenset({"wl_shm", "wl_shm_pool", "wl_buffer", "wl_surface",
+                          "wp_viewporter", "wp_viewport"})
+
+
+def obj_upstream(ids: UpstreamIds, client_id: int) -> int:
+    upstream = ids.upstream(client_id)
+    if upstream is None:
+        raise WireError(f"object {client_id} is not known to the compositor",
+                        ErrorCode.IMPLEMENTATION)
+    return upstream
+
+
+def _rect(args: Sequence[ArgValue]) -> Rect:
+    x, y, width, height = args
+    assert isinstance(x, int) and isinstance(y, int)
+    assert isinstance(width, int) and isinstance(height, int)
+    return Rect(x, y, width, height)

@@ -1,0 +1,109 @@
+"""The client's ``wl_shm`` pools and buffers, as the proxy holds them.
+
+A client pool is only an fd and a size: the proxy never maps client memory
+(a client may truncate its memfd at any moment, and a mapping would then kill
+the proxy with SIGBUS); it reads the damaged bytes with ``preadv`` when a buffer
+is committed, so a pool that is never attached (Xwayland makes many) costs one
+fd. The checks are libwayland's, with its error codes and wording.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+
+from ..pixels.formats import bytes_per_pixel
+from .errors import ShmError
+
+# wl_shm.error
+INVALID_FORMAT = 0
+INVALID_STRIDE = 1
+INVALID_FD = 2
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(eq=False)
+class ClientPool:
+    """A client's ``wl_shm_pool``: its fd, its size, and who still needs it."""
+
+    client_id: int
+    fd: int
+    size: int
+    shm_id: int  # the client's wl_shm it came from: output pools are made on it too
+    alive: bool = True  # the client has not destroyed it
+    buffers: set[int] = field(default_factory=set)  # client ids of its live buffers
+
+    @property
+    def needed(self) -> bool:
+        return self.alive or bool(self.buffers)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(eq=False)
+class ClientBuffer:
+    """A ``wl_buffer`` the client made from one of its pools."""
+
+    client_id: int
+    pool: ClientPool
+    offset: int
+    width: int
+    height: int
+    stride: int
+    format: int
+    alive: bool = True
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """What an output buffer must match to take this buffer's pixels."""
+        return self.width, self.height, self.stride, self.format
+
+
+def open_pool(client_id: int, fd: int, size: int, shm_id: int) -> ClientPool:
+    """``wl_shm.create_pool``; takes ownership of ``fd`` unless it raises."""
+    if size <= 0:
+        raise ShmError(shm_id, INVALID_STRIDE, f"invalid size ({size})")
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ShmError(shm_id, INVALID_FD, f"failed mmap fd {fd}: {exc.strerror}") from exc
+    # The proxy reads with preadv, which works on files and shared memory only.
+    if not stat.S_ISREG(st.st_mode):
+        raise ShmError(shm_id, INVALID_FD, f"failed mmap fd {fd}: not a regular file "
+                       "or shared memory object")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        raise ShmError(shm_id, INVALID_FD, f"failed mmap fd {fd}: not open for reading")
+    return ClientPool(client_id, fd, size, shm_id)
+
+
+def resize_pool(pool: ClientPool, size: int) -> None:
+    """``wl_shm_pool.resize``: a pool may only grow."""
+    if size < pool.size:
+        raise ShmError(pool.client_id, INVALID_FD, "shrinking pool invalid")
+    pool.size = size
+
+
+def make_buffer(pool: ClientPool, client_id: int, offset: int, width: int, height: int,
+                stride: int, format_code: int, formats: set[int]) -> ClientBuffer:
+    """``wl_shm_pool.create_buffer``, checked as libwayland checks it."""
+    if format_code not in formats:
+        raise ShmError(pool.client_id, INVALID_FORMAT, f"invalid format 0x{format_code:x}")
+    if (offset < 0 or width <= 0 or height <= 0 or stride < width
+            or _INT32_MAX // stride <= height or offset > pool.size - stride * height):
+        raise ShmError(pool.client_id, INVALID_STRIDE, f"invalid width, height or stride "
+                       f"({width}x{height}, {stride})")
+    bpp = bytes_per_pixel(format_code)
+    # libwayland leaves this to the renderer; a row longer than the stride would
+    # make the proxy read past the buffer.
+    if bpp is not None and stride < width * bpp:
+        raise ShmError(pool.client_id, INVALID_STRIDE, f"invalid stride {stride} for "
+                       f"{width} pixels of {bpp} bytes")
+    buffer = ClientBuffer(client_id, pool, offset, width, height, stride, format_code)
+    pool.buffers.add(client_id)
+    return buffer

@@ -1,0 +1,91 @@
+"""Output buffers: the grant-backed ``wl_buffer``\\ s the compositor is shown instead.
+
+Each surface keeps a small queue of them, as sommelier does: *released* ones may
+be filled, *busy* ones are attached upstream until the compositor's
+``wl_buffer.release``. Each remembers what it lacks, the ``stale`` region: every
+commit's damage is added to every output buffer of the surface, and filling one
+copies exactly its stale region and clears it. A new buffer, or a change of size,
+format, transform, scale or viewport, makes everything stale.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..grants.mapping import Mapping
+from ..grants.sharing import Grant
+from ..pixels.region import Region
+
+# Output buffers per surface: enough for the compositor to hold one on screen and
+# one queued (a synchronized subsurface's cached state) while the next is filled.
+MAX_OUTPUTS_PER_SURFACE = 3
+
+BufferKey = tuple[int, int, int, int]  # width, height, stride, format
+
+
+class OutputState(enum.Enum):
+    RELEASED = "released"  # may be filled
+    BUSY = "busy"  # attached upstream, the compositor may read it
+    RETIRING = "retiring"  # wl_buffer.destroy sent, waiting for delete_id
+
+
+@dataclass(eq=False)
+class OutputBuffer:
+    key: BufferKey
+    grant: Grant
+    mapping: Mapping
+    upstream_id: int  # its wl_buffer on the compositor connection
+    stale: Region
+    state: OutputState = OutputState.RELEASED
+    attached_at: float = 0.0
+    # The surface is gone: retire as soon as the compositor releases it.
+    orphaned: bool = False
+    fills: int = field(default=0)
+
+    @property
+    def pages(self) -> int:
+        return self.grant.pages
+
+    def __str__(self) -> str:
+        width, height, _, _ = self.key
+        return f"output wl_buffer@{self.upstream_id} ({width}x{height}, {self.pages} pages)"
+
+
+class OutputQueue:
+    """One surface's output buffers."""
+
+    def __init__(self, cap: int = MAX_OUTPUTS_PER_SURFACE) -> None:
+        self.cap = cap
+        self.buffers: list[OutputBuffer] = []
+
+    def add_damage(self, damage: Region) -> None:
+        if not damage:
+            return
+        for out in self.buffers:
+            out.stale = out.stale.union(damage)
+
+    def make_stale(self) -> None:
+        for out in self.buffers:
+            width, height, _, _ = out.key
+            out.stale = Region.full(width, height)
+
+    def pick(self, key: BufferKey) -> OutputBuffer | None:
+        """The released buffer of this shape that lacks least."""
+        best: OutputBuffer | None = None
+        for out in self.buffers:
+            if out.state is OutputState.RELEASED and out.key == key and (
+                    best is None or out.stale.area < best.stale.area):
+                best = out
+        return best
+
+    def evictable(self, key: BufferKey) -> OutputBuffer | None:
+        """A released buffer of another shape, to make room under the cap."""
+        for out in self.buffers:
+            if out.state is OutputState.RELEASED and out.key != key:
+                return out
+        return None
+
+    @property
+    def full(self) -> bool:
+        return len(self.buffers) >= self.cap
