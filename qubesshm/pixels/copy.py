@@ -70,25 +70,19 @@ def _copy_rect(src_fd: int, layout: Layout, rect: Rect, dst: memoryview) -> int:
     if length == stride or rect.height == 1:
         # Whole rows, or one row: a single contiguous span.
         total = (rect.height - 1) * stride + length
-        _read_exact(src_fd, [dst[first:first + total]], layout.offset + first, total)
+        _read_exact(src_fd, dst, [(first, total)], None, layout.offset + first, total)
         return total
     gap = stride - length
     if gap > _MAX_GAP:
         for row in range(rect.height):
             at = first + row * stride
-            _read_exact(src_fd, [dst[at:at + length]], layout.offset + at, length)
+            _read_exact(src_fd, dst, [(at, length)], None, layout.offset + at, length)
         return length * rect.height
-    scratch = memoryview(bytearray(gap))
+    scratch = bytearray(gap)
     for rows in _batches(rect.height, _IOV_MAX // 2):
-        y0 = rows.start
-        buffers: list[memoryview] = []
-        for row in rows:
-            at = first + row * stride
-            buffers.append(dst[at:at + length])
-            if row != rows.stop - 1:
-                buffers.append(scratch)
+        spans = [(first + row * stride, length) for row in rows]
         count = len(rows)
-        _read_exact(src_fd, buffers, layout.offset + first + y0 * stride,
+        _read_exact(src_fd, dst, spans, scratch, layout.offset + spans[0][0],
                     count * length + (count - 1) * gap)
     return length * rect.height
 
@@ -98,8 +92,21 @@ def _batches(count: int, size: int) -> Iterator[range]:
         yield range(start, min(start + size, count))
 
 
-def _read_exact(fd: int, buffers: list[memoryview], offset: int, wanted: int) -> None:
-    got = os.preadv(fd, buffers, offset)
+def _read_exact(fd: int, dst: memoryview, spans: list[tuple[int, int]],
+                gap: bytearray | None, offset: int, wanted: int) -> None:
+    """One preadv of consecutive file bytes into ``spans`` of ``dst``, the bytes
+    between spans going to ``gap``."""
+    views: list[memoryview] = []
+    try:
+        for i, (at, length) in enumerate(spans):
+            if i and gap is not None:
+                views.append(memoryview(gap))
+            views.append(dst[at:at + length])
+        got = os.preadv(fd, views, offset)
+    finally:
+        # A view left alive would keep the grant pages' mmap from being closed.
+        for view in views:
+            view.release()
     if got != wanted:
         # A regular file returns everything up to its end in one call; less means
         # the client's file is shorter than its buffer.

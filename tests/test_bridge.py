@@ -1,0 +1,587 @@
+"""Grant-backed buffers in the sans-IO session: what the compositor and the client get.
+
+A ``RelaySession`` with both grant halves on a simulated hypervisor (fake clock,
+fake ``/proc/<pid>/maps``) is driven with encoded messages; a ``FakeCompositor``
+decodes what it sends upstream (tracking the upstream ids it creates) and reads
+the pools it is given, so every check is on bytes: the pixels in grant pages,
+the ids on each connection, the errors a hostile client gets, and the grant
+counters through an output buffer's life.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from messages import PROTO, joined, parse_error, request
+
+from qubesshm.grants.api import PAGE_SIZE
+from qubesshm.grants.halves import sim_halves
+from qubesshm.grants.ledger import GrantLedger
+from qubesshm.grants.simulated import SimHypervisor
+from qubesshm.objects.objectmap import SERVER_ID_MIN
+from qubesshm.relay.session import RelaySession, Step
+from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
+from qubesshm.wire.codec import (
+    ArgValue,
+    ErrorCode,
+    UntypedNewId,
+    WireReader,
+    decode_args,
+    encode_message,
+)
+from qubesshm.wire.protocol import ArgKind, InterfaceSpec, MessageSpec
+
+COMPOSITOR_PID = 4242
+XRGB = 1
+INVALID_STRIDE, INVALID_FD = 1, 2
+FileId = tuple[int, int]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ev_spec(interface: str, name: str) -> MessageSpec:
+    return next(m for m in PROTO[interface].events if m.name == name)
+
+
+def event(object_id: int, interface: str, name: str, *args: ArgValue) -> bytes:
+    data, fds = encode_message(object_id, ev_spec(interface, name), list(args))
+    assert not fds
+    return data
+
+
+def req(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
+    return request(object_id, interface, name, *args)
+
+
+@dataclass
+class Received:
+    object_id: int
+    interface: str
+    name: str
+    args: list[ArgValue]
+
+
+@dataclass
+class FakeCompositor:
+    """Decodes the proxy's upstream stream as a libwayland server would see it."""
+
+    objects: dict[int, InterfaceSpec] = field(default_factory=dict)
+    reader: WireReader = field(default_factory=lambda: WireReader(1 << 16))
+    pools: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> (fd, size)
+    buffers: dict[int, tuple[int, int, int, int, int, int]] = field(default_factory=dict)
+    next_fresh: int = 2  # libwayland's count: a new id may not go past it
+
+    def __post_init__(self) -> None:
+        self.objects[1] = PROTO["wl_display"]
+
+    def take(self, step: Step) -> list[Received]:
+        data, fds = joined(step.to_compositor)
+        self.reader.feed(data, fds)
+        out = []
+        while (head := self.reader.peek()) is not None:
+            object_id, opcode, size = head
+            iface = self.objects[object_id]
+            spec = iface.requests[opcode]
+            taken = self.reader.take(size, spec.fd_count)
+            assert taken is not None
+            frame, msg_fds = taken
+            args = decode_args(spec, frame.data, msg_fds)
+            for arg, value in zip(spec.args, args, strict=True):
+                if arg.kind is ArgKind.NEW_ID:
+                    new = value.id if isinstance(value, UntypedNewId) else value
+                    name = value.interface if isinstance(value, UntypedNewId) else arg.interface
+                    assert isinstance(new, int) and name is not None
+                    assert new not in self.objects, f"id {new} reused while live upstream"
+                    assert new <= self.next_fresh, f"id {new} skips past {self.next_fresh}"
+                    self.next_fresh = max(self.next_fresh, new + 1)
+                    self.objects[new] = PROTO[name]
+            if (iface.name, spec.name) == ("wl_shm", "create_pool"):
+                new_id, fd, pool_size = args
+                assert isinstance(new_id, int) and isinstance(fd, int)
+                assert isinstance(pool_size, int)
+                self.pools[new_id] = (fd, pool_size)
+            if (iface.name, spec.name) == ("wl_shm_pool", "create_buffer"):
+                new_id, *geometry = args
+                assert isinstance(new_id, int)
+                self.buffers[new_id] = (object_id, *geometry)  # type: ignore[assignment]
+            out.append(Received(object_id, iface.name, spec.name, args))
+        return out
+
+    def pixels(self, buffer_id: int) -> bytes:
+        pool_id, offset, _width, height, stride, _ = self.buffers[buffer_id]
+        fd, _ = self.pools[pool_id]
+        return os.pread(fd, stride * height, offset)
+
+    def pool_file(self, buffer_id: int) -> FileId:
+        fd, _ = self.pools[self.buffers[buffer_id][0]]
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
+    def close(self) -> None:
+        for fd, _ in self.pools.values():
+            os.close(fd)
+        self.pools.clear()
+
+
+class World:
+    """A client session through the proxy core, with both grant halves simulated."""
+
+    def __init__(self, root: Path) -> None:
+        self.clock = FakeClock()
+        self.mapped: set[FileId] = set()  # what the "compositor process" has mmapped
+        self.hv = SimHypervisor(root, clock=self.clock, maps_reader=lambda pid: self.mapped)
+        self.hv.params.gntalloc_limit = 1 << 20
+        self.halves = sim_halves(self.hv)
+        self.halves.watch_compositor(COMPOSITOR_PID)
+        self.ledger = GrantLedger()
+        self.session = RelaySession(PROTO, grants=self.halves, clock=self.clock,
+                                    counters=(self.ledger.client(1), self.ledger.total))
+        self.comp = FakeCompositor()
+        self.memfds: list[int] = []
+        self._next = 2
+
+    # -- the client side ---------------------------------------------------------------
+
+    def new_id(self) -> int:
+        value = self._next
+        self._next += 1
+        return value
+
+    def send(self, *messages: tuple[bytes, list[int]]) -> tuple[Step, list[Received]]:
+        data = b"".join(m[0] for m in messages)
+        fds = [fd for m in messages for fd in m[1]]
+        step = self.session.from_client(data, fds)
+        return step, self.comp.take(step)
+
+    def events(self, data: bytes) -> Step:
+        step = self.session.from_compositor(data)
+        return step
+
+    def setup(self) -> None:
+        registry = self.new_id()
+        self.send(req(1, "wl_display", "get_registry", registry))
+        self.events(event(registry, "wl_registry", "global", 1, "wl_compositor", 4)
+                    + event(registry, "wl_registry", "global", 2, "wl_shm", 1)
+                    + event(registry, "wl_registry", "global", 3, "wp_viewporter", 1))
+        self.compositor, self.shm, self.viewporter = self.new_id(), self.new_id(), self.new_id()
+        self.send(req(registry, "wl_registry", "bind", 1,
+                      UntypedNewId("wl_compositor", 4, self.compositor)),
+                  req(registry, "wl_registry", "bind", 2, UntypedNewId("wl_shm", 1, self.shm)),
+                  req(registry, "wl_registry", "bind", 3,
+                      UntypedNewId("wp_viewporter", 1, self.viewporter)))
+
+    def memfd(self, size: int, fill: bytes = b"") -> int:
+        fd = os.memfd_create("client-pool", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        if fill:
+            os.pwrite(fd, fill, 0)
+        self.memfds.append(fd)
+        return fd
+
+    def pool(self, size: int, fill: bytes = b"") -> tuple[int, int]:
+        """(pool id, memfd): the proxy gets a duplicate, as over a socket."""
+        fd = self.memfd(size, fill)
+        pool = self.new_id()
+        step, got = self.send(req(self.shm, "wl_shm", "create_pool", pool, os.dup(fd), size))
+        assert step.error is None, step.error
+        assert got == [], "a client pool must not reach the compositor"
+        return pool, fd
+
+    def buffer(self, pool: int, offset: int, width: int, height: int, stride: int,
+               fmt: int = XRGB) -> tuple[Step, int]:
+        buffer = self.new_id()
+        step, got = self.send(req(pool, "wl_shm_pool", "create_buffer", buffer, offset,
+                                  width, height, stride, fmt))
+        assert got == []
+        return step, buffer
+
+    def surface(self) -> int:
+        surface = self.new_id()
+        self.send(req(self.compositor, "wl_compositor", "create_surface", surface))
+        return surface
+
+    def commit(self, surface: int, buffer: int | None, *damage: tuple[int, int, int, int],
+               surface_damage: bool = False) -> tuple[Step, list[Received]]:
+        messages = []
+        if buffer is not None:
+            messages.append(req(surface, "wl_surface", "attach", buffer, 0, 0))
+        for rect in damage:
+            name = "damage" if surface_damage else "damage_buffer"
+            messages.append(req(surface, "wl_surface", name, *rect))
+        messages.append(req(surface, "wl_surface", "commit"))
+        return self.send(*messages)
+
+    def close(self) -> None:
+        self.session.end()
+        self.comp.close()
+        for fd in self.memfds:
+            os.close(fd)
+        self.halves.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path / "sim")
+    w.setup()
+    yield w
+    w.close()
+
+
+def attached(got: list[Received]) -> int:
+    """The output buffer an upstream commit sequence attached."""
+    attaches = [m for m in got if (m.interface, m.name) == ("wl_surface", "attach")]
+    assert attaches, got
+    buffer = attaches[-1].args[0]
+    assert isinstance(buffer, int)
+    return buffer
+
+
+def client_events(step: Step) -> list[tuple[int, int, bytes]]:
+    data, fds = joined(step.to_client)
+    assert not fds
+    reader = WireReader()
+    reader.feed(data)
+    out = []
+    while (head := reader.peek()) is not None:
+        taken = reader.take(head[2], 0)
+        assert taken is not None
+        out.append((head[0], head[1], taken[0].data))
+    return out
+
+
+def released(step: Step, buffer: int) -> bool:
+    return (buffer, 0) in [(o, op) for o, op, _ in client_events(step)]
+
+
+def pattern(width: int, height: int, seed: int = 0) -> bytes:
+    return bytes((x * 7 + y * 13 + seed) & 0xFF for y in range(height) for x in range(width * 4))
+
+
+# -- the copy ----------------------------------------------------------------------------
+
+
+def test_commit_copies_into_grant_pages_and_releases_the_client_at_once(world: World) -> None:
+    width, height = 61, 17
+    stride = width * 4 + 12  # padded rows
+    image = pattern(stride // 4, height)
+    pool, fd = world.pool(stride * height + 100, b"\x00" * 100 + image)
+    _, buffer = world.buffer(pool, 100, width, height, stride)
+    surface = world.surface()
+    step, got = world.commit(surface, buffer, (0, 0, width, height))
+    assert step.error is None, step.error
+    names = [(m.interface, m.name) for m in got]
+    assert names == [("wl_surface", "damage_buffer"), ("wl_shm", "create_pool"),
+                     ("wl_shm_pool", "create_buffer"), ("wl_shm_pool", "destroy"),
+                     ("wl_surface", "attach"), ("wl_surface", "commit")]
+    out = attached(got)
+    # The upstream pool is a grant mapping of whole pages, and holds the client's pixels.
+    pool_fd, pool_size = world.comp.pools[world.comp.buffers[out][0]]
+    assert pool_size % PAGE_SIZE == 0 and pool_size >= stride * height
+    assert os.fstat(pool_fd).st_size >= pool_size
+    shown, drawn = world.comp.pixels(out), os.pread(fd, stride * height, 100)
+    for y in range(height):  # the padding at the end of each row is nobody's pixels
+        row = slice(y * stride, y * stride + width * 4)
+        assert shown[row] == drawn[row], f"row {y}"
+    assert released(step, buffer), "the client's buffer is released right after the copy"
+    counters = world.ledger.total
+    assert counters.early_releases == 1 and counters.commits == 1
+    assert counters.bytes_copied == counters.bytes_damaged == width * 4 * height
+    assert counters.pages.live == counters.pages.in_use == pool_size // PAGE_SIZE
+
+
+def test_no_client_fd_reaches_the_compositor(world: World) -> None:
+    pool, fd = world.pool(4 * 8 * 8, pattern(8, 8))
+    _, buffer = world.buffer(pool, 0, 8, 8, 32)
+    _, _got = world.commit(world.surface(), buffer, (0, 0, 8, 8))
+    client_file = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    assert world.comp.pools, "an upstream pool was made"
+    for pool_fd, _ in world.comp.pools.values():
+        st = os.fstat(pool_fd)
+        assert (st.st_dev, st.st_ino) != client_file
+
+
+def test_only_damage_is_copied_in_steady_state(world: World) -> None:
+    width, height = 1920, 1080
+    stride = width * 4
+    pool, fd = world.pool(stride * height, pattern(width, 8) * (height // 8))
+    _, buffer = world.buffer(pool, 0, width, height, stride)
+    surface = world.surface()
+    outputs: list[int] = []
+    for frame in range(6):
+        x, y = 100 + frame, 200 + frame
+        os.pwrite(fd, bytes([frame + 1]) * 4, y * stride + x * 4)
+        before = world.ledger.total.bytes_copied
+        _, got = world.commit(surface, buffer, (x, y, 1, 1))
+        out = attached(got)
+        copied = world.ledger.total.bytes_copied - before
+        if out in outputs:
+            # This output last held the frame before the previous one: it lacks the
+            # last two 1-pixel changes, and nothing else.
+            assert copied == 2 * 4, f"frame {frame}: {copied} bytes copied"
+        outputs.append(out)
+        assert world.comp.pixels(out) == os.pread(fd, stride * height, 0)
+        # The compositor lets go of the output shown before this one.
+        if len(outputs) >= 2:
+            world.events(event(outputs[-2], "wl_buffer", "release"))
+    assert len(set(outputs)) == 2, "two output buffers suffice when releases come"
+    assert world.ledger.total.bytes_damaged == 6 * 4
+
+
+def test_damage_in_surface_coordinates_goes_through_scale_and_transform(world: World) -> None:
+    width, height = 40, 20  # buffer; scale 2, transform 90: the surface is 10 x 20
+    stride = width * 4
+    pool, fd = world.pool(stride * height, pattern(width, height))
+    _, buffer = world.buffer(pool, 0, width, height, stride)
+    surface = world.surface()
+    world.send(req(surface, "wl_surface", "set_buffer_scale", 2),
+               req(surface, "wl_surface", "set_buffer_transform", 1))
+    _, got = world.commit(surface, buffer, (0, 0, 10, 20), surface_damage=True)
+    first = attached(got)
+    _, got = world.commit(surface, buffer, (0, 0, 10, 20), surface_damage=True)
+    second = attached(got)
+    world.events(event(first, "wl_buffer", "release"))
+    # Surface pixel (3, 5) with transform 90 on a 10x20 surface is buffer (5, 10-3-1) x2.
+    os.pwrite(fd, b"\x01\x02\x03\x04", 14 * stride + 10 * 4)
+    before = world.ledger.total.bytes_copied
+    _, got = world.commit(surface, buffer, (3, 5, 1, 1), surface_damage=True)
+    assert attached(got) == first
+    assert world.comp.pixels(first) == os.pread(fd, stride * height, 0)
+    # 2x2 buffer pixels for this commit, and the second commit's full damage.
+    assert world.ledger.total.bytes_damaged >= 2 * width * height * 4
+    assert world.ledger.total.bytes_copied - before == width * height * 4
+    assert second != first
+
+
+def test_later_client_writes_do_not_change_what_was_committed(world: World) -> None:
+    pool, fd = world.pool(4 * 16 * 16, b"\x11" * 1024)
+    _, buffer = world.buffer(pool, 0, 16, 16, 64)
+    surface = world.surface()
+    step, got = world.commit(surface, buffer, (0, 0, 16, 16))
+    assert released(step, buffer)
+    os.pwrite(fd, b"\x99" * 1024, 0)  # the client reuses its released buffer
+    assert world.comp.pixels(attached(got)) == b"\x11" * 1024
+
+
+# -- output buffers: cap, release, retirement --------------------------------------------
+
+
+def test_commit_waits_for_a_release_past_the_cap(world: World) -> None:
+    pool, _ = world.pool(4 * 4 * 4, b"\x22" * 64)
+    _, buffer = world.buffer(pool, 0, 4, 4, 16)
+    surface = world.surface()
+    outs = []
+    for _ in range(MAX_OUTPUTS_PER_SURFACE):
+        _, got = world.commit(surface, buffer, (0, 0, 4, 4))
+        outs.append(attached(got))
+    step, got = world.commit(surface, buffer, (0, 0, 4, 4))
+    # The damage went ahead (it is pending state); the commit waits.
+    assert [m.name for m in got] == ["damage_buffer"] and world.session.blocked
+    assert not released(step, buffer)
+    # Requests behind the waiting commit wait with it, in order.
+    callback = world.new_id()
+    _, got = world.send(req(1, "wl_display", "sync", callback))
+    assert got == []
+    step = world.events(event(outs[1], "wl_buffer", "release"))
+    got = world.comp.take(step)
+    assert [m.name for m in got] == ["attach", "commit", "sync"]
+    assert attached(got) == outs[1]
+    assert released(step, buffer) and not world.session.blocked
+
+
+def test_release_of_an_output_buffer_is_not_forwarded(world: World) -> None:
+    pool, _ = world.pool(64, b"\x01" * 64)
+    _, buffer = world.buffer(pool, 0, 4, 4, 16)
+    _, got = world.commit(world.surface(), buffer, (0, 0, 4, 4))
+    step = world.events(event(attached(got), "wl_buffer", "release"))
+    assert step.error is None and client_events(step) == []
+    latency = world.ledger.total.release_latency.summary()
+    assert latency["count"] == 1
+
+
+def test_destroyed_surface_retires_its_outputs_and_ends_the_grants(world: World) -> None:
+    pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
+    _, buffer = world.buffer(pool, 0, 64, 64, 256)
+    surface = world.surface()
+    _, got = world.commit(surface, buffer, (0, 0, 64, 64))
+    out = attached(got)
+    world.mapped.add(world.comp.pool_file(out))  # the compositor maps the pool
+    world.events(event(out, "wl_buffer", "release"))
+    _, got = world.send(req(surface, "wl_surface", "destroy"))
+    assert [(m.interface, m.name) for m in got] == [("wl_buffer", "destroy"),
+                                                    ("wl_surface", "destroy")]
+    pages = world.ledger.total.pages
+    assert pages.awaiting_unmap == pages.live == 4
+    # The compositor unmaps when it destroys the buffer, then retires the id.
+    world.mapped.clear()
+    step = world.events(event(1, "wl_display", "delete_id", out))
+    assert client_events(step) == [], "the proxy's own delete_id stays in the proxy"
+    assert pages.live == 0 and pages.awaiting_unmap == 0
+    assert pages.unshared_total == 4 and pages.deferred_at_unshare == 0
+    assert world.hv.deferred_pages == 0
+
+
+def test_grants_still_mapped_at_the_end_go_to_deferred_reclaim(world: World) -> None:
+    pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
+    _, buffer = world.buffer(pool, 0, 64, 64, 256)
+    _, got = world.commit(world.surface(), buffer, (0, 0, 64, 64))
+    world.mapped.add(world.comp.pool_file(attached(got)))
+    world.session.end()
+    pages = world.ledger.total.pages
+    assert pages.live == 0 and pages.deferred_at_unshare == 4
+    assert world.hv.deferred_pages == 4
+    world.mapped.clear()
+    world.clock.now += 2
+    world.hv.advance()  # 10 a tick: 16 pages need two ticks
+    assert world.hv.deferred_pages == 0
+
+
+# -- id translation ------------------------------------------------------------------------
+
+
+def test_ids_diverge_and_are_translated_both_ways(world: World) -> None:
+    pool, _ = world.pool(64, b"\x01" * 64)
+    _, _buffer = world.buffer(pool, 0, 4, 4, 16)  # two client objects the compositor lacks
+    surface = world.surface()
+    assert world.session.ids.upstream(surface) == surface - 2
+    callback = world.new_id()
+    _, got = world.send(req(surface, "wl_surface", "frame", callback))
+    assert got[0].object_id == surface - 2 and got[0].args == [callback - 2]
+    step = world.events(event(callback - 2, "wl_callback", "done", 7)
+                        + event(1, "wl_display", "delete_id", callback - 2))
+    events = client_events(step)
+    assert [(o, op) for o, op, _ in events] == [(callback, 0), (1, 1)]
+    assert decode_args(ev_spec("wl_display", "delete_id"), events[1][2], []) == [callback]
+
+
+def test_destroying_a_kept_object_gets_delete_id_from_the_proxy(world: World) -> None:
+    pool, _ = world.pool(64, b"\x01" * 64)
+    step, got = world.send(req(pool, "wl_shm_pool", "destroy"))
+    assert got == []
+    events = client_events(step)
+    assert [(o, op) for o, op, _ in events] == [(1, 1)]
+    assert decode_args(ev_spec("wl_display", "delete_id"), events[0][2], []) == [pool]
+    # The id is free again for the client.
+    again, _ = world.send(req(world.shm, "wl_shm", "create_pool", pool,
+                              os.dup(world.memfd(64)), 64))
+    assert again.error is None
+
+
+def test_server_ids_pass_unchanged(world: World) -> None:
+    world.pool(64, b"\x01" * 64)  # diverge
+    seat_global = event(2, "wl_registry", "global", 9, "wl_data_device_manager", 3)
+    world.events(seat_global)
+    assert world.session.ids.client(SERVER_ID_MIN + 5) == SERVER_ID_MIN + 5
+
+
+# -- hostile clients -----------------------------------------------------------------------
+
+
+def shm_error(step: Step, object_id: int, code: int) -> str:
+    assert step.error is not None and step.client_at_fault
+    about, err_code, message = parse_error(step.to_client)
+    assert (about, err_code) == (object_id, code), message
+    assert isinstance(message, str)
+    return message
+
+
+def test_truncated_memfd_is_invalid_fd_not_a_crash(world: World) -> None:
+    pool, fd = world.pool(4 * 32 * 32, b"\x01" * 4096)
+    _, buffer = world.buffer(pool, 0, 32, 32, 128)
+    os.ftruncate(fd, 100)  # after create_pool: a mapping would now SIGBUS
+    step, got = world.commit(world.surface(), buffer, (0, 0, 32, 32))
+    message = shm_error(step, buffer, INVALID_FD)
+    assert "shorter" in message
+    assert not any(m.name == "commit" for m in got)
+
+
+@pytest.mark.parametrize(("offset", "width", "height", "stride", "code"), [
+    (0, 16, 16, 16, INVALID_STRIDE),  # stride shorter than a row of 4-byte pixels
+    (0, 0, 16, 64, INVALID_STRIDE),
+    (-4, 16, 16, 64, INVALID_STRIDE),
+    (64, 16, 16, 64, INVALID_STRIDE),  # past the pool's end
+    (0, 16, 1 << 30, 64, INVALID_STRIDE),  # stride * height overflows
+], ids=["short-stride", "zero-width", "negative-offset", "past-end", "overflow"])
+def test_bad_buffer_geometry(world: World, offset: int, width: int, height: int,
+                             stride: int, code: int) -> None:
+    pool, _ = world.pool(64 * 16)
+    step, _ = world.buffer(pool, offset, width, height, stride)
+    shm_error(step, pool, code)
+
+
+def test_unknown_format(world: World) -> None:
+    pool, _ = world.pool(64 * 16)
+    step, _ = world.buffer(pool, 0, 16, 16, 64, fmt=0x12345678)
+    assert "invalid format" in shm_error(step, pool, 0)
+
+
+def test_pool_of_size_zero_and_shrinking_pools(world: World) -> None:
+    pool = world.new_id()
+    step, _ = world.send(req(world.shm, "wl_shm", "create_pool", pool,
+                             os.dup(world.memfd(64)), 0))
+    shm_error(step, world.shm, INVALID_STRIDE)
+
+
+def test_shrinking_a_pool(world: World) -> None:
+    pool, _ = world.pool(4096)
+    step, _ = world.send(req(pool, "wl_shm_pool", "resize", 1024))
+    assert "shrinking" in shm_error(step, pool, INVALID_FD)
+
+
+def test_a_pipe_is_not_a_pool(world: World) -> None:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    step, _ = world.send(req(world.shm, "wl_shm", "create_pool", world.new_id(), read_end,
+                             4096))
+    shm_error(step, world.shm, INVALID_FD)
+    for fd in step.discarded_fds:
+        os.close(fd)
+
+
+def test_resized_pool_serves_buffers_past_the_old_end(world: World) -> None:
+    pool, fd = world.pool(64)
+    os.ftruncate(fd, 128)
+    os.pwrite(fd, b"\x42" * 64, 64)
+    step, _ = world.send(req(pool, "wl_shm_pool", "resize", 128))
+    assert step.error is None
+    _, buffer = world.buffer(pool, 64, 4, 4, 16)
+    step, got = world.commit(world.surface(), buffer, (0, 0, 4, 4))
+    assert step.error is None
+    assert world.comp.pixels(attached(got)) == b"\x42" * 64
+
+
+def test_grant_limit_is_a_clear_no_memory_error(world: World) -> None:
+    world.hv.params.gntalloc_limit = 3
+    pool, _ = world.pool(4 * 64 * 64)
+    _, buffer = world.buffer(pool, 0, 64, 64, 256)
+    step, _ = world.commit(world.surface(), buffer, (0, 0, 64, 64))
+    assert step.error is not None and step.error.code is ErrorCode.NO_MEMORY
+    _, code, message = parse_error(step.to_client)
+    assert code == ErrorCode.NO_MEMORY
+    assert isinstance(message, str)
+    assert "gntalloc limit is 3 pages" in message and "--gntalloc-limit" in message
+    assert world.ledger.total.pages.live == 0
+
+
+def test_everything_is_released_at_the_end(world: World) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    pool, _ = world.pool(4 * 32 * 32, b"\x07" * 4096)
+    _, buffer = world.buffer(pool, 0, 32, 32, 128)
+    world.send(req(pool, "wl_shm_pool", "destroy"))  # the buffer keeps the pool's fd
+    world.commit(world.surface(), buffer, (0, 0, 32, 32))
+    world.session.end()
+    world.comp.close()
+    for fd in world.memfds:
+        os.close(fd)
+    world.memfds.clear()
+    assert len(os.listdir("/proc/self/fd")) <= before - 0
+    assert world.ledger.total.pages.live == 0
