@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -22,6 +23,15 @@ from .grants.select import (
     choose,
     params_for,
     reclaim_status,
+)
+from .relay.control import (
+    ControlSocket,
+    StatsError,
+    format_table,
+    read_stats,
+    snapshot,
+    stats_path,
+    summary_line,
 )
 from .relay.listener import DEFAULT_SOCKET_NAME, AddressError, Listener, upstream_path
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
@@ -97,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--gntalloc-limit", type=int, metavar="N",
                       help="pages gntalloc may have granted at once")
 
+    stats = sub.add_parser("stats", help="show a running proxy's counters")
+    stats.add_argument("--socket", default=DEFAULT_SOCKET_NAME, metavar="NAME",
+                       help="the proxy's socket name or path (default %(default)s)")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+
     bench = sub.add_parser("bench", help="measure the proxy against baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     relay = bench_sub.add_parser("relay", help="round-trip latency: direct, qubesshm, waypipe")
@@ -126,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_relay_bench(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "stats":
+            return _stats(args)
         protocol = load_protocols(args.protocol_dir)
         cmd: list[str] = []
         if args.command == "run":
@@ -168,6 +185,16 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        stats = read_stats(args.socket)
+    except (StatsError, AddressError) as exc:
+        print(f"qubesshm stats: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2) if args.json else format_table(stats))
+    return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -216,9 +243,21 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
     server = ProxyServer(protocol, listener, upstream, options=options,
                          protocol_log=protocol_log, grants=grants, ledger=GrantLedger())
+    try:
+        server.control = ControlSocket(stats_path(listener.path),
+                                       lambda: snapshot(server.ledger, grants))
+    except OSError as exc:
+        server.close()
+        raise AddressError(f"cannot listen for qubesshm stats on "
+                           f"{stats_path(listener.path)}: {exc.strerror or exc}") from exc
     log.info("listening on %s, relaying to %s (%d interfaces known)", listener.path, upstream,
              len(protocol))
     return server
+
+
+def _summary(server: ProxyServer, grants: GrantHalves) -> None:
+    print(f"qubesshm: summary: {summary_line(snapshot(server.ledger, grants))}",
+          file=sys.stderr)
 
 
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
@@ -232,6 +271,7 @@ async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
         await stop.wait()
     finally:
         server.close()
+        _summary(server, grants)
     return 0
 
 
@@ -291,5 +331,6 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
             status = await child.wait()
     finally:
         server.close()
+        _summary(server, grants)
     # Shells report a death by signal N as 128+N.
     return status if status >= 0 else 128 - status

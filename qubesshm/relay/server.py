@@ -23,6 +23,7 @@ from ..grants.ledger import GrantLedger
 from ..grants.mapping import peer_pid
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode, WireError, encode_message
 from ..wire.protocol import ProtocolTable
+from .control import ControlSocket
 from .listener import Listener
 from .session import (
     DMABUF_INTERFACES,
@@ -367,6 +368,8 @@ class ProxyServer:
         self._accept_retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._accept)
         self._tick_handle: asyncio.TimerHandle | None = None
+        # The stats socket, set by whoever starts the proxy; closed with it.
+        self.control: ControlSocket | None = None
         if grants is not None:
             self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
 
@@ -474,6 +477,9 @@ class ProxyServer:
         self.ledger.forget(relay.number)
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self._accept_retry is not None:

@@ -1,0 +1,197 @@
+"""The control socket beside the Wayland socket: ``qubesshm stats`` reads counters there.
+
+A running proxy listens on ``NAME.stats`` next to its socket ``NAME`` (it holds
+``NAME.lock``, so a file left there by a dead proxy is stale). Each connection
+gets one JSON document, the proxy's counters now, and is closed. ``snapshot``
+builds that document from the grant ledger; ``read_stats`` is the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..grants.halves import GrantHalves
+from ..grants.ledger import ClientCounters, GrantLedger
+from .listener import runtime_path
+
+log = logging.getLogger("qubesshm.relay")
+
+SUFFIX = ".stats"
+_MAX_REPLY = 16 << 20
+
+
+def stats_path(socket_path: Path) -> Path:
+    return Path(f"{socket_path}{SUFFIX}")
+
+
+def _grants(counters: ClientCounters, deferred: int | None, leaked: int | None,
+            *, total: bool) -> dict[str, int | None]:
+    pages = counters.pages
+    if total:
+        # Pages unshared while still mapped and not yet reclaimed by the kernel.
+        ended = None if deferred is None else pages.unshared_total - deferred - (leaked or 0)
+    else:
+        # The kernel's list is not per client: count what this client handed to it.
+        deferred = pages.deferred_at_unshare
+        ended = pages.unshared_total - pages.deferred_at_unshare
+    return {
+        "live": pages.live,
+        "in_use": pages.in_use,
+        "cached": pages.cached,
+        "awaiting_unmap": pages.awaiting_unmap,
+        "deferred": deferred,
+        "leaked": leaked if total else None,
+        "peak_live": pages.peak_live,
+        "shared_total": pages.shared_total,
+        "ended_total": ended,
+    }
+
+
+def _counters(counters: ClientCounters) -> dict[str, Any]:
+    return {
+        "commits": counters.commits,
+        "bytes_damaged": counters.bytes_damaged,
+        "bytes_copied": counters.bytes_copied,
+        "early_releases": counters.early_releases,
+    }
+
+
+def snapshot(ledger: GrantLedger, grants: GrantHalves | None) -> dict[str, Any]:
+    """The counters as ``qubesshm stats --json`` prints them."""
+    deferred = grants.deferred_pages() if grants is not None else None
+    leaked = grants.leaked_pages() if grants is not None else None
+    per_client = []
+    for number, counters in sorted(ledger.clients.items()):
+        per_client.append({
+            "client": number,
+            **_counters(counters),
+            "grants": _grants(counters, None, None, total=False),
+            "release_latency_ms": counters.release_latency.summary(),
+        })
+    return {
+        "backend": grants.name if grants is not None else None,
+        "clients": len(ledger.clients),
+        **_counters(ledger.total),
+        "grants": _grants(ledger.total, deferred, leaked, total=True),
+        "release_latency_ms": ledger.total.release_latency.summary(),
+        "per_client": per_client,
+    }
+
+
+class ControlSocket:
+    """Serves ``snapshot()`` to whoever connects; never blocks the proxy."""
+
+    def __init__(self, path: Path, report: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.report = report
+        self.loop = asyncio.get_running_loop()
+        # The caller holds the Wayland socket's lock, so a file here is a leftover.
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(str(path))
+            self.sock.listen(16)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        data = json.dumps(self.report()).encode() + b"\n"
+        # A reply of a few KiB fits the socket buffer; a reader that does not read
+        # gets a truncated document rather than a stuck proxy.
+        conn.setblocking(False)
+        try:
+            conn.send(data)
+        except OSError as exc:
+            log.info("stats reader went away: %s", exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class StatsError(RuntimeError):
+    """No proxy answers on that socket name."""
+
+
+def read_stats(name: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The counters of the proxy serving socket ``name``."""
+    path = stats_path(runtime_path(name))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise StatsError(f"no qubesshm proxy is serving {name}: cannot connect to {path} "
+                             f"({exc.strerror or exc}); is `qubesshm serve --socket {name}` "
+                             "running?") from exc
+        chunks = []
+        size = 0
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_REPLY:
+                raise StatsError(f"{path} sent more than {_MAX_REPLY} bytes")
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise StatsError(f"{path} did not answer with qubesshm's counters: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StatsError(f"{path} did not answer with qubesshm's counters")
+    return data
+
+
+def format_table(stats: dict[str, Any]) -> str:
+    """A readable table of ``snapshot()``."""
+
+    def mib(n: int) -> str:
+        return f"{n / (1 << 20):.1f} MiB"
+
+    def show(value: object) -> str:
+        return "n/a" if value is None else str(value)
+
+    lines = [f"backend        {show(stats.get('backend'))}",
+             f"clients        {stats['clients']}",
+             f"commits        {stats['commits']}",
+             f"damaged        {mib(stats['bytes_damaged'])}",
+             f"copied         {mib(stats['bytes_copied'])}",
+             f"early releases {stats['early_releases']}"]
+    grants = stats["grants"]
+    lines.append("grant pages    " + "  ".join(f"{k}={show(v)}" for k, v in grants.items()))
+    latency = stats["release_latency_ms"]
+    lines.append("release (ms)   " + "  ".join(f"{k}={show(v)}" for k, v in latency.items()))
+    if stats["per_client"]:
+        lines.append("")
+        lines.append(f"{'client':>6} {'commits':>8} {'damaged':>12} {'copied':>12} "
+                     f"{'live pages':>10} {'in use':>7} {'p50 ms':>7}")
+        for c in stats["per_client"]:
+            lines.append(f"{c['client']:>6} {c['commits']:>8} {mib(c['bytes_damaged']):>12} "
+                         f"{mib(c['bytes_copied']):>12} {c['grants']['live']:>10} "
+                         f"{c['grants']['in_use']:>7} "
+                         f"{show(c['release_latency_ms']['p50']):>7}")
+    return "\n".join(lines)
+
+
+def summary_line(stats: dict[str, Any]) -> str:
+    """One line for the log at exit."""
+    grants = stats["grants"]
+    return (f"{stats['commits']} commits, {stats['bytes_damaged'] / (1 << 20):.1f} MiB "
+            f"damaged, {stats['bytes_copied'] / (1 << 20):.1f} MiB copied, "
+            f"{stats['early_releases']} early releases; grant pages: "
+            f"{grants['shared_total']} shared, {grants['ended_total']} ended, "
+            f"{grants['deferred']} deferred, {grants['live']} live, peak {grants['peak_live']}")
