@@ -125,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--repeats", type=int, default=5,
                        help="bursts per path; the median is reported (default %(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    frames = bench_sub.add_parser(
+        "frames", help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
+    frames.add_argument("--upstream", metavar="NAME|PATH",
+                        help="compositor to measure against (default: start a headless Weston "
+                        "when none is running)")
+    frames.add_argument("--frames", type=int, default=100,
+                        help="timed frames per run (default %(default)s)")
+    frames.add_argument("--warmup", type=int, default=10,
+                        help="frames before timing starts (default %(default)s)")
+    frames.add_argument("--repeats", type=int, default=3,
+                        help="runs per case and path; medians are reported (default %(default)s)")
+    frames.add_argument("--region", type=int, default=64,
+                        help="side of the small damaged square (default %(default)s)")
+    frames.add_argument("--json", metavar="FILE", help="also write every run's figures here")
+    frames.add_argument("--unsealed", action="store_true",
+                        help="the client leaves its pool unsealed, so qubesshm reads it with "
+                        "preadv rather than mapping it")
+    frames.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
     return parser
 
 
@@ -137,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         if args.command == "bench":
+            if args.bench == "frames":
+                from .bench.frames import run_frames_bench
+                return run_frames_bench(args)
             from .bench.relay import run_relay_bench
             return run_relay_bench(args)
         if args.command == "tune":

@@ -10,6 +10,7 @@ counters through an output buffer's life.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class World:
                                     counters=(self.ledger.client(1), self.ledger.total))
         self.comp = FakeCompositor()
         self.memfds: list[int] = []
+        self.sealed = False
         self._next = 2
 
     # -- the client side ---------------------------------------------------------------
@@ -181,10 +183,13 @@ class World:
                       UntypedNewId("wp_viewporter", 1, self.viewporter)))
 
     def memfd(self, size: int, fill: bytes = b"") -> int:
-        fd = os.memfd_create("client-pool", os.MFD_CLOEXEC)
+        fd = os.memfd_create("client-pool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         if fill:
             os.pwrite(fd, fill, 0)
+        if self.sealed:
+            # As libwayland-based toolkits do: the proxy may then map the pool.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         self.memfds.append(fd)
         return fd
 
@@ -229,8 +234,18 @@ class World:
         self.halves.close()
 
 
+@pytest.fixture(params=["preadv", "sealed"])
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """Pools of plain memfds (read with preadv) and of sealed ones (mapped)."""
+    w = World(tmp_path / "sim")
+    w.sealed = request.param == "sealed"
+    w.setup()
+    yield w
+    w.close()
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def plain_world(tmp_path: Path) -> Iterator[World]:
     w = World(tmp_path / "sim")
     w.setup()
     yield w
@@ -494,7 +509,8 @@ def shm_error(step: Step, object_id: int, code: int) -> str:
     return message
 
 
-def test_truncated_memfd_is_invalid_fd_not_a_crash(world: World) -> None:
+def test_truncated_memfd_is_invalid_fd_not_a_crash(plain_world: World) -> None:
+    world = plain_world
     pool, fd = world.pool(4 * 32 * 32, b"\x01" * 4096)
     _, buffer = world.buffer(pool, 0, 32, 32, 128)
     os.ftruncate(fd, 100)  # after create_pool: a mapping would now SIGBUS
@@ -585,3 +601,33 @@ def test_everything_is_released_at_the_end(world: World) -> None:
     world.memfds.clear()
     assert len(os.listdir("/proc/self/fd")) <= before - 0
     assert world.ledger.total.pages.live == 0
+
+
+def test_sealed_pool_shorter_than_it_claims_is_read_not_mapped(tmp_path: Path) -> None:
+    """A sealed file shorter than the pool would fault if mapped: it is read instead."""
+    world = World(tmp_path / "sim")
+    world.sealed = True
+    world.setup()
+    try:
+        fd = world.memfd(1024, b"\x03" * 1024)
+        pool = world.new_id()
+        world.send(req(world.shm, "wl_shm", "create_pool", pool, os.dup(fd), 4 * 32 * 32))
+        _, buffer = world.buffer(pool, 0, 32, 32, 128)
+        step, _ = world.commit(world.surface(), buffer, (0, 0, 32, 32))
+        assert "shorter" in shm_error(step, buffer, INVALID_FD)
+    finally:
+        world.close()
+
+
+def test_sealed_pools_are_mapped(tmp_path: Path) -> None:
+    world = World(tmp_path / "sim")
+    world.sealed = True
+    world.setup()
+    try:
+        pool, _ = world.pool(64, b"\x01" * 64)
+        _, buffer = world.buffer(pool, 0, 4, 4, 16)
+        world.commit(world.surface(), buffer, (0, 0, 4, 4))
+        assert world.session.shm is not None
+        assert world.session.shm.pools[pool].mapping is not None
+    finally:
+        world.close()

@@ -85,9 +85,11 @@ def test_region_is_canonical(rects: list[Rect], rnd: random.Random) -> None:
     """The same pixels, however given, make equal regions (the bands are canonical)."""
     region = Region(rects)
     rows = [Rect(r.x, y, r.width, 1) for r in rects for y in range(r.y, r.y + r.height)]
+    columns = [Rect(x, r.y, 1, r.height) for r in rects for x in range(r.x, r.x + r.width)]
     shuffled = [*rects, *rects[:3]]
     rnd.shuffle(shuffled)
     assert Region(rows) == region
+    assert Region(columns) == region
     assert Region(shuffled) == region
     assert Region(region.rects()) == region
     assert hash(Region(rows)) == hash(region)
@@ -107,6 +109,13 @@ def test_union_is_the_set_union(a: list[Rect], b: list[Rect]) -> None:
         assert list(union.rects()) == [bounding_box(pixels)]
     assert region_pixels(union) >= pixels
     assert union.area == len(region_pixels(union))
+
+
+def test_touching_rects_merge() -> None:
+    side_by_side = Region([Rect(0, 0, 2, 3), Rect(2, 0, 2, 3)])
+    assert list(side_by_side.rects()) == [Rect(0, 0, 4, 3)]
+    stacked = Region([Rect(0, 0, 4, 1), Rect(0, 1, 4, 2)])
+    assert list(stacked.rects()) == [Rect(0, 0, 4, 3)]
 
 
 def test_union_with_empty_region() -> None:

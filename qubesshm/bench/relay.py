@@ -14,21 +14,17 @@ import argparse
 import contextlib
 import os
 import select
-import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..headless import HeadlessWeston, compositor_is_running
-from ..relay.listener import upstream_path
 from ..wire.codec import WireReader, encode_message
 from ..wire.protocol import MessageSpec, load_protocols
+from .processes import compositor, cpu_seconds, start_qubesshm, start_waypipe
 
 _FIRST_ID = 2
 
@@ -59,29 +55,7 @@ class PathResult:
         return statistics.median(self.bursts)
 
     def cpu_seconds(self) -> float:
-        """CPU time so far of the relay processes and their children (waypipe forks
-        one per connection)."""
-        if not self.relay_pids:
-            return 0.0
-        ticks = 0
-        parents: dict[int, int] = {}
-        usage: dict[int, int] = {}
-        for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:  # the thread ended meanwhile
-                continue
-            fields = text.rsplit(")", 1)[1].split()
-            pid = int(stat.parents[2].name)
-            parents[pid] = int(fields[1])
-            usage[pid] = usage.get(pid, 0) + int(fields[11]) + int(fields[12])
-        for pid in usage:
-            ancestor = pid
-            while ancestor > 1 and ancestor not in self.relay_pids:
-                ancestor = parents.get(ancestor, 0)
-            if ancestor in self.relay_pids:
-                ticks += usage[pid]
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.relay_pids)
 
 
 class SyncClient:
@@ -154,83 +128,19 @@ class SyncClient:
         self.sock.close()
 
 
-def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not compositor_is_running(str(path)):
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not open {path}")
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def _process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def _compositor(upstream: str | None) -> Iterator[Path]:
-    if upstream is not None or compositor_is_running():
-        path = upstream_path(upstream)
-        if not compositor_is_running(str(path)):
-            raise RuntimeError(f"no compositor answers at {path}")
-        print(f"compositor: {path}")
-        yield path
-        return
-    with HeadlessWeston(debug=False) as weston:
-        print("compositor: a headless Weston started for this run (pixman renderer)")
-        yield weston.socket_path
-
-
 def run_relay_bench(args: argparse.Namespace) -> int:
     sync = load_protocols()["wl_display"].requests[0]
-    with contextlib.ExitStack() as stack, _compositor(args.upstream) as compositor:
+    with contextlib.ExitStack() as stack, compositor(args.upstream) as upstream:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(workdir)
-        paths: dict[str, Path] = {"direct": compositor}
-
-        proxy_socket = workdir / "qubesshm-bench"
-        proxy = stack.enter_context(_process(
-            [sys.executable, "-m", "qubesshm", "serve", "--socket", str(proxy_socket),
-             "--upstream", str(compositor)], env))
-        _wait_for_socket(proxy_socket, proxy, "qubesshm serve")
+        paths: dict[str, Path] = {"direct": upstream}
+        proxy_socket, proxy_pid = start_qubesshm(stack, env, workdir, upstream)
         paths["qubesshm"] = proxy_socket
-        relay_pids = {"qubesshm": [proxy.pid]}
-
-        waypipe = shutil.which("waypipe")
-        if args.no_waypipe:
-            print("waypipe: skipped (--no-waypipe)")
-        elif waypipe is None:
-            print("waypipe: not installed (Debian package 'waypipe'); baseline skipped")
-        else:
-            link = workdir / "waypipe.sock"
-            display = workdir / "waypipe-display"
-            wp_env = dict(env, WAYLAND_DISPLAY=str(compositor))
-            wp_client = stack.enter_context(_process(
-                [waypipe, "--compress", "none", "--no-gpu", "--socket", str(link), "client"],
-                wp_env))
-            deadline = time.monotonic() + 20
-            while (not link.exists() and wp_client.poll() is None
-                   and time.monotonic() < deadline):
-                time.sleep(0.05)
-            wp_server = stack.enter_context(_process(
-                [waypipe, "--compress", "none", "--no-gpu", "--socket", str(link),
-                 "--display", str(display), "server", "--", "sleep", "86400"], env))
-            _wait_for_socket(display, wp_server, "waypipe server")
-            paths["waypipe"] = display
-            relay_pids["waypipe"] = [wp_client.pid, wp_server.pid]
+        relay_pids = {"qubesshm": [proxy_pid]}
+        waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe)
+        if waypipe is not None:
+            paths["waypipe"], relay_pids["waypipe"] = waypipe
 
         results = {name: PathResult(name, relay_pids.get(name, [])) for name in paths}
         clients = {name: SyncClient(path, sync) for name, path in paths.items()}

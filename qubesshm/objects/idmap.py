@@ -46,6 +46,9 @@ class UpstreamIds:
     # Ids that differ between the connections (the proxy's own count too); while
     # there are none, messages can be relayed without looking at their ids.
     _diverged: int = 0
+    # The highest id the client has used: a client id beyond it + 1 is the client's own
+    # skip, not the proxy's doing.
+    _client_highest: int = DISPLAY_ID
 
     def __post_init__(self) -> None:
         self._slots[DISPLAY_ID] = _Slot(DISPLAY_ID)
@@ -64,23 +67,32 @@ class UpstreamIds:
         return upstream
 
     def _claim(self, wanted: int) -> int:
-        """``wanted`` itself if it is free upstream (and near), else the lowest free id."""
+        """``wanted`` itself if the compositor would take it now, else the lowest free id."""
         if wanted in self._free_set:
-            self._free_set.discard(wanted)
+            self._take_free(wanted)
             return wanted
-        if self._diverged == 0 and self._next <= wanted < min(self._next + MAX_SKIP,
-                                                              MAP_MAX_OBJECTS):
-            # While the spaces agree, an id past the next fresh one is the client's own
-            # mistake (libwayland clients never make it): relay it unchanged and let the
-            # compositor refuse it, as it would without the proxy. Once they differ,
-            # the client's ids run ahead because of objects the compositor never saw,
-            # and a skipping id would be refused for the proxy's doing: renumber it.
+        if wanted == self._next and wanted < MAP_MAX_OBJECTS:
+            self._next += 1
+            return wanted
+        if self._client_highest + 1 < wanted < min(self._next + MAX_SKIP, MAP_MAX_OBJECTS):
+            # The client skipped ids in its own space (libwayland clients never do, and
+            # the compositor refuses it): relay the id unchanged, as the compositor would
+            # see it without the proxy, and keep the ids skipped free.
             for skipped in range(self._next, wanted):
                 heapq.heappush(self._free, skipped)
                 self._free_set.add(skipped)
             self._next = wanted + 1
             return wanted
+        # The client's ids ran ahead of the compositor's because of objects the
+        # compositor never saw: an id past the compositor's next one would be refused.
         return self._allocate()
+
+    def _take_free(self, upstream: int) -> None:
+        self._free_set.discard(upstream)
+        # The heap keeps the taken id until it surfaces; rebuild it before such dead
+        # entries pile up (a frame callback can reuse one id every frame).
+        if len(self._free) > 2 * len(self._free_set) + 64:
+            self._free = sorted(self._free_set)
 
     # -- creating -------------------------------------------------------------
 
@@ -90,6 +102,7 @@ class UpstreamIds:
             raise IdSpaceError(f"client id {client_id} already has upstream id "
                                f"{self._to_upstream[client_id]}")
         upstream = self._claim(client_id)
+        self._client_highest = max(self._client_highest, client_id)
         self._slots[upstream] = _Slot(client_id)
         self._to_upstream[client_id] = upstream
         if upstream != client_id:
@@ -105,6 +118,7 @@ class UpstreamIds:
 
     def add_local(self, client_id: int) -> None:
         """The client made an object the compositor never sees: its ids run ahead."""
+        self._client_highest = max(self._client_highest, client_id)
         self._diverged += 1
 
     def remove_local(self, client_id: int) -> None:

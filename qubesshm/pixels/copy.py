@@ -1,11 +1,16 @@
 """Copying a damaged region from a client's memory into grant pages.
 
-The client's pool is read with ``preadv`` straight into the destination (the
-mmapped grant pages): one kernel copy, no SIGBUS when the client shrank its
-file, and a short read tells the proxy exactly that. Both buffers have the same
-stride, so a pixel lives at the same offset in each. Each rectangle costs one
-system call per 512 rows: the bytes between its rows are read into a scratch
-buffer rather than into the destination, so only damaged bytes are written.
+Both buffers have the same stride, so a pixel lives at the same offset in each.
+Two ways, chosen by what the client's file allows:
+
+- ``copy_region_mapped``: the client's memfd is sealed against shrinking
+  (``F_SEAL_SHRINK``, as libwayland-based toolkits seal it) and long enough, so
+  its mapping can never fault; numpy copies each rectangle row by row.
+- ``copy_region``: any other file is read with ``preadv`` straight into the
+  mmapped grant pages: no SIGBUS when the client shrinks its file, and a short
+  read says exactly that. Each rectangle costs one system call per 512 rows: the
+  bytes between its rows go to a scratch buffer, so only damaged bytes are
+  written.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from .region import Rect, Region
 
@@ -60,6 +67,22 @@ def copy_region(src_fd: int, layout: Layout, region: Region, dst: memoryview) ->
     written = 0
     for rect in region.clip(layout.width, layout.height).rects():
         written += _copy_rect(src_fd, layout, rect, dst)
+    return written
+
+
+def copy_region_mapped(src: memoryview, layout: Layout, region: Region,
+                       dst: memoryview) -> int:
+    """Copy ``region`` from a mapping of the client's whole file; the bytes written."""
+    size = layout.stride * layout.height
+    rows_in = np.frombuffer(src, np.uint8, size, layout.offset).reshape(layout.height,
+                                                                        layout.stride)
+    rows_out = np.frombuffer(dst, np.uint8, size, 0).reshape(layout.height, layout.stride)
+    written = 0
+    for rect in region.clip(layout.width, layout.height).rects():
+        start, length = row_span(layout, rect)
+        y0, y1 = rect.y, rect.y + rect.height
+        np.copyto(rows_out[y0:y1, start:start + length], rows_in[y0:y1, start:start + length])
+        written += length * rect.height
     return written
 
 

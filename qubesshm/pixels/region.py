@@ -53,6 +53,8 @@ class Region:
         todo = [r for r in rects if not r.empty]
         if todo:
             self._bands = _bands_of(todo)
+            if sum(len(spans) for _, _, spans in self._bands) > MAX_RECTS:
+                self._bands = _bands_of([self.bounds()])
 
     @classmethod
     def full(cls, width: int, height: int) -> Region:
@@ -93,11 +95,7 @@ class Region:
             return self
         if not self._bands:
             return other
-        out = Region()
-        out._bands = _bands_of([*self.rects(), *other.rects()])
-        if sum(len(spans) for _, _, spans in out._bands) > MAX_RECTS:
-            out = Region([out.bounds()])
-        return out
+        return Region([*self.rects(), *other.rects()])
 
     def clip(self, width: int, height: int) -> Region:
         return Region(r.clip(width, height) for r in self.rects())
@@ -191,9 +189,14 @@ def surface_to_buffer(rect: Rect, buffer_width: int, buffer_height: int, transfo
         return Rect(0, 0, 0, 0)
     tw, th = (buffer_width, buffer_height) if transform % 2 == 0 else (buffer_height,
                                                                      buffer_width)
+    # Only damage on the surface counts (as in Weston, which clips it first).
+    surface_w, surface_h = surface_size(buffer_width, buffer_height, transform, scale, viewport)
+    x0, y0 = max(Fraction(rect.x), Fraction(0)), max(Fraction(rect.y), Fraction(0))
+    x1 = min(Fraction(rect.x) + rect.width, surface_w)
+    y1 = min(Fraction(rect.y) + rect.height, surface_h)
+    if x1 <= x0 or y1 <= y0:
+        return Rect(0, 0, 0, 0)
     # Surface coordinates -> unscaled, transformed buffer coordinates (the viewport).
-    x0, y0 = Fraction(rect.x), Fraction(rect.y)
-    x1, y1 = x0 + rect.width, y0 + rect.height
     unscaled_w, unscaled_h = Fraction(tw, scale), Fraction(th, scale)
     if viewport.source is not None or viewport.destination is not None:
         sx, sy, sw, sh = (viewport.source if viewport.source is not None

@@ -23,7 +23,13 @@ from ..grants.ledger import ClientCounters
 from ..grants.sharing import GrantUnavailable
 from ..objects.idmap import UpstreamIds
 from ..objects.objectmap import DISPLAY_ID, WaylandObject
-from ..pixels.copy import Layout, ShortRead, copy_region, damaged_bytes
+from ..pixels.copy import (
+    Layout,
+    ShortRead,
+    copy_region,
+    copy_region_mapped,
+    damaged_bytes,
+)
 from ..pixels.formats import ARGB8888, XRGB8888, bytes_per_pixel
 from ..pixels.region import TRANSFORMS, Rect, Region
 from ..wire.codec import ArgValue, ErrorCode, Fixed, WireError, encode_message
@@ -411,8 +417,13 @@ class ShmBridge:
         layout = Layout(buffer.offset, buffer.width, buffer.height, buffer.stride,
                         bytes_per_pixel(buffer.format))
         try:
+            mapped = buffer.pool.mapped()
             with memoryview(out.grant.area.memory) as memory:
-                written = copy_region(buffer.pool.fd, layout, out.stale, memory)
+                if mapped is not None:
+                    with memoryview(mapped) as source:
+                        written = copy_region_mapped(source, layout, out.stale, memory)
+                else:
+                    written = copy_region(buffer.pool.fd, layout, out.stale, memory)
         except ShortRead as exc:
             raise ShmError(buffer.client_id, INVALID_FD,
                            f"error accessing SHM buffer: the client's file is shorter than "

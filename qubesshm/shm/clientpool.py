@@ -1,15 +1,17 @@
 """The client's ``wl_shm`` pools and buffers, as the proxy holds them.
 
-A client pool is only an fd and a size: the proxy never maps client memory
-(a client may truncate its memfd at any moment, and a mapping would then kill
-the proxy with SIGBUS); it reads the damaged bytes with ``preadv`` when a buffer
-is committed, so a pool that is never attached (Xwayland makes many) costs one
-fd. The checks are libwayland's, with its error codes and wording.
+A client pool is an fd and a size, mapped lazily at its first commit (a pool
+that is never attached, as Xwayland makes many, costs one fd) and only when the
+mapping can never fault: the file is sealed against shrinking and long enough
+for the pool. Any other file is read with ``preadv``, since a client may
+truncate it at any moment and a mapping would then kill the proxy with SIGBUS.
+The checks are libwayland's, with its error codes and wording.
 """
 
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import stat
 from dataclasses import dataclass, field
@@ -22,6 +24,9 @@ INVALID_FORMAT = 0
 INVALID_STRIDE = 1
 INVALID_FD = 2
 _INT32_MAX = 2**31 - 1
+# fcntl.F_GET_SEALS and F_SEAL_SHRINK, where the fcntl module lacks them.
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 
 
 @dataclass(eq=False)
@@ -39,7 +44,37 @@ class ClientPool:
     def needed(self) -> bool:
         return self.alive or bool(self.buffers)
 
+    mapping: mmap.mmap | None = None
+    # Whether the file was found unmappable (not sealed, or too short) at this size.
+    unmappable_at: int = -1
+
+    def mapped(self) -> mmap.mmap | None:
+        """A read-only mapping of the pool if it can never fault, else None."""
+        if self.mapping is not None:
+            return self.mapping
+        if self.unmappable_at == self.size:
+            return None
+        try:
+            seals = fcntl.fcntl(self.fd, _F_GET_SEALS)
+            length = os.fstat(self.fd).st_size
+        except OSError:
+            seals, length = 0, 0
+        if not seals & _F_SEAL_SHRINK or length < self.size:
+            self.unmappable_at = self.size
+            return None
+        self.mapping = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return self.mapping
+
+    def grow(self, size: int) -> None:
+        self.size = size
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+
     def close(self) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -86,7 +121,7 @@ def resize_pool(pool: ClientPool, size: int) -> None:
     """``wl_shm_pool.resize``: a pool may only grow."""
     if size < pool.size:
         raise ShmError(pool.client_id, INVALID_FD, "shrinking pool invalid")
-    pool.size = size
+    pool.grow(size)
 
 
 def make_buffer(pool: ClientPool, client_id: int, offset: int, width: int, height: int,

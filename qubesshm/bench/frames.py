@@ -1,0 +1,245 @@
+"""``qubesshm bench frames``: frame rate and copy cost through the proxy, against baselines.
+
+In one run, over one compositor, ``frames_client`` draws 1920x1080 frames with
+full damage, with a 64x64 region that stays in place, and with one that moves
+every frame; each paced by frame callbacks and unpaced; straight to the
+compositor, through ``qubesshm serve`` (on the simulated grant layer with the
+gntalloc limit Qubes sets) and through waypipe. For every case it reports the
+median frame rate over ``--repeats`` runs (paths interleaved), the relaying
+processes' CPU time per frame, a plain copy of the same damaged bytes measured
+in the same run (numpy, one memcpy per row: the physical limit of any copying
+proxy), and, from the proxy's own counters, bytes copied per byte damaged in
+steady state (after ``--warmup`` frames, when the surface's output buffers
+exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..relay.control import read_stats
+from .processes import (
+    QUBES_GNTALLOC_LIMIT,
+    compositor,
+    cpu_seconds,
+    start_qubesshm,
+    start_waypipe,
+)
+
+WIDTH, HEIGHT = 1920, 1080
+DAMAGES = ("full", "static", "moving")
+
+
+@dataclass
+class Case:
+    damage: str
+    paced: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.damage}, {'paced' if self.paced else 'unpaced'}"
+
+
+@dataclass
+class Runs:
+    fps: list[float] = field(default_factory=list)
+    cpu_ms_per_frame: list[float] = field(default_factory=list)
+    copied_per_damaged: list[float] = field(default_factory=list)
+    damaged_bytes_per_frame: float = 0.0
+
+
+def _client(display: Path, env: dict[str, str], case: Case,
+            args: argparse.Namespace) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "qubesshm.bench.frames_client", "--damage", case.damage,
+               "--width", str(WIDTH), "--height", str(HEIGHT), "--region", str(args.region),
+               "--frames", str(args.frames), "--warmup", str(args.warmup)]
+    if case.paced:
+        command.append("--wait-frame")
+    if args.unsealed:
+        command.append("--unsealed")
+    return subprocess.Popen(command, env=dict(env, WAYLAND_DISPLAY=str(display)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        _, err = proc.communicate(timeout=30)
+        raise RuntimeError(f"frames_client failed: {err.strip()}")
+    data: dict[str, Any] = json.loads(line)
+    return data
+
+
+def _tell(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
+def _counters(proxy_socket: Path | None) -> tuple[int, int]:
+    if proxy_socket is None:
+        return 0, 0
+    stats = read_stats(str(proxy_socket))
+    return int(stats["bytes_copied"]), int(stats["bytes_damaged"])
+
+
+def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
+             relay_pids: list[int], proxy_socket: Path | None, runs: Runs) -> None:
+    proc = _client(display, env, case, args)
+    try:
+        _line(proc)  # warmed up: the output buffers exist
+        cpu_before = cpu_seconds(relay_pids)
+        copied_before, damaged_before = _counters(proxy_socket)
+        _tell(proc)
+        result = _line(proc)
+        cpu = cpu_seconds(relay_pids) - cpu_before
+        copied_after, damaged_after = _counters(proxy_socket)
+        _tell(proc)
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"frames_client exited with {proc.returncode}: {err.strip()}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    frames = result["frames"]
+    runs.fps.append(frames / result["seconds"])
+    runs.damaged_bytes_per_frame = result["bytes_damaged"] / frames
+    if relay_pids:
+        runs.cpu_ms_per_frame.append(cpu * 1000 / frames)
+    if proxy_socket is not None and damaged_after > damaged_before:
+        runs.copied_per_damaged.append((copied_after - copied_before)
+                                       / (damaged_after - damaged_before))
+
+
+def plain_copy_ms(case: Case, region: int, repeats: int = 30) -> float:
+    """CPU milliseconds to copy one frame's damaged bytes with numpy, row by row."""
+    size = WIDTH * HEIGHT * 4
+    fds = [os.memfd_create("qubesshm-bench-copy", os.MFD_CLOEXEC) for _ in range(2)]
+    maps = []
+    try:
+        for fd in fds:
+            os.ftruncate(fd, size)
+            maps.append(mmap.mmap(fd, size))
+        src = np.frombuffer(maps[0], dtype=np.uint32).reshape(HEIGHT, WIDTH)
+        dst = np.frombuffer(maps[1], dtype=np.uint32).reshape(HEIGHT, WIDTH)
+        src[:] = 0x11223344
+        dst[:] = 0
+        if case.damage == "full":
+            rects = [(0, 0, WIDTH, HEIGHT)]
+        elif case.damage == "static":
+            rects = [(WIDTH // 3, HEIGHT // 3, region, region)]
+        else:  # the square where it was and where it is now
+            rects = [(0, HEIGHT // 3, region, region), (region, HEIGHT // 3, region, region)]
+        samples = []
+        for _ in range(repeats):
+            start = time.process_time()
+            for x, y, w, h in rects:
+                np.copyto(dst[y:y + h, x:x + w], src[y:y + h, x:x + w])
+            samples.append(time.process_time() - start)
+        # process_time ticks coarsely: time a batch when one copy is below its resolution.
+        if statistics.median(samples) == 0.0:
+            start = time.process_time()
+            for _ in range(1000):
+                for x, y, w, h in rects:
+                    np.copyto(dst[y:y + h, x:x + w], src[y:y + h, x:x + w])
+            return (time.process_time() - start)
+        return statistics.median(samples) * 1000
+    finally:
+        del src, dst
+        for m in maps:
+            m.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def run_frames_bench(args: argparse.Namespace) -> int:
+    cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
+    results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
+    with contextlib.ExitStack() as stack, compositor(args.upstream, width=WIDTH,
+                                                      height=HEIGHT) as upstream:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
+        workdir.chmod(0o700)
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
+        env.pop("QUBESSHM_SIM_ROOT", None)
+        paths: dict[str, tuple[Path, list[int]]] = {"direct": (upstream, [])}
+        proxy_socket, proxy_pid = start_qubesshm(
+            stack, env, workdir, upstream, "--gntalloc-limit", str(QUBES_GNTALLOC_LIMIT))
+        paths["qubesshm"] = (proxy_socket, [proxy_pid])
+        waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe)
+        if waypipe is not None:
+            paths["waypipe"] = waypipe
+        for case in cases:
+            for _ in range(args.repeats):
+                for name, (display, pids) in paths.items():
+                    runs = results[case.name].setdefault(name, Runs())
+                    run_once(display, env, case, args, pids,
+                             proxy_socket if name == "qubesshm" else None, runs)
+    copies = {c.name: plain_copy_ms(c, args.region) for c in cases}
+    _report(cases, results, copies, args)
+    if args.json:
+        data = {c.name: {"plain_copy_ms": copies[c.name],
+                         **{p: asdict(r) for p, r in results[c.name].items()}} for c in cases}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict[str, float],
+            args: argparse.Namespace) -> None:
+    pool = "unsealed memfd (read with preadv)" if args.unsealed else "sealed memfd (mapped)"
+    print(f"\n{WIDTH}x{HEIGHT} xrgb8888 from a {pool}, {args.frames} frames per run after "
+          f"{args.warmup} warm-up frames, median of {args.repeats} runs; 'paced' waits for "
+          "frame callbacks; CPU = user+system time of the relaying processes per frame; "
+          "plain copy = numpy copy of the same damaged bytes in this process:")
+    print(f"{'case':<18} {'path':<9} {'fps':>8} {'x direct':>9} {'CPU ms/fr':>10} "
+          f"{'copy ms':>8} {'CPU/copy':>9} {'copied/damaged':>15}")
+    for case in cases:
+        runs = results[case.name]
+        direct_fps = _median(runs["direct"].fps)
+        for name, r in runs.items():
+            fps = _median(r.fps)
+            cpu = _median(r.cpu_ms_per_frame)
+            ratio = fps / direct_fps if fps and direct_fps else None
+            copy = copies[case.name]
+            cpu_copy = cpu / copy if cpu is not None and copy > 0 else None
+            print(f"{case.name:<18} {name:<9} {_fmt(fps, 1):>8} {_fmt(ratio):>9} "
+                  f"{_fmt(cpu, 3):>10} {_fmt(copy, 3):>8} {_fmt(cpu_copy, 1):>9} "
+                  f"{_fmt(_median(r.copied_per_damaged)):>15}")
+    print("\ngoals (qubesshm):")
+    for case in cases:
+        q, d = results[case.name]["qubesshm"], results[case.name]["direct"]
+        fps_ratio = (_median(q.fps) or 0) / (_median(d.fps) or 1)
+        line = f"  {case.name:<18} fps {fps_ratio:.2f}x direct"
+        if case.damage == "full":
+            cpu = _median(q.cpu_ms_per_frame)
+            line += (f" (goal >= 0.9); CPU per frame {_fmt((cpu or 0) / copies[case.name], 1)}"
+                     "x the plain copy (goal <= 2)")
+        else:
+            goal = 1.1 if case.damage == "static" else 2.2
+            line += (f"; bytes copied/damaged {_fmt(_median(q.copied_per_damaged))} "
+                     f"(goal <= {goal})")
+        print(line)

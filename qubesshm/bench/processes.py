@@ -1,0 +1,127 @@
+"""What the benchmarks start: the compositor, ``qubesshm serve``, waypipe; and their CPU.
+
+Every path a benchmark compares runs over the same compositor in the same run:
+the user's (``--upstream``, or a running one), else a private headless Weston.
+``cpu_seconds`` adds up user and system time of the relaying processes and of
+their children (waypipe forks one per connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..headless import HeadlessWeston, compositor_is_running
+from ..relay.listener import upstream_path
+
+# The gntalloc limit Qubes sets in VMs; Linux's default of 1024 pages is less than
+# one 1920x1080 buffer.
+QUBES_GNTALLOC_LIMIT = 2**30
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not compositor_is_running(str(path)):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not open {path}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def compositor(upstream: str | None, *, width: int = 1024,
+               height: int = 640) -> Iterator[Path]:
+    if upstream is not None or compositor_is_running():
+        path = upstream_path(upstream)
+        if not compositor_is_running(str(path)):
+            raise RuntimeError(f"no compositor answers at {path}")
+        print(f"compositor: {path}")
+        yield path
+        return
+    with HeadlessWeston(debug=False, width=width, height=height) as weston:
+        print(f"compositor: a headless Weston started for this run (pixman renderer, "
+              f"{width}x{height})")
+        yield weston.socket_path
+
+
+def start_qubesshm(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
+                   upstream: Path, *extra: str) -> tuple[Path, int]:
+    """``qubesshm serve`` in ``workdir``; its socket and pid."""
+    socket_path = workdir / "qubesshm-bench"
+    proc = stack.enter_context(process(
+        [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
+         "--upstream", str(upstream), *extra], env))
+    wait_for_socket(socket_path, proc, "qubesshm serve")
+    return socket_path, proc.pid
+
+
+def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
+                  upstream: Path, skip: bool) -> tuple[Path, list[int]] | None:
+    """waypipe client + server on this machine, no compression: its display and pids."""
+    waypipe = shutil.which("waypipe")
+    if skip:
+        print("waypipe: skipped (--no-waypipe)")
+        return None
+    if waypipe is None:
+        print("waypipe: not installed (Debian package 'waypipe'); baseline skipped")
+        return None
+    link = workdir / "waypipe.sock"
+    display = workdir / "waypipe-display"
+    wp_env = dict(env, WAYLAND_DISPLAY=str(upstream))
+    wp_client = stack.enter_context(process(
+        [waypipe, "--compress", "none", "--no-gpu", "--socket", str(link), "client"], wp_env))
+    deadline = time.monotonic() + 20
+    while not link.exists() and wp_client.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wp_server = stack.enter_context(process(
+        [waypipe, "--compress", "none", "--no-gpu", "--socket", str(link),
+         "--display", str(display), "server", "--", "sleep", "86400"], env))
+    wait_for_socket(display, wp_server, "waypipe server")
+    return display, [wp_client.pid, wp_server.pid]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time so far of ``pids`` and all their descendants."""
+    if not pids:
+        return 0.0
+    ticks = 0
+    parents: dict[int, int] = {}
+    usage: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        pid = int(stat.parents[2].name)
+        parents[pid] = int(fields[1])
+        usage[pid] = usage.get(pid, 0) + int(fields[11]) + int(fields[12])
+    for pid in usage:
+        ancestor = pid
+        while ancestor > 1 and ancestor not in pids:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor in pids:
+            ticks += usage[pid]
+    return ticks / os.sysconf("SC_CLK_TCK")
