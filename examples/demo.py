@@ -39,7 +39,10 @@ def main() -> int:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-demo-"))
         ready = Path(workdir) / "ready"
         client = subprocess.Popen(
-            [sys.executable, "-m", "qubesshm", "-v", "run", "--",
+            # The gntalloc limit Qubes sets in VMs: Linux's default of 1024 pages
+            # is less than one 1920x1080 buffer.
+            [sys.executable, "-m", "qubesshm", "-v", "run", "--gntalloc-limit", "1073741824",
+             "--",
              sys.executable, str(HERE / "pattern_client.py"), f"--seconds={args.seconds}",
              "--damage=partial", "--hold=1", f"--ready-file={ready}"],
             env=env,

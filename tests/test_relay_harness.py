@@ -1088,3 +1088,16 @@ def test_accept_survives_running_out_of_fds(harness: Harness) -> None:
         late = Pair(Endpoint(client), Endpoint(harness.compositor.accept()[0]))
         late.roundtrip()
         late.close()
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["default", "allow-dmabuf"])
+def test_dmabuf_is_hidden_unless_allowed(harness: Harness, allow: bool) -> None:
+    """dma-buf cannot cross a VM boundary: clients must not see it, so they use wl_shm."""
+    proxy = harness.start_proxy(*(["--allow-dmabuf"] if allow else []))
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    dmabuf = global_event(registry, 1, "zwp_linux_dmabuf_v1", 3)
+    shm = global_event(registry, 2, "wl_shm", 1)
+    pair.compositor.send(dmabuf + shm)
+    pair.client.expect(dmabuf + shm if allow else shm)
+    pair.roundtrip()

@@ -74,6 +74,8 @@ class Relayed:
     spec: MessageSpec
     args: Sequence[ArgValue]
     note: str = ""
+    # The ids are the compositor connection's (a request the proxy made itself).
+    upstream: bool = False
 
 
 Segment = tuple[bytes, list[int]]
@@ -137,7 +139,8 @@ class RelaySession:
         self.ids = UpstreamIds()
         # Without grants the session is the plain validating relay (the codec and
         # session tests use it so); the proxy always gives it grants.
-        self.shm = (ShmBridge(protocol, self.ids, grants, counters, clock)
+        self.shm = (ShmBridge(protocol, self.ids, grants, counters, clock,
+                              self._trace_own if tracer is not None else None)
                     if grants is not None else None)
         self.hidden_interfaces = hidden_interfaces
         # A commit waiting for an output buffer, and the requests behind it.
@@ -154,6 +157,13 @@ class RelaySession:
         self._delete_id = protocol["wl_display"].events[1]
         self._buffer_release = protocol["wl_buffer"].events[0]
         self.closed = False
+
+    def _trace_own(self, upstream_id: int, spec: MessageSpec, args: list[ArgValue]) -> None:
+        """Log a request the proxy made upstream; its ids are the compositor's."""
+        assert self.tracer is not None
+        obj = WaylandObject(upstream_id, self.protocol[spec.interface], 1)
+        self.tracer(Relayed(Direction.REQUEST, obj, spec, args, "by qubesshm, upstream ids",
+                            upstream=True))
 
     @property
     def blocked(self) -> bool:

@@ -47,8 +47,9 @@ class ProtocolLog:
 
     def tracer(self, client: int, objects: Callable[[int], str]) -> Callable[[Relayed], None]:
         def write(record: Relayed) -> None:
+            names = _upstream_name if record.upstream else objects
             args = ", ".join(
-                format_arg(a, v, objects)
+                format_arg(a, v, names)
                 for a, v in zip(record.spec.args, record.args, strict=True)
             )
             note = f"  # {record.note}" if record.note else ""
@@ -57,3 +58,7 @@ class ProtocolLog:
                 f"{record.obj}.{record.spec.name}({args}){note}\n"
             )
         return write
+
+
+def _upstream_name(object_id: int) -> str:
+    return f"@{object_id}"

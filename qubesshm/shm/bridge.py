@@ -89,8 +89,12 @@ class ShmBridge:
     """Client pools, surfaces and output buffers of one client connection."""
 
     def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, halves: GrantHalves,
-                 counters: Sequence[ClientCounters], clock: Callable[[], float]) -> None:
+                 counters: Sequence[ClientCounters], clock: Callable[[], float],
+                 trace: Callable[[int, MessageSpec, list[ArgValue]], None] | None = None,
+                 ) -> None:
         self.protocol = protocol
+        # Logs the requests the proxy itself makes upstream (--debug).
+        self.trace = trace
         self.ids = ids
         self.halves = halves
         self.counters = tuple(counters)
@@ -514,7 +518,10 @@ class ShmBridge:
 
     def _send(self, out: Outbox, object_id: int, interface: str, name: str,
               args: list[ArgValue]) -> None:
-        data, fds = encode_message(object_id, self._req[(interface, name)], args)
+        spec = self._req[(interface, name)]
+        data, fds = encode_message(object_id, spec, args)
+        if self.trace is not None:
+            self.trace(object_id, spec, args)
         out.add(data, fds)
 
 
