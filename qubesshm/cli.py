@@ -81,6 +81,12 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
                         "cross a VM boundary, so toolkits fall back to wl_shm)")
 
 
+def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upstream", metavar="NAME|PATH",
+                        help="compositor to measure against (default: start a headless Weston "
+                        "when none is running)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesshm",
@@ -115,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the proxy against baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     relay = bench_sub.add_parser("relay", help="round-trip latency: direct, qubesshm, waypipe")
-    relay.add_argument("--upstream", metavar="NAME|PATH",
-                       help="compositor to measure against (default: start a headless Weston "
-                       "when none is running)")
+    _add_bench_upstream(relay)
     relay.add_argument("--round-trips", type=int, default=2000,
                        help="wl_display.sync round trips per path (default %(default)s)")
     relay.add_argument("--burst", type=int, default=10000,
@@ -127,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
     frames = bench_sub.add_parser(
         "frames", help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
-    frames.add_argument("--upstream", metavar="NAME|PATH",
-                        help="compositor to measure against (default: start a headless Weston "
-                        "when none is running)")
+    _add_bench_upstream(frames)
     frames.add_argument("--frames", type=int, default=100,
                         help="timed frames per run (default %(default)s)")
     frames.add_argument("--warmup", type=int, default=10,

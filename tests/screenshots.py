@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,14 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 PATTERN_CLIENT = REPO / "examples" / "pattern_client.py"
 
 @functools.cache
-def pattern_client() -> ModuleType:
-    """``examples/pattern_client.py`` as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pattern_client", PATTERN_CLIENT)
+def example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (examples/ is not a package)."""
+    path = REPO / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {PATTERN_CLIENT}")
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, so dataclasses in it can resolve their module.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pattern_client() -> ModuleType:
+    """``examples/pattern_client.py`` as a module."""
+    return example("pattern_client")
 
 
 @functools.cache

@@ -9,8 +9,6 @@ screenshots must show the expected pixels byte for byte.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from procs import RunningProxy, wait_for_file
 from screenshots import (  # tests/ is on sys.path (pytest's rootdir-less "prepend" import)
     REPO,
     crop,
+    example,
     expected_rgb,
     mismatch_summary,
     wait_for_pattern,
@@ -40,16 +39,9 @@ FRAMES = 12  # of double-buffered
 HOLD = 120.0
 
 
-@functools.cache
 def scenario_client() -> ModuleType:
-    """``examples/scenario_client.py`` as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("scenario_client", SCENARIO_CLIENT)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {SCENARIO_CLIENT}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """``examples/scenario_client.py`` as a module."""
+    return example("scenario_client")
 
 
 def to_rgb(pixels: bytes, width: int, height: int) -> bytes:

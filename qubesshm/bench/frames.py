@@ -128,8 +128,10 @@ def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Name
                                        / (damaged_after - damaged_before))
 
 
-def plain_copy_ms(case: Case, region: int, repeats: int = 30) -> float:
-    """CPU milliseconds to copy one frame's damaged bytes with numpy, row by row."""
+def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30) -> float:
+    """CPU milliseconds to copy one frame's damaged bytes with numpy, row by row, one
+    copy every ``interval`` seconds: a copy after the CPU idled costs about twice one
+    that follows another (caches, clock), so paced frames get a paced baseline."""
     size = WIDTH * HEIGHT * 4
     fds = [os.memfd_create("qubesshm-bench-copy", os.MFD_CLOEXEC) for _ in range(2)]
     maps = []
@@ -149,6 +151,8 @@ def plain_copy_ms(case: Case, region: int, repeats: int = 30) -> float:
             rects = [(0, HEIGHT // 3, region, region), (region, HEIGHT // 3, region, region)]
         samples = []
         for _ in range(repeats):
+            if interval:
+                time.sleep(interval)
             start = time.process_time()
             for x, y, w, h in rects:
                 np.copyto(dst[y:y + h, x:x + w], src[y:y + h, x:x + w])
@@ -191,7 +195,11 @@ def run_frames_bench(args: argparse.Namespace) -> int:
                     runs = results[case.name].setdefault(name, Runs())
                     run_once(display, env, case, args, pids,
                              proxy_socket if name == "qubesshm" else None, runs)
-    copies = {c.name: plain_copy_ms(c, args.region) for c in cases}
+    copies = {}
+    for c in cases:
+        direct_fps = _median(results[c.name]["direct"].fps)
+        interval = 1.0 / direct_fps if c.paced and direct_fps else 0.0
+        copies[c.name] = plain_copy_ms(c, args.region, interval)
     _report(cases, results, copies, args)
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
@@ -214,7 +222,8 @@ def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict
     print(f"\n{WIDTH}x{HEIGHT} xrgb8888 from a {pool}, {args.frames} frames per run after "
           f"{args.warmup} warm-up frames, median of {args.repeats} runs; 'paced' waits for "
           "frame callbacks; CPU = user+system time of the relaying processes per frame; "
-          "plain copy = numpy copy of the same damaged bytes in this process:")
+          "plain copy = numpy copy of the same damaged bytes in this process, one per frame "
+          "interval of the direct path for paced cases, back to back for unpaced ones:")
     print(f"{'case':<18} {'path':<9} {'fps':>8} {'x direct':>9} {'CPU ms/fr':>10} "
           f"{'copy ms':>8} {'CPU/copy':>9} {'copied/damaged':>15}")
     for case in cases:
