@@ -185,13 +185,17 @@ class ShmBridge:
 
     def close(self) -> None:
         """The session is over: let go of every grant and client fd."""
-        for surface in self.surfaces.values():
-            for out in surface.outputs.buffers:
+        outputs = [out for surface in self.surfaces.values() for out in surface.outputs.buffers]
+        outputs += self._orphans | self._retiring
+        for out in outputs:
+            try:
                 self._drop(out)
+            except OSError as exc:
+                # One grant the backend refuses to end must not keep the others.
+                log.error("cannot end the grants of %s: %s", out, exc)
+        for surface in self.surfaces.values():
             surface.outputs.buffers.clear()
         self.surfaces.clear()
-        for out in list(self._orphans | self._retiring):
-            self._drop(out)
         self._orphans.clear()
         self._retiring.clear()
         pools = {id(p): p for p in self.pools.values()}
