@@ -631,3 +631,26 @@ def test_sealed_pools_are_mapped(tmp_path: Path) -> None:
         assert world.session.shm.pools[pool].mapping is not None
     finally:
         world.close()
+
+
+def test_a_resized_surface_lets_go_of_its_old_outputs(world: World) -> None:
+    pool, _ = world.pool(4 * 64 * 64 * 2, b"\x05" * (4 * 64 * 64 * 2))
+    _, small = world.buffer(pool, 0, 32, 32, 128)
+    _, large = world.buffer(pool, 4 * 64 * 64, 64, 64, 256)
+    surface = world.surface()
+    _, got = world.commit(surface, small, (0, 0, 32, 32))
+    first = attached(got)
+    _, got = world.commit(surface, small, (0, 0, 32, 32))
+    second = attached(got)
+    world.events(event(first, "wl_buffer", "release"))
+    _, got = world.commit(surface, large, (0, 0, 64, 64))
+    # The released small output goes at once; the busy one once it is released.
+    assert ("wl_buffer", "destroy") in [(m.interface, m.name) for m in got]
+    assert [m.object_id for m in got if m.name == "destroy" and m.interface == "wl_buffer"] \
+        == [first]
+    step = world.events(event(second, "wl_buffer", "release"))
+    assert [m.object_id for m in world.comp.take(step)] == [second]
+    for old in (first, second):
+        world.events(event(1, "wl_display", "delete_id", old))
+    pages = world.ledger.total.pages
+    assert pages.live == 4 and pages.unshared_total == 2

@@ -319,12 +319,8 @@ class ShmBridge:
                          up: Outbox, down: Outbox) -> Verdict:
         surface = self.surfaces.pop(obj.id, None)
         if surface is not None:
-            for out in list(surface.outputs.buffers):
-                if out.state is OutputState.RELEASED:
-                    self._retire(out, up)
-                elif out.state is OutputState.BUSY:
-                    out.orphaned = True
-                    self._orphans.add(out)
+            for out in surface.outputs.buffers:
+                self._let_go(out, up)
         for viewport, surface_id in list(self.viewports.items()):
             if surface_id == obj.id:
                 del self.viewports[viewport]
@@ -401,24 +397,23 @@ class ShmBridge:
         if buffer is None or not buffer.alive or not (newly or has_damage):
             surface.apply()
             return Verdict.FORWARD
+        # Output buffers of another shape (the window was resized, or changed format)
+        # are not needed any more: they go once the compositor has let go of them.
+        for other in [o for o in surface.outputs.buffers if o.key != buffer.key]:
+            surface.outputs.buffers.remove(other)
+            self._let_go(other, up)
         out = surface.outputs.pick(buffer.key)
-        evict = None
         if out is None and surface.outputs.full:
-            evict = surface.outputs.evictable(buffer.key)
-            if evict is None:
-                self.released_since_block = False
-                for c in self.counters:
-                    c.commits -= 1  # counted again when it goes through
-                return Verdict.BLOCKED
+            self.released_since_block = False
+            for c in self.counters:
+                c.commits -= 1  # counted again when it goes through
+            return Verdict.BLOCKED
         damage = surface.commit_damage(buffer)
         geometry_changed = surface.apply()
         if geometry_changed or (newly and buffer.key != surface.shown_key):
             surface.outputs.make_stale()
         surface.outputs.add_damage(damage)
         surface.shown_key = buffer.key
-        if evict is not None:
-            surface.outputs.buffers.remove(evict)
-            self._retire(evict, up)
         if out is None:
             out = self._new_output(buffer, up)
             surface.outputs.buffers.append(out)
@@ -489,6 +484,14 @@ class ShmBridge:
         return out
 
     # -- retiring output buffers -------------------------------------------------
+
+    def _let_go(self, out: OutputBuffer, up: Outbox) -> None:
+        """A surface no longer needs ``out``: retire it now, or when it is released."""
+        if out.state is OutputState.RELEASED:
+            self._retire(out, up)
+        elif out.state is OutputState.BUSY:
+            out.orphaned = True
+            self._orphans.add(out)
 
     def _retire(self, out: OutputBuffer, up: Outbox) -> None:
         """Destroy a released output buffer upstream; its grants end at delete_id."""

@@ -39,7 +39,7 @@ class OutputBuffer:
     stale: Region
     state: OutputState = OutputState.RELEASED
     attached_at: float = 0.0
-    # The surface is gone: retire as soon as the compositor releases it.
+    # The surface is gone or changed shape: retire once the compositor releases it.
     orphaned: bool = False
     fills: int = field(default=0)
 
@@ -78,13 +78,6 @@ class OutputQueue:
                     best is None or out.stale.area < best.stale.area):
                 best = out
         return best
-
-    def evictable(self, key: BufferKey) -> OutputBuffer | None:
-        """A released buffer of another shape, to make room under the cap."""
-        for out in self.buffers:
-            if out.state is OutputState.RELEASED and out.key != key:
-                return out
-        return None
 
     @property
     def full(self) -> bool:
