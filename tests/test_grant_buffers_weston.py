@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from messages import PROTO, request
@@ -43,7 +44,7 @@ def socket_path(proxy: RunningProxy) -> str:
     return str(Path(proxy.env["XDG_RUNTIME_DIR"]) / proxy.socket_name)
 
 
-def stats(proxy: RunningProxy) -> dict[str, object]:
+def stats(proxy: RunningProxy) -> dict[str, Any]:
     return read_stats(socket_path(proxy))
 
 
@@ -344,3 +345,39 @@ def test_hostile_pool_gets_an_error_and_others_carry_on(weston: HeadlessWeston,
         _, err = bystander.communicate(timeout=20)
     assert "error" not in err.lower(), err
     assert "Traceback" not in big_proxy.log()
+
+
+@pytest.mark.parametrize(("damage", "region", "most"), [
+    ("static", 1, 1.0),  # one pixel of a 1920x1080 frame: those 4 bytes, not a frame
+    ("moving", 64, 2.2),
+])
+def test_only_damaged_bytes_are_copied(big_proxy: RunningProxy, damage: str, region: int,
+                                       most: float) -> None:
+    """After warm-up (output buffers exist), bytes copied stay within ``most`` times the
+    bytes the client damaged, by the proxy's own counters."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "qubesshm.bench.frames_client", "--damage", damage,
+         "--region", str(region), "--frames", "30", "--wait-frame"],
+        env=big_proxy.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        assert json.loads(client.stdout.readline()) == {"warm": True}, client.stderr
+        before = stats(big_proxy)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+        after = stats(big_proxy)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.wait(timeout=30) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate()
+    copied = int(after["bytes_copied"]) - int(before["bytes_copied"])
+    damaged = int(after["bytes_damaged"]) - int(before["bytes_damaged"])
+    assert damaged == result["bytes_damaged"], "the proxy counts what the client damaged"
+    assert damaged > 0 and copied <= most * damaged, (copied, damaged)
+    if damage == "static":
+        assert copied == damaged == 30 * 4
