@@ -10,6 +10,8 @@ Progress is waited on through those counters, never through sleeps.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
 import os
 import socket
@@ -252,11 +254,14 @@ class RawClient:
         return self.next_id - 1
 
     def send(self, message: tuple[bytes, list[int]]) -> None:
+        """Send, unless the proxy already hung up (after an error, read with messages())."""
         data, fds = message
-        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    bytes(memoryview(bytearray(
-                                        b"".join(fd.to_bytes(4, "little") for fd in fds)))))]
-                          if fds else [])
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._sendmsg(data, fds)
+
+    def _sendmsg(self, data: bytes, fds: list[int]) -> None:
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        self.sock.sendmsg([data], rights if fds else [])
 
     def messages(self) -> Iterator[tuple[int, int, bytes]]:
         while True:
@@ -266,7 +271,10 @@ class RawClient:
                 assert taken is not None
                 yield head[0], head[1], taken[0].data
                 continue
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return  # the proxy closed with our unread requests in its queue
             if not data:
                 return
             self.reader.feed(data)
