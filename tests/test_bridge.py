@@ -24,11 +24,13 @@ from qubesshm.grants.halves import sim_halves
 from qubesshm.grants.ledger import GrantLedger
 from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
+from qubesshm.pixels.region import MAX_RECTS
 from qubesshm.relay.session import RelaySession, Step
 from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
 from qubesshm.wire.codec import (
     ArgValue,
     ErrorCode,
+    Fixed,
     UntypedNewId,
     WireReader,
     decode_args,
@@ -654,3 +656,130 @@ def test_a_resized_surface_lets_go_of_its_old_outputs(world: World) -> None:
         world.events(event(1, "wl_display", "delete_id", old))
     pages = world.ledger.total.pages
     assert pages.live == 4 and pages.unshared_total == 2
+
+
+# -- regressions found in review: what libwayland + Weston do with the same sequence -------
+
+
+def fx(value: float) -> Fixed:
+    return Fixed(int(value * 256))
+
+
+def test_display_error_about_a_renumbered_object_names_the_client_id(world: World) -> None:
+    world.pool(64, b"\x01" * 64)  # a kept object: the spaces diverge
+    surface = world.surface()
+    upstream = world.session.ids.upstream(surface)
+    assert upstream is not None and upstream != surface
+    step = world.events(event(1, "wl_display", "error", upstream, 2, "bad size"))
+    assert parse_error(step.to_client)[:2] == [surface, 2]
+
+
+def test_display_error_about_wl_shm_is_the_proxys_fault(world: World) -> None:
+    step = world.events(event(1, "wl_display", "error", world.shm, 2, "failed mmap"))
+    about, code, message = parse_error(step.to_client)
+    assert (about, code) == (1, ErrorCode.IMPLEMENTATION)
+    assert isinstance(message, str) and "failed mmap" in message and "qubesshm" in message
+
+
+def test_attach_with_an_offset_is_invalid_offset_since_version_5(tmp_path: Path) -> None:
+    world = World(tmp_path / "sim")
+    try:
+        registry = world.new_id()
+        world.send(req(1, "wl_display", "get_registry", registry))
+        world.events(event(registry, "wl_registry", "global", 1, "wl_compositor", 5)
+                     + event(registry, "wl_registry", "global", 2, "wl_shm", 1))
+        world.compositor, world.shm = world.new_id(), world.new_id()
+        world.send(req(registry, "wl_registry", "bind", 1,
+                       UntypedNewId("wl_compositor", 5, world.compositor)),
+                   req(registry, "wl_registry", "bind", 2, UntypedNewId("wl_shm", 1, world.shm)))
+        pool, _ = world.pool(64, b"\x01" * 64)
+        _, buffer = world.buffer(pool, 0, 4, 4, 16)
+        surface = world.surface()
+        step, _ = world.send(req(surface, "wl_surface", "attach", buffer, 5, 7))
+        assert parse_error(step.to_client)[:2] == [surface, 3]
+    finally:
+        world.close()
+
+
+def test_a_viewport_destroyed_then_recreated_unsets_at_the_next_commit(world: World) -> None:
+    size = stride = 16 * 4
+    pool, fd = world.pool(stride * 16, b"\x10" * (stride * 16))
+    _, buffer = world.buffer(pool, 0, 16, 16, stride)
+    surface, viewport = world.surface(), world.new_id()
+    world.send(req(world.viewporter, "wp_viewporter", "get_viewport", viewport, surface),
+               req(viewport, "wp_viewport", "set_source", fx(8), fx(8), fx(8), fx(8)))
+    _, got = world.commit(surface, buffer, (0, 0, 16, 16))
+    world.events(event(attached(got), "wl_buffer", "release"))
+    os.pwrite(fd, b"\xff" * 4, stride + 4)  # buffer pixel (1, 1): outside the old source
+    second = world.new_id()
+    _, got = world.send(req(viewport, "wp_viewport", "destroy"),
+                        req(world.viewporter, "wp_viewporter", "get_viewport", second, surface),
+                        req(surface, "wl_surface", "damage", 1, 1, 1, 1),
+                        req(surface, "wl_surface", "commit"))
+    assert world.comp.pixels(attached(got)) == os.pread(fd, size * 16, 0)
+
+
+def test_viewport_of_a_destroyed_surface_is_no_surface_first(world: World) -> None:
+    surface, viewport = world.surface(), world.new_id()
+    world.send(req(world.viewporter, "wp_viewporter", "get_viewport", viewport, surface))
+    world.send(req(surface, "wl_surface", "destroy"))
+    step, _ = world.send(req(viewport, "wp_viewport", "set_destination", 0, 0))
+    assert parse_error(step.to_client)[:2] == [viewport, 3]
+
+
+NV12 = 0x3231564E
+
+
+def test_multi_planar_formats_are_neither_advertised_nor_accepted(world: World) -> None:
+    step = world.events(event(world.shm, "wl_shm", "format", NV12)
+                        + event(world.shm, "wl_shm", "format", 0x34325258))
+    formats = [decode_args(ev_spec("wl_shm", "format"), data, [])[0]
+               for _, _, data in client_events(step)]
+    assert formats == [0x34325258], "NV12 keeps planes past stride x height: hidden"
+    pool, _ = world.pool(64 * 64 * 2)
+    step, _ = world.buffer(pool, 0, 64, 64, 64, fmt=NV12)
+    assert "invalid format" in shm_error(step, pool, 0)
+
+
+def test_a_flood_of_damage_costs_one_rectangle(world: World) -> None:
+    width, height = 4, 16384
+    pool, _ = world.pool(width * 4 * height)
+    _, buffer = world.buffer(pool, 0, width, height, width * 4)
+    surface = world.surface()
+    world.send(req(surface, "wl_surface", "attach", buffer, 0, 0),
+               *[req(surface, "wl_surface", "damage_buffer", i % 4, (i * 7919) % height, 1, 1)
+                 for i in range(5000)])
+    assert world.session.shm is not None
+    assert len(world.session.shm.surfaces[surface].pending.buffer_damage) <= MAX_RECTS
+
+
+def test_after_a_null_attach_the_next_shm_buffer_is_copied_whole(world: World) -> None:
+    stride = 16 * 4
+    pool, fd = world.pool(stride * 16, b"\x11" * (stride * 16))
+    _, buffer = world.buffer(pool, 0, 16, 16, stride)
+    surface = world.surface()
+    _, got = world.commit(surface, buffer, (0, 0, 16, 16))
+    first = attached(got)
+    world.send(req(surface, "wl_surface", "attach", None, 0, 0),
+               req(surface, "wl_surface", "commit"))
+    world.events(event(first, "wl_buffer", "release"))
+    os.pwrite(fd, b"\x22" * (stride * 16), 0)
+    _, got = world.commit(surface, buffer, (0, 0, 1, 1))
+    assert world.comp.pixels(attached(got)) == b"\x22" * (stride * 16)
+
+
+def test_a_skipped_new_id_is_refused(world: World) -> None:
+    step, _ = world.send(req(world.shm, "wl_shm", "create_pool", world._next + 50,
+                             os.dup(world.memfd(64)), 64))
+    for fd in step.discarded_fds:
+        os.close(fd)
+    assert parse_error(step.to_client)[:2] == [1, ErrorCode.INVALID_METHOD]
+
+
+def test_delete_id_for_a_live_output_buffer_is_the_compositors_error(world: World) -> None:
+    pool, _ = world.pool(64, b"\x01" * 64)
+    _, buffer = world.buffer(pool, 0, 4, 4, 16)
+    _, got = world.commit(world.surface(), buffer, (0, 0, 4, 4))
+    step = world.events(event(1, "wl_display", "delete_id", attached(got)))
+    assert step.error is not None and not step.client_at_fault
+    assert parse_error(step.to_client)[1] == ErrorCode.IMPLEMENTATION

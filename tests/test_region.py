@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qubesshm.pixels.region import (
+    MAX_INPUT_RECTS,
     MAX_RECTS,
     NO_VIEWPORT,
     TRANSFORMS,
@@ -88,11 +89,14 @@ def test_region_is_canonical(rects: list[Rect], rnd: random.Random) -> None:
     columns = [Rect(x, r.y, 1, r.height) for r in rects for x in range(r.x, r.x + r.width)]
     shuffled = [*rects, *rects[:3]]
     rnd.shuffle(shuffled)
-    assert Region(rows) == region
-    assert Region(columns) == region
+    # Past MAX_INPUT_RECTS at once, a region is the inputs' bounding box by design.
+    if len(rows) <= MAX_INPUT_RECTS:
+        assert Region(rows) == region
+        assert hash(Region(rows)) == hash(region)
+    if len(columns) <= MAX_INPUT_RECTS:
+        assert Region(columns) == region
     assert Region(shuffled) == region
     assert Region(region.rects()) == region
-    assert hash(Region(rows)) == hash(region)
 
 
 @settings(max_examples=200, deadline=None)

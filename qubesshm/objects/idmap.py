@@ -74,10 +74,12 @@ class UpstreamIds:
         if wanted == self._next and wanted < MAP_MAX_OBJECTS:
             self._next += 1
             return wanted
-        if self._client_highest + 1 < wanted < min(self._next + MAX_SKIP, MAP_MAX_OBJECTS):
-            # The client skipped ids in its own space (libwayland clients never do, and
-            # the compositor refuses it): relay the id unchanged, as the compositor would
-            # see it without the proxy, and keep the ids skipped free.
+        if (self._client_highest + 1 < wanted and self._next <= wanted
+                and wanted < min(self._next + MAX_SKIP, MAP_MAX_OBJECTS)):
+            # The client skipped ids in its own space (libwayland clients never do; the
+            # proxy with grants refuses it first): relay the id unchanged, for the
+            # compositor to refuse as it would without the proxy, and keep the skipped
+            # ids free.
             for skipped in range(self._next, wanted):
                 heapq.heappush(self._free, skipped)
                 self._free_set.add(skipped)
@@ -187,6 +189,11 @@ class UpstreamIds:
     def in_use(self) -> dict[int, int | None]:
         """Every upstream id in use, with its client id (None: the proxy's own)."""
         return {u: s.client_id for u, s in self._slots.items()}
+
+    def live_own(self, upstream_id: int) -> bool:
+        """An object of the proxy's that it has not destroyed."""
+        slot = self._slots.get(upstream_id)
+        return slot is not None and slot.client_id is None and not slot.destroyed
 
     def awaiting_delete(self) -> set[int]:
         return {u for u, s in self._slots.items() if s.destroyed}

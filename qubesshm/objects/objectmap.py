@@ -40,10 +40,14 @@ class WaylandObject:
 class ObjectMap:
     """The live and zombie objects of one connection."""
 
-    def __init__(self, display: InterfaceSpec) -> None:
+    def __init__(self, display: InterfaceSpec, *, refuse_skipped_ids: bool = True) -> None:
         self._objects: dict[int, WaylandObject] = {
             DISPLAY_ID: WaylandObject(DISPLAY_ID, display, 1)
         }
+        # libwayland's server map has an entry for every client id up to the highest
+        # one used; a new id may be a free entry or the next one, never beyond.
+        self._client_next = DISPLAY_ID + 1
+        self.refuse_skipped_ids = refuse_skipped_ids
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -67,6 +71,10 @@ class ObjectMap:
             state = "in use" if known.alive else "awaiting wl_display.delete_id"
             raise WireError(f"new id {object_id} is still {state} ({known})",
                             ErrorCode.INVALID_METHOD, DISPLAY_ID)
+        if self.refuse_skipped_ids and object_id > self._client_next:
+            raise WireError(f"new id {object_id} skips ahead of the next new id "
+                            f"{self._client_next}", ErrorCode.INVALID_METHOD, DISPLAY_ID)
+        self._client_next = max(self._client_next, object_id + 1)
         obj = WaylandObject(object_id, interface, version)
         self._objects[object_id] = obj
         return obj

@@ -18,6 +18,9 @@ from fractions import Fraction
 # More rectangles than this and a region becomes its bounding box: copying a few
 # extra bytes is cheaper than tracking confetti.
 MAX_RECTS = 64
+# Building bands costs rectangles x edges: more rectangles than this given at once
+# are taken as their bounding box straight away (a flood of damage costs nothing).
+MAX_INPUT_RECTS = 4 * MAX_RECTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,8 @@ class Region:
         # (y0, y1, ((x0, x1), ...)): sorted, non-overlapping bands of sorted spans.
         self._bands: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
         todo = [r for r in rects if not r.empty]
+        if len(todo) > MAX_INPUT_RECTS:
+            todo = [_bounds_of(todo)]
         if todo:
             self._bands = _bands_of(todo)
             if sum(len(spans) for _, _, spans in self._bands) > MAX_RECTS:
@@ -105,6 +110,13 @@ class Region:
             if y0 <= y < y1:
                 return any(x0 <= x < x1 for x0, x1 in spans)
         return False
+
+
+def _bounds_of(rects: list[Rect]) -> Rect:
+    x0, y0 = min(r.x for r in rects), min(r.y for r in rects)
+    x1 = max(r.x + r.width for r in rects)
+    y1 = max(r.y + r.height for r in rects)
+    return Rect(x0, y0, x1 - x0, y1 - y0)
 
 
 def _bands_of(rects: list[Rect]) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:

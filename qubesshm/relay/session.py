@@ -135,7 +135,10 @@ class RelaySession:
         hidden_interfaces: frozenset[str] = frozenset(),
     ) -> None:
         self.protocol = protocol
-        self.objects = ObjectMap(protocol["wl_display"])
+        # The plain relay (no grants: the codec and session tests) leaves skipped new
+        # ids to the compositor to refuse; with grants the id spaces differ, a skipped
+        # id would be renumbered rather than refused, so the proxy refuses it itself.
+        self.objects = ObjectMap(protocol["wl_display"], refuse_skipped_ids=grants is not None)
         self.ids = UpstreamIds()
         # Without grants the session is the plain validating relay (the codec and
         # session tests use it so); the proxy always gives it grants.
@@ -544,6 +547,11 @@ class RelaySession:
                     note = "about an object of qubesshm's"
         if self.shm is not None:
             self.shm.observe_event(obj, spec, args)
+            if self.shm.hides_event(obj, spec, args):
+                if self.tracer is not None:
+                    self.tracer(Relayed(Direction.EVENT, obj, spec, args,
+                                        "dropped: a multi-planar format qubesshm cannot copy"))
+                return
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=True)
         upstream_id = frame.object_id
@@ -560,6 +568,10 @@ class RelaySession:
         """Retire an upstream id; True if the client must hear of it (args rewritten)."""
         deleted = args[0]
         assert isinstance(deleted, int)
+        if self.ids.live_own(deleted):
+            # Freeing the id would let the proxy hand it out while still using it.
+            raise WireError(f"compositor sent delete_id for {deleted}, an object of the "
+                            "proxy's it has not destroyed")
         slot = self.ids.delete_id(deleted)
         if slot is None:
             # An id the proxy does not know: libwayland clients log and ignore it. While
@@ -581,12 +593,20 @@ class RelaySession:
         about, code, message = args
         assert isinstance(about, int) and isinstance(code, int) and isinstance(message, str)
         own = self.ids.owner(about)
-        if own is None:
-            return args
-        # The compositor refused something the proxy made: the client cannot know
-        # that object, so it hears of it on wl_display.
-        return [DISPLAY_ID, int(ErrorCode.IMPLEMENTATION),
-                f"qubesshm: the compositor refused the proxy's {own}@{about}: {message}"]
+        if own is not None:
+            # The compositor refused something the proxy made: the client cannot know
+            # that object, so it hears of it on wl_display.
+            return [DISPLAY_ID, int(ErrorCode.IMPLEMENTATION),
+                    f"qubesshm: the compositor refused the proxy's {own}@{about}: {message}"]
+        client = self.ids.client(about)
+        target = self.objects.get(client) if client is not None else None
+        if target is None:
+            return [DISPLAY_ID, code, message]
+        if target.interface.name == "wl_shm":
+            # Every wl_shm request upstream is the proxy's (client pools stay here).
+            return [DISPLAY_ID, int(ErrorCode.IMPLEMENTATION),
+                    f"qubesshm: the compositor refused a pool of the proxy's: {message}"]
+        return args if target.id == about else [target.id, code, message]
 
     def _translate_event_args(self, obj: WaylandObject, spec: MessageSpec,
                               args: list[ArgValue]) -> list[ArgValue]:

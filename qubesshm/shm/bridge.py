@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Protocol
 
+from ..grants.api import PAGE_SIZE
 from ..grants.ledger import ClientCounters
 from ..grants.sharing import GrantUnavailable
 from ..objects.idmap import UpstreamIds
@@ -30,8 +31,8 @@ from ..pixels.copy import (
     copy_region_mapped,
     damaged_bytes,
 )
-from ..pixels.formats import ARGB8888, XRGB8888, bytes_per_pixel
-from ..pixels.region import TRANSFORMS, Rect, Region
+from ..pixels.formats import ARGB8888, XRGB8888, bytes_per_pixel, single_plane
+from ..pixels.region import MAX_RECTS, TRANSFORMS, Rect, Region
 from ..wire.codec import ArgValue, ErrorCode, Fixed, WireError, encode_message
 from ..wire.protocol import InterfaceSpec, MessageSpec, ProtocolTable
 from .clientpool import (
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qubesshm.shm")
 
+# Upstream pools are whole pages and their size an int32.
+MAX_POOL_SIZE = (2**31 - 1) // PAGE_SIZE * PAGE_SIZE
+
 # Each client pool holds an open fd in the proxy until the client destroys it and
 # its buffers; libwayland's own fd buffer bounds a client to about this many.
 MAX_POOLS_PER_CLIENT = 1024
@@ -58,8 +62,11 @@ MAX_POOLS_PER_CLIENT = 1024
 # wl_surface.error
 INVALID_SCALE = 0
 INVALID_TRANSFORM = 1
+# wl_surface.error since version 5
+INVALID_OFFSET = 3
 # wp_viewport.error
 VIEWPORT_BAD_VALUE = 0
+VIEWPORT_NO_SURFACE = 3
 
 
 class Verdict(enum.Enum):
@@ -156,7 +163,15 @@ class ShmBridge:
         if obj.interface.name == "wl_shm" and spec.name == "format":
             value = args[0]
             assert isinstance(value, int)
-            self.formats.add(value)
+            if single_plane(value):
+                self.formats.add(value)
+
+    def hides_event(self, obj: WaylandObject, spec: MessageSpec, args: list[ArgValue]) -> bool:
+        """Whether the client must not see this event: formats the proxy cannot copy."""
+        if obj.interface.name == "wl_shm" and spec.name == "format":
+            value = args[0]
+            return isinstance(value, int) and not single_plane(value)
+        return False
 
     def own_event(self, own: OwnObject, spec: MessageSpec, args: list[ArgValue],
                   up: Outbox) -> None:
@@ -181,7 +196,10 @@ class ShmBridge:
             return
         for c in self.counters:
             c.pages.awaiting_unmap -= out.pages
-        self._end(out)
+        try:
+            self._end(out)
+        except OSError as exc:
+            log.error("cannot end the grants of %s: %s", out, exc)
 
     def close(self) -> None:
         """The session is over: let go of every grant and client fd."""
@@ -277,6 +295,9 @@ class ShmBridge:
                 up: Outbox, down: Outbox) -> Verdict:
         buffer_id, dx, dy = args
         assert isinstance(dx, int) and isinstance(dy, int)
+        if obj.version >= 5 and (dx or dy):
+            raise WireError(f"attach offset ({dx}, {dy}) is not allowed since version 5: use "
+                            "wl_surface.offset", INVALID_OFFSET, obj.id)
         pending = self._surface(obj.id).pending
         shm = self.buffers.get(buffer_id) if isinstance(buffer_id, int) else None
         if shm is None:
@@ -287,12 +308,12 @@ class ShmBridge:
 
     def _damage(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                 up: Outbox, down: Outbox) -> Verdict:
-        self._surface(obj.id).pending.surface_damage.append(_rect(args))
+        _add_damage(self._surface(obj.id).pending.surface_damage, _rect(args))
         return Verdict.FORWARD
 
     def _damage_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                        up: Outbox, down: Outbox) -> Verdict:
-        self._surface(obj.id).pending.buffer_damage.append(_rect(args))
+        _add_damage(self._surface(obj.id).pending.buffer_damage, _rect(args))
         return Verdict.FORWARD
 
     def _set_transform(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
@@ -334,7 +355,10 @@ class ShmBridge:
         assert isinstance(new_id, int) and isinstance(surface_id, int)
         self.viewports[new_id] = surface_id
         surface = self._surface(surface_id)
-        surface.viewport_requests = ViewportRequests()
+        if not surface.viewport_gone or surface.viewport_requests is None:
+            surface.viewport_requests = ViewportRequests()
+        # else: the destroyed viewport's unsets stay pending (the compositor keeps them),
+        # and the new viewport's requests override them.
         surface.viewport_gone = False
         return Verdict.FORWARD
 
@@ -342,9 +366,15 @@ class ShmBridge:
         surface_id = self.viewports.get(viewport_id)
         return None if surface_id is None else self.surfaces.get(surface_id)
 
+    def _live_viewport_surface(self, viewport_id: int) -> Surface:
+        if viewport_id not in self.viewports:
+            raise WireError("wl_surface for this viewport no longer exists", VIEWPORT_NO_SURFACE,
+                            viewport_id)
+        return self._surface(self.viewports[viewport_id])
+
     def _set_source(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                     up: Outbox, down: Outbox) -> Verdict:
-        surface = self._viewport_surface(obj.id)
+        surface = self._live_viewport_surface(obj.id)
         values = [Fraction(a.raw, 256) for a in args if isinstance(a, Fixed)]
         if all(v == -1 for v in values):
             source = None
@@ -352,14 +382,14 @@ class ShmBridge:
             raise WireError("source rectangle out of bounds", VIEWPORT_BAD_VALUE, obj.id)
         else:
             source = (values[0], values[1], values[2], values[3])
-        if surface is not None and surface.viewport_requests is not None:
+        if surface.viewport_requests is not None:
             surface.viewport_requests.source = source
             surface.viewport_requests.source_set = True
         return Verdict.FORWARD
 
     def _set_destination(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                          up: Outbox, down: Outbox) -> Verdict:
-        surface = self._viewport_surface(obj.id)
+        surface = self._live_viewport_surface(obj.id)
         width, height = args
         assert isinstance(width, int) and isinstance(height, int)
         if width == -1 and height == -1:
@@ -369,7 +399,7 @@ class ShmBridge:
                             VIEWPORT_BAD_VALUE, obj.id)
         else:
             destination = (width, height)
-        if surface is not None and surface.viewport_requests is not None:
+        if surface.viewport_requests is not None:
             surface.viewport_requests.destination = destination
             surface.viewport_requests.destination_set = True
         return Verdict.FORWARD
@@ -396,6 +426,10 @@ class ShmBridge:
         has_damage = bool(pending.surface_damage or pending.buffer_damage)
         if buffer is None or not buffer.alive or not (newly or has_damage):
             surface.apply()
+            if surface.buffer is None:
+                # Something other than our copy is shown now (nothing, or a non-shm
+                # buffer): the next shm buffer is copied whole.
+                surface.shown_key = None
             return Verdict.FORWARD
         # Output buffers of another shape (the window was resized, or changed format)
         # are not needed any more: they go once the compositor has let go of them.
@@ -456,6 +490,11 @@ class ShmBridge:
 
     def _new_output(self, buffer: ClientBuffer, up: Outbox) -> OutputBuffer:
         width, height, stride = buffer.width, buffer.height, buffer.stride
+        if stride * height > MAX_POOL_SIZE:
+            # wl_shm.create_pool's size is an int32: no pool of the compositor can hold it.
+            raise WireError(f"qubesshm: a {width}x{height} buffer of stride {stride} does not "
+                            f"fit a wl_shm pool ({MAX_POOL_SIZE} bytes at most)",
+                            ErrorCode.NO_MEMORY, DISPLAY_ID)
         try:
             grant = self.halves.sharing.share(stride * height)
         except GrantUnavailable as exc:
@@ -505,8 +544,11 @@ class ShmBridge:
 
     def _end(self, out: OutputBuffer) -> None:
         self._retiring.discard(out)
-        self.halves.mapping.unmap(out.mapping)
-        outcome = self.halves.sharing.end(out.grant)
+        try:
+            self.halves.mapping.unmap(out.mapping)
+        finally:
+            # Ended even if unmapping failed: a grant left shared would leak for good.
+            outcome = self.halves.sharing.end(out.grant)
         for c in self.counters:
             c.pages.unshared(out.pages, deferred=outcome.value == "deferred")
 
@@ -542,6 +584,17 @@ def obj_upstream(ids: UpstreamIds, client_id: int) -> int:
         raise WireError(f"object {client_id} is not known to the compositor",
                         ErrorCode.IMPLEMENTATION)
     return upstream
+
+
+def _add_damage(rects: list[Rect], rect: Rect) -> None:
+    """Add to a commit's damage; past MAX_RECTS rectangles it becomes their bounding box,
+    so a flood of damage requests costs the proxy nothing more than one rectangle."""
+    if rect.empty:
+        return
+    rects.append(rect)
+    if len(rects) > MAX_RECTS:
+        box = Region(rects).bounds()
+        rects[:] = [box]
 
 
 def _rect(args: Sequence[ArgValue]) -> Rect:

@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from ..pixels.formats import bytes_per_pixel
+from ..pixels.formats import bytes_per_pixel, single_plane
 from .errors import ShmError
 
 # wl_shm.error
@@ -127,7 +127,7 @@ def resize_pool(pool: ClientPool, size: int) -> None:
 def make_buffer(pool: ClientPool, client_id: int, offset: int, width: int, height: int,
                 stride: int, format_code: int, formats: set[int]) -> ClientBuffer:
     """``wl_shm_pool.create_buffer``, checked as libwayland checks it."""
-    if format_code not in formats:
+    if format_code not in formats or not single_plane(format_code):
         raise ShmError(pool.client_id, INVALID_FORMAT, f"invalid format 0x{format_code:x}")
     if (offset < 0 or width <= 0 or height <= 0 or stride < width
             or _INT32_MAX // stride <= height or offset > pool.size - stride * height):
