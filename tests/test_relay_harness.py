@@ -1101,3 +1101,51 @@ def test_dmabuf_is_hidden_unless_allowed(harness: Harness, allow: bool) -> None:
     pair.compositor.send(dmabuf + shm)
     pair.client.expect(dmabuf + shm if allow else shm)
     pair.roundtrip()
+
+
+def drain_until_eof(endpoint: Endpoint) -> None:
+    """Read whatever the proxy still sends until it hangs up."""
+    try:
+        while endpoint._recv():
+            pass
+    except ConnectionResetError:
+        pass
+    for fd in endpoint.fds:
+        os.close(fd)
+    endpoint.fds.clear()
+    endpoint.buf.clear()
+
+
+def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
+                                                             proxy: Proxy) -> None:
+    """Past the per-surface cap a commit waits for the compositor's release; the
+    client leaving meanwhile still ends the session (and its grants) at once."""
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    compositor = pair.bind(registry, 1, "wl_compositor", 4)
+    shm = pair.bind(registry, 2, "wl_shm", 1)
+    pool, buffer, surface = pair.new_id(), pair.new_id(), pair.new_id()
+    fd = memfd_with(b"\x01" * 64)
+    pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
+                                     [pool, fd, 64]))
+    os.close(fd)
+    pair.client.send(req(pool, "wl_shm_pool", "create_buffer", buffer, 0, 4, 4, 16, 1)
+                     + req(compositor, "wl_compositor", "create_surface", surface))
+    frame = (req(surface, "wl_surface", "attach", buffer, 0, 0)
+             + req(surface, "wl_surface", "commit"))
+    for _ in range(4):  # the fourth waits: the fake compositor releases nothing
+        pair.client.send(frame)
+    callback = pair.new_id()
+    pair.client.send(req(1, "wl_display", "sync", callback))
+    # Three early releases reach the client; the sync behind the waiting commit does not
+    # reach the compositor (it would answer it).
+    for _ in range(3):
+        object_id, opcode, _ = pair.client.recv_message()
+        if (object_id, opcode) == (1, 1):  # delete_id of the kept pool or buffer
+            object_id, opcode, _ = pair.client.recv_message()
+        assert (object_id, opcode) == (buffer, 0)
+    pair.client.close()
+    drain_until_eof(pair.compositor)
+    pair.compositor.closed = True
+    other = harness.connect(proxy)
+    other.roundtrip()

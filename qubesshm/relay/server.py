@@ -48,6 +48,8 @@ COMPOSITOR_READS_PER_WAKEUP = 16
 # How often to retry accept() after running out of file descriptors.
 ACCEPT_RETRY_DELAY = 0.5
 CONNECT_RETRY_DELAY = 0.01
+# Requests read ahead while a commit waits for an output buffer.
+BLOCKED_READ_LIMIT = 64 * 1024
 # How often the simulated kernel's deferred-reclaim timer is looked at.
 TICK_INTERVAL = 0.25
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -121,9 +123,12 @@ class ClientRelay:
             # Events are piling up for a client that does not read them: stop
             # taking them, and stop taking the requests that cause more.
             wanted.clear()
-        if self.compositor in self._backed_up or self.session.blocked:
-            # A commit waiting for the compositor to release a buffer holds back the
-            # requests behind it.
+        if self.compositor in self._backed_up:
+            wanted.discard(self.client)
+        elif self.session.blocked and self.session.request_backlog >= BLOCKED_READ_LIMIT:
+            # A commit waits for the compositor to release a buffer, and the requests
+            # behind it wait with it; reading goes on up to a bound, so that a client
+            # hanging up meanwhile is noticed and its grants let go.
             wanted.discard(self.client)
         return wanted
 
@@ -186,10 +191,10 @@ class ClientRelay:
             os.close(fd)
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
-        if self.session.blocked != self._blocked and not self.closed:
-            self._blocked = self.session.blocked
+        if (self.session.blocked or self._blocked) and not self.closed:
+            was_blocked, self._blocked = self._blocked, self.session.blocked
             self._update_readers()
-            if not self._blocked and self.client in self._reading:
+            if was_blocked and not self._blocked and self.client in self._reading:
                 # Requests read while blocked are waiting in the session.
                 self._apply(self.session.from_client(b""))
         if step.error is not None and not self.closed:

@@ -169,6 +169,11 @@ class RelaySession:
                             upstream=True))
 
     @property
+    def request_backlog(self) -> int:
+        """Bytes of requests received and not yet handled."""
+        return self._requests.buffered_bytes
+
+    @property
     def blocked(self) -> bool:
         """A commit waits for the compositor to release an output buffer: the I/O
         layer should stop reading the client meanwhile."""
@@ -266,6 +271,7 @@ class RelaySession:
         if self._parked is not None:
             if at_eof:
                 return  # the client left; its parked commit goes with it
+            self._check_unclaimed(self._requests)
             parked_obj, parked_spec, parked_frame, parked_args = self._parked
             self._parked = None
             if not self._dispatch_request(parked_obj, parked_spec, parked_frame, parked_args,
