@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qubesshm.relay.session import Step
-from qubesshm.wire.codec import ArgValue, ErrorCode, WireReader, decode_args, encode_message
+from qubesshm.wire.codec import (
+    ArgValue,
+    ErrorCode,
+    Frame,
+    WireReader,
+    decode_args,
+    encode_message,
+)
 from qubesshm.wire.protocol import MessageSpec, load_protocols
 
 PROTO = load_protocols()
@@ -32,9 +39,9 @@ def joined(segments: Sequence[tuple[bytes, list[int]]]) -> tuple[bytes, list[int
     return b"".join(d for d, _ in segments), [fd for _, f in segments for fd in f]
 
 
-def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
-    """The args of the wl_display.error that ``to_client`` must end with."""
-    data, fds = joined(to_client)
+def frames_of(segments: Sequence[tuple[bytes, list[int]]]) -> list[Frame]:
+    """The whole messages of a Step's output towards one peer (which carries no fd)."""
+    data, fds = joined(segments)
     assert fds == []
     reader = WireReader()
     reader.feed(data)
@@ -43,7 +50,13 @@ def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
         taken = reader.take(head[2], 0)
         assert taken is not None
         frames.append(taken[0])
-    assert reader.buffered_bytes == 0, "to_client holds a partial message"
+    assert reader.buffered_bytes == 0, "the output holds a partial message"
+    return frames
+
+
+def parse_error(to_client: Sequence[tuple[bytes, list[int]]]) -> list[ArgValue]:
+    """The args of the wl_display.error that ``to_client`` must end with."""
+    frames = frames_of(to_client)
     assert frames, "no wl_display.error sent to the client"
     last = frames[-1]
     assert (last.object_id, last.opcode) == (1, 0)

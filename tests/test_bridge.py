@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from messages import PROTO, joined, parse_error, request
+from messages import PROTO, frames_of, joined, parse_error, request
 
 from qubesshm.grants.api import PAGE_SIZE
 from qubesshm.grants.halves import sim_halves
@@ -264,16 +264,7 @@ def attached(got: list[Received]) -> int:
 
 
 def client_events(step: Step) -> list[tuple[int, int, bytes]]:
-    data, fds = joined(step.to_client)
-    assert not fds
-    reader = WireReader()
-    reader.feed(data)
-    out = []
-    while (head := reader.peek()) is not None:
-        taken = reader.take(head[2], 0)
-        assert taken is not None
-        out.append((head[0], head[1], taken[0].data))
-    return out
+    return [(f.object_id, f.opcode, f.data) for f in frames_of(step.to_client)]
 
 
 def released(step: Step, buffer: int) -> bool:
