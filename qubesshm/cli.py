@@ -81,6 +81,28 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
                         "cross a VM boundary, so toolkits fall back to wl_shm)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _warmup(text: str) -> int:
+    value = _positive(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"{value} frames do not fill the client's 3 buffers "
+                                         "and the proxy's output buffers: give at least 4")
+    return value
+
+
+def _region(text: str) -> int:
+    value = _positive(text)
+    if value > 540:
+        raise argparse.ArgumentTypeError(f"{value} does not fit twice in 1080 rows")
+    return value
+
+
 def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", metavar="NAME|PATH",
                         help="compositor to measure against (default: start a headless Weston "
@@ -132,14 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     frames = bench_sub.add_parser(
         "frames", help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
     _add_bench_upstream(frames)
-    frames.add_argument("--frames", type=int, default=100,
+    frames.add_argument("--frames", type=_positive, default=100,
                         help="timed frames per run (default %(default)s)")
-    frames.add_argument("--warmup", type=int, default=10,
-                        help="frames before timing starts (default %(default)s)")
-    frames.add_argument("--repeats", type=int, default=3,
+    frames.add_argument("--warmup", type=_warmup, default=10,
+                        help="frames before timing starts, at least 4 so that the proxy's "
+                        "output buffers exist (default %(default)s)")
+    frames.add_argument("--repeats", type=_positive, default=3,
                         help="runs per case and path; medians are reported (default %(default)s)")
-    frames.add_argument("--region", type=int, default=64,
-                        help="side of the small damaged square (default %(default)s)")
+    frames.add_argument("--region", type=_region, default=64,
+                        help="side of the small damaged square, 1 to 540 (default %(default)s)")
     frames.add_argument("--json", metavar="FILE", help="also write every run's figures here")
     frames.add_argument("--unsealed", action="store_true",
                         help="the client leaves its pool unsealed, so qubesshm reads it with "
@@ -157,11 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         if args.command == "bench":
-            if args.bench == "frames":
-                from .bench.frames import run_frames_bench
-                return run_frames_bench(args)
-            from .bench.relay import run_relay_bench
-            return run_relay_bench(args)
+            try:
+                if args.bench == "frames":
+                    from .bench.frames import run_frames_bench
+                    return run_frames_bench(args)
+                from .bench.relay import run_relay_bench
+                return run_relay_bench(args)
+            except (RuntimeError, OSError) as exc:
+                print(f"qubesshm bench {args.bench}: {exc}", file=sys.stderr)
+                return 1
         if args.command == "tune":
             return _tune(args)
         if args.command == "stats":
@@ -269,10 +296,11 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     try:
         server.control = ControlSocket(stats_path(listener.path),
                                        lambda: snapshot(server.ledger, grants))
-    except OSError as exc:
+    except (OSError, AddressError) as exc:
         server.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise AddressError(f"cannot listen for qubesshm stats on "
-                           f"{stats_path(listener.path)}: {exc.strerror or exc}") from exc
+                           f"{stats_path(listener.path)}: {why}") from exc
     log.info("listening on %s, relaying to %s (%d interfaces known)", listener.path, upstream,
              len(protocol))
     return server
@@ -288,7 +316,7 @@ async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
     server = _start(args, protocol, options, args.socket, grants)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()

@@ -774,3 +774,20 @@ def test_delete_id_for_a_live_output_buffer_is_the_compositors_error(world: Worl
     step = world.events(event(1, "wl_display", "delete_id", attached(got)))
     assert step.error is not None and not step.client_at_fault
     assert parse_error(step.to_client)[1] == ErrorCode.IMPLEMENTATION
+
+
+def test_reclaim_goes_on_without_the_parameter_file(world: World) -> None:
+    """Before Linux 6.5 there is no free_per_iteration file: the timer uses 10."""
+    from qubesshm.grants.params import FREE_PER_ITERATION
+
+    pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
+    _, buffer = world.buffer(pool, 0, 64, 64, 256)
+    _, got = world.commit(world.surface(), buffer, (0, 0, 64, 64))
+    world.mapped.add(world.comp.pool_file(attached(got)))
+    world.session.end()
+    assert world.hv.deferred_pages == 4
+    world.hv.params.path(FREE_PER_ITERATION).unlink()
+    world.mapped.clear()
+    world.clock.now += 1
+    world.hv.advance()
+    assert world.hv.deferred_pages == 0

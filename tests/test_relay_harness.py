@@ -1149,3 +1149,18 @@ def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
     pair.compositor.closed = True
     other = harness.connect(proxy)
     other.roundtrip()
+
+
+def test_a_proxy_never_replaces_another_proxys_stats_socket(harness: Harness) -> None:
+    """NAME.stats is locked as a Wayland socket is: a proxy serving a socket of that
+    name and a proxy serving NAME exclude each other, neither replaces the other."""
+    first = harness.start_proxy(name="qs.stats")
+    inode = first.path.stat().st_ino
+    result = subprocess.run(harness.command("qs"), env=harness.env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
+                            check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "is in use" in result.stderr, result.stderr
+    assert first.path.stat().st_ino == inode
+    assert not (harness.run_dir / "qs").exists(), "the refused proxy left its socket"
+    harness.connect(first).roundtrip()

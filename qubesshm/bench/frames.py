@@ -174,6 +174,9 @@ def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30) -
 
 
 def run_frames_bench(args: argparse.Namespace) -> int:
+    if args.json:
+        # Found unwritable now rather than after the whole run.
+        Path(args.json).touch()
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
     with contextlib.ExitStack() as stack, compositor(args.upstream, width=WIDTH,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import mmap
 import os
 import time
@@ -36,7 +37,9 @@ from .api import (
     UnmapNotify,
     Unshared,
 )
-from .params import ModuleParams
+from .params import DEFAULT_FREE_PER_ITERATION, ModuleParams
+
+log = logging.getLogger("qubesshm.grants")
 
 # Grant-table v1 entries are 8 bytes: 512 per 4 KiB frame.
 ENTRIES_PER_FRAME = 512
@@ -266,7 +269,11 @@ class SimHypervisor:
         """``gnttab_handle_deferred``: retry up to free_per_iteration entries, in order,
         re-queueing the still-mapped ones at the tail, and stop on meeting the first
         re-queued one again."""
-        budget = self.params.free_per_iteration
+        try:
+            budget = self.params.free_per_iteration
+        except (OSError, ValueError):
+            # No readable parameter (as before Linux 6.5): the compiled-in default.
+            budget = DEFAULT_FREE_PER_ITERATION
         unlimited = budget == 0
         by_processes = self._mapped_by_processes()
         first: _Entry | None = None
@@ -450,9 +457,14 @@ class SimHypervisor:
             "deferred_pages_bytes": len(self._deferred) * PAGE_SIZE,
         }
         path = self.root / COUNTERS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(path)
+        # Each process its own temporary name: proxies sharing a root must not race.
+        tmp = path.with_name(f".{COUNTERS_FILE}.{os.getpid()}.{id(self)}.tmp")
+        try:
+            tmp.write_text(json.dumps(status))
+            tmp.replace(path)
+        except OSError as exc:
+            # What tune shows is a courtesy; the grant table itself is already right.
+            log.warning("cannot publish the simulated kernel's counters to %s: %s", path, exc)
 
 
 COUNTERS_FILE = "counters.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import Any
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import ClientCounters, GrantLedger
-from .listener import runtime_path
+from .listener import Listener, runtime_path
 
 log = logging.getLogger("qubesshm.relay")
 
 SUFFIX = ".stats"
+# Stats readers served at once; more are refused rather than queued.
+MAX_PENDING_REPLIES = 32
 _MAX_REPLY = 16 << 20
 
 
@@ -33,9 +36,12 @@ def stats_path(socket_path: Path) -> Path:
 def _grants(counters: ClientCounters, deferred: int | None, leaked: int | None,
             *, total: bool) -> dict[str, int | None]:
     pages = counters.pages
-    if total:
+    if total and deferred is not None:
         # Pages unshared while still mapped and not yet reclaimed by the kernel.
-        ended = None if deferred is None else pages.unshared_total - deferred - (leaked or 0)
+        ended = pages.unshared_total - deferred - (leaked or 0)
+    elif total:
+        # The kernel hides its deferred list (real Xen): what the proxy saw at unshare.
+        ended = pages.unshared_total - pages.deferred_at_unshare
     else:
         # The kernel's list is not per client: count what this client handed to it.
         deferred = pages.deferred_at_unshare
@@ -91,38 +97,55 @@ class ControlSocket:
         self.path = path
         self.report = report
         self.loop = asyncio.get_running_loop()
-        # The caller holds the Wayland socket's lock, so a file here is a leftover.
-        path.unlink(missing_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Named and locked as a Wayland socket is (NAME.stats.lock): a proxy serving a
+        # socket called NAME.stats and this one exclude each other instead of
+        # replacing each other's files.
+        self.listener = Listener(str(path), backlog=64)
         try:
-            self.sock.bind(str(path))
-            self.sock.listen(16)
+            # Counters are nobody else's business: owner only (connecting needs write).
+            os.chmod(path, 0o600)
         except OSError:
-            self.sock.close()
+            self.listener.close()
             raise
-        self.sock.setblocking(False)
-        self.loop.add_reader(self.sock.fileno(), self._accept)
+        self._replies: dict[socket.socket, memoryview] = {}
+        self.loop.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
         try:
-            conn, _ = self.sock.accept()
+            conn, _ = self.listener.sock.accept()
         except OSError:
             return
-        data = json.dumps(self.report()).encode() + b"\n"
-        # A reply of a few KiB fits the socket buffer; a reader that does not read
-        # gets a truncated document rather than a stuck proxy.
+        if len(self._replies) >= MAX_PENDING_REPLIES:
+            conn.close()  # readers that do not read do not get to pile up
+            return
         conn.setblocking(False)
+        self._replies[conn] = memoryview(json.dumps(self.report()).encode() + b"\n")
+        self.loop.add_writer(conn.fileno(), self._write, conn)
+
+    def _write(self, conn: socket.socket) -> None:
+        data = self._replies[conn]
         try:
-            conn.send(data)
+            sent = conn.send(data[:65536])
+        except BlockingIOError:
+            return
         except OSError as exc:
             log.info("stats reader went away: %s", exc)
-        finally:
-            conn.close()
+            sent = len(data)
+        if sent < len(data):
+            self._replies[conn] = data[sent:]
+            return
+        self._finish(conn)
+
+    def _finish(self, conn: socket.socket) -> None:
+        self.loop.remove_writer(conn.fileno())
+        del self._replies[conn]
+        conn.close()
 
     def close(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        self.path.unlink(missing_ok=True)
+        for conn in list(self._replies):
+            self._finish(conn)
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
 
 
 class StatsError(RuntimeError):
@@ -136,17 +159,27 @@ def read_stats(name: str, timeout: float = 5.0) -> dict[str, Any]:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
+        except (BlockingIOError, TimeoutError) as exc:
+            raise StatsError(f"the qubesshm proxy at {path} is too busy to answer (its "
+                             "backlog is full); try again") from exc
         except OSError as exc:
             raise StatsError(f"no qubesshm proxy is serving {name}: cannot connect to {path} "
                              f"({exc.strerror or exc}); is `qubesshm serve --socket {name}` "
                              "running?") from exc
         chunks = []
         size = 0
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > _MAX_REPLY:
-                raise StatsError(f"{path} sent more than {_MAX_REPLY} bytes")
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > _MAX_REPLY:
+                    raise StatsError(f"{path} sent more than {_MAX_REPLY} bytes")
+        except TimeoutError as exc:
+            raise StatsError(f"the qubesshm proxy at {path} did not answer within "
+                             f"{timeout:g} s") from exc
+        except OSError as exc:
+            raise StatsError(f"reading counters from {path} failed: "
+                             f"{exc.strerror or exc}") from exc
     try:
         data = json.loads(b"".join(chunks))
     except ValueError as exc:
@@ -189,7 +222,7 @@ def format_table(stats: dict[str, Any]) -> str:
 
 def summary_line(stats: dict[str, Any]) -> str:
     """One line for the log at exit."""
-    grants = stats["grants"]
+    grants = {k: "n/a" if v is None else v for k, v in stats["grants"].items()}
     return (f"{stats['commits']} commits, {stats['bytes_damaged'] / (1 << 20):.1f} MiB "
             f"damaged, {stats['bytes_copied'] / (1 << 20):.1f} MiB copied, "
             f"{stats['early_releases']} early releases; grant pages: "

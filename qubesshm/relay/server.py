@@ -381,8 +381,12 @@ class ProxyServer:
     def _tick(self) -> None:
         """Drive the simulated kernel's 1-second deferred-reclaim timer."""
         assert self.grants is not None
-        self.grants.tick()
         self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
+        try:
+            self.grants.tick()
+        except Exception:
+            # The timer must outlive one bad tick, or deferred grants are never reclaimed.
+            log.exception("the simulated kernel's reclaim timer failed")
 
     def hidden_global(self, interface: str, version: int) -> None:
         if interface not in self._hidden_logged:

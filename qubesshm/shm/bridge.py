@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Protocol
 
-from ..grants.api import PAGE_SIZE
+from ..grants.api import PAGE_SIZE, Unshared
 from ..grants.ledger import ClientCounters
 from ..grants.sharing import GrantUnavailable
 from ..objects.idmap import UpstreamIds
@@ -544,13 +544,18 @@ class ShmBridge:
 
     def _end(self, out: OutputBuffer) -> None:
         self._retiring.discard(out)
+        outcome: Unshared | None = None
         try:
-            self.halves.mapping.unmap(out.mapping)
+            try:
+                self.halves.mapping.unmap(out.mapping)
+            finally:
+                # Ended even if unmapping failed: a grant left shared would leak for good.
+                outcome = self.halves.sharing.end(out.grant)
         finally:
-            # Ended even if unmapping failed: a grant left shared would leak for good.
-            outcome = self.halves.sharing.end(out.grant)
-        for c in self.counters:
-            c.pages.unshared(out.pages, deferred=outcome.value == "deferred")
+            # Counted even when the backend failed (then as deferred: not known ended).
+            for c in self.counters:
+                c.pages.unshared(out.pages, deferred=outcome is not Unshared.ENDED
+                                 and outcome is not Unshared.UNREPORTED)
 
     def _drop(self, out: OutputBuffer) -> None:
         """End an output buffer at session end, whatever its state."""
