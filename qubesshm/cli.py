@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 
+from . import __version__
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
 from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
@@ -42,8 +44,38 @@ from .wire.protocol import ProtocolLoadError, ProtocolTable, load_protocols
 log = logging.getLogger("qubesshm")
 
 
-def _debug_from_env() -> bool:
-    return os.environ.get("QUBESSHM_DEBUG", "") not in ("", "0")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class UsageError(ValueError):
+    """A mistake in how qubesshm was called: exit status 2, as argparse's."""
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (or unset)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise UsageError(f"{name}={os.environ[name]!r} is not a boolean: use 1, true, yes or on "
+                     "to turn it on, 0, false, no or off (or unset it) to turn it off")
+
+
+def _message_size(text: str) -> int:
+    value = int(text)
+    # A message needs its 8-byte header plus a word; its size field has 16 bits.
+    if not 16 <= value <= 65532:
+        raise argparse.ArgumentTypeError(f"{value} is not between 16 and 65532 bytes")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | None) -> None:
@@ -53,13 +85,14 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
                            " (default: a private name)"))
     parser.add_argument("--upstream", metavar="NAME|PATH",
                         help="compositor socket (default $WAYLAND_DISPLAY, else wayland-0)")
-    parser.add_argument("--debug", action="store_true", default=_debug_from_env(),
+    parser.add_argument("--debug", action="store_true",
                         help="log every relayed message (also QUBESSHM_DEBUG=1)")
     parser.add_argument("--protocol-dir", action="append", default=[], metavar="DIR",
                         help="more protocol XML to understand (repeatable)")
-    parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
+    parser.add_argument("--max-message-size", type=_message_size,
+                        default=DEFAULT_MAX_MESSAGE_SIZE,
                         metavar="BYTES", help="largest message accepted (default %(default)s)")
-    parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+    parser.add_argument("--stall-timeout", type=_seconds, default=DEFAULT_STALL_TIMEOUT,
                         metavar="SECONDS", help="drop a session whose peer stops reading for "
                         "this long (default %(default)s)")
 
@@ -113,36 +146,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesshm",
         description="A Wayland proxy that validates and relays every message between "
-        "clients and the compositor.")
+        "clients and the compositor, and backs every shm buffer the compositor sees with "
+        "Xen grant pages it owns.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    parser.add_argument("--version", action="version", version=f"qubesshm {__version__}")
+    # -v is taken after the subcommand too; SUPPRESS keeps one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log connections")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="relay Wayland clients to the compositor")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="relay Wayland clients to the compositor")
     _add_relay_options(serve, DEFAULT_SOCKET_NAME)
     _add_grants_option(serve)
     _add_buffer_options(serve)
 
-    run = sub.add_parser("run", help="run one command through a private proxy")
+    run = sub.add_parser("run", parents=[common],
+                         help="run one command through a private proxy")
     _add_relay_options(run, None)
     _add_grants_option(run)
     _add_buffer_options(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    tune = sub.add_parser("tune", help="show or set the kernel's grant reclaim parameters")
+    tune = sub.add_parser("tune", parents=[common],
+                          help="show or set the kernel's grant reclaim parameters")
     _add_grants_option(tune)
     tune.add_argument("--free-per-iteration", type=int, metavar="N",
                       help="deferred grants retried per 1-second tick (0: all)")
     tune.add_argument("--gntalloc-limit", type=int, metavar="N",
                       help="pages gntalloc may have granted at once")
 
-    stats = sub.add_parser("stats", help="show a running proxy's counters")
+    stats = sub.add_parser("stats", parents=[common], help="show a running proxy's counters")
     stats.add_argument("--socket", default=DEFAULT_SOCKET_NAME, metavar="NAME",
                        help="the proxy's socket name or path (default %(default)s)")
     stats.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = sub.add_parser("bench", help="measure the proxy against baselines")
+    bench = sub.add_parser("bench", parents=[common], help="measure the proxy against baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    relay = bench_sub.add_parser("relay", help="round-trip latency: direct, qubesshm, waypipe")
+    relay = bench_sub.add_parser("relay", parents=[common],
+                                 help="round-trip latency: direct, qubesshm, waypipe")
     _add_bench_upstream(relay)
     relay.add_argument("--round-trips", type=int, default=2000,
                        help="wl_display.sync round trips per path (default %(default)s)")
@@ -152,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bursts per path; the median is reported (default %(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
     frames = bench_sub.add_parser(
-        "frames", help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
+        "frames", parents=[common],
+        help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
     _add_bench_upstream(frames)
     frames.add_argument("--frames", type=_positive, default=100,
                         help="timed frames per run (default %(default)s)")
@@ -171,8 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # The usage of the subcommand that was given the unknown arguments, not the top.
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+    try:
+        args.debug = getattr(args, "debug", False) or env_flag("QUBESSHM_DEBUG")
+    except UsageError as exc:
+        _subparser(parser, args).error(str(exc))
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> argparse.ArgumentParser:
+    found = parser
+    for dest in ("command", "bench"):
+        name = getattr(args, dest, None)
+        choices = next((a.choices for a in found._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+        if name is None or not choices or name not in choices:
+            break
+        found = choices[name]
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or getattr(args, "debug", False) else logging.WARNING,
         format="qubesshm: %(message)s",

@@ -120,6 +120,9 @@ def test_unreachable_compositor_is_reported_to_the_client(tmp_path: Path) -> Non
     # libwayland in the client prints the wl_display.error the proxy sent it.
     assert re.search(r"error 3: qubesshm: cannot reach the compositor at \S+nothing-here",
                      result.stderr), result.stderr
+    # The proxy's own log line says it once, not "qubesshm: client#1: qubesshm: ...".
+    assert "qubesshm: client#1: cannot reach the compositor" in result.stderr
+    assert "qubesshm: client#1: qubesshm:" not in result.stderr
 
 
 def test_a_burst_of_requests_survives_the_compositors_buffer_limits(

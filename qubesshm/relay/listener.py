@@ -45,7 +45,12 @@ class Listener:
         self.lock_path = Path(f"{self.path}.lock")
         if len(os.fsencode(self.path)) >= 108:
             raise AddressError(f"socket path {self.path} is too long for a Unix socket")
-        self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o660)
+        try:
+            self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o660)
+        except OSError as exc:
+            raise AddressError(f"cannot listen on {self.path}: {exc.strerror} "
+                               f"({self.lock_path}); give a socket name in an existing "
+                               "directory you may write") from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -61,9 +66,9 @@ class Listener:
             self.sock.bind(str(self.path))
             self.sock.listen(backlog)
             self.sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             self._release_lock()
-            raise
+            raise AddressError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -471,8 +471,9 @@ class ProxyServer:
                 exc: OSError) -> None:
         self._connecting.discard(client)
         upstream.close()
-        message = f"qubesshm: cannot reach the compositor at {self.upstream}: {exc}"
-        log.error("client#%d: %s", number, message)
+        reason = f"cannot reach the compositor at {self.upstream}: {exc.strerror or exc}"
+        log.error("client#%d: %s", number, reason)
+        message = f"qubesshm: {reason}"
         try:
             client.setblocking(False)
             client.send(display_error(self.protocol,

@@ -1,0 +1,99 @@
+"""The command line a user meets first: checked arguments, one clean line per mistake.
+
+Every case runs ``python3 -m qubesshm`` as a user would and checks the exit status
+(2 for usage errors, as argparse; 1 for other errors), that stderr is one line
+naming the cause, and that no traceback escapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qubesshm import __version__
+from qubesshm.cli import UsageError, env_flag
+
+
+def qubesshm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qubesshm", *args], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)
+
+
+def private_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), **extra)
+    env.pop("QUBESSHM_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def test_version() -> None:
+    result = qubesshm("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"qubesshm {__version__}"
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["serve", "--max-message-size", "0"], "--max-message-size: 0 is not between"),
+    (["serve", "--max-message-size", "-5"], "--max-message-size: -5 is not between"),
+    (["serve", "--max-message-size", "70000"], "not between 16 and 65532"),
+    (["serve", "--stall-timeout", "-1"], "--stall-timeout: -1 is not a positive"),
+    (["serve", "--stall-timeout", "0"], "--stall-timeout: 0 is not a positive"),
+    (["serve", "--stall-timeout", "nan"], "--stall-timeout: nan is not a positive"),
+    (["run", "--stall-timeout", "inf", "--", "true"], "inf is not a positive"),
+    (["bench", "frames", "--frames", "0"], "--frames: 0 is not at least 1"),
+    (["bench", "frames", "--region", "600"], "does not fit twice"),
+])
+def test_ranges_are_checked_when_parsing(tmp_path: Path, args: list[str], why: str) -> None:
+    result = qubesshm(*args, env=private_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert why in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_option_shows_the_subcommands_usage(tmp_path: Path) -> None:
+    result = qubesshm("serve", "--bogus", env=private_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: qubesshm serve ")
+    assert "qubesshm serve: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_verbose_before_and_after_the_subcommand(tmp_path: Path) -> None:
+    for args in (["-v", "tune", "--grants", "sim"], ["tune", "--grants", "sim", "-v"]):
+        result = qubesshm(*args, env=private_env(tmp_path))
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("value", "on"), [
+    ("1", True), ("true", True), ("YES", True), ("on", True),
+    ("0", False), ("false", False), ("no", False), ("off", False), ("", False),
+])
+def test_boolean_environment_variables(monkeypatch: pytest.MonkeyPatch, value: str,
+                                       on: bool) -> None:
+    monkeypatch.setenv("QUBESSHM_DEBUG", value)
+    assert env_flag("QUBESSHM_DEBUG") is on
+
+
+def test_a_non_boolean_environment_variable_is_a_usage_error(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             ) -> None:
+    monkeypatch.setenv("QUBESSHM_DEBUG", "maybe")
+    with pytest.raises(UsageError):
+        env_flag("QUBESSHM_DEBUG")
+    result = qubesshm("tune", "--grants", "sim", env=private_env(tmp_path,
+                                                                 QUBESSHM_DEBUG="maybe"))
+    assert result.returncode == 2
+    assert "QUBESSHM_DEBUG='maybe' is not a boolean" in result.stderr
+
+
+def test_a_socket_in_a_missing_directory_is_one_clean_line(tmp_path: Path) -> None:
+    upstream = tmp_path / "run" / "upstream"
+    result = qubesshm("serve", "--grants", "sim", "--socket", str(tmp_path / "no" / "sock"),
+                      "--upstream", str(upstream), env=private_env(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"cannot listen on {tmp_path / 'no' / 'sock'}" in result.stderr
