@@ -43,7 +43,7 @@ U32 = st.integers(0, 2**32 - 1)
 NONZERO_U32 = st.integers(1, 2**32 - 1)
 # Text the wire can carry: no NUL, no lone surrogates; plenty of non-ASCII.
 TEXT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"),
     max_size=24,
 )
 

@@ -19,7 +19,7 @@ import select
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -806,7 +806,9 @@ def test_ten_minutes_of_ticks_in_one_advance(sim: Sim) -> None:
 def test_unlimited_tick_visits_each_entry_once(sim: Sim, monkeypatch: pytest.MonkeyPatch
                                                ) -> None:
     sim.vm.set_gntalloc_limit(BACKLOG_SHARES * BACKLOG_PAGES)
-    whole, halves, kept = [], [], []
+    whole: list[MappedArea] = []
+    halves: list[MappedArea] = []
+    kept: list[int] = []
     for _ in range(BACKLOG_SHARES):
         area = sim.vm.share(GUI, BACKLOG_PAGES)
         whole.append(sim.gui.map(grants(area)))
@@ -1157,8 +1159,10 @@ def test_notify_holds_its_port_until_sent(sim: Sim) -> None:
     sim.vm.set_share_notify(c, UnmapNotify(event_port=port))
     sim.vm.set_share_notify(c, UnmapNotify(clear_byte=0))  # c no longer holds it
     sim.vm.unbind(port)
-    for call in (lambda: sim.vm.notify(port), lambda: sim.vm.unbind(port),
-                 lambda: sim.vm.unmask([port])):
+    calls: list[Callable[[], None]] = [lambda: sim.vm.notify(port),
+                                       lambda: sim.vm.unbind(port),
+                                       lambda: sim.vm.unmask([port])]
+    for call in calls:
         with pytest.raises(OSError) as info:
             call()
         assert info.value.errno == errno.ENOTCONN
