@@ -145,7 +145,7 @@ def test_mapping_fd_is_mmappable_at_offset_zero_in_another_process(world: tuple[
     assert child.stdout is not None and child.stdin is not None
     assert child.stdout.readline().strip() == b"second!!".hex()
     child.stdin.close()
-    child.wait(timeout=30)
+    assert child.wait(timeout=30) == 0, "the mapping process failed"
     gui.unmap(mapped)
     vm.unshare(first)
     vm.unshare(second)
