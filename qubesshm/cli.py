@@ -11,8 +11,10 @@ import math
 import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import __version__
 from .grants.halves import GrantHalves, open_halves
@@ -35,7 +37,13 @@ from .relay.control import (
     stats_path,
     summary_line,
 )
-from .relay.listener import DEFAULT_SOCKET_NAME, AddressError, Listener, upstream_path
+from .relay.listener import (
+    DEFAULT_SOCKET_NAME,
+    AddressError,
+    Listener,
+    runtime_path,
+    upstream_path,
+)
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
 from .relay.trace import ProtocolLog
 from .wire.codec import DEFAULT_MAX_MESSAGE_SIZE
@@ -356,10 +364,12 @@ def _tune(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
            socket_name: str, grants: GrantHalves) -> ProxyServer:
     upstream = upstream_path(args.upstream)
+    # Checked before the listener exists: taking the name removes a stale file there.
+    if runtime_path(socket_name).resolve() == upstream.resolve():
+        raise AddressError(f"the upstream {upstream} is qubesshm's own socket; give the "
+                           "compositor's with --upstream")
+    _probe_upstream(upstream)
     listener = Listener(socket_name)
-    if listener.path.resolve() == upstream.resolve():
-        listener.close()
-        raise AddressError(f"the upstream {upstream} is qubesshm's own socket")
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
     server = ProxyServer(protocol, listener, upstream, options=options,
                          protocol_log=protocol_log, grants=grants, ledger=GrantLedger())
@@ -376,6 +386,18 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     return server
 
 
+def _probe_upstream(upstream: Path) -> None:
+    """A clear error at start-up when no compositor answers, not at the first client."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(str(upstream))
+        except OSError as exc:
+            raise AddressError(f"no compositor answers at {upstream} "
+                               f"({exc.strerror or exc}): start one, or give its socket with "
+                               "--upstream or WAYLAND_DISPLAY") from exc
+
+
 def _summary(server: ProxyServer, grants: GrantHalves) -> None:
     print(f"qubesshm: summary: {summary_line(snapshot(server.ledger, grants))}",
           file=sys.stderr)
@@ -384,6 +406,8 @@ def _summary(server: ProxyServer, grants: GrantHalves) -> None:
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
                  options: RelayOptions, grants: GrantHalves) -> int:
     server = _start(args, protocol, options, args.socket, grants)
+    print(f"qubesshm: listening on {server.listener.path}, relaying to {server.upstream}, "
+          f"grants: {grants.name}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

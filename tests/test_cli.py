@@ -8,6 +8,7 @@ naming the cause, and that no traceback escapes.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,9 +92,13 @@ def test_a_non_boolean_environment_variable_is_a_usage_error(tmp_path: Path,
 
 
 def test_a_socket_in_a_missing_directory_is_one_clean_line(tmp_path: Path) -> None:
+    env = private_env(tmp_path)
     upstream = tmp_path / "run" / "upstream"
-    result = qubesshm("serve", "--grants", "sim", "--socket", str(tmp_path / "no" / "sock"),
-                      "--upstream", str(upstream), env=private_env(tmp_path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as compositor:
+        compositor.bind(str(upstream))
+        compositor.listen(8)
+        result = qubesshm("serve", "--grants", "sim", "--socket", str(tmp_path / "no" / "sock"),
+                          "--upstream", str(upstream), env=env)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert f"cannot listen on {tmp_path / 'no' / 'sock'}" in result.stderr

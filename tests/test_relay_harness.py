@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import re
 import select
 import signal
 import socket
@@ -286,6 +287,14 @@ class Proxy:
         assert not self.lock_path.exists(), "the proxy left its lock file behind"
 
 
+def probe_closed(sock: socket.socket) -> bool:
+    """Whether an accepted connection is already closed by its peer, unread."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
 class Harness:
     """A private runtime dir, a fake compositor socket and the proxies under test."""
 
@@ -358,6 +367,11 @@ class Harness:
                 time.sleep(0.01)
         try:
             upstream, _ = self.compositor.accept()
+            # qubesshm serve checks at start that a compositor answers, with a
+            # connection it closes at once: that one is not this client's.
+            while probe_closed(upstream):
+                upstream.close()
+                upstream, _ = self.compositor.accept()
         except TimeoutError:
             client.close()
             pytest.fail(f"the proxy did not connect upstream; log:\n{proxy.log()}")
@@ -1164,3 +1178,22 @@ def test_a_proxy_never_replaces_another_proxys_stats_socket(harness: Harness) ->
     assert first.path.stat().st_ino == inode
     assert not (harness.run_dir / "qs").exists(), "the refused proxy left its socket"
     harness.connect(first).roundtrip()
+
+
+def test_a_compositor_gone_after_start_is_reported_to_the_client(harness: Harness,
+                                                                proxy: Proxy) -> None:
+    harness.compositor.close()
+    harness.upstream.unlink()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(IO_TIMEOUT)
+    client.connect(str(proxy.path))
+    endpoint = Endpoint(client)
+    object_id, opcode, data = endpoint.recv_message()
+    assert (object_id, opcode) == (1, 0)
+    _, code, message = decode_display_error(data)
+    assert code == 3 and message.startswith("qubesshm: cannot reach the compositor at ")
+    endpoint.close()
+    wait_until(lambda: "cannot reach" in proxy.log(), "the proxy's log line")
+    assert re.search(r"^qubesshm: client#\d+: cannot reach the compositor", proxy.log(),
+                     re.MULTILINE), proxy.log()
+    assert not re.search(r"client#\d+: qubesshm:", proxy.log())
