@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
+from .grants.files import UnsafeDirectory
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
 from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run(args, protocol, options, cmd, grants))
         finally:
             grants.close()
-    except (AddressError, ProtocolLoadError, GrantsChoiceError) as exc:
+    except (AddressError, ProtocolLoadError, GrantsChoiceError, UnsafeDirectory) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
 
@@ -334,6 +335,11 @@ def _tune(args: argparse.Namespace) -> int:
         return 1
     params = params_for(choice)
     try:
+        if choice == "sim" and not params.root.exists() and (
+                args.free_per_iteration is not None or args.gntalloc_limit is not None):
+            # Setting a parameter boots the simulated kernel: its files appear. One
+            # that exists keeps its files as they are, missing ones included.
+            params.create_defaults()
         if args.free_per_iteration is not None:
             params.free_per_iteration = args.free_per_iteration
         if args.gntalloc_limit is not None:

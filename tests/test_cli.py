@@ -102,3 +102,63 @@ def test_a_socket_in_a_missing_directory_is_one_clean_line(tmp_path: Path) -> No
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert f"cannot listen on {tmp_path / 'no' / 'sock'}" in result.stderr
+
+
+# -- where the simulated kernel writes --------------------------------------------------
+
+
+def sim_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_RUNTIME_DIR", "QUBESSHM_SIM_ROOT", "QUBESSHM_DEBUG")}
+    env.update(values, QUBESSHM_GRANTS="sim")
+    return env
+
+
+def test_a_missing_runtime_dir_is_refused_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent"
+    for args in (["serve"], ["tune"], ["tune", "--free-per-iteration", "7"]):
+        result = qubesshm(*args, env=sim_env(XDG_RUNTIME_DIR=str(missing)))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+        assert not missing.exists()
+
+
+def test_a_runtime_dir_open_to_others_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    result = qubesshm("tune", env=sim_env(XDG_RUNTIME_DIR=str(shared)))
+    assert result.returncode == 1
+    assert f"chmod 0700 {shared}" in result.stderr
+    assert not (shared / "qubesshm-sim").exists()
+
+
+def test_no_runtime_dir_means_no_predictable_path_in_tmp() -> None:
+    result = qubesshm("tune", "--free-per-iteration", "7", env=sim_env())
+    assert result.returncode == 1
+    assert "XDG_RUNTIME_DIR is not set" in result.stderr and "QUBESSHM_SIM_ROOT" in result.stderr
+
+
+def test_reading_the_parameters_creates_nothing(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    result = qubesshm("tune", env=sim_env(XDG_RUNTIME_DIR=str(runtime)))
+    assert result.returncode == 0, result.stderr
+    assert "free_per_iteration    10" in result.stdout
+    assert list(runtime.iterdir()) == []
+
+
+def test_writes_do_not_follow_symlinks(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = sim_env(XDG_RUNTIME_DIR=str(runtime))
+    assert qubesshm("tune", "--free-per-iteration", "10", env=env).returncode == 0
+    param = runtime / "qubesshm-sim/sys/module/grant_table/parameters/free_per_iteration"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    param.unlink()
+    param.symlink_to(victim)
+    result = qubesshm("tune", "--free-per-iteration", "7", env=env)
+    assert result.returncode == 1
+    assert "symlink" in result.stderr and "Traceback" not in result.stderr
+    assert victim.read_text() == "precious\n"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from .files import private_dir, write_file
+
 FREE_PER_ITERATION = Path("sys/module/grant_table/parameters/free_per_iteration")
 GNTALLOC_LIMIT = Path("sys/module/xen_gntalloc/parameters/limit")
 # Linux's defaults: CONFIG_XEN_GRANTS_RECLAIM_PER_ITERATION and gntalloc's limit.
@@ -44,7 +46,7 @@ class ModuleParams:
             raise OSError(errno.ENOENT, f"{path} does not exist: {_missing(relative)}",
                           str(path))
         try:
-            path.write_text(f"{value}\n")
+            write_file(path, f"{value}\n")
         except PermissionError as exc:
             raise OSError(errno.EACCES, f"not permitted to write {path}: it is writable "
                           "by root only (mode 0600/0644)", str(path)) from exc
@@ -67,12 +69,16 @@ class ModuleParams:
 
     def create_defaults(self) -> None:
         """Lay out the files with Linux's defaults (for a simulated hypervisor)."""
+        private_dir(self.root, "the simulated kernel's directory")
         for relative, value in ((FREE_PER_ITERATION, DEFAULT_FREE_PER_ITERATION),
                                 (GNTALLOC_LIMIT, DEFAULT_GNTALLOC_LIMIT)):
             path = self.path(relative)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            directory = self.root
+            for part in relative.parent.parts:
+                directory = directory / part
+                private_dir(directory, "simulated sysfs directory")
             if not path.exists():
-                path.write_text(f"{value}\n")
+                write_file(path, f"{value}\n", create=True)
 
 
 def _missing(relative: Path) -> str:

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from .api import GrantBackend, ReclaimStatus
-from .params import ModuleParams
+from .files import UnsafeDirectory, check_private_dir
+from .params import DEFAULT_FREE_PER_ITERATION, DEFAULT_GNTALLOC_LIMIT, ModuleParams
 
 CHOICES = ("sim", "xen", "auto")
 XEN_DEVICE_DIR = Path("/dev/xen")
@@ -36,13 +37,21 @@ def choose(requested: str | None, device_dir: Path = XEN_DEVICE_DIR) -> str:
 
 
 def sim_root() -> Path:
+    """Where the simulated kernel's files live; never a predictable shared path.
+
+    ``QUBESSHM_SIM_ROOT`` if set, else ``$XDG_RUNTIME_DIR/qubesshm-sim``, where the
+    runtime directory must be the user's own, mode 0700, as libwayland requires.
+    """
     explicit = os.environ.get("QUBESSHM_SIM_ROOT")
     if explicit:
         return Path(explicit)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "qubesshm-sim"
-    return Path(f"/tmp/qubesshm-sim-{os.getuid()}")
+    if not runtime:
+        raise UnsafeDirectory("XDG_RUNTIME_DIR is not set, so the simulated kernel has no "
+                              "private place for its files: set it (a directory of yours, "
+                              "mode 0700) or QUBESSHM_SIM_ROOT")
+    check_private_dir(Path(runtime), "XDG_RUNTIME_DIR")
+    return Path(runtime) / "qubesshm-sim"
 
 
 def open_backend(choice: str) -> GrantBackend:
@@ -59,17 +68,16 @@ def open_backend(choice: str) -> GrantBackend:
 def params_for(choice: str) -> ModuleParams:
     if choice == "xen":
         return ModuleParams(Path("/"))
-    params = ModuleParams(sim_root())
-    if not params.root.exists():
-        # A simulated kernel that never booted has Linux's defaults; one that exists
-        # keeps its files as they are, missing ones included.
-        params.create_defaults()
-    return params
+    return ModuleParams(sim_root())
 
 
 def reclaim_status(choice: str) -> ReclaimStatus:
     """What ``tune`` shows, read without opening any device."""
     params = params_for(choice)
+    if choice == "sim" and not params.root.exists():
+        # A simulated kernel that never booted has Linux's defaults; showing them
+        # creates nothing.
+        return ReclaimStatus(DEFAULT_FREE_PER_ITERATION, DEFAULT_GNTALLOC_LIMIT, None, None)
     counters = None
     if choice == "sim":
         from .simulated import read_published_counters

@@ -37,6 +37,7 @@ from .api import (
     UnmapNotify,
     Unshared,
 )
+from .files import write_file
 from .params import DEFAULT_FREE_PER_ITERATION, ModuleParams
 
 log = logging.getLogger("qubesshm.grants")
@@ -460,7 +461,8 @@ class SimHypervisor:
         # Each process its own temporary name: proxies sharing a root must not race.
         tmp = path.with_name(f".{COUNTERS_FILE}.{os.getpid()}.{id(self)}.tmp")
         try:
-            tmp.write_text(json.dumps(status))
+            tmp.unlink(missing_ok=True)
+            write_file(tmp, json.dumps(status), create=True)
             tmp.replace(path)
         except OSError as exc:
             # What tune shows is a courtesy; the grant table itself is already right.

@@ -1,0 +1,66 @@
+"""Writing the simulated kernel's files safely: private directories, no symlinks followed.
+
+The simulated hypervisor keeps its parameter and counter files under a root in
+``$XDG_RUNTIME_DIR`` (or ``QUBESSHM_SIM_ROOT``). Like libwayland with its runtime
+directory, qubesshm refuses a directory that is missing, not the user's, or open
+to others, never falls back to a predictable path in a shared directory, and
+opens every file it writes with ``O_NOFOLLOW``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+
+class UnsafeDirectory(ValueError):
+    """A directory qubesshm would write in is missing, not the user's, or shared."""
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """``path`` exists, is a real directory owned by this user, mode 0700 or stricter."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise UnsafeDirectory(f"{what} {path} does not exist; create it (mode 0700) or "
+                              "point the variable at a directory of yours") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{what} {path} is not a directory (a symlink or a file)")
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirectory(f"{what} {path} belongs to uid {st.st_uid}, not to you "
+                              f"(uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        raise UnsafeDirectory(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                              f"others may use it: chmod 0700 {path}")
+
+
+def private_dir(path: Path, what: str) -> None:
+    """Make ``path`` (mode 0700) if it is missing, then check it is private."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError as exc:
+        raise UnsafeDirectory(f"cannot create {what} {path}: its parent does not exist") \
+            from exc
+    check_private_dir(path, what)
+
+
+def write_file(path: Path, data: str, *, create: bool = False) -> None:
+    """Write ``data`` to ``path`` without following a symlink there; ``create`` makes a
+    new file (mode 0600) and fails if one exists."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_CREAT | os.O_EXCL if create else os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symlink; qubesshm does not write "
+                          "through symlinks", str(path)) from exc
+        raise
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
