@@ -8,7 +8,7 @@ It reads
   (``/usr/share/wayland/wayland.xml``), and
 * from the Debian package ``wayland-protocols`` (``/usr/share/wayland-protocols/``)
   every XML file under ``stable/`` and ``staging/``, plus every XML file in the
-  ``unstable/`` directories listed in :data:`UNSTABLE_DIRS`,
+  every ``unstable/`` protocol but those in :data:`EXCLUDED_UNSTABLE`,
 
 and writes each of them, flattened, as ``<output>/<basename>.xml``.
 
@@ -61,22 +61,13 @@ PROTOCOLS_ROOT = Path("/usr/share/wayland-protocols")
 #: Subdirectories of PROTOCOLS_ROOT taken whole (every XML file, recursively).
 WHOLE_DIRS: tuple[str, ...] = ("stable", "staging")
 
-#: Directories under PROTOCOLS_ROOT/unstable taken (every XML file in each).
-UNSTABLE_DIRS: tuple[str, ...] = (
-    "xdg-decoration",
-    "xdg-output",
-    "linux-dmabuf",
-    "text-input",
-    "primary-selection",
-    "relative-pointer",
-    "pointer-constraints",
-    "idle-inhibit",
-    "tablet",
-    "pointer-gestures",
-    "keyboard-shortcuts-inhibit",
-    "xdg-foreign",
-    "linux-explicit-synchronization",
-)
+#: Unstable protocol files left out, with why: their interface names are those of a
+#: stable protocol with other definitions, and one proxy can only know one of them.
+EXCLUDED_UNSTABLE: dict[str, str] = {
+    "xdg-shell-unstable-v5.xml": "its xdg_surface and xdg_popup clash with stable "
+    "xdg-shell's; no current compositor offers it (xdg_shell v5 was replaced by "
+    "xdg_wm_base)",
+}
 
 #: Elements kept, each with the attributes kept, in the order they are written.
 KEPT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -155,14 +146,13 @@ def find_sources() -> list[Source]:
         if not found:
             raise RegenerateError(f"{directory} holds no XML file")
         sources.extend(Source(path, PROTOCOLS_PACKAGE) for path in found)
-    for name in UNSTABLE_DIRS:
-        directory = PROTOCOLS_ROOT / "unstable" / name
-        if not directory.is_dir():
-            raise RegenerateError(f"{directory} not found in {PROTOCOLS_PACKAGE}")
-        found = sorted(directory.rglob("*.xml"))
-        if not found:
-            raise RegenerateError(f"{directory} holds no XML file")
-        sources.extend(Source(path, PROTOCOLS_PACKAGE) for path in found)
+    unstable = PROTOCOLS_ROOT / "unstable"
+    if not unstable.is_dir():
+        raise RegenerateError(f"{unstable} not found in {PROTOCOLS_PACKAGE}")
+    found = sorted(p for p in unstable.rglob("*.xml") if p.name not in EXCLUDED_UNSTABLE)
+    if not found:
+        raise RegenerateError(f"{unstable} holds no XML file")
+    sources.extend(Source(path, PROTOCOLS_PACKAGE) for path in found)
 
     seen: dict[str, Source] = {}
     for source in sources:

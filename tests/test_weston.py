@@ -36,6 +36,8 @@ def test_wayland_info_matches_direct_except_hidden(weston: HeadlessWeston,
     assert proxied == expected
     # Weston advertises its private protocols, which have no XML in protocols/.
     assert "weston_screenshooter" in hidden
+    # Every wayland-protocols interface it offers is relayed, unstable ones included.
+    assert {"zwp_input_timestamps_manager_v1", "zwp_input_panel_v1"} <= set(proxied)
     assert "wl_compositor" in proxied
     for name in hidden:
         assert f"hiding global {name}" in proxy.log()
