@@ -1197,3 +1197,28 @@ def test_a_compositor_gone_after_start_is_reported_to_the_client(harness: Harnes
     assert re.search(r"^qubesshm: client#\d+: cannot reach the compositor", proxy.log(),
                      re.MULTILINE), proxy.log()
     assert not re.search(r"client#\d+: qubesshm:", proxy.log())
+
+
+def test_two_proxies_relaying_to_each_other_refuse_the_loop(harness: Harness) -> None:
+    """A -> B -> A would make connections without end; each proxy refuses a client
+    that is the very process it relays to, and both carry on."""
+    link = harness.root / "upstream-link"
+    link.symlink_to(harness.upstream)  # A's compositor at start: the fake one
+    a = harness.start_proxy("--upstream", str(link), name="qa")
+    b = harness.start_proxy("--upstream", str(a.path), name="qb")
+    link.unlink()
+    link.symlink_to(b.path)  # now A relays to B, which relays to A
+    for attempt in range(3):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(IO_TIMEOUT)
+        client.connect(str(a.path))
+        endpoint = Endpoint(client)
+        endpoint.send(req(1, "wl_display", "sync", 2))
+        object_id, opcode, data = endpoint.recv_message()
+        assert (object_id, opcode) == (1, 0), attempt
+        assert "proxy loop" in decode_display_error(data)[2]
+        endpoint.close()
+    assert a.process.poll() is None and b.process.poll() is None
+    baseline = fd_count(a.pid)
+    wait_until(lambda: fd_count(a.pid) <= baseline and fd_count(b.pid) < 64,
+               "both proxies holding only their own fds")

@@ -333,6 +333,50 @@ class ClientRelay:
         self.server.forget(self)
 
 
+# A proxy's upstream connection is bound to an abstract address naming the chain of
+# qubesshm proxies it went through, so the next proxy sees it (getpeername) and a
+# chain that comes back to a proxy is refused instead of growing without end.
+HOP_PREFIX = b"\0qubesshm-hops:"
+MAX_HOPS = 8
+
+
+def proxy_chain(client: socket.socket) -> list[int]:
+    """Pids of the qubesshm proxies a client connection came through (none: a client)."""
+    try:
+        name = client.getpeername()
+    except OSError:
+        return []
+    if not isinstance(name, bytes | str):
+        return []
+    raw = name.encode("latin-1") if isinstance(name, str) else name
+    if not raw.startswith(HOP_PREFIX):
+        return []
+    pids = raw[len(HOP_PREFIX):].split(b":", 1)[0]
+    try:
+        return [int(p) for p in pids.split(b",") if p]
+    except ValueError:
+        return []
+
+
+def _loop_reason(chain: list[int]) -> str | None:
+    if os.getpid() in chain:
+        return ("proxy loop: this connection already came through this proxy (qubesshm "
+                f"pids {', '.join(map(str, chain))}); point one of them at the compositor")
+    if len(chain) >= MAX_HOPS:
+        return f"proxy loop: {len(chain)} qubesshm proxies in a row"
+    return None
+
+
+def _name_upstream(upstream: socket.socket, chain: list[int], number: int) -> None:
+    pids = ",".join(map(str, [*chain, os.getpid()])).encode()
+    for attempt in range(4):
+        try:
+            upstream.bind(HOP_PREFIX + pids + f":{number}.{attempt}.{id(upstream)}".encode())
+            return
+        except OSError:
+            continue  # a name in use: another attempt, else the connection stays unnamed
+
+
 def display_error(protocol: ProtocolTable, error: WireError) -> bytes:
     """The ``wl_display.error`` event telling a client what it did wrong."""
     data, _ = encode_message(1, protocol["wl_display"].events[0],
@@ -424,6 +468,13 @@ class ProxyServer:
             self._pause_accepting(exc)
             return False
         upstream.setblocking(False)
+        chain = proxy_chain(client)
+        loop = _loop_reason(chain)
+        if loop is not None:
+            self._connecting.add(client)
+            self._refuse(number, client, upstream, reason=loop)
+            return True
+        _name_upstream(upstream, chain, number)
         self._connecting.add(client)
         self._connect(number, client, upstream, self.loop.time() + self.options.connect_timeout)
         return True
@@ -468,10 +519,11 @@ class ProxyServer:
         self.clients.add(ClientRelay(self, number, client, upstream))
 
     def _refuse(self, number: int, client: socket.socket, upstream: socket.socket,
-                exc: OSError) -> None:
+                exc: OSError | None = None, *, reason: str = "") -> None:
         self._connecting.discard(client)
         upstream.close()
-        reason = f"cannot reach the compositor at {self.upstream}: {exc.strerror or exc}"
+        if exc is not None:
+            reason = f"cannot reach the compositor at {self.upstream}: {exc.strerror or exc}"
         log.error("client#%d: %s", number, reason)
         message = f"qubesshm: {reason}"
         try:
