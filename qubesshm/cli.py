@@ -13,6 +13,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from .relay.listener import (
     upstream_path,
 )
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
-from .relay.trace import ProtocolLog
+from .relay.trace import ProtocolLog, wayland_timestamp
 from .wire.codec import DEFAULT_MAX_MESSAGE_SIZE
 from .wire.protocol import ProtocolLoadError, ProtocolTable, load_protocols
 
@@ -256,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose or getattr(args, "debug", False) else logging.WARNING,
         format="qubesshm: %(message)s",
     )
+    if getattr(args, "debug", False):
+        # Beside the protocol log, other lines carry its timestamps, and never start
+        # with "[" as protocol lines do.
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_TimestampedFormatter())
     _raise_fd_limit()
     try:
         if args.command == "bench":
@@ -306,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AddressError, ProtocolLoadError, GrantsChoiceError, UnsafeDirectory) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
+
+
+class _TimestampedFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"qubesshm: {wayland_timestamp(time.time_ns())} {record.getMessage()}"
 
 
 def _raise_fd_limit() -> None:
@@ -480,6 +491,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, _signal_group, child.pid, sig)
             status = await child.wait()
+        server.drain_clients()
     finally:
         server.close()
         _summary(server, grants)

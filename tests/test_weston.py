@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from procs import RunningProxy, wait_for_file
@@ -96,10 +97,11 @@ def test_run_relays_a_real_client(weston: HeadlessWeston) -> None:
     assert result.returncode == 0, result.stderr
     assert "3 frames" in result.stdout
     # The protocol log names each relayed message as WAYLAND_DEBUG does.
-    assert re.search(r"client#1 -> wl_display@1\.get_registry\(new id wl_registry@2\)",
-                     result.stderr), result.stderr[:2000]
-    assert re.search(r"client#1 <- wl_registry@2\.global\(\d+, \"wl_compositor\", \d+\)",
-                     result.stderr)
+    assert re.search(r"^\[ *\d+\.\d{3}\]  -> wl_display@1\.get_registry\(new id "
+                     r"wl_registry@2\)  # client#1$", result.stderr, re.MULTILINE), \
+        result.stderr[:2000]
+    assert re.search(r"^\[ *\d+\.\d{3}\] wl_registry@2\.global\(\d+, \"wl_compositor\", "
+                     r"\d+\)  # client#1$", result.stderr, re.MULTILINE)
     assert re.search(r"-> wl_shm@\d+\.create_pool\(new id wl_shm_pool@\d+, fd \d+, \d+\)",
                      result.stderr)
     # Private sockets are cleaned up.
@@ -112,7 +114,7 @@ def test_debug_from_environment(weston: HeadlessWeston) -> None:
     result = qubesshm("run", "--", "wayland-info", env=env)
     assert result.returncode == 0, result.stderr
     assert "wl_registry@2.global(" in result.stderr
-    assert "# dropped: interface unknown to qubesshm" in result.stderr
+    assert "; dropped: interface unknown to qubesshm" in result.stderr
 
 
 def test_no_compositor_at_start_is_one_clean_line_and_runs_nothing(tmp_path: Path) -> None:
@@ -168,3 +170,33 @@ def test_run_passes_a_group_wide_sigint_on_once(weston: HeadlessWeston) -> None:
     out, _ = process.communicate(timeout=60)
     assert out == "SIGINT 1\n"
     assert process.returncode == 0
+
+
+TIMESTAMP = re.compile(r"^\[ *\d+\.\d{3}\] ")
+
+
+def test_protocol_log_lines_up_with_wayland_debug(weston: HeadlessWeston) -> None:
+    """Each line the proxy logs is, up to its '  #' suffix, the line libwayland prints
+    for the same message in the client with WAYLAND_DEBUG=1 (timestamps aside)."""
+    env = dict(weston.env(), WAYLAND_DEBUG="1")
+    env.pop("QUBESSHM_DEBUG", None)
+    result = qubesshm("run", "--debug", "--", "wayland-info", env=env)
+    assert result.returncode == 0, result.stderr
+    client_lines, proxy_lines = [], []
+    for line in result.stderr.splitlines():
+        if not TIMESTAMP.match(line):
+            assert line.startswith("qubesshm: ") or not line.startswith("["), line
+            continue
+        body = re.sub(r"fd \d+", "fd N", TIMESTAMP.sub("", line))
+        if "  # client#" in body:
+            if "dropped:" not in body:  # what the proxy kept from the client
+                proxy_lines.append(body.split("  # client#")[0])
+        else:
+            client_lines.append(body)
+    client_count, proxy_count = Counter(client_lines), Counter(proxy_lines)
+    assert client_lines and not proxy_count - client_count, proxy_count - client_count
+    # libwayland prints a request when it is queued: the ones wayland-info queued and
+    # never flushed before it disconnected never reached the proxy.
+    assert all(line.startswith(" -> ") for line in client_count - proxy_count)
+    assert any(re.search(r'\.bind\(\d+, "wl_shm", 1, new id \[unknown\]@\d+\)$', line)
+               for line in proxy_lines)

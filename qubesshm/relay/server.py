@@ -48,6 +48,8 @@ COMPOSITOR_READS_PER_WAKEUP = 16
 # How often to retry accept() after running out of file descriptors.
 ACCEPT_RETRY_DELAY = 0.5
 CONNECT_RETRY_DELAY = 0.01
+# Reads of a departed client's last requests before the proxy closes.
+DRAIN_READS = 256
 # Requests read ahead while a commit waits for an output buffer.
 BLOCKED_READ_LIMIT = 64 * 1024
 # How often the simulated kernel's deferred-reclaim timer is looked at.
@@ -155,6 +157,15 @@ class ClientRelay:
             # A bug must cost one session, never the proxy and its other clients.
             log.exception("client#%d: internal error", self.number)
             self.close("internal error")
+
+    def pump_client(self) -> bool:
+        """Read and relay once from the client; True if more may be waiting."""
+        try:
+            return self._pump(self.client)
+        except Exception:
+            log.exception("client#%d: internal error", self.number)
+            self.close("internal error")
+            return False
 
     def _pump(self, source: Transport) -> bool:
         """Read once from ``source`` and relay; True if more may be waiting there."""
@@ -533,6 +544,14 @@ class ProxyServer:
         except OSError:
             pass
         client.close()
+
+    def drain_clients(self) -> None:
+        """Relay what clients sent before they went away (``run``'s command exited):
+        their last requests are in their sockets, ahead of the hang-up."""
+        for relay in list(self.clients):
+            for _ in range(DRAIN_READS):
+                if relay.closed or not relay.pump_client():
+                    break
 
     def forget(self, relay: ClientRelay) -> None:
         self.clients.discard(relay)
