@@ -162,3 +162,12 @@ def test_writes_do_not_follow_symlinks(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "symlink" in result.stderr and "Traceback" not in result.stderr
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["", "dir/", "."])
+def test_a_socket_name_that_is_no_file_name_is_refused(tmp_path: Path, name: str) -> None:
+    env = private_env(tmp_path)
+    result = qubesshm("serve", "--grants", "sim", "--socket", name, env=env)
+    assert result.returncode == 1
+    assert "is not a socket name" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.lock"))

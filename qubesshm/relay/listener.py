@@ -22,6 +22,9 @@ class AddressError(RuntimeError):
 
 def runtime_path(name: str) -> Path:
     """``name`` if absolute, else ``$XDG_RUNTIME_DIR/name``."""
+    if not name or name.endswith("/") or os.path.basename(name) in (".", ".."):
+        raise AddressError(f"{name!r} is not a socket name: give a file name such as "
+                           "qubesshm-0, or an absolute path to one")
     if os.path.isabs(name):
         return Path(name)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
