@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the client leaves its pool unsealed, so qubesshm reads it with "
                         "preadv rather than mapping it")
     frames.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    for sub_parser in (serve, run, tune, stats, bench, relay, frames):
+        # The deepest one given wins: its usage is shown for its mistakes.
+        sub_parser.set_defaults(usage_parser=sub_parser)
     return parser
 
 
@@ -240,15 +243,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _subparser(parser: argparse.ArgumentParser,
                args: argparse.Namespace) -> argparse.ArgumentParser:
-    found = parser
-    for dest in ("command", "bench"):
-        name = getattr(args, dest, None)
-        choices = next((a.choices for a in found._actions
-                        if isinstance(a, argparse._SubParsersAction)), None)
-        if name is None or not choices or name not in choices:
-            break
-        found = choices[name]
-    return found
+    """The parser of the subcommand given (each sets itself as a default), else the top."""
+    found = getattr(args, "usage_parser", None)
+    return found if isinstance(found, argparse.ArgumentParser) else parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,9 +395,12 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise AddressError(f"cannot listen for qubesshm stats on "
                            f"{stats_path(listener.path)}: {why}") from exc
-    log.info("listening on %s, relaying to %s (%d interfaces known)", listener.path, upstream,
-             len(protocol))
     return server
+
+
+def _where(server: ProxyServer, grants: GrantHalves) -> str:
+    return (f"listening on {server.listener.path}, relaying to {server.upstream}, grants: "
+            f"{grants.name} ({len(server.protocol)} interfaces known)")
 
 
 def _probe_upstream(upstream: Path) -> None:
@@ -423,8 +423,8 @@ def _summary(server: ProxyServer, grants: GrantHalves) -> None:
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
                  options: RelayOptions, grants: GrantHalves) -> int:
     server = _start(args, protocol, options, args.socket, grants)
-    print(f"qubesshm: listening on {server.listener.path}, relaying to {server.upstream}, "
-          f"grants: {grants.name}", file=sys.stderr, flush=True)
+    # serve always says where it is; run (whose command shares the terminal) with -v.
+    print(f"qubesshm: {_where(server, grants)}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -475,6 +475,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
                cmd: list[str], grants: GrantHalves) -> int:
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
     server = _start(args, protocol, options, socket_name, grants)
+    log.info("%s", _where(server, grants))
     env = dict(os.environ)
     env["WAYLAND_DISPLAY"] = str(server.listener.path)
     env.pop("WAYLAND_SOCKET", None)

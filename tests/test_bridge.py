@@ -438,12 +438,17 @@ def test_destroyed_surface_retires_its_outputs_and_ends_the_grants(world: World)
     assert world.hv.deferred_pages == 0
 
 
-def test_grants_still_mapped_at_the_end_go_to_deferred_reclaim(world: World) -> None:
+def end_with_one_output_mapped(world: World) -> None:
+    """A 64x64 output buffer (4 pages) the compositor still maps when the session ends."""
     pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
     _, buffer = world.buffer(pool, 0, 64, 64, 256)
     _, got = world.commit(world.surface(), buffer, (0, 0, 64, 64))
     world.mapped.add(world.comp.pool_file(attached(got)))
     world.session.end()
+
+
+def test_grants_still_mapped_at_the_end_go_to_deferred_reclaim(world: World) -> None:
+    end_with_one_output_mapped(world)
     pages = world.ledger.total.pages
     assert pages.live == 0 and pages.deferred_at_unshare == 4
     assert world.hv.deferred_pages == 4
@@ -780,11 +785,7 @@ def test_reclaim_goes_on_without_the_parameter_file(world: World) -> None:
     """Before Linux 6.5 there is no free_per_iteration file: the timer uses 10."""
     from qubesshm.grants.params import FREE_PER_ITERATION
 
-    pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
-    _, buffer = world.buffer(pool, 0, 64, 64, 256)
-    _, got = world.commit(world.surface(), buffer, (0, 0, 64, 64))
-    world.mapped.add(world.comp.pool_file(attached(got)))
-    world.session.end()
+    end_with_one_output_mapped(world)
     assert world.hv.deferred_pages == 4
     world.hv.params.path(FREE_PER_ITERATION).unlink()
     world.mapped.clear()

@@ -42,6 +42,8 @@ class Latency:
 
     samples: list[float] = field(default_factory=list)
     limit: int = 4096  # the most recent ones; percentiles of a long run stay cheap
+    count_total: int = 0
+    max_total: float = 0.0
 
     def add(self, milliseconds: float) -> None:
         self.samples.append(milliseconds)
@@ -49,9 +51,6 @@ class Latency:
             del self.samples[: len(self.samples) - self.limit]
         self.count_total += 1
         self.max_total = max(self.max_total, milliseconds)
-
-    count_total: int = 0
-    max_total: float = 0.0
 
     def summary(self) -> dict[str, float | int | None]:
         if not self.samples:

@@ -203,11 +203,10 @@ class ClientRelay:
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
         if (self.session.blocked or self._blocked) and not self.closed:
-            was_blocked, self._blocked = self._blocked, self.session.blocked
+            # The session relays the requests read while blocked itself, in the step
+            # that unblocks it; here only what may be read changes.
+            self._blocked = self.session.blocked
             self._update_readers()
-            if was_blocked and not self._blocked and self.client in self._reading:
-                # Requests read while blocked are waiting in the session.
-                self._apply(self.session.from_client(b""))
         if step.error is not None and not self.closed:
             who = "client" if step.client_at_fault else "compositor"
             log.warning("client#%d: %s protocol error: %s", self.number, who, step.error)

@@ -158,7 +158,6 @@ class RelaySession:
         self._hidden_globals: set[int] = set()
         self._display_error = protocol["wl_display"].events[0]
         self._delete_id = protocol["wl_display"].events[1]
-        self._buffer_release = protocol["wl_buffer"].events[0]
         self.closed = False
 
     def _trace_own(self, upstream_id: int, spec: MessageSpec, args: list[ArgValue]) -> None:
@@ -551,13 +550,11 @@ class RelaySession:
                     args = rewritten_error
                     data, _ = encode_message(DISPLAY_ID, spec, args)
                     note = "about an object of qubesshm's"
-        if self.shm is not None:
-            self.shm.observe_event(obj, spec, args)
-            if self.shm.hides_event(obj, spec, args):
-                if self.tracer is not None:
-                    self.tracer(Relayed(Direction.EVENT, obj, spec, args,
-                                        "dropped: a multi-planar format qubesshm cannot copy"))
-                return
+        if self.shm is not None and not self.shm.observe_event(obj, spec, args):
+            if self.tracer is not None:
+                self.tracer(Relayed(Direction.EVENT, obj, spec, args,
+                                    "dropped: a multi-planar format qubesshm cannot copy"))
+            return
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=True)
         upstream_id = frame.object_id

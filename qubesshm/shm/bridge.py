@@ -154,24 +154,17 @@ class ShmBridge:
             return Verdict.FORWARD
         return handler(obj, args, fds, up, down)
 
-    def is_local(self, client_id: int) -> bool:
-        """A client object the compositor never sees (its shm pools and buffers)."""
-        return client_id in self.pools or client_id in self.buffers
-
     def observe_event(self, obj: WaylandObject, spec: MessageSpec,
-                      args: list[ArgValue]) -> None:
+                      args: list[ArgValue]) -> bool:
+        """Learn the compositor's shm formats; False for an event the client must not
+        see (a format the proxy cannot copy)."""
         if obj.interface.name == "wl_shm" and spec.name == "format":
             value = args[0]
             assert isinstance(value, int)
-            if single_plane(value):
-                self.formats.add(value)
-
-    def hides_event(self, obj: WaylandObject, spec: MessageSpec, args: list[ArgValue]) -> bool:
-        """Whether the client must not see this event: formats the proxy cannot copy."""
-        if obj.interface.name == "wl_shm" and spec.name == "format":
-            value = args[0]
-            return isinstance(value, int) and not single_plane(value)
-        return False
+            if not single_plane(value):
+                return False
+            self.formats.add(value)
+        return True
 
     def own_event(self, own: OwnObject, spec: MessageSpec, args: list[ArgValue],
                   up: Outbox) -> None:
@@ -216,21 +209,25 @@ class ShmBridge:
         self.surfaces.clear()
         self._orphans.clear()
         self._retiring.clear()
-        pools = {id(p): p for p in self.pools.values()}
-        pools.update((id(b.pool), b.pool) for b in self.buffers.values())
-        for pool in pools.values():
+        for pool in self._held_pools():
             pool.close()
         self.pools.clear()
         self.buffers.clear()
 
     # -- pools and buffers -----------------------------------------------------
 
+    def _held_pools(self) -> list[ClientPool]:
+        """Every pool whose fd the proxy holds: live ones, and destroyed ones that
+        buffers still use."""
+        pools = {id(p): p for p in self.pools.values()}
+        pools.update((id(b.pool), b.pool) for b in self.buffers.values())
+        return list(pools.values())
+
     def _create_pool(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                      up: Outbox, down: Outbox) -> Verdict:
         new_id, fd, size = args
         assert isinstance(new_id, int) and isinstance(fd, int) and isinstance(size, int)
-        held = {id(b.pool) for b in self.buffers.values()} | {id(p) for p in self.pools.values()}
-        if len(held) >= MAX_POOLS_PER_CLIENT:
+        if len(self._held_pools()) >= MAX_POOLS_PER_CLIENT:
             raise WireError(f"qubesshm: too many wl_shm pools: a client may hold "
                             f"{MAX_POOLS_PER_CLIENT} at once", ErrorCode.NO_MEMORY, DISPLAY_ID)
         pool = open_pool(new_id, fd, size, obj.id)
@@ -469,7 +466,6 @@ class ShmBridge:
             raise ShmError(buffer.client_id, INVALID_FD,
                            f"error accessing SHM buffer: {exc.strerror or exc}") from exc
         out.stale = Region()
-        out.fills += 1
         out.state = OutputState.BUSY
         out.attached_at = self.clock()
         surface_up = obj_upstream(self.ids, obj.id)

@@ -11,7 +11,7 @@ format, transform, scale or viewport, makes everything stale.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..grants.mapping import Mapping
 from ..grants.sharing import Grant
@@ -41,7 +41,6 @@ class OutputBuffer:
     attached_at: float = 0.0
     # The surface is gone or changed shape: retire once the compositor releases it.
     orphaned: bool = False
-    fills: int = field(default=0)
 
     @property
     def pages(self) -> int:
