@@ -966,6 +966,15 @@ def test_stale_socket_is_replaced(harness: Harness) -> None:
 # -- 9. fd accounting and resource limits (review findings) -------------------------------
 
 
+def asleep(pid: int) -> bool:
+    """Every thread of ``pid`` is blocked (state S), none running or runnable. A
+    writer's send wakes its reader before it returns, so once a test's last send
+    has returned, a proxy found asleep has done all it will do with that input."""
+    states = {Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
+              for task in os.listdir(f"/proc/{pid}/task")}
+    return states == {"S"}
+
+
 def proxy_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -974,7 +983,7 @@ def proxy_cpu_seconds(pid: int) -> float:
 def assert_idle(proxy: Proxy, state: str) -> None:
     """A proxy with nothing it can do must sleep, not spin: a CPU-time bound, which
     a spinning proxy (about 2 s in 2 s) misses whatever the machine's load."""
-    time.sleep(0.5)
+    wait_until(lambda: asleep(proxy.pid), f"the proxy going to sleep while {state}")
     before = proxy_cpu_seconds(proxy.pid)
     time.sleep(2)
     used = proxy_cpu_seconds(proxy.pid) - before
@@ -1055,7 +1064,8 @@ def test_queued_fds_towards_a_stuck_compositor_are_bounded(harness: Harness) -> 
             os.close(fd)
             break
         os.close(fd)
-    time.sleep(0.5)
+    assert sent < 4000, "the proxy read every pool although the compositor reads nothing"
+    wait_until(lambda: asleep(proxy.pid), "the proxy handling what it read")
     held = fd_count(proxy.pid) - baseline
     # Queued fds (high water 256) plus what sits in the proxy's read path.
     assert held < 600, f"proxy holds {held} extra fds after {sent} pools"

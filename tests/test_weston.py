@@ -143,17 +143,26 @@ def test_a_burst_of_requests_survives_the_compositors_buffer_limits(
 
 
 CHILD_COUNTING_SIGINT = """
-import signal, sys, time
+import os, signal
+from pywayland.client import Display
 count = 0
+woken_r, woken_w = os.pipe()
 def on_int(signum, frame):
     global count
     count += 1
+    os.write(woken_w, b"!")
 signal.signal(signal.SIGINT, on_int)
+display = Display()
+display.connect()
 print("ready", flush=True)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline and count == 0:
-    time.sleep(0.05)
-time.sleep(1)  # time for a second, duplicate SIGINT to arrive
+os.read(woken_r, 1)
+# A duplicate would come from the proxy's SIGINT handler. The group-wide kill made
+# the signal pending on the proxy before this child took its first, so the proxy's
+# loop runs that handler within one iteration of its next wake-up; two round trips
+# through the proxy span that.
+display.roundtrip()
+display.roundtrip()
+display.disconnect()
 print(f"SIGINT {count}", flush=True)
 """
 
