@@ -21,6 +21,7 @@ from . import __version__
 from .grants.files import UnsafeDirectory
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
+from .grants.lifetimes import LifetimePolicy
 from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
 from .grants.select import (
     CHOICES,
@@ -122,6 +123,28 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-dmabuf", action="store_true",
                         help="relay zwp_linux_dmabuf_v1 (hidden by default: dma-buf cannot "
                         "cross a VM boundary, so toolkits fall back to wl_shm)")
+    parser.add_argument("--cache-pages", type=_pages, metavar="PAGES",
+                        help="grant pages kept for reuse by later buffers (default: a "
+                        "quarter of the gntalloc limit; 0 ends grants as soon as unmapped)")
+    parser.add_argument("--client-pages", type=_positive, metavar="PAGES",
+                        help="grant pages one client may hold, in use and cached (default: "
+                        "half of the gntalloc limit); past it the client gets no_memory")
+    parser.add_argument("--late-timeout", type=_seconds, default=2.0, metavar="SECONDS",
+                        help="how long the compositor may keep a let-go buffer mapped before "
+                        "its grants go to the kernel's deferred reclaim (default %(default)s)")
+    parser.add_argument("--defer-batch", type=_positive, default=2048, metavar="PAGES",
+                        help="most pages handed to deferred reclaim per second "
+                        "(default %(default)s)")
+    parser.add_argument("--drain-target", type=_seconds, default=2.0, metavar="SECONDS",
+                        help="raise free_per_iteration so the proxy's deferred backlog "
+                        "drains within this time (default %(default)s)")
+
+
+def _pages(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of pages")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -385,8 +408,12 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     _probe_upstream(upstream)
     listener = Listener(socket_name)
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
+    policy = LifetimePolicy(cache_pages=args.cache_pages, client_pages=args.client_pages,
+                            late_timeout=args.late_timeout, defer_batch=args.defer_batch,
+                            drain_target=args.drain_target)
     server = ProxyServer(protocol, listener, upstream, options=options,
-                         protocol_log=protocol_log, grants=grants, ledger=GrantLedger())
+                         protocol_log=protocol_log, grants=grants, ledger=GrantLedger(),
+                         policy=policy)
     try:
         server.control = ControlSocket(stats_path(listener.path),
                                        lambda: snapshot(server.ledger, grants))
@@ -431,6 +458,7 @@ async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        await server.settle(args.late_timeout)
     finally:
         server.close()
         _summary(server, grants)
@@ -493,6 +521,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
                 loop.add_signal_handler(sig, _signal_group, child.pid, sig)
             status = await child.wait()
         server.drain_clients()
+        await server.settle(args.late_timeout)
     finally:
         server.close()
         _summary(server, grants)

@@ -22,6 +22,7 @@ from messages import PROTO, frames_of, joined, parse_error, request
 from qubesshm.grants.api import PAGE_SIZE
 from qubesshm.grants.halves import sim_halves
 from qubesshm.grants.ledger import GrantLedger
+from qubesshm.grants.lifetimes import GrantLifetimes
 from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.pixels.region import MAX_RECTS
@@ -147,7 +148,8 @@ class World:
         self.halves = sim_halves(self.hv)
         self.halves.watch_compositor(COMPOSITOR_PID)
         self.ledger = GrantLedger()
-        self.session = RelaySession(PROTO, grants=self.halves, clock=self.clock,
+        self.lifetimes = GrantLifetimes(self.halves, clock=self.clock, total=self.ledger.total)
+        self.session = RelaySession(PROTO, grants=self.lifetimes, clock=self.clock,
                                     counters=(self.ledger.client(1), self.ledger.total))
         self.comp = FakeCompositor()
         self.memfds: list[int] = []
@@ -289,7 +291,7 @@ def test_commit_copies_into_grant_pages_and_releases_the_client_at_once(world: W
     assert step.error is None, step.error
     names = [(m.interface, m.name) for m in got]
     assert names == [("wl_surface", "damage_buffer"), ("wl_shm", "create_pool"),
-                     ("wl_shm_pool", "create_buffer"), ("wl_shm_pool", "destroy"),
+                     ("wl_shm_pool", "create_buffer"),
                      ("wl_surface", "attach"), ("wl_surface", "commit")]
     out = attached(got)
     # The upstream pool is a grant mapping of whole pages, and holds the client's pixels.
@@ -416,46 +418,100 @@ def test_release_of_an_output_buffer_is_not_forwarded(world: World) -> None:
     assert latency["count"] == 1
 
 
-def test_destroyed_surface_retires_its_outputs_and_ends_the_grants(world: World) -> None:
+def commit_64x64(world: World, surface: int | None = None) -> tuple[int, int]:
+    """(surface, output buffer) of a full 64x64 commit: 16 KiB of pixels, 5 pages with
+    the unmap-notify byte."""
     pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
     _, buffer = world.buffer(pool, 0, 64, 64, 256)
-    surface = world.surface()
+    surface = world.surface() if surface is None else surface
     _, got = world.commit(surface, buffer, (0, 0, 64, 64))
-    out = attached(got)
+    return surface, attached(got)
+
+
+def test_a_destroyed_surfaces_outputs_are_cached_and_reused_by_the_next_surface(
+        world: World) -> None:
+    surface, out = commit_64x64(world)
+    pool_up = world.comp.buffers[out][0]
     world.mapped.add(world.comp.pool_file(out))  # the compositor maps the pool
     world.events(event(out, "wl_buffer", "release"))
     _, got = world.send(req(surface, "wl_surface", "destroy"))
+    # The buffer goes; the pool, and so the compositor's mapping, stays.
     assert [(m.interface, m.name) for m in got] == [("wl_buffer", "destroy"),
                                                     ("wl_surface", "destroy")]
     pages = world.ledger.total.pages
-    assert pages.awaiting_unmap == pages.live == 4
-    # The compositor unmaps when it destroys the buffer, then retires the id.
-    world.mapped.clear()
-    step = world.events(event(1, "wl_display", "delete_id", out))
-    assert client_events(step) == [], "the proxy's own delete_id stays in the proxy"
+    assert pages.cached == pages.live == 5 and pages.awaiting_unmap == 0
+    _, got = world.commit(world.surface(), commit_64x64_buffer(world), (0, 0, 64, 64))
+    names = [(m.interface, m.name) for m in got]
+    assert ("wl_shm", "create_pool") not in names
+    created = [m for m in got if m.name == "create_buffer"]
+    assert [m.object_id for m in created] == [pool_up], "a new buffer in the cached pool"
+    assert pages.cached == 0 and pages.live == pages.shared_total == 5
+    assert world.lifetimes.counters.cache_hits == 1
+
+
+def commit_64x64_buffer(world: World) -> int:
+    pool, _ = world.pool(4 * 64 * 64, b"\x06" * (4 * 64 * 64))
+    return world.buffer(pool, 0, 64, 64, 256)[1]
+
+
+def test_an_evicted_area_ends_on_its_unmap_notify_without_deferral(world: World) -> None:
+    world.lifetimes.policy.cache_pages = 0  # nothing is kept: every let-go area is evicted
+    surface, out = commit_64x64(world)
+    pool_up = world.comp.buffers[out][0]
+    world.mapped.add(world.comp.pool_file(out))
+    world.events(event(out, "wl_buffer", "release"))
+    _, got = world.send(req(surface, "wl_surface", "destroy"))
+    assert [(m.interface, m.name, m.object_id) for m in got
+            if m.interface == "wl_shm_pool"] == [("wl_shm_pool", "destroy", pool_up)]
+    pages = world.ledger.total.pages
+    assert pages.awaiting_unmap == pages.live == 5 and world.lifetimes.awaiting == 1
+    world.hv.refresh()  # still mapped: no notify
+    world.lifetimes.on_event()
+    assert pages.live == 5
+    world.mapped.clear()  # the compositor unmaps when it destroys the pool
+    world.clock.now += 0.01
+    world.hv.refresh()
+    world.lifetimes.on_event()
     assert pages.live == 0 and pages.awaiting_unmap == 0
-    assert pages.unshared_total == 4 and pages.deferred_at_unshare == 0
-    assert world.hv.deferred_pages == 0
+    assert pages.unshared_total == 5 and pages.deferred_at_unshare == 0
+    assert world.hv.deferred_pages == 0 and world.hv.counters.deferred_count == 0
+    assert world.lifetimes.counters.ended_by_notify == 1
+    assert world.lifetimes.counters.unmap_latency.summary()["max"] == pytest.approx(10.0)
 
 
 def end_with_one_output_mapped(world: World) -> None:
-    """A 64x64 output buffer (4 pages) the compositor still maps when the session ends."""
-    pool, _ = world.pool(4 * 64 * 64, b"\x05" * (4 * 64 * 64))
-    _, buffer = world.buffer(pool, 0, 64, 64, 256)
-    _, got = world.commit(world.surface(), buffer, (0, 0, 64, 64))
-    world.mapped.add(world.comp.pool_file(attached(got)))
+    """A 64x64 output buffer (5 pages) the compositor still maps when the session ends."""
+    _, out = commit_64x64(world)
+    world.mapped.add(world.comp.pool_file(out))
     world.session.end()
 
 
-def test_grants_still_mapped_at_the_end_go_to_deferred_reclaim(world: World) -> None:
+def test_grants_still_mapped_late_go_to_deferred_reclaim_and_drain(world: World) -> None:
+    world.hv.params.free_per_iteration = 1
     end_with_one_output_mapped(world)
     pages = world.ledger.total.pages
-    assert pages.live == 0 and pages.deferred_at_unshare == 4
-    assert world.hv.deferred_pages == 4
+    assert pages.awaiting_unmap == pages.live == 5 and world.hv.deferred_pages == 0
+    world.clock.now += 1.9
+    world.lifetimes.poll()
+    assert world.hv.deferred_pages == 0, "not late yet"
+    world.clock.now += 0.2
+    world.lifetimes.poll()
+    assert pages.live == 0 and pages.deferred_at_unshare == 5
+    assert world.hv.deferred_pages == 5
+    # 5 pages to drain within 2 s: 3 a tick, raised from the 1 found.
+    assert world.hv.params.free_per_iteration == 3
+    counters = world.lifetimes.counters
+    assert counters.late_releases == 1 and counters.defer_batches == 1
+    assert counters.fpi_raises == 1
     world.mapped.clear()
-    world.clock.now += 2
-    world.hv.advance()  # 10 a tick: 16 pages need two ticks
+    world.clock.now += 1
+    world.hv.advance()
+    assert world.hv.deferred_pages == 2
+    world.clock.now += 1
+    world.hv.advance()
+    world.lifetimes.poll()
     assert world.hv.deferred_pages == 0
+    assert world.hv.params.free_per_iteration == 1 and counters.fpi_restores == 1
 
 
 # -- id translation ------------------------------------------------------------------------
@@ -575,6 +631,7 @@ def test_resized_pool_serves_buffers_past_the_old_end(world: World) -> None:
 
 def test_grant_limit_is_a_clear_no_memory_error(world: World) -> None:
     world.hv.params.gntalloc_limit = 3
+    world.lifetimes.policy.client_pages = 100
     pool, _ = world.pool(4 * 64 * 64)
     _, buffer = world.buffer(pool, 0, 64, 64, 256)
     step, _ = world.commit(world.surface(), buffer, (0, 0, 64, 64))
@@ -582,8 +639,32 @@ def test_grant_limit_is_a_clear_no_memory_error(world: World) -> None:
     _, code, message = parse_error(step.to_client)
     assert code == ErrorCode.NO_MEMORY
     assert isinstance(message, str)
-    assert "gntalloc limit is 3 pages" in message and "--gntalloc-limit" in message
+    assert "gntalloc limit of 3 pages" in message and "--gntalloc-limit" in message
     assert world.ledger.total.pages.live == 0
+
+
+def test_the_per_client_cap_is_a_clear_no_memory_error(world: World) -> None:
+    world.lifetimes.policy.client_pages = 8
+    commit_64x64(world)  # 5 pages
+    step, _ = world.commit(world.surface(), commit_64x64_buffer(world), (0, 0, 64, 64))
+    assert step.error is not None and step.error.code is ErrorCode.NO_MEMORY
+    _, _, message = parse_error(step.to_client)
+    assert isinstance(message, str)
+    assert "limit of 8" in message and "--client-pages" in message
+
+
+def test_the_per_client_cap_evicts_the_clients_own_cache_first(world: World) -> None:
+    world.lifetimes.policy.client_pages = 6
+    surface, out = commit_64x64(world)
+    world.events(event(out, "wl_buffer", "release"))
+    world.send(req(surface, "wl_surface", "destroy"))  # 5 pages cached
+    pool, _ = world.pool(4 * 16 * 64)
+    # 2 pages: the cached 5 would waste more than half, and 5 + 2 pass the cap of 6.
+    _, buffer = world.buffer(pool, 0, 16, 64, 64)
+    step, _ = world.commit(world.surface(), buffer, (0, 0, 16, 64))
+    assert step.error is None, step.error
+    assert world.lifetimes.counters.evictions == 1
+    assert world.ledger.total.pages.cached == 0
 
 
 def test_everything_is_released_at_the_end(world: World) -> None:
@@ -648,10 +729,10 @@ def test_a_resized_surface_lets_go_of_its_old_outputs(world: World) -> None:
         == [first]
     step = world.events(event(second, "wl_buffer", "release"))
     assert [m.object_id for m in world.comp.take(step)] == [second]
-    for old in (first, second):
-        world.events(event(1, "wl_display", "delete_id", old))
     pages = world.ledger.total.pages
-    assert pages.live == 4 and pages.unshared_total == 2
+    # Both small areas (2 pages each: 4 KiB of pixels and the notify byte) are cached;
+    # the 64x64 one (5 pages) is new.
+    assert pages.live == 9 and pages.cached == 4 and pages.unshared_total == 0
 
 
 # -- regressions found in review: what libwayland + Weston do with the same sequence -------
@@ -782,13 +863,17 @@ def test_delete_id_for_a_live_output_buffer_is_the_compositors_error(world: Worl
 
 
 def test_reclaim_goes_on_without_the_parameter_file(world: World) -> None:
-    """Before Linux 6.5 there is no free_per_iteration file: the timer uses 10."""
+    """Before Linux 6.5 there is no free_per_iteration file: the timer uses 10, and the
+    proxy has nothing to raise."""
     from qubesshm.grants.params import FREE_PER_ITERATION
 
     end_with_one_output_mapped(world)
-    assert world.hv.deferred_pages == 4
     world.hv.params.path(FREE_PER_ITERATION).unlink()
+    world.clock.now += 3
+    world.lifetimes.poll()
+    assert world.hv.deferred_pages == 5
     world.mapped.clear()
     world.clock.now += 1
     world.hv.advance()
     assert world.hv.deferred_pages == 0
+    assert world.lifetimes.counters.fpi_raises == 0

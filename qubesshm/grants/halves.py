@@ -40,8 +40,10 @@ class GrantHalves:
             self.hypervisor.watch(pid)
 
     def tick(self) -> None:
-        """Run the simulated kernel's deferred-reclaim timer when it is due."""
+        """Run the simulated kernel's deferred-reclaim timer when it is due, and fire
+        the unmap notifies of mappings the compositor no longer has mmapped."""
         if self.hypervisor is not None:
+            self.hypervisor.refresh()
             self.hypervisor.advance()
 
     def next_tick(self) -> float | None:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .api import PAGE_SIZE, GrantBackend, MappedArea
+from .api import PAGE_SIZE, GrantBackend, MappedArea, UnmapNotify
 
 
 @dataclass(eq=False)
@@ -37,9 +37,25 @@ class MappingHalf:
     def __init__(self, backend: GrantBackend) -> None:
         self.backend = backend
 
-    def map(self, domid: int, refs: Sequence[int]) -> Mapping:
+    def map(self, domid: int, refs: Sequence[int], *, notify_byte: int | None = None,
+            notify_port: int | None = None) -> Mapping:
+        """Map the refs; with a notify, the byte is cleared and the port signalled
+        once this side's hold and every process's mmap of them are gone."""
         area = self.backend.map([(domid, ref) for ref in refs], writable=True)
+        if notify_byte is not None or notify_port is not None:
+            try:
+                self.backend.set_map_notify(area, UnmapNotify(notify_byte, notify_port))
+            except OSError:
+                self.backend.unmap(area)
+                raise
         return Mapping(area, len(refs))
+
+    def connect_channel(self, domid: int, port: int) -> int:
+        """A local port connected to the sharing domain's ``port``."""
+        return self.backend.bind_interdomain(domid, port)
+
+    def close_channel(self, port: int) -> None:
+        self.backend.unbind(port)
 
     def unmap(self, mapping: Mapping) -> None:
         self.backend.unmap(mapping.area)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .api import PAGE_SIZE, GrantBackend, SharedArea, Unshared
@@ -64,6 +65,34 @@ class SharingHalf:
         except OSError:
             value = None
         return "unknown" if value is None else str(value)
+
+    # -- the unmap-notify byte and event channel ---------------------------------
+
+    @staticmethod
+    def set_notify_byte(grant: Grant, offset: int) -> None:
+        """Arm the byte the mapping side's unmap notify will clear."""
+        grant.area.memory[offset] = 1
+
+    @staticmethod
+    def notify_byte_cleared(grant: Grant, offset: int) -> bool:
+        """The mapping side let go of ``grant``: its notify cleared the byte."""
+        return grant.area.memory[offset] == 0
+
+    def open_channel(self) -> int:
+        """A local event channel port the mapping domain binds its notifies to."""
+        return self.backend.bind_unbound_port(self.peer_domid)
+
+    def close_channel(self, port: int) -> None:
+        self.backend.unbind(port)
+
+    def event_fd(self) -> int:
+        return self.backend.event_fd()
+
+    def fired_ports(self) -> list[int]:
+        return self.backend.fired_ports()
+
+    def unmask(self, ports: Sequence[int]) -> None:
+        self.backend.unmask(ports)
 
     def end(self, grant: Grant) -> Unshared:
         """Let go of the pages: they end now, or go to the kernel's deferred reclaim."""

@@ -176,9 +176,12 @@ class SimHypervisor:
 
     def refresh(self) -> None:
         """Look at the watched processes again: fire unmap notifies that are due."""
+        waiting = [m for m in self._mappings if m.waiting_for_processes]
+        if not waiting:
+            return
         by_processes = self._mapped_by_processes()
-        for mapping in list(self._mappings):
-            if mapping.waiting_for_processes and mapping.pages.file_id not in by_processes:
+        for mapping in waiting:
+            if mapping.pages.file_id not in by_processes:
                 self._mapping_gone(mapping)
 
     # -- the grant table -----------------------------------------------------------

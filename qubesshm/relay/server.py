@@ -14,12 +14,14 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import GrantLedger
+from ..grants.lifetimes import GrantLifetimes, LifetimePolicy
 from ..grants.mapping import peer_pid
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode, WireError, encode_message
 from ..wire.protocol import ProtocolTable
@@ -54,6 +56,7 @@ DRAIN_READS = 256
 BLOCKED_READ_LIMIT = 64 * 1024
 # How often the simulated kernel's deferred-reclaim timer is looked at.
 TICK_INTERVAL = 0.25
+AWAITING_TICK_INTERVAL = 0.05
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -86,13 +89,15 @@ class ClientRelay:
         grants = server.grants
         if grants is not None:
             grants.watch_compositor(peer_pid(compositor))
+        self._flush_pending = False
         self.session = RelaySession(
             server.protocol,
             max_message_size=server.options.max_message_size,
             tracer=None if protocol_log is None else protocol_log.tracer(
                 number, self._object_name),
             on_hidden_global=server.hidden_global,
-            grants=grants,
+            grants=server.lifetimes,
+            owner=number,
             counters=(server.ledger.client(number), server.ledger.total),
             hidden_interfaces=(frozenset() if server.options.allow_dmabuf
                                else DMABUF_INTERFACES),
@@ -106,7 +111,20 @@ class ClientRelay:
         # Set once the session is over but the client still has bytes to read.
         self._finishing: str | None = None
         self._stall: dict[Transport, asyncio.TimerHandle] = {}
+        if self.session.shm is not None:
+            self.session.shm.wake = self._wake
         self._update_readers()
+
+    def _wake(self) -> None:
+        """The proxy has requests of its own for this compositor connection."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_pending = False
+        if not self.closed:
+            self._apply(self.session.flush())
 
     def _object_name(self, object_id: int) -> str:
         obj = self.session.objects.get(object_id)
@@ -408,12 +426,16 @@ class ProxyServer:
         protocol_log: ProtocolLog | None = None,
         grants: GrantHalves | None = None,
         ledger: GrantLedger | None = None,
+        policy: LifetimePolicy | None = None,
     ) -> None:
         self.protocol = protocol
         # Without grants this is the plain validating relay (the socket-level tests
         # drive it so); qubesshm serve and run always give it grants.
         self.grants = grants
         self.ledger = ledger or GrantLedger()
+        self.lifetimes = (GrantLifetimes(grants, policy, clock=time.monotonic,
+                                         total=self.ledger.total)
+                          if grants is not None else None)
         self.listener = listener
         self.upstream = upstream
         self.options = options or RelayOptions()
@@ -429,18 +451,43 @@ class ProxyServer:
         self._tick_handle: asyncio.TimerHandle | None = None
         # The stats socket, set by whoever starts the proxy; closed with it.
         self.control: ControlSocket | None = None
-        if grants is not None:
+        if self.lifetimes is not None:
+            self.loop.add_reader(self.lifetimes.event_fd, self._grant_event)
             self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
 
+    def _grant_event(self) -> None:
+        """An unmap notify fired: end the grants whose mappings are gone."""
+        assert self.lifetimes is not None
+        try:
+            self.lifetimes.on_event()
+        except Exception:
+            log.exception("handling an unmap notify failed")
+
     def _tick(self) -> None:
-        """Drive the simulated kernel's 1-second deferred-reclaim timer."""
-        assert self.grants is not None
-        self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
+        """Timers of the grant layer: late releases, free_per_iteration, and the
+        simulated kernel's deferred reclaim and its look at the compositor's mmaps."""
+        assert self.grants is not None and self.lifetimes is not None
         try:
             self.grants.tick()
+            self.lifetimes.poll()
         except Exception:
             # The timer must outlive one bad tick, or deferred grants are never reclaimed.
-            log.exception("the simulated kernel's reclaim timer failed")
+            log.exception("the grant layer's timer failed")
+        # While areas wait for their notify, the simulated kernel looks at the
+        # compositor's mmaps often: the real one would notify at once.
+        interval = AWAITING_TICK_INTERVAL if self.lifetimes.awaiting else TICK_INTERVAL
+        self._tick_handle = self.loop.call_later(interval, self._tick)
+
+    async def settle(self, timeout: float) -> None:
+        """Close every client and wait, at most ``timeout`` seconds, for the
+        compositor to let go of their grants, so the exit summary is the truth."""
+        for relay in list(self.clients):
+            relay.close("proxy shutting down")
+        if self.lifetimes is None:
+            return
+        deadline = self.loop.time() + timeout
+        while self.lifetimes.awaiting and self.loop.time() < deadline:
+            await asyncio.sleep(AWAITING_TICK_INTERVAL)
 
     def hidden_global(self, interface: str, version: int) -> None:
         if interface not in self._hidden_logged:
@@ -562,6 +609,8 @@ class ProxyServer:
             self.control = None
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self.lifetimes is not None:
+            self.loop.remove_reader(self.lifetimes.event_fd)
         if self._accept_retry is not None:
             self._accept_retry.cancel()
         else:
@@ -574,4 +623,6 @@ class ProxyServer:
         self._waiting_for_fds.clear()
         for relay in list(self.clients):
             relay.close("proxy shutting down")
+        if self.lifetimes is not None:
+            self.lifetimes.close()
         self.listener.close()

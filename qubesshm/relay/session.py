@@ -34,7 +34,7 @@ from ..wire.codec import (
 from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 
 if TYPE_CHECKING:
-    from ..grants.halves import GrantHalves
+    from ..grants.lifetimes import GrantLifetimes
 
 # A message may wait for fds that a later sendmsg carries, but only this far:
 # every real sender passes the fds no later than the following few messages.
@@ -129,7 +129,8 @@ class RelaySession:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         tracer: Callable[[Relayed], None] | None = None,
         on_hidden_global: Callable[[str, int], None] | None = None,
-        grants: GrantHalves | None = None,
+        grants: GrantLifetimes | None = None,
+        owner: int = 1,
         counters: Sequence[ClientCounters] = (),
         clock: Callable[[], float] = time.monotonic,
         hidden_interfaces: frozenset[str] = frozenset(),
@@ -142,7 +143,7 @@ class RelaySession:
         self.ids = UpstreamIds()
         # Without grants the session is the plain validating relay (the codec and
         # session tests use it so); the proxy always gives it grants.
-        self.shm = (ShmBridge(protocol, self.ids, grants, counters, clock,
+        self.shm = (ShmBridge(protocol, self.ids, grants, owner, counters, clock,
                               self._trace_own if tracer is not None else None)
                     if grants is not None else None)
         self.hidden_interfaces = hidden_interfaces
@@ -205,6 +206,20 @@ class RelaySession:
         if self.shm is not None:
             self.shm.close()
 
+    def flush(self) -> Step:
+        """What the proxy sends upstream on its own (a cached area evicted meanwhile)."""
+        step = Step()
+        if not self.closed:
+            upstream = Outbox()
+            self._add_later(upstream)
+            step.to_compositor = upstream.take()
+        return step
+
+    def _add_later(self, upstream: Outbox) -> None:
+        if self.shm is not None and self.shm.later and not self.closed:
+            for data, fds in self.shm.take_later():
+                upstream.add(data, fds)
+
     # -- the pump ------------------------------------------------------------
 
     def _pump(self, direction: Direction, *, at_eof: bool) -> Step:
@@ -235,6 +250,7 @@ class RelaySession:
                                       abridge(err.message, ERROR_MESSAGE_LIMIT)])
             downstream.add(data, [])
         self._inflight_fds = []
+        self._add_later(upstream)
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()
         return step

@@ -6,8 +6,9 @@ pools and shm buffers stay in the proxy (the compositor never sees a client
 fd); on commit the damaged pixels are copied into a released output buffer in
 grant pages, which is attached upstream in the client buffer's place, and the
 client's buffer is released at once. The compositor's releases of output
-buffers come back here and are never forwarded. I/O happens only through the
-grant halves (injected) and the outboxes the session passes in.
+buffers come back here and are never forwarded. Grants come from the injected
+``GrantLifetimes`` (which recycles them); messages go only to the outboxes the
+session passes in, or to ``later`` for what the proxy sends on its own.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from ..grants.api import PAGE_SIZE, Unshared
+from ..grants.api import PAGE_SIZE
 from ..grants.ledger import ClientCounters
-from ..grants.sharing import GrantUnavailable
+from ..grants.lifetimes import Area, GrantLifetimes, GrantLimit
 from ..objects.idmap import UpstreamIds
 from ..objects.objectmap import DISPLAY_ID, WaylandObject
 from ..pixels.copy import (
@@ -46,9 +47,6 @@ from .clientpool import (
 from .errors import ShmError
 from .outputs import OutputBuffer, OutputState
 from .surfaces import Attach, Surface, ViewportRequests
-
-if TYPE_CHECKING:
-    from ..grants.halves import GrantHalves
 
 log = logging.getLogger("qubesshm.shm")
 
@@ -95,16 +93,21 @@ class OwnObject:
 class ShmBridge:
     """Client pools, surfaces and output buffers of one client connection."""
 
-    def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, halves: GrantHalves,
-                 counters: Sequence[ClientCounters], clock: Callable[[], float],
+    def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, lifetimes: GrantLifetimes,
+                 owner: int, counters: Sequence[ClientCounters], clock: Callable[[], float],
                  trace: Callable[[int, MessageSpec, list[ArgValue]], None] | None = None,
                  ) -> None:
         self.protocol = protocol
         # Logs the requests the proxy itself makes upstream (--debug).
         self.trace = trace
         self.ids = ids
-        self.halves = halves
+        self.lifetimes = lifetimes
+        self.owner = owner
         self.counters = tuple(counters)
+        # Requests the proxy makes upstream outside a client's request (a cached
+        # area evicted for another client, or on a timer), and whom to tell.
+        self.later: list[tuple[bytes, list[int]]] = []
+        self.wake: Callable[[], None] | None = None
         self.clock = clock
         self.pools: dict[int, ClientPool] = {}
         self.buffers: dict[int, ClientBuffer] = {}
@@ -113,10 +116,8 @@ class ShmBridge:
         self.formats: set[int] = {ARGB8888, XRGB8888}
         # Set when the compositor released an output buffer: a blocked commit may go on.
         self.released_since_block = False
-        # Output buffers of destroyed surfaces that the compositor still holds, and
-        # retired ones waiting for their delete_id.
+        # Output buffers of destroyed surfaces that the compositor still holds.
         self._orphans: set[OutputBuffer] = set()
-        self._retiring: set[OutputBuffer] = set()
         self._req = {
             (iface.name, m.name): m for iface in protocol.interfaces.values()
             for m in iface.requests
@@ -141,6 +142,7 @@ class ShmBridge:
         }
         self._wl_shm_pool = protocol["wl_shm_pool"]
         self._wl_buffer = protocol["wl_buffer"]
+        lifetimes.open_connection(owner, self._destroy_upstream_pool, self.counters)
 
     # -- what the session calls ----------------------------------------------
 
@@ -183,32 +185,28 @@ class ShmBridge:
             self._retire(out, up)
 
     def own_deleted(self, own: OwnObject) -> None:
-        """The compositor is done with an upstream id of ours (``delete_id``)."""
-        out = own.output
-        if out is None or out.state is not OutputState.RETIRING:
-            return
-        for c in self.counters:
-            c.pages.awaiting_unmap -= out.pages
-        try:
-            self._end(out)
-        except OSError as exc:
-            log.error("cannot end the grants of %s: %s", out, exc)
+        """The compositor is done with an upstream id of ours (``delete_id``): the
+        grants behind it are the lifetimes' business, ended on their unmap notify."""
+
+    def take_later(self) -> list[tuple[bytes, list[int]]]:
+        later, self.later = self.later, []
+        return later
 
     def close(self) -> None:
-        """The session is over: let go of every grant and client fd."""
-        outputs = [out for surface in self.surfaces.values() for out in surface.outputs.buffers]
-        outputs += self._orphans | self._retiring
-        for out in outputs:
-            try:
-                self._drop(out)
-            except OSError as exc:
-                # One grant the backend refuses to end must not keep the others.
-                log.error("cannot end the grants of %s: %s", out, exc)
+        """The session is over: every area goes to wait for the compositor to let go,
+        and every client fd is closed."""
+        busy = [out for surface in self.surfaces.values() for out in surface.outputs.buffers
+                if out.state is OutputState.BUSY]
+        busy += [out for out in self._orphans if out.state is OutputState.BUSY]
+        for out in busy:
+            for c in self.counters:
+                c.pages.in_use -= out.pages
         for surface in self.surfaces.values():
             surface.outputs.buffers.clear()
         self.surfaces.clear()
         self._orphans.clear()
-        self._retiring.clear()
+        self.later.clear()
+        self.lifetimes.close_connection(self.owner)
         for pool in self._held_pools():
             pool.close()
         self.pools.clear()
@@ -452,7 +450,7 @@ class ShmBridge:
                         bytes_per_pixel(buffer.format))
         try:
             mapped = buffer.pool.mapped()
-            with memoryview(out.grant.area.memory) as memory:
+            with memoryview(out.area.grant.area.memory) as memory:
                 if mapped is not None:
                     with memoryview(mapped) as source:
                         written = copy_region_mapped(source, layout, out.stale, memory)
@@ -486,36 +484,26 @@ class ShmBridge:
 
     def _new_output(self, buffer: ClientBuffer, up: Outbox) -> OutputBuffer:
         width, height, stride = buffer.width, buffer.height, buffer.stride
-        if stride * height > MAX_POOL_SIZE:
+        if stride * height > MAX_POOL_SIZE - PAGE_SIZE:
             # wl_shm.create_pool's size is an int32: no pool of the compositor can hold it.
             raise WireError(f"qubesshm: a {width}x{height} buffer of stride {stride} does not "
-                            f"fit a wl_shm pool ({MAX_POOL_SIZE} bytes at most)",
+                            f"fit a wl_shm pool ({MAX_POOL_SIZE - PAGE_SIZE} bytes at most)",
                             ErrorCode.NO_MEMORY, DISPLAY_ID)
         try:
-            grant = self.halves.sharing.share(stride * height)
-        except GrantUnavailable as exc:
+            area = self.lifetimes.take(self.owner, stride * height)
+        except GrantLimit as exc:
             raise WireError(f"qubesshm: {exc}", ErrorCode.NO_MEMORY, DISPLAY_ID) from exc
-        try:
-            mapping = self.halves.mapping.map(grant.granter, grant.refs)
-        except OSError as exc:
-            self.halves.sharing.end(grant)
-            raise WireError(f"qubesshm: cannot map the grants of a {width}x{height} buffer: "
-                            f"{exc.strerror or exc}", ErrorCode.NO_MEMORY, DISPLAY_ID) from exc
-        for c in self.counters:
-            c.pages.shared(grant.pages)
-        pool = OwnObject(self._wl_shm_pool)
-        pool_id = self.ids.add_own_object(pool)
-        out = OutputBuffer(buffer.key, grant, mapping, 0, Region.full(width, height))
+        if not area.pool_id:
+            area.pool_id = self.ids.add_own_object(OwnObject(self._wl_shm_pool))
+            shm_up = obj_upstream(self.ids, buffer.pool.shm_id)
+            # The pool lives as long as the area is ours, so a later buffer of any
+            # surface can be made in it without a new grant or a new mmap.
+            self._send(up, shm_up, "wl_shm", "create_pool",
+                       [area.pool_id, area.mapping.pool_fd(), area.mapping.size])
+        out = OutputBuffer(buffer.key, area, 0, Region.full(width, height))
         out.upstream_id = self.ids.add_own_object(OwnObject(self._wl_buffer, out))
-        shm_up = obj_upstream(self.ids, buffer.pool.shm_id)
-        self._send(up, shm_up, "wl_shm", "create_pool", [pool_id, mapping.pool_fd(),
-                                                         mapping.size])
-        self._send(up, pool_id, "wl_shm_pool", "create_buffer",
+        self._send(up, area.pool_id, "wl_shm_pool", "create_buffer",
                    [out.upstream_id, 0, width, height, stride, buffer.format])
-        # The compositor keeps the pool mapped while the buffer lives; destroying the
-        # pool now ties the mapping's life to the buffer's alone.
-        self._send(up, pool_id, "wl_shm_pool", "destroy", [])
-        self.ids.destroyed(pool_id)
         return out
 
     # -- retiring output buffers -------------------------------------------------
@@ -529,40 +517,22 @@ class ShmBridge:
             self._orphans.add(out)
 
     def _retire(self, out: OutputBuffer, up: Outbox) -> None:
-        """Destroy a released output buffer upstream; its grants end at delete_id."""
+        """Destroy a released output buffer upstream; its area goes back to the cache."""
         self._orphans.discard(out)
-        out.state = OutputState.RETIRING
+        out.state = OutputState.RETIRED
         self._send(up, out.upstream_id, "wl_buffer", "destroy", [])
         self.ids.destroyed(out.upstream_id)
-        self._retiring.add(out)
-        for c in self.counters:
-            c.pages.awaiting_unmap += out.pages
+        self.lifetimes.give_back(out.area)
 
-    def _end(self, out: OutputBuffer) -> None:
-        self._retiring.discard(out)
-        outcome: Unshared | None = None
-        try:
-            try:
-                self.halves.mapping.unmap(out.mapping)
-            finally:
-                # Ended even if unmapping failed: a grant left shared would leak for good.
-                outcome = self.halves.sharing.end(out.grant)
-        finally:
-            # Counted even when the backend failed (then as deferred: not known ended).
-            for c in self.counters:
-                c.pages.unshared(out.pages, deferred=outcome is not Unshared.ENDED
-                                 and outcome is not Unshared.UNREPORTED)
-
-    def _drop(self, out: OutputBuffer) -> None:
-        """End an output buffer at session end, whatever its state."""
-        if out.state is OutputState.BUSY:
-            for c in self.counters:
-                c.pages.in_use -= out.pages
-        elif out.state is OutputState.RETIRING:
-            for c in self.counters:
-                c.pages.awaiting_unmap -= out.pages
-        out.state = OutputState.RETIRING
-        self._end(out)
+    def _destroy_upstream_pool(self, area: Area) -> None:
+        """The lifetimes evicted ``area``: its pool goes, and the compositor's mmap
+        with it once the compositor has handled that."""
+        later = _ListOutbox(self.later)
+        self._send(later, area.pool_id, "wl_shm_pool", "destroy", [])
+        self.ids.destroyed(area.pool_id)
+        area.pool_id = 0
+        if self.wake is not None:
+            self.wake()
 
     # -- encoding ----------------------------------------------------------------
 
@@ -573,6 +543,14 @@ class ShmBridge:
         if self.trace is not None:
             self.trace(object_id, spec, args)
         out.add(data, fds)
+
+
+class _ListOutbox:
+    def __init__(self, segments: list[tuple[bytes, list[int]]]) -> None:
+        self.segments = segments
+
+    def add(self, data: bytes, fds: list[int]) -> None:
+        self.segments.append((data, fds))
 
 
 _INTERCEPTED = frozenset({"wl_shm", "wl_shm_pool", "wl_buffer", "wl_surface",

@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ..grants.mapping import Mapping
-from ..grants.sharing import Grant
+from ..grants.lifetimes import Area
 from ..pixels.region import Region
 
 # Output buffers per surface: enough for the compositor to hold one on screen and
@@ -27,14 +26,13 @@ BufferKey = tuple[int, int, int, int]  # width, height, stride, format
 class OutputState(enum.Enum):
     RELEASED = "released"  # may be filled
     BUSY = "busy"  # attached upstream, the compositor may read it
-    RETIRING = "retiring"  # wl_buffer.destroy sent, waiting for delete_id
+    RETIRED = "retired"  # destroyed upstream; its area went back to the cache
 
 
 @dataclass(eq=False)
 class OutputBuffer:
     key: BufferKey
-    grant: Grant
-    mapping: Mapping
+    area: Area  # grant pages and the compositor's pool over them
     upstream_id: int  # its wl_buffer on the compositor connection
     stale: Region
     state: OutputState = OutputState.RELEASED
@@ -44,7 +42,7 @@ class OutputBuffer:
 
     @property
     def pages(self) -> int:
-        return self.grant.pages
+        return self.area.pages
 
     def __str__(self) -> str:
         width, height, _, _ = self.key

@@ -1,0 +1,524 @@
+"""Grant lifetimes: recycle the grants of output buffers, end them only once unmapped.
+
+Sans-IO core over the two grant halves, with an injected clock; the I/O layer
+calls it when a buffer is needed or let go, when the event channel fires, and on
+a timer. An *area* is one grant of whole pages and its mapping, with the
+compositor's ``wl_shm_pool`` over it. Its life:
+
+- **in use** by an output buffer of some surface;
+- **cached** when no surface needs it (surface gone, resized, queue trimmed): the
+  upstream pool and the mapping stay, and the next buffer that fits, of any
+  surface of the same compositor connection, gets it instead of a new grant. The
+  cache is bounded in pages and evicts the least recently used;
+- **awaiting unmap** once evicted (or its connection closed): the upstream pool
+  is destroyed and the mapping half lets go, but the compositor may still map
+  the pages. Each mapping carries an unmap notify that clears a byte of the area
+  (the last byte of the last page, which no buffer may use) and signals the
+  connection's one event channel; an event means "scan the areas' bytes", and
+  each cleared one is **ended** at once, never deferred;
+- **deferred**: an area still mapped ``late_timeout`` after it was let go is
+  handed to the kernel's deferred reclaim, in batches of at most ``defer_batch``
+  pages a second. While the backlog the proxy caused is not empty,
+  ``free_per_iteration`` is raised so it drains within ``drain_target`` seconds,
+  and the value found is written back once it is empty (and at exit).
+
+Limits: a client holds at most ``client_pages`` (in use and cached); the proxy's
+pages stay under the gntalloc limit by evicting, then by handing the oldest
+awaiting areas to deferred reclaim (which the kernel no longer counts), and a
+request that still does not fit is refused with ``GrantLimit``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .api import PAGE_SIZE, Unshared
+from .ledger import ClientCounters, Latency
+from .mapping import Mapping, MappingHalf
+from .sharing import Grant, GrantUnavailable, SharingHalf
+
+log = logging.getLogger("qubesshm.grants")
+
+# Shares of the gntalloc limit that the cache and one client may hold by default.
+CACHE_SHARE = 0.25
+CLIENT_SHARE = 0.5
+# Where the kernel does not show its gntalloc limit.
+UNKNOWN_LIMIT_CACHE_PAGES = 16384
+# A cached area serves a buffer needing at least this share of its pages.
+FIT_SHARE = 0.5
+DEFER_INTERVAL = 1.0  # seconds between batches: the kernel's reclaim tick
+KERNEL_TICK = 1.0
+
+
+class AreaState(enum.Enum):
+    IN_USE = "in_use"
+    CACHED = "cached"
+    AWAITING_UNMAP = "awaiting_unmap"
+    DEFERRED = "deferred"  # handed to the kernel's deferred reclaim
+    ENDED = "ended"
+
+
+class GrantLimit(Exception):
+    """No area can be had within the limits; the text names the limit and its option."""
+
+
+@dataclass(eq=False)
+class Area:
+    grant: Grant
+    mapping: Mapping
+    owner: int
+    state: AreaState = AreaState.IN_USE
+    # The compositor's wl_shm_pool over the mapping, on the owner's connection.
+    pool_id: int = 0
+    since: float = 0.0  # when it entered its state
+    late: bool = False
+
+    @property
+    def pages(self) -> int:
+        return self.grant.pages
+
+    @property
+    def notify_offset(self) -> int:
+        return self.pages * PAGE_SIZE - 1
+
+    @property
+    def capacity(self) -> int:
+        """Bytes a buffer may use: all but the notify byte."""
+        return self.pages * PAGE_SIZE - 1
+
+    def __str__(self) -> str:
+        return f"area of {self.pages} pages (refs {self.grant.refs[0]}..)"
+
+
+def pages_for(size: int) -> int:
+    """Pages of an area holding ``size`` bytes of pixels and the notify byte."""
+    return -(-(size + 1) // PAGE_SIZE)
+
+
+@dataclass
+class LifetimePolicy:
+    cache_pages: int | None = None  # None: CACHE_SHARE of the gntalloc limit
+    client_pages: int | None = None  # None: CLIENT_SHARE of the gntalloc limit
+    late_timeout: float = 2.0
+    defer_batch: int = 2048
+    drain_target: float = 2.0
+
+
+@dataclass
+class LifetimeCounters:
+    """What the lifetimes did, for ``qubesshm stats`` and the exit summary."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    evictions: int = 0
+    ended_by_notify: int = 0
+    late_releases: int = 0
+    defer_batches: int = 0
+    deferred_areas: int = 0  # handed to deferred reclaim: late, at exit or for room
+    deferred_for_room: int = 0  # of those, to stay under the gntalloc limit
+    refused: int = 0  # GrantLimit raised
+    fpi_raises: int = 0
+    fpi_restores: int = 0
+    # Evicted or left by its connection -> the unmap notify, in milliseconds.
+    unmap_latency: Latency = field(default_factory=Latency)
+
+
+class Halves(Protocol):
+    sharing: SharingHalf
+    mapping: MappingHalf
+
+    def deferred_pages(self) -> int | None: ...
+
+
+@dataclass(eq=False)
+class _Connection:
+    owner: int
+    destroy_upstream: Callable[[Area], None]
+    counters: tuple[ClientCounters, ...]
+    vm_port: int
+    gui_port: int
+    open: bool = True
+    areas: set[Area] = field(default_factory=set)
+
+    def held_pages(self) -> int:
+        return sum(a.pages for a in self.areas
+                   if a.state in (AreaState.IN_USE, AreaState.CACHED))
+
+
+class GrantLifetimes:
+    """Every area of the proxy, across its compositor connections."""
+
+    def __init__(self, halves: Halves, policy: LifetimePolicy | None = None, *,
+                 clock: Callable[[], float], total: ClientCounters | None = None) -> None:
+        self.halves = halves
+        self.policy = policy or LifetimePolicy()
+        self.clock = clock
+        self.total = total or ClientCounters()
+        self.counters = LifetimeCounters()
+        self._connections: dict[int, _Connection] = {}
+        self._cache: OrderedDict[Area, None] = OrderedDict()  # least recently used first
+        self._awaiting: OrderedDict[Area, None] = OrderedDict()  # oldest first
+        self._next_batch = 0.0
+        self._found_fpi: int | None = None  # free_per_iteration before we raised it
+        self._tune_refused = False
+        self._estimate = 0.0  # backlog where the kernel does not show it
+        self._estimated_at = clock()
+
+    # -- connections -----------------------------------------------------------
+
+    def open_connection(self, owner: int, destroy_upstream: Callable[[Area], None],
+                        counters: Sequence[ClientCounters]) -> None:
+        """A compositor connection: one event channel for all its areas' notifies.
+        ``destroy_upstream`` destroys an evicted area's pool on that connection."""
+        sharing = self.halves.sharing
+        vm_port = sharing.open_channel()
+        try:
+            gui_port = self.halves.mapping.connect_channel(sharing.own_domid, vm_port)
+        except OSError:
+            sharing.close_channel(vm_port)
+            raise
+        self._connections[owner] = _Connection(owner, destroy_upstream, tuple(counters),
+                                               vm_port, gui_port)
+
+    def close_connection(self, owner: int) -> None:
+        """The connection is gone, and with it the compositor's pools: every area of it
+        waits for its unmap notify."""
+        conn = self._connections.get(owner)
+        if conn is None or not conn.open:
+            return
+        conn.open = False
+        for area in sorted(conn.areas, key=lambda a: a.since):
+            if area.state in (AreaState.IN_USE, AreaState.CACHED):
+                self._let_go(area)
+        # Each armed notify holds the mapping side's port until it has fired.
+        self.halves.mapping.close_channel(conn.gui_port)
+        self._forget_if_done(conn)
+
+    # -- areas for output buffers -------------------------------------------------
+
+    def take(self, owner: int, size: int) -> Area:
+        """An area for a buffer of ``size`` bytes: from the owner's cache if one fits
+        (its ``pool_id`` is set), else freshly shared and mapped (``pool_id`` 0)."""
+        conn = self._connections[owner]
+        need = pages_for(size)
+        found = self._cached_fit(conn, need)
+        if found is not None:
+            del self._cache[found]
+            self._move(found, AreaState.IN_USE)
+            self.counters.cache_hits += 1
+            return found
+        self.counters.cache_misses += 1
+        try:
+            self._make_room(conn, need)
+        except GrantLimit:
+            self.counters.refused += 1
+            raise
+        return self._new_area(conn, need)
+
+    def give_back(self, area: Area) -> None:
+        """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
+        if area.state is not AreaState.IN_USE:
+            return
+        conn = self._connections[area.owner]
+        if not conn.open:
+            self._let_go(area)
+            return
+        self._move(area, AreaState.CACHED)
+        self._cache[area] = None
+        self._trim_cache()
+
+    # -- the event channel and the timer ------------------------------------------
+
+    @property
+    def event_fd(self) -> int:
+        return self.halves.sharing.event_fd()
+
+    def on_event(self) -> None:
+        """The event channel fired: end every awaiting area whose byte was cleared."""
+        ports = self.halves.sharing.fired_ports()
+        self.scan()
+        # A connection whose last area just ended has closed its port.
+        bound = {conn.vm_port for conn in self._connections.values()}
+        ports = [port for port in ports if port in bound]
+        if ports:
+            self.halves.sharing.unmask(ports)
+
+    def scan(self) -> None:
+        for area in list(self._awaiting):
+            if self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset):
+                self.counters.ended_by_notify += 1
+                self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
+                self._end(area)
+
+    def poll(self) -> None:
+        """Timer work: hand late areas to deferred reclaim, keep the backlog draining."""
+        now = self.clock()
+        late = []
+        for area in self._awaiting:
+            if now - area.since < self.policy.late_timeout:
+                break  # oldest first: the rest are younger
+            if not area.late:
+                area.late = True
+                self.counters.late_releases += 1
+            late.append(area)
+        if late and now >= self._next_batch:
+            self._next_batch = now + DEFER_INTERVAL
+            self.counters.defer_batches += 1
+            handed = 0
+            for area in late:
+                if handed and handed + area.pages > self.policy.defer_batch:
+                    break
+                handed += area.pages
+                self._end(area)
+        self._tune()
+
+    @property
+    def awaiting(self) -> int:
+        """Areas waiting for their unmap notify."""
+        return len(self._awaiting)
+
+    def close(self) -> None:
+        """The proxy stops: whatever still waits goes to deferred reclaim, and
+        free_per_iteration gets the value it had."""
+        for owner in list(self._connections):
+            self.close_connection(owner)
+        self.scan()
+        for area in list(self._awaiting):
+            self._end(area)
+        for conn in list(self._connections.values()):
+            self._forget_if_done(conn)
+        self._restore_fpi()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _limit(self) -> int | None:
+        try:
+            return self.halves.sharing.backend.status().gntalloc_limit
+        except OSError:
+            return None
+
+    def _cache_bound(self) -> int:
+        if self.policy.cache_pages is not None:
+            return self.policy.cache_pages
+        limit = self._limit()
+        return UNKNOWN_LIMIT_CACHE_PAGES if limit is None else int(limit * CACHE_SHARE)
+
+    def _client_bound(self) -> int | None:
+        if self.policy.client_pages is not None:
+            return self.policy.client_pages
+        limit = self._limit()
+        return None if limit is None else int(limit * CLIENT_SHARE)
+
+    def _cached_fit(self, conn: _Connection, need: int) -> Area | None:
+        best: Area | None = None
+        for area in reversed(self._cache):  # most recently used first
+            if (area.owner == conn.owner and need <= area.pages
+                    and need >= area.pages * FIT_SHARE
+                    and (best is None or area.pages < best.pages)):
+                best = area
+        return best
+
+    def _live_pages(self) -> int:
+        """Pages gntalloc counts for this proxy: shared and not yet ended or deferred."""
+        return self.total.pages.live
+
+    def _make_room(self, conn: _Connection, need: int) -> None:
+        bound = self._client_bound()
+        if bound is not None:
+            if need > bound:
+                raise GrantLimit(f"a buffer of {need} pages is more than a client may hold "
+                                 f"({bound} pages); raise --client-pages")
+            for area in [a for a in self._cache if a.owner == conn.owner]:
+                if conn.held_pages() + need <= bound:
+                    break
+                self._evict(area)
+            if conn.held_pages() + need > bound:
+                raise GrantLimit(f"the client holds {conn.held_pages()} pages of grants and "
+                                 f"{need} more would pass its limit of {bound}; raise "
+                                 "--client-pages")
+        limit = self._limit()
+        if limit is None:
+            return
+        # Areas whose notify was missed by nobody yet: their byte may already be clear.
+        self.scan()
+        for area in list(self._cache):
+            if self._live_pages() + need <= limit:
+                break
+            self._evict(area)
+        for area in list(self._awaiting):
+            if self._live_pages() + need <= limit:
+                break
+            # The kernel does not count deferred grants against gntalloc's limit.
+            self.counters.deferred_for_room += 1
+            self._end(area)
+        if self._live_pages() + need > limit:
+            raise GrantLimit(f"{self._live_pages()} pages of grants are in use and {need} "
+                             f"more would pass the gntalloc limit of {limit} pages; raise it "
+                             "with --gntalloc-limit N (or qubesshm tune --gntalloc-limit N)")
+
+    def _new_area(self, conn: _Connection, pages: int) -> Area:
+        sharing, mapping = self.halves.sharing, self.halves.mapping
+        try:
+            grant = sharing.share(pages * PAGE_SIZE)
+        except GrantUnavailable as exc:
+            self.counters.refused += 1
+            raise GrantLimit(str(exc)) from exc
+        offset = pages * PAGE_SIZE - 1
+        sharing.set_notify_byte(grant, offset)
+        try:
+            mapped = mapping.map(grant.granter, grant.refs, notify_byte=offset,
+                                 notify_port=conn.gui_port)
+        except OSError as exc:
+            sharing.end(grant)
+            raise GrantLimit(f"cannot map the grants of a {pages}-page buffer: "
+                             f"{exc.strerror or exc}") from exc
+        area = Area(grant, mapped, conn.owner, since=self.clock())
+        conn.areas.add(area)
+        for c in self._counters(conn):
+            c.pages.shared(pages)
+        return area
+
+    def _trim_cache(self) -> None:
+        bound = self._cache_bound()
+        while self._cache and sum(a.pages for a in self._cache) > bound:
+            self._evict(next(iter(self._cache)))
+
+    def _evict(self, area: Area) -> None:
+        """Out of the cache: destroy its upstream pool, let the mapping go."""
+        del self._cache[area]
+        self.counters.evictions += 1
+        conn = self._connections[area.owner]
+        if conn.open:
+            conn.destroy_upstream(area)
+        self._let_go(area)
+
+    def _let_go(self, area: Area) -> None:
+        self._cache.pop(area, None)
+        self._move(area, AreaState.AWAITING_UNMAP)
+        self._awaiting[area] = None
+        try:
+            self.halves.mapping.unmap(area.mapping)
+        except OSError as exc:
+            log.error("cannot unmap %s: %s", area, exc)
+        # The notify may have fired at once (nothing else mapped it).
+        if self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset):
+            self.counters.ended_by_notify += 1
+            self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
+            self._end(area)
+
+    def _end(self, area: Area) -> None:
+        """End the grant: at once when unmapped, else through deferred reclaim."""
+        self._awaiting.pop(area, None)
+        conn = self._connections[area.owner]
+        mapped = not self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset)
+        try:
+            outcome = self.halves.sharing.end(area.grant)
+        except OSError as exc:
+            log.error("cannot end the grants of %s: %s", area, exc)
+            outcome = Unshared.DEFERRED
+        deferred = outcome is Unshared.DEFERRED or (
+            outcome is Unshared.UNREPORTED and mapped)
+        if deferred:
+            self.counters.deferred_areas += 1
+            self._estimate += area.pages
+        self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
+        for c in self._counters(conn):
+            c.pages.unshared(area.pages, deferred=deferred)
+        conn.areas.discard(area)
+        self._forget_if_done(conn)
+
+    def _forget_if_done(self, conn: _Connection) -> None:
+        if conn.open or conn.areas or self._connections.get(conn.owner) is not conn:
+            return
+        del self._connections[conn.owner]
+        try:
+            self.halves.sharing.close_channel(conn.vm_port)
+        except OSError as exc:
+            log.error("cannot close the event channel of client#%d: %s", conn.owner, exc)
+
+    def _counters(self, conn: _Connection) -> tuple[ClientCounters, ...]:
+        return conn.counters
+
+    def _move(self, area: Area, state: AreaState) -> None:
+        conn = self._connections[area.owner]
+        for c in self._counters(conn):
+            if area.state is AreaState.CACHED:
+                c.pages.cached -= area.pages
+            elif area.state is AreaState.AWAITING_UNMAP:
+                c.pages.awaiting_unmap -= area.pages
+            if state is AreaState.CACHED:
+                c.pages.cached += area.pages
+            elif state is AreaState.AWAITING_UNMAP:
+                c.pages.awaiting_unmap += area.pages
+        area.state = state
+        area.since = self.clock()
+
+    # -- free_per_iteration ------------------------------------------------------------
+
+    def backlog(self) -> int:
+        """Pages this proxy has on the kernel's deferred list (estimated where the
+        kernel does not show it: handed over, minus free_per_iteration a second)."""
+        shown = self.halves.deferred_pages()
+        if shown is not None:
+            return shown
+        now = self.clock()
+        fpi = self._fpi()
+        elapsed, self._estimated_at = now - self._estimated_at, now
+        if fpi == 0:
+            self._estimate = 0.0
+        elif fpi is not None:
+            self._estimate = max(0.0, self._estimate - fpi * elapsed / KERNEL_TICK)
+        return math.ceil(self._estimate)
+
+    def _fpi(self) -> int | None:
+        try:
+            return self.halves.sharing.backend.status().free_per_iteration
+        except OSError:
+            return None
+
+    def _tune(self) -> None:
+        backlog = self.backlog()
+        current = self._fpi()
+        if current is None:
+            return
+        if backlog == 0:
+            self._restore_fpi()
+            return
+        if current == 0:
+            return  # no limit per tick: it drains on the next tick
+        if self._found_fpi is None:
+            self._found_fpi = current
+        want = max(self._found_fpi, math.ceil(backlog * KERNEL_TICK / self.policy.drain_target))
+        if want > current and self._write_fpi(want, backlog):
+            self.counters.fpi_raises += 1
+
+    def _restore_fpi(self) -> None:
+        found, self._found_fpi = self._found_fpi, None
+        if found is None or self._fpi() == found:
+            return
+        if self._write_fpi(found, 0):
+            self.counters.fpi_restores += 1
+
+    def _write_fpi(self, value: int, backlog: int) -> bool:
+        if self._tune_refused:
+            return False
+        try:
+            self.halves.sharing.backend.set_free_per_iteration(value)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self._tune_refused = True
+            log.warning("cannot set free_per_iteration to %d (%s): %d deferred grants drain "
+                        "at the kernel's pace; let the proxy do it, or run as a user who "
+                        "may: qubesshm tune --free-per-iteration %d", value,
+                        exc.strerror or exc, backlog, value)
+            return False
+        log.info("free_per_iteration set to %d (deferred backlog %d pages)", value, backlog)
+        return True
