@@ -135,6 +135,10 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--defer-batch", type=_positive, default=2048, metavar="PAGES",
                         help="most pages handed to deferred reclaim per second "
                         "(default %(default)s)")
+    parser.add_argument("--sim-watch", type=_positive, action="append", default=[],
+                        metavar="PID", help="simulated grants: count this process's mmaps "
+                        "of grant pages as the GUI domain's, as the compositor's are (a "
+                        "process that holds mappings late; repeatable)")
     parser.add_argument("--drain-target", type=_seconds, default=2.0, metavar="SECONDS",
                         help="raise free_per_iteration so the proxy's deferred backlog "
                         "drains within this time (default %(default)s)")
@@ -320,6 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"qubesshm: cannot set the gntalloc limit: {exc.strerror or exc}",
                           file=sys.stderr)
                     return 1
+            if args.sim_watch:
+                if grants.hypervisor is None:
+                    print("qubesshm: --sim-watch needs the simulated grant layer "
+                          "(--grants sim)", file=sys.stderr)
+                    return 2
+                for pid in args.sim_watch:
+                    grants.watch_compositor(pid)
             log.info("grant backend: %s", grants.name)
             options = RelayOptions(max_message_size=args.max_message_size,
                                    stall_timeout=args.stall_timeout,
@@ -416,7 +427,7 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
                          policy=policy)
     try:
         server.control = ControlSocket(stats_path(listener.path),
-                                       lambda: snapshot(server.ledger, grants))
+                                       lambda: snapshot(server.ledger, grants, server.lifetimes))
     except (OSError, AddressError) as exc:
         server.close()
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -443,7 +454,7 @@ def _probe_upstream(upstream: Path) -> None:
 
 
 def _summary(server: ProxyServer, grants: GrantHalves) -> None:
-    print(f"qubesshm: summary: {summary_line(snapshot(server.ledger, grants))}",
+    print(f"qubesshm: summary: {summary_line(snapshot(server.ledger, grants, server.lifetimes))}",
           file=sys.stderr)
 
 

@@ -36,8 +36,9 @@ class RunningProxy:
 
 
 def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
-                socket_name: str = "qubesshm-test") -> RunningProxy:
-    env = weston.env()
+                socket_name: str = "qubesshm-test",
+                env: dict[str, str] | None = None) -> RunningProxy:
+    env = weston.env() if env is None else env
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
         [sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,

@@ -10,6 +10,7 @@ proxy and one per client; both halves report into it.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 class PageCounts:
     live: int = 0
     in_use: int = 0
-    cached: int = 0  # stays 0 until output buffers are recycled across surfaces
+    cached: int = 0  # kept with their upstream pool for later buffers
     awaiting_unmap: int = 0
     peak_live: int = 0
     shared_total: int = 0
@@ -36,21 +37,34 @@ class PageCounts:
             self.deferred_at_unshare += pages
 
 
+# Upper bounds of the histogram's buckets, in milliseconds; the last is open.
+HISTOGRAM_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
 @dataclass
 class Latency:
-    """Attach upstream -> the compositor's release, in milliseconds."""
+    """How long something took, in milliseconds (attach upstream -> the compositor's
+    release; let go -> unmap notify)."""
 
     samples: list[float] = field(default_factory=list)
     limit: int = 4096  # the most recent ones; percentiles of a long run stay cheap
     count_total: int = 0
     max_total: float = 0.0
+    # Every sample of the run: counts per HISTOGRAM_BOUNDS_MS bucket, then the rest.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(HISTOGRAM_BOUNDS_MS) + 1))
 
     def add(self, milliseconds: float) -> None:
+        self.buckets[bisect.bisect_left(HISTOGRAM_BOUNDS_MS, milliseconds)] += 1
         self.samples.append(milliseconds)
         if len(self.samples) > 2 * self.limit:
             del self.samples[: len(self.samples) - self.limit]
         self.count_total += 1
         self.max_total = max(self.max_total, milliseconds)
+
+    def histogram(self) -> dict[str, int]:
+        """Samples per bucket, keyed by the bucket's upper bound ("<=5", ">5000")."""
+        keys = [f"<={b}" for b in HISTOGRAM_BOUNDS_MS] + [f">{HISTOGRAM_BOUNDS_MS[-1]}"]
+        return dict(zip(keys, self.buckets, strict=True))
 
     def summary(self) -> dict[str, float | int | None]:
         if not self.samples:

@@ -477,6 +477,9 @@ class GrantLifetimes:
             self._estimate = max(0.0, self._estimate - fpi * elapsed / KERNEL_TICK)
         return math.ceil(self._estimate)
 
+    def free_per_iteration(self) -> int | None:
+        return self._fpi()
+
     def _fpi(self) -> int | None:
         try:
             return self.halves.sharing.backend.status().free_per_iteration

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import ClientCounters, GrantLedger
+from ..grants.lifetimes import GrantLifetimes
 from .listener import Listener, runtime_path
 
 log = logging.getLogger("qubesshm.relay")
@@ -68,7 +69,30 @@ def _counters(counters: ClientCounters) -> dict[str, Any]:
     }
 
 
-def snapshot(ledger: GrantLedger, grants: GrantHalves | None) -> dict[str, Any]:
+def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
+    if lifetimes is None:
+        return None
+    c = lifetimes.counters
+    return {
+        "cache_hits": c.cache_hits,
+        "cache_misses": c.cache_misses,
+        "evictions": c.evictions,
+        "ended_by_notify": c.ended_by_notify,
+        "late_releases": c.late_releases,
+        "defer_batches": c.defer_batches,
+        "deferred_areas": c.deferred_areas,
+        "deferred_for_room": c.deferred_for_room,
+        "refused": c.refused,
+        "free_per_iteration": lifetimes.free_per_iteration(),
+        "free_per_iteration_raises": c.fpi_raises,
+        "free_per_iteration_restores": c.fpi_restores,
+        "unmap_latency_ms": c.unmap_latency.summary(),
+        "unmap_latency_histogram_ms": c.unmap_latency.histogram(),
+    }
+
+
+def snapshot(ledger: GrantLedger, grants: GrantHalves | None,
+             lifetimes: GrantLifetimes | None = None) -> dict[str, Any]:
     """The counters as ``qubesshm stats --json`` prints them."""
     deferred = grants.deferred_pages() if grants is not None else None
     leaked = grants.leaked_pages() if grants is not None else None
@@ -86,6 +110,8 @@ def snapshot(ledger: GrantLedger, grants: GrantHalves | None) -> dict[str, Any]:
         **_counters(ledger.total),
         "grants": _grants(ledger.total, deferred, leaked, total=True),
         "release_latency_ms": ledger.total.release_latency.summary(),
+        "release_latency_histogram_ms": ledger.total.release_latency.histogram(),
+        "lifetimes": _lifetimes(lifetimes),
         "per_client": per_client,
     }
 
@@ -208,6 +234,12 @@ def format_table(stats: dict[str, Any]) -> str:
     lines.append("grant pages    " + "  ".join(f"{k}={show(v)}" for k, v in grants.items()))
     latency = stats["release_latency_ms"]
     lines.append("release (ms)   " + "  ".join(f"{k}={show(v)}" for k, v in latency.items()))
+    lifetimes = stats.get("lifetimes")
+    if lifetimes:
+        unmap = lifetimes["unmap_latency_ms"]
+        lines.append("unmap (ms)     " + "  ".join(f"{k}={show(v)}" for k, v in unmap.items()))
+        lines.append("lifetimes      " + "  ".join(
+            f"{k}={show(v)}" for k, v in lifetimes.items() if not k.startswith("unmap_")))
     if stats["per_client"]:
         lines.append("")
         lines.append(f"{'client':>6} {'commits':>8} {'damaged':>12} {'copied':>12} "
@@ -227,4 +259,18 @@ def summary_line(stats: dict[str, Any]) -> str:
             f"damaged, {stats['bytes_copied'] / (1 << 20):.1f} MiB copied, "
             f"{stats['early_releases']} early releases; grant pages: "
             f"{grants['shared_total']} shared, {grants['ended_total']} ended, "
-            f"{grants['deferred']} deferred, {grants['live']} live, peak {grants['peak_live']}")
+            f"{grants['deferred']} deferred, {grants['live']} live, peak {grants['peak_live']}"
+            + _lifetimes_line(stats.get("lifetimes")))
+
+
+def _lifetimes_line(lifetimes: dict[str, Any] | None) -> str:
+    if not lifetimes:
+        return ""
+    unmap = lifetimes["unmap_latency_ms"]
+    return (f"; cache {lifetimes['cache_hits']} hits, {lifetimes['cache_misses']} misses, "
+            f"{lifetimes['evictions']} evictions; {lifetimes['ended_by_notify']} ended on "
+            f"unmap notify (p50 {unmap['p50']} ms, max {unmap['max']} ms), "
+            f"{lifetimes['late_releases']} late, {lifetimes['deferred_areas']} handed to "
+            f"deferred reclaim in {lifetimes['defer_batches']} batches; free_per_iteration "
+            f"raised {lifetimes['free_per_iteration_raises']}x, restored "
+            f"{lifetimes['free_per_iteration_restores']}x")

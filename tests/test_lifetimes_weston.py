@@ -1,0 +1,275 @@
+"""Grant lifetimes against a real headless Weston: recycling, unmap notify, late releases.
+
+Real clients (``examples/churn_client.py``, ``examples/pattern_client.py``) run
+through ``qubesshm serve`` on the simulated grant layer, each test with a
+simulated kernel of its own (``QUBESSHM_SIM_ROOT``), so the parameters it sets
+reach no other test. Weston's own munmaps fire the unmap notifies. Progress is
+waited on through ``qubesshm stats``, never through sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from procs import RunningProxy, start_proxy, wait_for_file
+
+from qubesshm.grants.params import FREE_PER_ITERATION, ModuleParams
+from qubesshm.headless import HeadlessWeston
+from qubesshm.relay.control import read_stats
+
+REPO = Path(__file__).resolve().parent.parent
+CHURN = REPO / "examples" / "churn_client.py"
+PATTERN = REPO / "examples" / "pattern_client.py"
+DEADLINE = 60.0
+BIG_LIMIT = "1073741824"
+
+HOLDER = """
+import mmap, os, sys
+held = []
+for line in sys.stdin:
+    word, *rest = line.split()
+    if word == "grab":
+        fd_dir = f"/proc/{rest[0]}/fd"
+        for name in os.listdir(fd_dir):
+            try:
+                target = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue
+            if target.startswith("/memfd:qubesshm-grant"):
+                fd = os.open(f"{fd_dir}/{name}", os.O_RDWR)
+                held.append(mmap.mmap(fd, os.fstat(fd).st_size))
+                os.close(fd)
+        print(f"held {len(held)}", flush=True)
+    elif word == "release":
+        for m in held:
+            m.close()
+        held.clear()
+        print("released", flush=True)
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
+    """Weston's environment with a simulated kernel of this test's own."""
+    root = tmp_path / "sim"
+    root.mkdir(mode=0o700)
+    return dict(weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
+
+
+def serve(weston: HeadlessWeston, tmp_path: Path, env: dict[str, str],
+          *extra: str) -> RunningProxy:
+    return start_proxy(weston, tmp_path / "qubesshm.log", *extra,
+                       socket_name=f"qsl-{os.getpid()}", env=env)
+
+
+@pytest.fixture
+def stopped() -> Iterator[list[RunningProxy]]:
+    """Proxies to stop at the end: each must exit 0, without a traceback."""
+    proxies: list[RunningProxy] = []
+    yield proxies
+    for proxy in proxies:
+        assert proxy.stop() == 0, proxy.log()
+        assert "Traceback" not in proxy.log(), proxy.log()
+
+
+def stats(proxy: RunningProxy) -> dict[str, Any]:
+    return read_stats(str(Path(proxy.env["XDG_RUNTIME_DIR"]) / proxy.socket_name))
+
+
+def grants(proxy: RunningProxy) -> dict[str, Any]:
+    value = stats(proxy)["grants"]
+    assert isinstance(value, dict)
+    return value
+
+
+def lifetimes(proxy: RunningProxy) -> dict[str, Any]:
+    value = stats(proxy)["lifetimes"]
+    assert isinstance(value, dict)
+    return value
+
+
+def client(proxy: RunningProxy, script: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(script), *args], env=proxy.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def all_let_go(proxy: RunningProxy) -> bool:
+    g = grants(proxy)
+    return bool(g["live"] == 0 and g["awaiting_unmap"] == 0 and g["deferred"] == 0
+                and g["in_use"] == 0)
+
+
+def test_window_churn_reuses_grants_and_leaves_nothing(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT)
+    stopped.append(proxy)
+    windows = 500
+    code, out, err = finish(client(proxy, CHURN, "--windows", str(windows),
+                                   "--size", "200x150"))
+    assert code == 0, err
+    assert out.startswith(f"churn: {windows} windows"), out
+    life = lifetimes(proxy)
+    # Each window needs one output buffer; only a handful were not in the cache.
+    assert life["cache_hits"] + life["cache_misses"] >= windows
+    assert life["cache_misses"] < 0.05 * windows, life
+    # The client is gone: Weston unmaps its pools, and every notify ends its grant.
+    wait_until(lambda: all_let_go(proxy), "every grant of the churn ended")
+    g, life = grants(proxy), lifetimes(proxy)
+    assert g["leaked"] == 0 and g["deferred"] == 0
+    assert g["ended_total"] == g["shared_total"] > 0
+    assert life["deferred_areas"] == 0 and life["late_releases"] == 0
+    assert life["ended_by_notify"] == life["cache_misses"]
+
+
+def test_evicted_areas_end_on_westons_munmap_without_deferral(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    # No cache: every window's area is evicted while the client still runs, so its
+    # pool is destroyed on a live connection and Weston's munmap fires the notify.
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
+                  "--cache-pages", "0")
+    stopped.append(proxy)
+    code, _, err = finish(client(proxy, CHURN, "--windows", "30", "--size", "100x100"))
+    assert code == 0, err
+    wait_until(lambda: all_let_go(proxy), "every evicted area ended")
+    life, g = lifetimes(proxy), grants(proxy)
+    assert life["cache_hits"] == 0 and life["evictions"] >= 29
+    assert life["ended_by_notify"] == life["cache_misses"] >= 30
+    assert life["deferred_areas"] == 0 and g["deferred"] == 0 and g["leaked"] == 0
+    assert life["unmap_latency_ms"]["count"] >= 30
+
+
+def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
+    params.create_defaults()
+    params.write(FREE_PER_ITERATION, 1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
+                      "--sim-watch", str(holder.pid), "--late-timeout", "1")
+        stopped.append(proxy)
+        ready = tmp_path / "ready"
+        drawing = client(proxy, PATTERN, "--frames", "3", "--hold", "120",
+                         "--ready-file", str(ready))
+        wait_for_file(ready, drawing)
+        holder.stdin.write(f"grab {proxy.process.pid}\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().startswith("held ")
+        live = grants(proxy)["live"]
+        assert live > 0
+        drawing.kill()
+        drawing.wait()
+        # Weston lets go at once; the holder does not, so the areas are late.
+        wait_until(lambda: grants(proxy)["deferred"] == live, "the late areas deferred")
+        life = lifetimes(proxy)
+        assert life["late_releases"] >= 1 and life["defer_batches"] >= 1
+        assert life["free_per_iteration_raises"] >= 1
+        assert life["free_per_iteration"] == -(-live // 2), "drains within the 2 s target"
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "released\n"
+        wait_until(lambda: all_let_go(proxy), "the backlog drained")
+        wait_until(lambda: lifetimes(proxy)["free_per_iteration_restores"] >= 1,
+                   "free_per_iteration restored")
+        assert lifetimes(proxy)["free_per_iteration"] == 1
+        assert params.free_per_iteration == 1
+        assert grants(proxy)["leaked"] == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_clients_killed_mid_frame_leave_nothing(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT)
+    stopped.append(proxy)
+    drawing = [client(proxy, PATTERN, "--frames", "100000", "--damage", "partial",
+                      "--width", str(120 + 40 * i), "--height", "90") for i in range(3)]
+    try:
+        wait_until(lambda: stats(proxy)["clients"] == 3 and stats(proxy)["commits"] >= 60,
+                   "three clients drawing")
+    finally:
+        for process in drawing:
+            process.send_signal(signal.SIGKILL)
+        for process in drawing:
+            process.wait()
+    wait_until(lambda: all_let_go(proxy) and stats(proxy)["clients"] == 0,
+               "the killed clients' grants ended")
+    g, life = grants(proxy), lifetimes(proxy)
+    assert g["leaked"] == 0 and g["cached"] == 0
+    assert life["deferred_areas"] == 0
+
+
+def test_per_client_cap_refuses_only_the_client_over_it(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
+                  "--client-pages", "200")
+    stopped.append(proxy)
+    ready = tmp_path / "ready"
+    small = client(proxy, PATTERN, "--width", "64", "--height", "64", "--frames", "2",
+                   "--hold", "120", "--ready-file", str(ready))
+    wait_for_file(ready, small)
+    code, _, err = finish(client(proxy, PATTERN, "--width", "640", "--height", "480"))
+    assert code == 1
+    assert "--client-pages" in err and "200" in err, err
+    assert small.poll() is None, "the other client carries on"
+    before = stats(proxy)["commits"]
+    small.send_signal(signal.SIGTERM)
+    small.wait()
+    assert stats(proxy)["commits"] == before
+    assert lifetimes(proxy)["refused"] == 1
+    wait_until(lambda: all_let_go(proxy), "every grant ended")
+
+
+def test_gntalloc_limit_refuses_the_client_that_asked(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", "700",
+                  "--client-pages", "700")
+    stopped.append(proxy)
+    first_ready, second_ready = tmp_path / "first", tmp_path / "second"
+    first = client(proxy, PATTERN, "--width", "320", "--height", "240", "--frames", "2",
+                   "--hold", "120", "--ready-file", str(first_ready))
+    wait_for_file(first_ready, first)
+    # 320x240 is 76 pages an output buffer and the first client holds at least one;
+    # 960x720 is 676 pages: it would fit alone, not beside the first.
+    code, _, err = finish(client(proxy, PATTERN, "--width", "960", "--height", "720"))
+    assert code == 1
+    assert "gntalloc limit of 700 pages" in err and "--gntalloc-limit" in err, err
+    # The first client is unaffected: a second window of its size still fits.
+    second = client(proxy, PATTERN, "--width", "320", "--height", "240", "--frames", "3",
+                    "--ready-file", str(second_ready))
+    code, _, err = finish(second)
+    assert code == 0, err
+    assert first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    first.wait()
+    wait_until(lambda: all_let_go(proxy), "every grant ended")
