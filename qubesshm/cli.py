@@ -330,7 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "(--grants sim)", file=sys.stderr)
                     return 2
                 for pid in args.sim_watch:
-                    grants.watch_compositor(pid)
+                    try:
+                        grants.watch_compositor(pid)
+                    except OSError as exc:
+                        print(f"qubesshm: --sim-watch {pid}: {exc.strerror or exc}",
+                              file=sys.stderr)
+                        return 1
             log.info("grant backend: %s", grants.name)
             options = RelayOptions(max_message_size=args.max_message_size,
                                    stall_timeout=args.stall_timeout,

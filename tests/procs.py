@@ -37,11 +37,12 @@ class RunningProxy:
 
 def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
                 socket_name: str = "qubesshm-test",
-                env: dict[str, str] | None = None) -> RunningProxy:
+                env: dict[str, str] | None = None,
+                prefix: tuple[str, ...] = ()) -> RunningProxy:
     env = weston.env() if env is None else env
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,
+        [*prefix, sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,
          "--upstream", weston.socket_name, *extra],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )

@@ -877,3 +877,28 @@ def test_reclaim_goes_on_without_the_parameter_file(world: World) -> None:
     world.hv.advance()
     assert world.hv.deferred_pages == 0
     assert world.lifetimes.counters.fpi_raises == 0
+
+
+def test_late_areas_go_to_deferred_reclaim_in_batches(world: World) -> None:
+    world.lifetimes.policy.defer_batch = 5  # pages a second: one 64x64 area
+    for _ in range(3):
+        _, out = commit_64x64(world)
+        world.mapped.add(world.comp.pool_file(out))
+    world.session.end()
+    world.clock.now += 2.5
+    world.lifetimes.poll()
+    assert world.hv.deferred_pages == 5 and world.lifetimes.awaiting == 2
+    world.clock.now += 0.5
+    world.lifetimes.poll()
+    assert world.hv.deferred_pages == 5, "one batch a second"
+    world.clock.now += 0.5
+    world.lifetimes.poll()
+    assert world.hv.deferred_pages == 10
+    counters = world.lifetimes.counters
+    assert counters.late_releases == 3 and counters.defer_batches == 2
+    # The last area's mapping goes before its turn: it ends on its notify instead.
+    world.mapped.clear()
+    world.hv.refresh()
+    world.lifetimes.on_event()
+    assert world.lifetimes.awaiting == 0 and counters.ended_by_notify == 1
+    assert world.ledger.total.pages.deferred_at_unshare == 10

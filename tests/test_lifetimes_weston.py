@@ -56,11 +56,12 @@ for line in sys.stdin:
 """
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE,
+               message: Callable[[], object] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what} {message()}")
         time.sleep(0.02)
 
 
@@ -73,9 +74,9 @@ def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
 
 
 def serve(weston: HeadlessWeston, tmp_path: Path, env: dict[str, str],
-          *extra: str) -> RunningProxy:
+          *extra: str, prefix: tuple[str, ...] = ()) -> RunningProxy:
     return start_proxy(weston, tmp_path / "qubesshm.log", *extra,
-                       socket_name=f"qsl-{os.getpid()}", env=env)
+                       socket_name=f"qsl-{os.getpid()}", env=env, prefix=prefix)
 
 
 @pytest.fixture
@@ -205,6 +206,87 @@ def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
         holder.wait()
 
 
+class Holder:
+    """A process of the GUI domain that maps the proxy's grant pages and lets go
+    when told: the simulated kernel counts its mmaps (``--sim-watch``)."""
+
+    def __init__(self, prefix: tuple[str, ...] = ()) -> None:
+        self.process = subprocess.Popen([*prefix, sys.executable, "-c", HOLDER],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def tell(self, line: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+               stopped: list[RunningProxy], holder: Holder, *extra: str,
+               prefix: tuple[str, ...] = ()) -> tuple[RunningProxy, int]:
+    """A proxy whose only client drew and was killed while ``holder`` maps its pages:
+    (the proxy, the pages now late)."""
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT, "--sim-watch",
+                  str(holder.process.pid), "--late-timeout", "1", *extra, prefix=prefix)
+    stopped.append(proxy)
+    ready = tmp_path / "ready"
+    drawing = client(proxy, PATTERN, "--frames", "3", "--hold", "120",
+                     "--ready-file", str(ready))
+    wait_for_file(ready, drawing)
+    assert holder.tell(f"grab {proxy.process.pid}").startswith("held ")
+    live = grants(proxy)["live"]
+    drawing.kill()
+    drawing.wait()
+    wait_until(lambda: grants(proxy)["deferred"] == live,
+               f"the late areas deferred ({live} pages)", message=lambda: stats(proxy))
+    return proxy, live
+
+
+def test_free_per_iteration_is_restored_on_sigterm(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
+    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
+    params.create_defaults()
+    params.write(FREE_PER_ITERATION, 1)
+    holder = Holder()
+    proxies: list[RunningProxy] = []
+    try:
+        proxy, _ = late_areas(weston, tmp_path, sim_env, proxies, holder)
+        wait_until(lambda: params.free_per_iteration > 1, "free_per_iteration raised")
+        assert proxy.stop() == 0, proxy.log()
+        assert params.free_per_iteration == 1
+        assert "restored 1x" in proxy.log(), proxy.log()
+    finally:
+        holder.close()
+
+
+def test_a_free_per_iteration_it_may_not_write_is_said_once(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
+    params.create_defaults()
+    params.write(FREE_PER_ITERATION, 1)
+    params.path(FREE_PER_ITERATION).chmod(0o444)
+    # Root writes through any mode bits: run without capabilities (CAP_DAC_OVERRIDE).
+    prefix = ("setpriv", "--bounding-set=-all", "--") if os.geteuid() == 0 else ()
+    holder = Holder(prefix)  # a proxy may only watch processes it may look at
+    try:
+        proxy, live = late_areas(weston, tmp_path, sim_env, stopped, holder, prefix=prefix)
+        assert holder.tell("release") == "released\n"
+        # Two kernel ticks later the proxy has looked at the backlog many times.
+        wait_until(lambda: grants(proxy)["deferred"] <= live - 2, "the kernel reclaiming")
+        said = [line for line in proxy.log().splitlines()
+                if "cannot set free_per_iteration" in line]
+        assert len(said) == 1, proxy.log()
+        assert "qubesshm tune --free-per-iteration" in said[0]
+        assert params.free_per_iteration == 1
+    finally:
+        holder.close()
+
+
 def test_clients_killed_mid_frame_leave_nothing(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
         stopped: list[RunningProxy]) -> None:
@@ -273,3 +355,16 @@ def test_gntalloc_limit_refuses_the_client_that_asked(
     first.send_signal(signal.SIGTERM)
     first.wait()
     wait_until(lambda: all_let_go(proxy), "every grant ended")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a process it may not look at: as root, "
+                    "one with capabilities it lacks")
+def test_sim_watch_of_a_process_it_cannot_see_is_one_clear_line(
+        weston: HeadlessWeston, sim_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--", sys.executable, "-m", "qubesshm", "serve",
+         "--socket", f"qsw-{os.getpid()}", "--upstream", weston.socket_name,
+         "--sim-watch", "1"], env=sim_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot see the mappings of process 1" in result.stderr

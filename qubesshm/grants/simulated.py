@@ -159,7 +159,15 @@ class SimHypervisor:
     # -- observed processes -------------------------------------------------------
 
     def watch(self, pid: int) -> None:
-        """Count ``pid``'s mmaps of granted pages as foreign mappings."""
+        """Count ``pid``'s mmaps of granted pages as foreign mappings. A process the
+        model cannot look at is refused: it could never tell that one lets go."""
+        try:
+            self.maps_reader(pid)
+        except PermissionError as exc:
+            raise PermissionError(
+                exc.errno, f"the simulated kernel cannot see the mappings of process {pid} "
+                f"({exc.filename}: {exc.strerror}); run it as a user who may read them "
+                "(the same user, with no fewer capabilities)") from exc
         self._watched.add(pid)
 
     def unwatch(self, pid: int) -> None:

@@ -86,9 +86,6 @@ class ClientRelay:
         self.client = Transport(client)
         self.compositor = Transport(compositor)
         protocol_log = server.protocol_log
-        grants = server.grants
-        if grants is not None:
-            grants.watch_compositor(peer_pid(compositor))
         self._flush_pending = False
         self.session = RelaySession(
             server.protocol,
@@ -571,6 +568,12 @@ class ProxyServer:
         except OSError as exc:
             self._refuse(number, client, upstream, exc)
             return
+        if self.grants is not None:
+            try:
+                self.grants.watch_compositor(peer_pid(upstream))
+            except OSError as exc:
+                self._refuse(number, client, upstream, reason=exc.strerror or str(exc))
+                return
         self._connecting.discard(client)
         log.info("client#%d: connected", number)
         self.clients.add(ClientRelay(self, number, client, upstream))
