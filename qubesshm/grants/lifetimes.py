@@ -126,6 +126,7 @@ class LifetimeCounters:
     refused: int = 0  # GrantLimit raised
     fpi_raises: int = 0
     fpi_restores: int = 0
+    peak_backlog: int = 0  # most pages seen on the deferred list for this proxy
     # Evicted or left by its connection -> the unmap notify, in milliseconds.
     unmap_latency: Latency = field(default_factory=Latency)
 
@@ -488,6 +489,7 @@ class GrantLifetimes:
 
     def _tune(self) -> None:
         backlog = self.backlog()
+        self.counters.peak_backlog = max(self.counters.peak_backlog, backlog)
         current = self._fpi()
         if current is None:
             return

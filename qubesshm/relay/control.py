@@ -83,6 +83,7 @@ def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
         "deferred_areas": c.deferred_areas,
         "deferred_for_room": c.deferred_for_room,
         "refused": c.refused,
+        "peak_deferred_backlog": c.peak_backlog,
         "free_per_iteration": lifetimes.free_per_iteration(),
         "free_per_iteration_raises": c.fpi_raises,
         "free_per_iteration_restores": c.fpi_restores,
@@ -271,6 +272,7 @@ def _lifetimes_line(lifetimes: dict[str, Any] | None) -> str:
             f"{lifetimes['evictions']} evictions; {lifetimes['ended_by_notify']} ended on "
             f"unmap notify (p50 {unmap['p50']} ms, max {unmap['max']} ms), "
             f"{lifetimes['late_releases']} late, {lifetimes['deferred_areas']} handed to "
-            f"deferred reclaim in {lifetimes['defer_batches']} batches; free_per_iteration "
+            f"deferred reclaim in {lifetimes['defer_batches']} batches (peak backlog "
+            f"{lifetimes['peak_deferred_backlog']} pages); free_per_iteration "
             f"raised {lifetimes['free_per_iteration_raises']}x, restored "
             f"{lifetimes['free_per_iteration_restores']}x")
