@@ -148,7 +148,7 @@ class World:
         self.halves = sim_halves(self.hv)
         self.halves.watch_compositor(COMPOSITOR_PID)
         self.ledger = GrantLedger()
-        self.lifetimes = GrantLifetimes(self.halves, clock=self.clock, total=self.ledger.total)
+        self.lifetimes = GrantLifetimes(self.halves, clock=self.clock)
         self.session = RelaySession(PROTO, grants=self.lifetimes, clock=self.clock,
                                     counters=(self.ledger.client(1), self.ledger.total))
         self.comp = FakeCompositor()

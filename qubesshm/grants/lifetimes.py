@@ -157,15 +157,15 @@ class GrantLifetimes:
     """Every area of the proxy, across its compositor connections."""
 
     def __init__(self, halves: Halves, policy: LifetimePolicy | None = None, *,
-                 clock: Callable[[], float], total: ClientCounters | None = None) -> None:
+                 clock: Callable[[], float]) -> None:
         self.halves = halves
         self.policy = policy or LifetimePolicy()
         self.clock = clock
-        self.total = total or ClientCounters()
         self.counters = LifetimeCounters()
         self._connections: dict[int, _Connection] = {}
         self._cache: OrderedDict[Area, None] = OrderedDict()  # least recently used first
         self._awaiting: OrderedDict[Area, None] = OrderedDict()  # oldest first
+        self._live = 0  # pages shared and not yet ended or deferred: gntalloc's count
         self._next_batch = 0.0
         self._found_fpi: int | None = None  # free_per_iteration before we raised it
         self._tune_refused = False
@@ -328,7 +328,7 @@ class GrantLifetimes:
 
     def _live_pages(self) -> int:
         """Pages gntalloc counts for this proxy: shared and not yet ended or deferred."""
-        return self.total.pages.live
+        return self._live
 
     def _make_room(self, conn: _Connection, need: int) -> None:
         bound = self._client_bound()
@@ -382,6 +382,7 @@ class GrantLifetimes:
                              f"{exc.strerror or exc}") from exc
         area = Area(grant, mapped, conn.owner, since=self.clock())
         conn.areas.add(area)
+        self._live += pages
         for c in self._counters(conn):
             c.pages.shared(pages)
         return area
@@ -430,6 +431,7 @@ class GrantLifetimes:
             self.counters.deferred_areas += 1
             self._estimate += area.pages
         self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
+        self._live -= area.pages
         for c in self._counters(conn):
             c.pages.unshared(area.pages, deferred=deferred)
         conn.areas.discard(area)

@@ -430,8 +430,7 @@ class ProxyServer:
         # drive it so); qubesshm serve and run always give it grants.
         self.grants = grants
         self.ledger = ledger or GrantLedger()
-        self.lifetimes = (GrantLifetimes(grants, policy, clock=time.monotonic,
-                                         total=self.ledger.total)
+        self.lifetimes = (GrantLifetimes(grants, policy, clock=time.monotonic)
                           if grants is not None else None)
         self.listener = listener
         self.upstream = upstream
