@@ -66,17 +66,9 @@ class Window:
         if self.configure_serial is not None:
             self.xdg_surface.ack_configure(self.configure_serial)
             self.configure_serial = None
-        done = [False]
-
-        def on_done(callback: Any, time_ms: int) -> None:
-            done[0] = True
-
-        callback = self.surface.frame()
-        callback.dispatcher["done"] = on_done
         self.surface.attach(self.buffer, 0, 0)
         self.surface.damage_buffer(0, 0, self.client.width, self.client.height)
-        self.surface.commit()
-        self.client.wait_until(lambda: done[0], "a frame callback")
+        self.client.present(self.surface)
 
     def close(self) -> None:
         self.toplevel.destroy()

@@ -324,21 +324,25 @@ class PatternClient:
         if self.configure_serial is not None:
             self.xdg_surface.ack_configure(self.configure_serial)
             self.configure_serial = None
+        self.surface.attach(self.buffers[index], 0, 0)
+        self.busy[index] = True
+        x, y, w, h = damage if damage is not None else (0, 0, self.width, self.height)
+        self.surface.damage_buffer(x, y, w, h)
+        self.present(self.surface, f"the frame callback of frame {self.frames_presented + 1}")
+        if not self.closed:
+            self.frames_presented += 1
+
+    def present(self, surface: Any, what: str = "a frame callback") -> None:
+        """Commit ``surface`` with a frame callback and wait until it was shown."""
         done = [False]
 
         def on_done(callback: Any, time_ms: int) -> None:
             done[0] = True
 
-        callback = self.surface.frame()
+        callback = surface.frame()
         callback.dispatcher["done"] = on_done
-        self.surface.attach(self.buffers[index], 0, 0)
-        self.busy[index] = True
-        x, y, w, h = damage if damage is not None else (0, 0, self.width, self.height)
-        self.surface.damage_buffer(x, y, w, h)
-        self.surface.commit()
-        self.wait_until(lambda: done[0], f"the frame callback of frame {self.frames_presented + 1}")
-        if not self.closed:
-            self.frames_presented += 1
+        surface.commit()
+        self.wait_until(lambda: done[0], what)
 
     def partial_damage(self, frame: int) -> tuple[int, int, int, int]:
         """A quarter-size rectangle that walks around the buffer, frame by frame."""
