@@ -902,3 +902,24 @@ def test_late_areas_go_to_deferred_reclaim_in_batches(world: World) -> None:
     world.lifetimes.on_event()
     assert world.lifetimes.awaiting == 0 and counters.ended_by_notify == 1
     assert world.ledger.total.pages.deferred_at_unshare == 10
+
+
+def test_where_the_kernel_hides_its_deferred_list_the_backlog_is_estimated(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real Xen shows no deferred list: the proxy counts the pages it handed over
+    with their notify byte still set, drained at free_per_iteration a second."""
+    monkeypatch.setattr(world.halves, "deferred_pages", lambda: None)
+    world.hv.params.free_per_iteration = 1
+    end_with_one_output_mapped(world)  # 5 pages
+    world.clock.now += 2.5
+    world.lifetimes.poll()
+    assert world.lifetimes.backlog() == 5
+    assert world.hv.params.free_per_iteration == 3  # 5 pages within 2 s
+    world.clock.now += 1
+    world.lifetimes.poll()
+    assert world.lifetimes.backlog() == 2
+    world.clock.now += 1
+    world.lifetimes.poll()
+    assert world.lifetimes.backlog() == 0
+    assert world.hv.params.free_per_iteration == 1
+    assert world.lifetimes.counters.fpi_restores == 1

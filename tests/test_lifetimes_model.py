@@ -367,6 +367,8 @@ class Reference:
 
 STEP = 2.0**-10  # seconds each step takes (exact in binary)
 SIZES = st.sampled_from([1, 1, 2, 2, 3, 4, 4, 6, 8, 12, 48])  # pages of a buffer
+# Large buffers under a high limit: deferred grants fill the one-frame grant table.
+LARGE_SIZES = st.sampled_from([1, 2, 4, 8, 48, 100, 150])
 LIMITS = st.sampled_from([None] * 6 + [0, 6, 16, 40, 120, 600])  # new gntalloc limits
 MMAP = st.sampled_from([True, True, True, False])  # the compositor mmaps a new pool
 SLACKS = st.sampled_from([0, 1, PAGE_SIZE // 2, PAGE_SIZE - 2])  # bytes short of them
@@ -393,6 +395,7 @@ class LifetimesVersusReference(RuleBasedStateMachine):
         self.initial_fpi = 0
         self.exit_mapped = False
         self.closed = False
+        self.sizes = SIZES
         # Set by the invariant after a step's checks pass; cleared when a step starts.
         self.healthy = False
 
@@ -405,10 +408,13 @@ class LifetimesVersusReference(RuleBasedStateMachine):
                 late_timeout=st.sampled_from([0.0, 1.0, 2.0, 4.5]),
                 defer_batch=st.sampled_from([1, 5, 2048]),
                 drain_target=st.sampled_from([0.5, 2.0, 3.0]),
-                exit_mapped=st.booleans())
+                exit_mapped=st.booleans(),
+                large=st.sampled_from([False, False, False, True]))
     def setup(self, fpi: int, limit: int, cache_pages: int | None, client_pages: int | None,
               late_timeout: float, defer_batch: int, drain_target: float,
-              exit_mapped: bool) -> None:
+              exit_mapped: bool, large: bool) -> None:
+        if large:
+            limit, client_pages, self.sizes = 4 * limit, None, LARGE_SIZES
         # Before the lifetimes exist: from here on only they write free_per_iteration.
         self.hv.params.free_per_iteration = fpi
         self.hv.params.gntalloc_limit = limit
@@ -503,15 +509,15 @@ class LifetimesVersusReference(RuleBasedStateMachine):
         if mmap:  # the compositor mmaps the new pool as it creates it
             self.mapped.add(new.fid)
 
-    @rule(data=st.data(), pages=SIZES, slack=SLACKS, mmap=MMAP, resize=st.booleans())
-    def take(self, data: st.DataObject, pages: int, slack: int, mmap: bool,
-             resize: bool) -> None:
+    @rule(data=st.data(), slack=SLACKS, mmap=MMAP, resize=st.booleans())
+    def take(self, data: st.DataObject, slack: int, mmap: bool, resize: bool) -> None:
         """An output buffer needs an area (a client connects first if none is);
         ``resize``: a surface of that client gives its area back first."""
         self._begin()
         if not self._open_owners():
             self._open()
         owner = data.draw(st.sampled_from(self._open_owners()), label="owner")
+        pages = data.draw(self.sizes, label="pages")
         own = [a for a in self._in(AreaState.IN_USE) if a.owner == owner]
         if resize and own:
             old = data.draw(st.sampled_from(own), label="resized")

@@ -429,6 +429,7 @@ class GrantLifetimes:
             outcome is Unshared.UNREPORTED and mapped)
         if deferred:
             self.counters.deferred_areas += 1
+            self._drain_estimate()
             self._estimate += area.pages
         self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
         self._live -= area.pages
@@ -471,6 +472,11 @@ class GrantLifetimes:
         shown = self.halves.deferred_pages()
         if shown is not None:
             return shown
+        self._drain_estimate()
+        return math.ceil(self._estimate)
+
+    def _drain_estimate(self) -> None:
+        """What the kernel reclaimed since the estimate was last brought up to date."""
         now = self.clock()
         fpi = self._fpi()
         elapsed, self._estimated_at = now - self._estimated_at, now
@@ -478,7 +484,6 @@ class GrantLifetimes:
             self._estimate = 0.0
         elif fpi is not None:
             self._estimate = max(0.0, self._estimate - fpi * elapsed / KERNEL_TICK)
-        return math.ceil(self._estimate)
 
     def free_per_iteration(self) -> int | None:
         return self._fpi()
