@@ -267,7 +267,7 @@ def summary_line(stats: dict[str, Any]) -> str:
 def _lifetimes_line(lifetimes: dict[str, Any] | None) -> str:
     if not lifetimes:
         return ""
-    unmap = lifetimes["unmap_latency_ms"]
+    unmap = {k: "n/a" if v is None else v for k, v in lifetimes["unmap_latency_ms"].items()}
     return (f"; cache {lifetimes['cache_hits']} hits, {lifetimes['cache_misses']} misses, "
             f"{lifetimes['evictions']} evictions; {lifetimes['ended_by_notify']} ended on "
             f"unmap notify (p50 {unmap['p50']} ms, max {unmap['max']} ms), "
