@@ -224,12 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     relay = bench_sub.add_parser("relay", parents=[common],
                                  help="round-trip latency: direct, qubesshm, waypipe")
     _add_bench_upstream(relay)
-    relay.add_argument("--round-trips", type=int, default=2000,
-                       help="wl_display.sync round trips per path (default %(default)s)")
-    relay.add_argument("--burst", type=int, default=10000,
+    relay.add_argument("--round-trips", type=_positive, default=2000,
+                       help="wl_display.sync round trips per path and run (default "
+                       "%(default)s)")
+    relay.add_argument("--burst", type=_positive, default=10000,
                        help="requests in the burst test (default %(default)s)")
-    relay.add_argument("--repeats", type=int, default=5,
-                       help="bursts per path; the median is reported (default %(default)s)")
+    relay.add_argument("--bursts", type=_positive, default=3,
+                       help="bursts per path and run; the median is reported (default "
+                       "%(default)s)")
+    relay.add_argument("--repeats", type=_positive, default=3,
+                       help="runs, each printed, then the median of their ratios (default "
+                       "%(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
     frames = bench_sub.add_parser(
         "frames", parents=[common],

@@ -2,8 +2,8 @@
 
 Every path a benchmark compares runs over the same compositor in the same run:
 the user's (``--upstream``, or a running one), else a private headless Weston.
-``cpu_seconds`` adds up user and system time of the relaying processes and of
-their children (waypipe forks one per connection).
+``cpu_seconds`` adds up the scheduler's run time of the relaying processes and
+of their children (waypipe forks one per connection).
 """
 
 from __future__ import annotations
@@ -113,25 +113,27 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """CPU time so far of ``pids`` and all their descendants."""
+    """CPU time so far of ``pids`` and all their descendants, from the scheduler's
+    nanosecond run-time (``/proc/<pid>/task/<tid>/schedstat``): the user+system
+    clock ticks of ``/proc/<pid>/stat`` are 10 ms, coarser than what is measured."""
     if not pids:
         return 0.0
-    ticks = 0
     parents: dict[int, int] = {}
     usage: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/task/*/stat"):
+    for task in Path("/proc").glob("[0-9]*/task/*"):
         try:
-            text = stat.read_text()
-        except OSError:  # the thread ended meanwhile
+            stat = (task / "stat").read_text()
+            ran = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
             continue
-        fields = text.rsplit(")", 1)[1].split()
-        pid = int(stat.parents[2].name)
-        parents[pid] = int(fields[1])
-        usage[pid] = usage.get(pid, 0) + int(fields[11]) + int(fields[12])
+        pid = int(task.parents[1].name)
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        usage[pid] = usage.get(pid, 0) + ran
+    total = 0
     for pid in usage:
         ancestor = pid
         while ancestor > 1 and ancestor not in pids:
             ancestor = parents.get(ancestor, 0)
         if ancestor in pids:
-            ticks += usage[pid]
-    return ticks / os.sysconf("SC_CLK_TCK")
+            total += usage[pid]
+    return total / 1e9

@@ -33,6 +33,9 @@ _FIRST_ID = 2
 _BLOCK = 25
 # Every sync is answered by wl_callback.done and wl_display.delete_id.
 _MESSAGES_PER_SYNC = 3
+# Syncs a client sends ahead of their answers: Weston drops a client whose events
+# back up (its buffer holds 4 KiB), so a client that only writes gets dropped.
+WINDOW = 256
 
 
 @dataclass
@@ -86,19 +89,28 @@ class SyncClient:
 
     def _exchange(self, data: bytes, ids: set[int]) -> float:
         """Send ``data`` while reading answers, as a real client must: a compositor
-        disconnects a client that lets its events pile up unread."""
+        disconnects a client that lets its events pile up unread. At most
+        ``WINDOW`` syncs are sent ahead of their answers."""
         pending = set(ids)
         view = memoryview(data)
+        answered = 0
+        sent_bytes = 0
+        message = len(data) // max(1, len(ids))
         start = time.perf_counter()
         while pending:
-            want_write = [self.sock] if view else []
+            room = (WINDOW - (sent_bytes // message - answered)) * message
+            want_write = [self.sock] if view and room > 0 else []
             readable, writable, _ = select.select([self.sock], want_write, [], 30)
             if not readable and not writable:
                 raise TimeoutError("no answer within 30 s")
             if writable:
-                view = view[self.sock.send(view[:65536]):]
+                written = self.sock.send(view[:min(65536, room)])
+                view = view[written:]
+                sent_bytes += written
             if readable:
+                before = len(pending)
                 self._receive(pending)
+                answered += before - len(pending)
         return time.perf_counter() - start
 
     def _receive(self, pending: set[int]) -> None:
@@ -142,37 +154,60 @@ def run_relay_bench(args: argparse.Namespace) -> int:
         if waypipe is not None:
             paths["waypipe"], relay_pids["waypipe"] = waypipe
 
-        results = {name: PathResult(name, relay_pids.get(name, [])) for name in paths}
         clients = {name: SyncClient(path, sync) for name, path in paths.items()}
+        runs: list[dict[str, PathResult]] = []
         try:
             for client in clients.values():
                 for _ in range(100):  # warm-up: first connections, page faults, caches
                     client.round_trip()
-            for _ in range(max(1, args.round_trips // _BLOCK)):
-                for name, client in clients.items():
-                    res = results[name]
-                    before = res.cpu_seconds()
-                    res.round_trips.extend(client.round_trip() for _ in range(_BLOCK))
-                    res.rtt_cpu += res.cpu_seconds() - before
-            for _ in range(args.repeats):
-                for name, client in clients.items():
-                    res = results[name]
-                    before = res.cpu_seconds()
-                    res.bursts.append(client.burst(args.burst))
-                    res.burst_cpu += res.cpu_seconds() - before
+            for index in range(args.repeats):
+                results = {name: PathResult(name, relay_pids.get(name, [])) for name in paths}
+                _measure(results, clients, args)
+                _report(results, args, f"run {index + 1} of {args.repeats}")
+                runs.append(results)
         finally:
             for client in clients.values():
                 client.close()
-    _report(results, args)
+    if len(runs) > 1:
+        _report_medians(runs, args)
     return 0
 
 
-def _report(results: dict[str, PathResult], args: argparse.Namespace) -> None:
+def _measure(results: dict[str, PathResult], clients: dict[str, SyncClient],
+             args: argparse.Namespace) -> None:
+    for _ in range(max(1, args.round_trips // _BLOCK)):
+        for name, client in clients.items():
+            res = results[name]
+            before = res.cpu_seconds()
+            res.round_trips.extend(client.round_trip() for _ in range(_BLOCK))
+            res.rtt_cpu += res.cpu_seconds() - before
+    for _ in range(args.bursts):
+        for name, client in clients.items():
+            res = results[name]
+            before = res.cpu_seconds()
+            res.bursts.append(client.burst(args.burst))
+            res.burst_cpu += res.cpu_seconds() - before
+
+
+def _ratios(results: dict[str, PathResult], args: argparse.Namespace) -> dict[str, float]:
+    """qubesshm / waypipe: added latency, added burst time, relay CPU per message."""
+    direct, q, w = results["direct"], results["qubesshm"], results["waypipe"]
+    out = {}
+    for key, ours, theirs in (
+            ("added round-trip latency", q.rtt() - direct.rtt(), w.rtt() - direct.rtt()),
+            ("added burst time", q.burst() - direct.burst(), w.burst() - direct.burst()),
+            ("relay CPU per message", _cpu(q, args), _cpu(w, args))):
+        if theirs > 0:
+            out[key] = ours / theirs
+    return out
+
+
+def _report(results: dict[str, PathResult], args: argparse.Namespace, title: str) -> None:
     direct = results["direct"]
-    print(f"\nwl_display.sync round trips, {len(direct.round_trips)} per path in interleaved "
-          f"blocks of {_BLOCK} (median, p90); bursts of {args.burst} syncs (median of "
-          f"{args.repeats}); relay CPU = user+system time of the relaying processes per "
-          "relayed message:")
+    print(f"\n{title}: wl_display.sync round trips, {len(direct.round_trips)} per path in "
+          f"interleaved blocks of {_BLOCK} (median, p90); bursts of {args.burst} syncs "
+          f"(median of {args.bursts}, at most {WINDOW} ahead of their answers); relay CPU = "
+          "scheduler run time of the relaying processes per relayed message:")
     print(f"{'path':<10} {'rtt µs':>9} {'p90 µs':>9} {'added µs':>9} {'burst ms':>9} "
           f"{'added ms':>9} {'CPU µs/msg':>11}")
     for res in results.values():
@@ -182,14 +217,25 @@ def _report(results: dict[str, PathResult], args: argparse.Namespace) -> None:
               f"{added_rtt:9.1f} {res.burst() * 1e3:9.2f} {added_burst:9.2f} "
               f"{_cpu_per_message(res, args):>11}")
     if "waypipe" in results:
-        q, w = results["qubesshm"], results["waypipe"]
-        print("\nqubesshm / waypipe:")
-        print(f"  added round-trip latency: "
-              f"{_ratio(q.rtt() - direct.rtt(), w.rtt() - direct.rtt())}")
-        print(f"  added burst time:         "
-              f"{_ratio(q.burst() - direct.burst(), w.burst() - direct.burst())}")
-        print(f"  relay CPU per message:    {_ratio(_cpu(q, args), _cpu(w, args))}")
+        ratios = _ratios(results, args)
+        print("qubesshm / waypipe: " + ", ".join(
+            f"{key} {ratios[key]:.2f}" if key in ratios else f"{key} n/a"
+            for key in ("added round-trip latency", "added burst time",
+                        "relay CPU per message")))
     print(f"round trip through qubesshm / direct: {results['qubesshm'].rtt() / direct.rtt():.2f}x")
+
+
+def _report_medians(runs: list[dict[str, PathResult]], args: argparse.Namespace) -> None:
+    print(f"\nmedians over {len(runs)} runs:")
+    if "waypipe" in runs[0]:
+        per_run = [_ratios(results, args) for results in runs]
+        for key in ("added round-trip latency", "added burst time", "relay CPU per message"):
+            values = [r[key] for r in per_run if key in r]
+            shown = " ".join(f"{v:.2f}" for v in values)
+            median = f"{statistics.median(values):.2f}" if values else "n/a"
+            print(f"  qubesshm / waypipe, {key}: {median} (runs: {shown or 'n/a'})")
+    ratios = [results["qubesshm"].rtt() / results["direct"].rtt() for results in runs]
+    print(f"  round trip through qubesshm / direct: {statistics.median(ratios):.2f}x")
 
 
 def _cpu(res: PathResult, args: argparse.Namespace) -> float:
@@ -199,9 +245,3 @@ def _cpu(res: PathResult, args: argparse.Namespace) -> float:
 
 def _cpu_per_message(res: PathResult, args: argparse.Namespace) -> str:
     return f"{_cpu(res, args) * 1e6:.2f}" if res.relay_pids else "-"
-
-
-def _ratio(ours: float, theirs: float) -> str:
-    if theirs <= 0:
-        return f"n/a (waypipe's figure {theirs * 1e6:.1f} µs is not above zero)"
-    return f"{ours / theirs:.2f}"
