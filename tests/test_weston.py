@@ -142,6 +142,29 @@ def test_a_burst_of_requests_survives_the_compositors_buffer_limits(
     assert "closed (compositor hung up)" not in proxy.log()
 
 
+def test_a_direct_client_survives_a_50000_sync_burst(weston: HeadlessWeston) -> None:
+    """The benchmark's client reads while it writes and keeps a bounded window of
+    syncs in flight; one that only wrote was dropped by Weston mid-burst."""
+    sync = load_protocols()["wl_display"].requests[0]
+    client = SyncClient(weston.socket_path, sync)
+    try:
+        assert client.burst(50_000) > 0
+        assert client.round_trip() > 0
+    finally:
+        client.close()
+
+
+def test_bench_relay_prints_every_run_and_the_medians(weston: HeadlessWeston) -> None:
+    result = qubesshm("bench", "relay", "--upstream", str(weston.socket_path),
+                      "--round-trips", "50", "--burst", "2000", "--bursts", "1",
+                      "--repeats", "2", "--no-waypipe", env=weston.env())
+    assert result.returncode == 0, result.stderr
+    assert "run 1 of 2" in result.stdout and "run 2 of 2" in result.stdout
+    assert "medians over 2 runs" in result.stdout
+    assert re.search(r"qubesshm +[\d.]+ +[\d.]+ +[-\d.]+ +[\d.]+ +[-\d.]+ +[\d.]+\n",
+                     result.stdout), result.stdout
+
+
 CHILD_COUNTING_SIGINT = """
 import os, signal
 from pywayland.client import Display
