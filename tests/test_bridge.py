@@ -923,3 +923,21 @@ def test_where_the_kernel_hides_its_deferred_list_the_backlog_is_estimated(
     assert world.lifetimes.backlog() == 0
     assert world.hv.params.free_per_iteration == 1
     assert world.lifetimes.counters.fpi_restores == 1
+
+
+def test_a_request_that_cannot_fit_evicts_nothing(world: World) -> None:
+    """Pages in use cannot be freed: when they alone leave no room, the request is
+    refused before any cached area is evicted or awaiting one deferred."""
+    world.hv.params.gntalloc_limit = 14
+    world.lifetimes.policy.client_pages = 100
+    world.lifetimes.policy.cache_pages = 10
+    commit_64x64(world)  # 5 pages in use
+    surface, out = commit_64x64(world)
+    world.events(event(out, "wl_buffer", "release"))
+    world.send(req(surface, "wl_surface", "destroy"))  # 5 pages cached
+    pool, _ = world.pool(4 * 128 * 80)
+    _, buffer = world.buffer(pool, 0, 128, 80, 512)  # 11 pages
+    step, _ = world.commit(world.surface(), buffer, (0, 0, 128, 80))
+    assert step.error is not None and step.error.code is ErrorCode.NO_MEMORY
+    assert world.lifetimes.counters.evictions == 0
+    assert world.ledger.total.pages.cached == 5

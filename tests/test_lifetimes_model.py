@@ -269,6 +269,8 @@ class Reference:
             self.evict(area)
         if self.held(conn) + need > bound:
             return False
+        if pages_in(self.areas, AreaState.IN_USE) + need > self.limit:
+            return False  # refused before anything is evicted or deferred
         self.scan()
         for area in list(self.cache):
             if self.live() + need <= self.limit:

@@ -347,6 +347,9 @@ class GrantLifetimes:
         limit = self._limit()
         if limit is None:
             return
+        if self._in_use_pages() + need > limit:
+            # Nothing evicted or deferred could make room: refuse before touching them.
+            raise self._over_limit(need, limit)
         # Areas whose notify was missed by nobody yet: their byte may already be clear.
         self.scan()
         for area in list(self._cache):
@@ -360,9 +363,17 @@ class GrantLifetimes:
             self.counters.deferred_for_room += 1
             self._end(area)
         if self._live_pages() + need > limit:
-            raise GrantLimit(f"{self._live_pages()} pages of grants are in use and {need} "
-                             f"more would pass the gntalloc limit of {limit} pages; raise it "
-                             "with --gntalloc-limit N (or qubesshm tune --gntalloc-limit N)")
+            raise self._over_limit(need, limit)
+
+    def _in_use_pages(self) -> int:
+        """Pages of areas buffers use: the only ones no eviction or deferral frees."""
+        return (self._live - sum(a.pages for a in self._cache)
+                - sum(a.pages for a in self._awaiting))
+
+    def _over_limit(self, need: int, limit: int) -> GrantLimit:
+        return GrantLimit(f"{self._live_pages()} pages of grants are in use and {need} "
+                          f"more would pass the gntalloc limit of {limit} pages; raise it "
+                          "with --gntalloc-limit N (or qubesshm tune --gntalloc-limit N)")
 
     def _new_area(self, conn: _Connection, pages: int) -> Area:
         sharing, mapping = self.halves.sharing, self.halves.mapping
