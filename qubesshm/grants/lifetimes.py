@@ -218,10 +218,10 @@ class GrantLifetimes:
         self.counters.cache_misses += 1
         try:
             self._make_room(conn, need)
+            return self._new_area(conn, need)
         except GrantLimit:
             self.counters.refused += 1
             raise
-        return self._new_area(conn, need)
 
     def give_back(self, area: Area) -> None:
         """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
@@ -253,10 +253,14 @@ class GrantLifetimes:
 
     def scan(self) -> None:
         for area in list(self._awaiting):
-            if self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset):
-                self.counters.ended_by_notify += 1
-                self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
-                self._end(area)
+            self._end_if_unmapped(area)
+
+    def _end_if_unmapped(self, area: Area) -> None:
+        """End ``area`` if its unmap notify has cleared its byte."""
+        if self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset):
+            self.counters.ended_by_notify += 1
+            self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
+            self._end(area)
 
     def poll(self) -> None:
         """Timer work: hand late areas to deferred reclaim, keep the backlog draining."""
@@ -380,7 +384,6 @@ class GrantLifetimes:
         try:
             grant = sharing.share(pages * PAGE_SIZE)
         except GrantUnavailable as exc:
-            self.counters.refused += 1
             raise GrantLimit(str(exc)) from exc
         offset = pages * PAGE_SIZE - 1
         sharing.set_notify_byte(grant, offset)
@@ -394,7 +397,7 @@ class GrantLifetimes:
         area = Area(grant, mapped, conn.owner, since=self.clock())
         conn.areas.add(area)
         self._live += pages
-        for c in self._counters(conn):
+        for c in conn.counters:
             c.pages.shared(pages)
         return area
 
@@ -421,10 +424,7 @@ class GrantLifetimes:
         except OSError as exc:
             log.error("cannot unmap %s: %s", area, exc)
         # The notify may have fired at once (nothing else mapped it).
-        if self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset):
-            self.counters.ended_by_notify += 1
-            self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
-            self._end(area)
+        self._end_if_unmapped(area)
 
     def _end(self, area: Area) -> None:
         """End the grant: at once when unmapped, else through deferred reclaim."""
@@ -444,7 +444,7 @@ class GrantLifetimes:
             self._estimate += area.pages
         self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
         self._live -= area.pages
-        for c in self._counters(conn):
+        for c in conn.counters:
             c.pages.unshared(area.pages, deferred=deferred)
         conn.areas.discard(area)
         self._forget_if_done(conn)
@@ -458,12 +458,9 @@ class GrantLifetimes:
         except OSError as exc:
             log.error("cannot close the event channel of client#%d: %s", conn.owner, exc)
 
-    def _counters(self, conn: _Connection) -> tuple[ClientCounters, ...]:
-        return conn.counters
-
     def _move(self, area: Area, state: AreaState) -> None:
         conn = self._connections[area.owner]
-        for c in self._counters(conn):
+        for c in conn.counters:
             if area.state is AreaState.CACHED:
                 c.pages.cached -= area.pages
             elif area.state is AreaState.AWAITING_UNMAP:
