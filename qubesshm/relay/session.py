@@ -93,6 +93,9 @@ class Outbox:
         else:
             self._segments[-1][0].extend(data)
 
+    def __bool__(self) -> bool:
+        return bool(self._segments)
+
     def take(self) -> list[Segment]:
         out = [(bytes(data), fds) for data, fds in self._segments]
         self._segments = []
@@ -143,7 +146,9 @@ class RelaySession:
         self.ids = UpstreamIds()
         # Without grants the session is the plain validating relay (the codec and
         # session tests use it so); the proxy always gives it grants.
-        self.shm = (ShmBridge(protocol, self.ids, grants, owner, counters, clock,
+        # What the proxy sends upstream on its own, outside any client request.
+        self._later = Outbox()
+        self.shm = (ShmBridge(protocol, self.ids, grants, owner, counters, clock, self._later,
                               self._trace_own if tracer is not None else None)
                     if grants is not None else None)
         self.hidden_interfaces = hidden_interfaces
@@ -208,16 +213,13 @@ class RelaySession:
 
     def flush(self) -> Step:
         """What the proxy sends upstream on its own (a cached area evicted meanwhile)."""
-        step = Step()
-        if not self.closed:
-            upstream = Outbox()
-            self._add_later(upstream)
-            step.to_compositor = upstream.take()
-        return step
+        upstream = Outbox()
+        self._add_later(upstream)
+        return Step(to_compositor=upstream.take())
 
     def _add_later(self, upstream: Outbox) -> None:
-        if self.shm is not None and self.shm.later and not self.closed:
-            for data, fds in self.shm.take_later():
+        if self._later and not self.closed:
+            for data, fds in self._later.take():
                 upstream.add(data, fds)
 
     # -- the pump ------------------------------------------------------------

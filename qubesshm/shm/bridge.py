@@ -95,6 +95,7 @@ class ShmBridge:
 
     def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, lifetimes: GrantLifetimes,
                  owner: int, counters: Sequence[ClientCounters], clock: Callable[[], float],
+                 later: Outbox,
                  trace: Callable[[int, MessageSpec, list[ArgValue]], None] | None = None,
                  ) -> None:
         self.protocol = protocol
@@ -106,7 +107,7 @@ class ShmBridge:
         self.counters = tuple(counters)
         # Requests the proxy makes upstream outside a client's request (a cached
         # area evicted for another client, or on a timer), and whom to tell.
-        self.later: list[tuple[bytes, list[int]]] = []
+        self.later = later
         self.wake: Callable[[], None] | None = None
         self.clock = clock
         self.pools: dict[int, ClientPool] = {}
@@ -188,10 +189,6 @@ class ShmBridge:
         """The compositor is done with an upstream id of ours (``delete_id``): the
         grants behind it are the lifetimes' business, ended on their unmap notify."""
 
-    def take_later(self) -> list[tuple[bytes, list[int]]]:
-        later, self.later = self.later, []
-        return later
-
     def close(self) -> None:
         """The session is over: every area goes to wait for the compositor to let go,
         and every client fd is closed."""
@@ -205,7 +202,6 @@ class ShmBridge:
             surface.outputs.buffers.clear()
         self.surfaces.clear()
         self._orphans.clear()
-        self.later.clear()
         self.lifetimes.close_connection(self.owner)
         for pool in self._held_pools():
             pool.close()
@@ -527,8 +523,7 @@ class ShmBridge:
     def _destroy_upstream_pool(self, area: Area) -> None:
         """The lifetimes evicted ``area``: its pool goes, and the compositor's mmap
         with it once the compositor has handled that."""
-        later = _ListOutbox(self.later)
-        self._send(later, area.pool_id, "wl_shm_pool", "destroy", [])
+        self._send(self.later, area.pool_id, "wl_shm_pool", "destroy", [])
         self.ids.destroyed(area.pool_id)
         area.pool_id = 0
         if self.wake is not None:
@@ -543,14 +538,6 @@ class ShmBridge:
         if self.trace is not None:
             self.trace(object_id, spec, args)
         out.add(data, fds)
-
-
-class _ListOutbox:
-    def __init__(self, segments: list[tuple[bytes, list[int]]]) -> None:
-        self.segments = segments
-
-    def add(self, data: bytes, fds: list[int]) -> None:
-        self.segments.append((data, fds))
 
 
 _INTERCEPTED = frozenset({"wl_shm", "wl_shm_pool", "wl_buffer", "wl_surface",
