@@ -162,50 +162,6 @@ def test_evicted_areas_end_on_westons_munmap_without_deferral(
     assert life["unmap_latency_ms"]["count"] >= 30
 
 
-def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
-        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
-        stopped: list[RunningProxy]) -> None:
-    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
-    params.create_defaults()
-    params.write(FREE_PER_ITERATION, 1)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdin is not None and holder.stdout is not None
-    try:
-        proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
-                      "--sim-watch", str(holder.pid), "--late-timeout", "1")
-        stopped.append(proxy)
-        ready = tmp_path / "ready"
-        drawing = client(proxy, PATTERN, "--frames", "3", "--hold", "120",
-                         "--ready-file", str(ready))
-        wait_for_file(ready, drawing)
-        holder.stdin.write(f"grab {proxy.process.pid}\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().startswith("held ")
-        live = grants(proxy)["live"]
-        assert live > 0
-        drawing.kill()
-        drawing.wait()
-        # Weston lets go at once; the holder does not, so the areas are late.
-        wait_until(lambda: grants(proxy)["deferred"] == live, "the late areas deferred")
-        life = lifetimes(proxy)
-        assert life["late_releases"] >= 1 and life["defer_batches"] >= 1
-        assert life["free_per_iteration_raises"] >= 1
-        assert life["free_per_iteration"] == -(-live // 2), "drains within the 2 s target"
-        holder.stdin.write("release\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline() == "released\n"
-        wait_until(lambda: all_let_go(proxy), "the backlog drained")
-        wait_until(lambda: lifetimes(proxy)["free_per_iteration_restores"] >= 1,
-                   "free_per_iteration restored")
-        assert lifetimes(proxy)["free_per_iteration"] == 1
-        assert params.free_per_iteration == 1
-        assert grants(proxy)["leaked"] == 0
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 class Holder:
     """A process of the GUI domain that maps the proxy's grant pages and lets go
     when told: the simulated kernel counts its mmaps (``--sim-watch``)."""
@@ -246,11 +202,41 @@ def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
     return proxy, live
 
 
-def test_free_per_iteration_is_restored_on_sigterm(
-        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
+def fpi_of_one(sim_env: dict[str, str]) -> ModuleParams:
+    """The test's simulated kernel, with free_per_iteration 1: any backlog raises it."""
     params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
     params.create_defaults()
     params.write(FREE_PER_ITERATION, 1)
+    return params
+
+
+def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    params = fpi_of_one(sim_env)
+    holder = Holder()
+    try:
+        # Weston lets go at once; the holder does not, so the areas are late.
+        proxy, live = late_areas(weston, tmp_path, sim_env, stopped, holder)
+        assert live > 0
+        life = lifetimes(proxy)
+        assert life["late_releases"] >= 1 and life["defer_batches"] >= 1
+        assert life["free_per_iteration_raises"] >= 1
+        assert life["free_per_iteration"] == -(-live // 2), "drains within the 2 s target"
+        assert holder.tell("release") == "released\n"
+        wait_until(lambda: all_let_go(proxy), "the backlog drained")
+        wait_until(lambda: lifetimes(proxy)["free_per_iteration_restores"] >= 1,
+                   "free_per_iteration restored")
+        assert lifetimes(proxy)["free_per_iteration"] == 1
+        assert params.free_per_iteration == 1
+        assert grants(proxy)["leaked"] == 0
+    finally:
+        holder.close()
+
+
+def test_free_per_iteration_is_restored_on_sigterm(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
+    params = fpi_of_one(sim_env)
     holder = Holder()
     proxies: list[RunningProxy] = []
     try:
@@ -266,9 +252,7 @@ def test_free_per_iteration_is_restored_on_sigterm(
 def test_a_free_per_iteration_it_may_not_write_is_said_once(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
         stopped: list[RunningProxy]) -> None:
-    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
-    params.create_defaults()
-    params.write(FREE_PER_ITERATION, 1)
+    params = fpi_of_one(sim_env)
     params.path(FREE_PER_ITERATION).chmod(0o444)
     # Root writes through any mode bits: run without capabilities (CAP_DAC_OVERRIDE).
     prefix = ("setpriv", "--bounding-set=-all", "--") if os.geteuid() == 0 else ()
