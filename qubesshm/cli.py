@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,8 @@ from .relay.control import (
     stats_path,
     summary_line,
 )
+from .relay.eventloop import CHOICES as LOOP_CHOICES
+from .relay.eventloop import LoopChoiceError, loop_factory
 from .relay.listener import (
     DEFAULT_SOCKET_NAME,
     AddressError,
@@ -106,6 +109,9 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
     parser.add_argument("--stall-timeout", type=_seconds, default=DEFAULT_STALL_TIMEOUT,
                         metavar="SECONDS", help="drop a session whose peer stops reading for "
                         "this long (default %(default)s)")
+    parser.add_argument("--event-loop", choices=LOOP_CHOICES, default="auto",
+                        help="the event loop the relay runs on: uvloop, asyncio's own, or "
+                        "uvloop when installed (default %(default)s)")
 
 
 def _add_grants_option(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs, each printed, then the median of their ratios (default "
                        "%(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    relay.add_argument("--event-loop", choices=LOOP_CHOICES, default="auto",
+                       help="the event loop of the qubesshm under test (default %(default)s)")
     frames = bench_sub.add_parser(
         "frames", parents=[common],
         help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
@@ -345,12 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = RelayOptions(max_message_size=args.max_message_size,
                                    stall_timeout=args.stall_timeout,
                                    allow_dmabuf=args.allow_dmabuf)
-            if args.command == "serve":
-                return asyncio.run(_serve(args, protocol, options, grants))
-            return asyncio.run(_run(args, protocol, options, cmd, grants))
+            factory, loop_name = loop_factory(args.event_loop)
+            with asyncio.Runner(loop_factory=factory) as runner:
+                if args.command == "serve":
+                    return runner.run(_serve(args, protocol, options, grants, loop_name))
+                return runner.run(_run(args, protocol, options, cmd, grants, loop_name))
         finally:
             grants.close()
-    except (AddressError, ProtocolLoadError, GrantsChoiceError, UnsafeDirectory) as exc:
+    except (AddressError, ProtocolLoadError, GrantsChoiceError, UnsafeDirectory,
+            LoopChoiceError) as exc:
         print(f"qubesshm: {exc}", file=sys.stderr)
         return 1
 
@@ -446,9 +457,10 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     return server
 
 
-def _where(server: ProxyServer, grants: GrantHalves) -> str:
+def _where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:
     return (f"listening on {server.listener.path}, relaying to {server.upstream}, grants: "
-            f"{grants.name} ({len(server.protocol)} interfaces known)")
+            f"{grants.name} ({len(server.protocol)} interfaces known), event loop: "
+            f"{loop_name}")
 
 
 def _probe_upstream(upstream: Path) -> None:
@@ -469,10 +481,10 @@ def _summary(server: ProxyServer, grants: GrantHalves) -> None:
 
 
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
-                 options: RelayOptions, grants: GrantHalves) -> int:
+                 options: RelayOptions, grants: GrantHalves, loop_name: str) -> int:
     server = _start(args, protocol, options, args.socket, grants)
     # serve always says where it is; run (whose command shares the terminal) with -v.
-    print(f"qubesshm: {_where(server, grants)}", file=sys.stderr, flush=True)
+    print(f"qubesshm: {_where(server, grants, loop_name)}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -484,6 +496,25 @@ async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
         server.close()
         _summary(server, grants)
     return 0
+
+
+async def _exited(child: subprocess.Popen[bytes]) -> int:
+    """The child's exit status (-N for signal N), waited for on the loop through a
+    pidfd, which asyncio's loop and uvloop both poll."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(child.pid)
+    done = loop.create_future()
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return child.wait()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -521,10 +552,10 @@ def _foreground(pgid: int) -> Iterator[None]:
 
 
 async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
-               cmd: list[str], grants: GrantHalves) -> int:
+               cmd: list[str], grants: GrantHalves, loop_name: str) -> int:
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
     server = _start(args, protocol, options, socket_name, grants)
-    log.info("%s", _where(server, grants))
+    log.info("%s", _where(server, grants, loop_name))
     env = dict(os.environ)
     env["WAYLAND_DISPLAY"] = str(server.listener.path)
     env.pop("WAYLAND_SOCKET", None)
@@ -532,7 +563,9 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
         try:
             # The command gets a process group of its own, so a signal meant for
             # it arrives exactly once: from us, never also from a group-wide kill.
-            child = await asyncio.create_subprocess_exec(*cmd, env=env, process_group=0)
+            # (Started with subprocess, not the loop's API: uvloop refuses
+            # process_group.)
+            child = subprocess.Popen(cmd, env=env, process_group=0)
         except OSError as exc:
             print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
             return 127
@@ -540,7 +573,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, _signal_group, child.pid, sig)
-            status = await child.wait()
+            status = await _exited(child)
         server.drain_clients()
         await server.settle(args.late_timeout)
     finally:

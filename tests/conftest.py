@@ -10,6 +10,7 @@ import pytest
 from procs import RunningProxy, start_proxy
 
 from qubesshm.headless import HeadlessWeston
+from qubesshm.relay.session import RelaySession
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +27,10 @@ def proxy(weston: HeadlessWeston, tmp_path: Path) -> Iterator[RunningProxy]:
     yield running
     assert running.stop() == 0, running.log()
     assert "Traceback" not in running.log(), running.log()
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "full-path"])
+def both_relay_paths(request: pytest.FixtureRequest,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a sans-IO session test twice: with the relay's fast path, and without."""
+    monkeypatch.setattr(RelaySession, "fast_path_enabled", request.param)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from messages import PROTO, frames_of, joined, parse_error, request
+from messages import PROTO, assert_client_error, frames_of, joined, parse_error, request
 
 from qubesshm.grants.api import PAGE_SIZE
 from qubesshm.grants.halves import sim_halves
@@ -37,7 +37,16 @@ from qubesshm.wire.codec import (
     decode_args,
     encode_message,
 )
-from qubesshm.wire.protocol import ArgKind, InterfaceSpec, MessageSpec
+from qubesshm.wire.protocol import (
+    ArgKind,
+    InterfaceSpec,
+    MessageSpec,
+    ProtocolTable,
+    parse_protocol_file,
+)
+
+# Every test here holds for the relay's fast path and for its full path.
+pytestmark = pytest.mark.usefixtures("both_relay_paths")
 
 COMPOSITOR_PID = 4242
 XRGB = 1
@@ -140,7 +149,7 @@ class FakeCompositor:
 class World:
     """A client session through the proxy core, with both grant halves simulated."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, protocol: ProtocolTable = PROTO) -> None:
         self.clock = FakeClock()
         self.mapped: set[FileId] = set()  # what the "compositor process" has mmapped
         self.hv = SimHypervisor(root, clock=self.clock, maps_reader=lambda pid: self.mapped)
@@ -149,7 +158,7 @@ class World:
         self.halves.watch_compositor(COMPOSITOR_PID)
         self.ledger = GrantLedger()
         self.lifetimes = GrantLifetimes(self.halves, clock=self.clock)
-        self.session = RelaySession(PROTO, grants=self.lifetimes, clock=self.clock,
+        self.session = RelaySession(protocol, grants=self.lifetimes, clock=self.clock,
                                     counters=(self.ledger.client(1), self.ledger.total))
         self.comp = FakeCompositor()
         self.memfds: list[int] = []
@@ -543,6 +552,45 @@ def test_destroying_a_kept_object_gets_delete_id_from_the_proxy(world: World) ->
     again, _ = world.send(req(world.shm, "wl_shm", "create_pool", pool,
                               os.dup(world.memfd(64)), 64))
     assert again.error is None
+
+
+ICONS_XML = """<protocol name="test_icons">
+  <interface name="test_icon_manager_v1" version="1">
+    <request name="create_icon"><arg name="id" type="new_id" interface="test_icon_v1"/></request>
+  </interface>
+  <interface name="test_icon_v1" version="1">
+    <request name="add_buffer"><arg name="buffer" type="object" interface="wl_buffer"/></request>
+  </interface>
+</protocol>
+"""
+
+
+def test_a_kept_buffer_handed_to_another_interface_is_refused(tmp_path: Path) -> None:
+    """A protocol given with --protocol-dir may pass a wl_buffer elsewhere than attach
+    (as xdg-toplevel-icon does); the client's buffers stay in the proxy, so that is
+    refused with a reason rather than relayed with an id the compositor never saw."""
+    xml = tmp_path / "test-icons.xml"
+    xml.write_text(ICONS_XML)
+    table = ProtocolTable([*PROTO.interfaces.values(), *parse_protocol_file(xml)])
+    w = World(tmp_path / "sim", protocol=table)
+    try:
+        w.setup()
+        w.events(event(2, "wl_registry", "global", 9, "test_icon_manager_v1", 1))
+        pool, _ = w.pool(4 * 4 * 4)
+        _, buffer = w.buffer(pool, 0, 4, 4, 16)
+        manager, icon = w.new_id(), w.new_id()
+        # Straight into the session: the fake compositor knows only the bundled XML.
+        bind = req(2, "wl_registry", "bind", 9, UntypedNewId("test_icon_manager_v1", 1,
+                                                             manager))[0]
+        assert w.session.from_client(bind).error is None
+        create_icon = table["test_icon_manager_v1"].requests[0]
+        add_buffer = table["test_icon_v1"].requests[0]
+        step = w.session.from_client(encode_message(manager, create_icon, [icon])[0]
+                                     + encode_message(icon, add_buffer, [buffer])[0])
+        message = assert_client_error(step, ErrorCode.INVALID_METHOD)
+        assert f"cannot hand wl_buffer@{buffer} itself to the compositor" in message
+    finally:
+        w.close()
 
 
 def test_server_ids_pass_unchanged(world: World) -> None:

@@ -19,6 +19,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 from messages import PROTO, ev, event, joined, parse_error, req, request
 
@@ -34,6 +35,9 @@ from qubesshm.wire.codec import (
     encode_message,
 )
 from qubesshm.wire.protocol import ArgKind
+
+# Every test here holds for the relay's fast path and for its full path.
+pytestmark = pytest.mark.usefixtures("both_relay_paths")
 
 DISPLAY_ERROR = PROTO["wl_display"].events[0]
 REGISTRY = 2
@@ -574,10 +578,11 @@ class ObjectLifetimes(RuleBasedStateMachine):
         assert not self.session.closed
 
 
-ObjectLifetimes.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None
-)
-TestObjectLifetimes = ObjectLifetimes.TestCase
+def test_object_lifetimes() -> None:
+    # A plain test rather than the machine's unittest TestCase, so that it runs once
+    # per relay path like the rest of this module.
+    run_state_machine_as_test(ObjectLifetimes, settings=settings(  # type: ignore[no-untyped-call]
+        max_examples=60, stateful_step_count=30, deadline=None))
 
 
 # -- byte-exact passthrough ----------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from procs import RunningProxy, wait_for_file
 from screenshots import PATTERN_CLIENT, crop, expected_rgb, mismatch_summary, wait_for_pattern
 
@@ -89,6 +90,36 @@ def test_run_exits_with_the_commands_status(weston: HeadlessWeston) -> None:
     missing = qubesshm("run", "--", "no-such-command-qubesshm", env=env)
     assert missing.returncode == 127
     assert "cannot start" in missing.stderr
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_run_works_on_either_event_loop_and_names_it(weston: HeadlessWeston, loop: str) -> None:
+    env = weston.env()
+    result = qubesshm("-v", "run", "--event-loop", loop, "--", "wayland-info", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "interface: 'wl_compositor'" in result.stdout
+    assert re.search(rf"event loop: {loop}( \d|$)", result.stderr, re.MULTILINE), result.stderr
+    # The command's status comes back through either loop's wait on its pidfd.
+    assert qubesshm("run", "--event-loop", loop, "--", "sh", "-c", "exit 7",
+                    env=env).returncode == 7
+    assert qubesshm("run", "--event-loop", loop, "--", "sh", "-c", "kill -TERM $$",
+                    env=env).returncode == 128 + 15
+
+
+def test_without_uvloop_auto_says_so_and_asking_for_it_is_an_error(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    blocker = tmp_path / "no-uvloop"
+    blocker.mkdir()
+    (blocker / "uvloop.py").write_text("raise ImportError('hidden for this test')\n")
+    env = dict(weston.env(), PYTHONPATH=str(blocker))
+    asked = qubesshm("run", "--event-loop", "uvloop", "--", "true", env=env)
+    assert asked.returncode == 1
+    assert asked.stderr.splitlines() == [
+        "qubesshm: --event-loop uvloop: uvloop is not installed (hidden for this test); "
+        "install it with 'python3 -m pip install uvloop', or use --event-loop asyncio"]
+    auto = qubesshm("-v", "run", "--", "wayland-info", env=env)
+    assert auto.returncode == 0, auto.stderr
+    assert "event loop: asyncio (uvloop is not installed)" in auto.stderr
 
 
 def test_run_relays_a_real_client(weston: HeadlessWeston) -> None:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..relay.eventloop import loop_factory
 from ..wire.codec import WireReader, encode_message
 from ..wire.protocol import MessageSpec, load_protocols
 from .processes import compositor, cpu_seconds, start_qubesshm, start_waypipe
@@ -147,7 +148,9 @@ def run_relay_bench(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(workdir)
         paths: dict[str, Path] = {"direct": upstream}
-        proxy_socket, proxy_pid = start_qubesshm(stack, env, workdir, upstream)
+        print(f"qubesshm: serve on the {loop_factory(args.event_loop)[1]} event loop")
+        proxy_socket, proxy_pid = start_qubesshm(stack, env, workdir, upstream,
+                                                 "--event-loop", args.event_loop)
         paths["qubesshm"] = proxy_socket
         relay_pids = {"qubesshm": [proxy_pid]}
         waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe)

@@ -128,6 +128,17 @@ class UpstreamIds:
 
     # -- translating ----------------------------------------------------------
 
+    @property
+    def upstream_ids(self) -> dict[int, int]:
+        """Client id -> upstream id of every client object the compositor knows
+        (server ids excepted); read-only, for the relay's fast path."""
+        return self._to_upstream
+
+    @property
+    def slots(self) -> dict[int, _Slot]:
+        """Upstream id -> what it stands for; read-only, for the relay's fast path."""
+        return self._slots
+
     def upstream(self, client_id: int) -> int | None:
         """The upstream id of a client object, None if the compositor never saw it."""
         if client_id >= SERVER_ID_MIN:

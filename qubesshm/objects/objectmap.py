@@ -60,6 +60,16 @@ class ObjectMap:
         obj = self._objects.get(object_id)
         return obj if obj is not None and obj.alive else None
 
+    @property
+    def entries(self) -> dict[int, WaylandObject]:
+        """Every object by id, zombies included; read-only, for the relay's fast path."""
+        return self._objects
+
+    def accepts_client_id(self, object_id: int) -> bool:
+        """Whether ``create_by_client`` would take ``object_id`` now."""
+        return (1 <= object_id < MAP_MAX_OBJECTS and object_id not in self._objects
+                and not (self.refuse_skipped_ids and object_id > self._client_next))
+
     def create_by_client(self, object_id: int, interface: InterfaceSpec,
                          version: int) -> WaylandObject:
         # libwayland reports a bad new id as invalid arguments, on wl_display.

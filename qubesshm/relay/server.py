@@ -101,6 +101,10 @@ class ClientRelay:
         )
         self._blocked = False
         self.closed = False
+        # The last read of requests filled the read buffer: more are on their way.
+        self._client_bursting = False
+        # Reading the compositor's last words after a write to it failed.
+        self._draining = False
         # Peers whose queue is over the high-water mark, and so block reading.
         self._backed_up: set[Transport] = set()
         self._reading: set[Transport] = set()
@@ -160,32 +164,37 @@ class ClientRelay:
 
     def _readable(self, source: Transport) -> None:
         try:
-            # A libwayland compositor drops a client whose events back up, and
-            # requests make events: so always drain the compositor first, and take
-            # requests in small reads.
-            for _ in range(COMPOSITOR_READS_PER_WAKEUP):
-                if not self._pump(self.compositor):
-                    break
+            # A libwayland compositor drops a client whose events back up, and requests
+            # make events: so while the client is sending faster than one small read
+            # takes, drain the compositor before each read of requests. Otherwise the
+            # compositor is read when it is readable, not on the chance that it is.
+            if source is self.compositor or self._client_bursting:
+                for _ in range(COMPOSITOR_READS_PER_WAKEUP):
+                    if self._pump(self.compositor) < COMPOSITOR_READ_SIZE:
+                        # A short read: the socket held no more (or the kernel
+                        # stopped at a message's fds, and the loop wakes us again).
+                        break
             if source is self.client:
-                self._pump(self.client)
+                self._client_bursting = self._pump(self.client) >= CLIENT_READ_SIZE
         except Exception:
             # A bug must cost one session, never the proxy and its other clients.
             log.exception("client#%d: internal error", self.number)
             self.close("internal error")
 
     def pump_client(self) -> bool:
-        """Read and relay once from the client; True if more may be waiting."""
+        """Read and relay once from the client; True if it sent anything."""
         try:
-            return self._pump(self.client)
+            return self._pump(self.client) > 0
         except Exception:
             log.exception("client#%d: internal error", self.number)
             self.close("internal error")
             return False
 
-    def _pump(self, source: Transport) -> bool:
-        """Read once from ``source`` and relay; True if more may be waiting there."""
-        if source not in self._reading:
-            return False
+    def _pump(self, source: Transport, *, draining: bool = False) -> int:
+        """Read once from ``source`` and relay; how many bytes came (0: none, or the
+        peer is gone)."""
+        if source not in self._reading and not draining:
+            return 0
         is_client = source is self.client
         try:
             got = source.receive(CLIENT_READ_SIZE if is_client else COMPOSITOR_READ_SIZE)
@@ -197,20 +206,20 @@ class ClientRelay:
             else:
                 # The client still gets the compositor's last words (often an error).
                 self.finish("compositor hung up")
-            return False
+            return 0
         except FdsTruncated as exc:
             if is_client:
                 self._fail_client(WireError(str(exc), ErrorCode.NO_MEMORY))
             else:
                 self.finish(f"compositor: {exc}")
-            return False
+            return 0
         if got is None:
-            return False
+            return 0
         data, fds = got
         step = (self.session.from_client(data, fds) if is_client
                 else self.session.from_compositor(data, fds))
         self._apply(step)
-        return True
+        return len(data)
 
     def _apply(self, step: Step) -> None:
         for fd in step.discarded_fds:
@@ -234,7 +243,7 @@ class ClientRelay:
     # -- writing -------------------------------------------------------------
 
     def _send(self, dest: Transport, segments: list[Segment]) -> None:
-        if self.closed or dest.closed:
+        if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
                     os.close(fd)
@@ -264,9 +273,22 @@ class ClientRelay:
 
     def _peer_gone(self, dest: Transport) -> None:
         if dest is self.compositor and self._finishing is None:
+            self._drain_compositor()
             self.finish("compositor hung up")
         else:
             self.close(f"{self._name(dest)} hung up")
+
+    def _drain_compositor(self) -> None:
+        """The compositor hung up while the proxy wrote to it: what it sent before
+        (often the protocol error it hung up over) still goes to the client, as a
+        libwayland client would read it after its own write failed."""
+        if self._draining:
+            return
+        self._draining = True
+        for _ in range(DRAIN_READS):
+            if (self.closed or self._finishing is not None
+                    or self._pump(self.compositor, draining=True) == 0):
+                break
 
     def _after_flush(self, dest: Transport, drained: bool) -> None:
         """Follow a send with selector registrations and backpressure."""

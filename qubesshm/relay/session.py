@@ -32,6 +32,7 @@ from ..wire.codec import (
     encode_message,
 )
 from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
+from .fastpath import FastPath
 
 if TYPE_CHECKING:
     from ..grants.lifetimes import GrantLifetimes
@@ -125,6 +126,9 @@ class _Global:
 class RelaySession:
     """The protocol state of one proxied client connection."""
 
+    # Off only in tests that hold the fast path to the full path's output.
+    fast_path_enabled = True
+
     def __init__(
         self,
         protocol: ProtocolTable,
@@ -165,6 +169,11 @@ class RelaySession:
         self._display_error = protocol["wl_display"].events[0]
         self._delete_id = protocol["wl_display"].events[1]
         self.closed = False
+        # The protocol log needs every message decoded, so it turns the fast path off.
+        self._fast = (FastPath(protocol, self.objects, self.ids,
+                               intercepting=self.shm is not None,
+                               max_message_size=max_message_size)
+                      if self.fast_path_enabled and tracer is None else None)
 
     def _trace_own(self, upstream_id: int, spec: MessageSpec, args: list[ArgValue]) -> None:
         """Log a request the proxy made upstream; its ids are the compositor's."""
@@ -295,7 +304,14 @@ class RelaySession:
                                           [], up, down):
                 return
         reader = self._requests
-        while (head := self._next_frame(reader, at_eof)) is not None:
+        fast = self._fast
+        while True:
+            if fast is not None:
+                buf, pos = reader.unread()
+                reader.skip_to(fast.requests(buf, pos, up))
+            head = self._next_frame(reader, at_eof)
+            if head is None:
+                break
             object_id, opcode, size = head
             obj, spec = self._resolve(Direction.REQUEST, object_id, opcode)
             frame = self._take(reader, obj, spec, size, at_eof)
@@ -309,7 +325,14 @@ class RelaySession:
 
     def _pump_events(self, at_eof: bool, up: Outbox, down: Outbox) -> None:
         reader = self._events
-        while (head := self._next_frame(reader, at_eof)) is not None:
+        fast = self._fast
+        while True:
+            if fast is not None:
+                buf, pos = reader.unread()
+                reader.skip_to(fast.events(buf, pos, down))
+            head = self._next_frame(reader, at_eof)
+            if head is None:
+                break
             upstream_id, opcode, size = head
             own = self.ids.owner(upstream_id)
             if isinstance(own, OwnObject):

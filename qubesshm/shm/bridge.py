@@ -123,7 +123,7 @@ class ShmBridge:
             (iface.name, m.name): m for iface in protocol.interfaces.values()
             for m in iface.requests
         }
-        self._handlers: dict[tuple[str, str], Callable[..., Verdict]] = {
+        handlers: dict[tuple[str, str], Callable[..., Verdict]] = {
             ("wl_shm", "create_pool"): self._create_pool,
             ("wl_shm_pool", "create_buffer"): self._create_buffer,
             ("wl_shm_pool", "resize"): self._resize_pool,
@@ -141,6 +141,8 @@ class ShmBridge:
             ("wp_viewport", "set_destination"): self._set_destination,
             ("wp_viewport", "destroy"): self._destroy_viewport,
         }
+        assert handlers.keys() == INTERCEPTED_REQUESTS
+        self._handlers = handlers
         self._wl_shm_pool = protocol["wl_shm_pool"]
         self._wl_buffer = protocol["wl_buffer"]
         lifetimes.open_connection(owner, self._destroy_upstream_pool, self.counters)
@@ -542,6 +544,17 @@ class ShmBridge:
 
 _INTERCEPTED = frozenset({"wl_shm", "wl_shm_pool", "wl_buffer", "wl_surface",
                           "wp_viewporter", "wp_viewport"})
+# The (interface, request) pairs the bridge acts on; every other request of those
+# interfaces is forwarded as the plain relay would (the relay's fast path may take it).
+INTERCEPTED_REQUESTS = frozenset({
+    ("wl_shm", "create_pool"), ("wl_shm_pool", "create_buffer"), ("wl_shm_pool", "resize"),
+    ("wl_shm_pool", "destroy"), ("wl_buffer", "destroy"), ("wl_surface", "attach"),
+    ("wl_surface", "damage"), ("wl_surface", "damage_buffer"),
+    ("wl_surface", "set_buffer_transform"), ("wl_surface", "set_buffer_scale"),
+    ("wl_surface", "commit"), ("wl_surface", "destroy"), ("wp_viewporter", "get_viewport"),
+    ("wp_viewport", "set_source"), ("wp_viewport", "set_destination"),
+    ("wp_viewport", "destroy"),
+})
 
 
 def obj_upstream(ids: UpstreamIds, client_id: int) -> int:

@@ -141,6 +141,18 @@ class WireReader:
         fds = [self._fds.popleft() for _ in range(fd_count)] if fd_count else []
         return Frame(object_id, word & 0xFFFF, data), fds
 
+    def unread(self) -> tuple[bytes, int]:
+        """The buffer and the offset of its first unread byte, for a caller that frames
+        messages itself (the relay's fast path) and then calls ``skip_to``."""
+        return self._buf, self._pos
+
+    def skip_to(self, pos: int) -> None:
+        """Everything before ``pos`` in the ``unread`` buffer has been handled."""
+        if not self._pos <= pos <= len(self._buf):
+            raise ValueError(f"cannot skip to {pos}: the unread bytes are "
+                             f"{self._pos}..{len(self._buf)}")
+        self._pos = pos
+
     def drain_fds(self) -> list[int]:
         """Hand back every fd not yet claimed, so the caller can close them."""
         fds = list(self._fds)

@@ -66,6 +66,8 @@ class MessageSpec:
     new_id_index: int | None = field(init=False)
     # The codec's precompiled decoder for this signature, made on first use.
     codec_plan: object = field(default=None, init=False, compare=False, repr=False)
+    # The relay's fast-path plan for this message, made on first use.
+    relay_plan: object = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fd_count", sum(a.kind is ArgKind.FD for a in self.args))
