@@ -99,6 +99,8 @@ class FastPath:
         intercepting = self.intercepting
         max_size = self.max_message_size
         run = pos  # start of the bytes handled and not yet in ``up``
+        # The framing and plan lookup below are written out again in ``events``: a
+        # shared helper would add a Python call to every message on the hot path.
         while end - pos >= HEADER_SIZE:
             object_id, word = HEADER.unpack_from(buf, pos)
             size = word >> 16

@@ -273,6 +273,16 @@ class RelaySession:
                             f"({reader.buffered_bytes} bytes left over)")
         return head
 
+    def _after_fast_path(self, reader: WireReader,
+                         fast: Callable[[bytes, int, Outbox], int] | None, out: Outbox,
+                         at_eof: bool) -> tuple[int, int, int] | None:
+        """The next message for the full path, once the fast path (if on) has relayed
+        into ``out`` every message before it that it could."""
+        if fast is not None:
+            buf, pos = reader.unread()
+            reader.skip_to(fast(buf, pos, out))
+        return self._next_frame(reader, at_eof)
+
     def _take(self, reader: WireReader, obj: WaylandObject, spec: MessageSpec, size: int,
               at_eof: bool) -> Frame | None:
         taken = reader.take(size, spec.fd_count)
@@ -304,14 +314,8 @@ class RelaySession:
                                           [], up, down):
                 return
         reader = self._requests
-        fast = self._fast
-        while True:
-            if fast is not None:
-                buf, pos = reader.unread()
-                reader.skip_to(fast.requests(buf, pos, up))
-            head = self._next_frame(reader, at_eof)
-            if head is None:
-                break
+        fast = None if self._fast is None else self._fast.requests
+        while (head := self._after_fast_path(reader, fast, up, at_eof)) is not None:
             object_id, opcode, size = head
             obj, spec = self._resolve(Direction.REQUEST, object_id, opcode)
             frame = self._take(reader, obj, spec, size, at_eof)
@@ -325,14 +329,8 @@ class RelaySession:
 
     def _pump_events(self, at_eof: bool, up: Outbox, down: Outbox) -> None:
         reader = self._events
-        fast = self._fast
-        while True:
-            if fast is not None:
-                buf, pos = reader.unread()
-                reader.skip_to(fast.events(buf, pos, down))
-            head = self._next_frame(reader, at_eof)
-            if head is None:
-                break
+        fast = None if self._fast is None else self._fast.events
+        while (head := self._after_fast_path(reader, fast, down, at_eof)) is not None:
             upstream_id, opcode, size = head
             own = self.ids.owner(upstream_id)
             if isinstance(own, OwnObject):
