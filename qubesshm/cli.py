@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .grants.files import UnsafeDirectory
+from .grants.files import UnsafeDirectory, write_file
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
 from .grants.lifetimes import LifetimePolicy
@@ -52,6 +52,7 @@ from .relay.listener import (
 )
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
 from .relay.trace import ProtocolLog, wayland_timestamp
+from .report import KERNEL_CHOICES, KERNELS, build_report, format_report, kernels_for
 from .wire.codec import DEFAULT_MAX_MESSAGE_SIZE
 from .wire.protocol import ProtocolLoadError, ProtocolTable, load_protocols
 
@@ -210,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_relay_options(run, None)
     _add_grants_option(run)
     _add_buffer_options(run)
+    run.add_argument("--kernel", choices=KERNEL_CHOICES, default="both",
+                     help="kernel parameters for the simulated grant layer and the "
+                     "report's findings: stock (gntalloc limit 1024, free_per_iteration "
+                     "10), qubes (2^30, 1000), or both (run on qubes', report on both; "
+                     "default)")
+    run.add_argument("--report-json", metavar="FILE",
+                     help="also write the report at exit to FILE as JSON")
+    run.add_argument("--quiet", action="store_true", help="print no report at exit")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     tune = sub.add_parser("tune", parents=[common],
@@ -330,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"qubesshm: {exc.strerror or exc}", file=sys.stderr)
             return 1
         try:
+            if args.command == "run":
+                message = _apply_kernel(args, grants)
+                if message:
+                    print(f"qubesshm run: {message}", file=sys.stderr)
+                    return 2
             if args.gntalloc_limit is not None:
                 try:
                     grants.sharing.backend.set_gntalloc_limit(args.gntalloc_limit)
@@ -475,6 +489,34 @@ def _probe_upstream(upstream: Path) -> None:
                                "--upstream or WAYLAND_DISPLAY") from exc
 
 
+def _apply_kernel(args: argparse.Namespace, grants: GrantHalves) -> str | None:
+    """Set the simulated kernel's parameters ``--kernel`` names; a usage error or None."""
+    if grants.hypervisor is None:
+        # Real Xen: the parameters are the machine's; the report still models both.
+        return ("--kernel stock or qubes sets the simulated grant layer's parameters; on "
+                "real Xen use qubesshm tune" if args.kernel != "both" else None)
+    kernel = KERNELS["stock" if args.kernel == "stock" else "qubes"]
+    grants.hypervisor.params.gntalloc_limit = kernel.gntalloc_limit
+    grants.hypervisor.params.free_per_iteration = kernel.free_per_iteration
+    return None
+
+
+def _report(args: argparse.Namespace, server: ProxyServer, grants: GrantHalves) -> None:
+    if args.quiet and not args.report_json:
+        return
+    report = build_report(snapshot(server.ledger, grants, server.lifetimes),
+                          kernels_for(args.kernel), args.late_timeout)
+    if not args.quiet:
+        print(format_report(report), file=sys.stderr)
+    if args.report_json:
+        try:
+            write_file(Path(args.report_json), json.dumps(report, indent=2) + "\n",
+                       create=not Path(args.report_json).exists())
+        except OSError as exc:
+            print(f"qubesshm run: cannot write the report to {args.report_json}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+
+
 def _summary(server: ProxyServer, grants: GrantHalves) -> None:
     print(f"qubesshm: summary: {summary_line(snapshot(server.ledger, grants, server.lifetimes))}",
           file=sys.stderr)
@@ -579,5 +621,6 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
     finally:
         server.close()
         _summary(server, grants)
+        _report(args, server, grants)
     # Shells report a death by signal N as 128+N.
     return status if status >= 0 else 128 - status

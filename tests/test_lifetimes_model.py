@@ -155,6 +155,7 @@ class Reference:
         self.awaiting: list[MArea] = []  # oldest first
         self.destroyed: list[MArea] = []  # expected destroy_upstream calls, in order
         self.counters = LifetimeCounters()
+        self.started = clock()
         self.next_batch = 0.0
         self.deferred_now = 0  # pages deferred during the current call
 
@@ -192,6 +193,7 @@ class Reference:
         self.conns[area.owner].areas.add(area)
 
     def let_go(self, area: MArea) -> None:
+        was_in_use = area.state is AreaState.IN_USE
         if area in self.cache:
             self.cache.remove(area)
         self.move(area, AreaState.AWAITING_UNMAP)
@@ -201,6 +203,15 @@ class Reference:
             area.notified = True
             self.counters.ended_by_notify += 1
             self.end(area)
+        elif was_in_use:
+            self.retired_while_held(area)
+
+    def retired_while_held(self, area: MArea) -> None:
+        """An area stopped backing a buffer while the compositor held it (kept for
+        the cache, or still mapped when let go)."""
+        second = int(self.clock() - self.started)
+        held = self.counters.retired_while_held
+        held[second] = held.get(second, 0) + area.pages
 
     def end(self, area: MArea) -> None:
         self.awaiting.remove(area)
@@ -248,6 +259,8 @@ class Reference:
             self.cache.remove(found)
             self.move(found, AreaState.IN_USE)
             self.counters.cache_hits += 1
+            self.counters.peak_wanted = max(self.counters.peak_wanted,
+                                            pages_in(self.areas, AreaState.IN_USE))
             return found
         self.counters.cache_misses += 1
         if not self.make_room(conn, need):
@@ -260,6 +273,8 @@ class Reference:
         return "new"
 
     def make_room(self, conn: MConn, need: int) -> bool:
+        self.counters.peak_wanted = max(self.counters.peak_wanted,
+                                        pages_in(self.areas, AreaState.IN_USE) + need)
         bound = self.client_bound()
         if need > bound:
             return False
@@ -289,6 +304,7 @@ class Reference:
         if not self.conns[area.owner].open:
             self.let_go(area)
             return
+        self.retired_while_held(area)
         self.move(area, AreaState.CACHED)
         self.cache.append(area)
         while self.cache and sum(a.pages for a in self.cache) > self.cache_bound():

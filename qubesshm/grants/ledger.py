@@ -86,6 +86,11 @@ class ClientCounters:
     bytes_damaged: int = 0
     bytes_copied: int = 0
     early_releases: int = 0
+    # The client's own wl_shm pools and buffers, and the proxy's upstream ones.
+    client_pools: int = 0
+    client_buffers: int = 0
+    upstream_pools: int = 0
+    upstream_buffers: int = 0
     pages: PageCounts = field(default_factory=PageCounts)
     release_latency: Latency = field(default_factory=Latency)
 
@@ -96,9 +101,14 @@ class GrantLedger:
     def __init__(self) -> None:
         self.total = ClientCounters()
         self.clients: dict[int, ClientCounters] = {}
+        self.clients_served = 0  # connected ones and gone ones
 
     def client(self, number: int) -> ClientCounters:
-        return self.clients.setdefault(number, ClientCounters())
+        counters = self.clients.get(number)
+        if counters is None:
+            counters = self.clients[number] = ClientCounters()
+            self.clients_served += 1
+        return counters
 
     def forget(self, number: int) -> None:
         self.clients.pop(number, None)

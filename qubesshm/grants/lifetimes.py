@@ -124,11 +124,19 @@ class LifetimeCounters:
     deferred_areas: int = 0  # handed to deferred reclaim: late, at exit or for room
     deferred_for_room: int = 0  # of those, to stay under the gntalloc limit
     refused: int = 0  # GrantLimit raised
+    # Most pages backing buffers at once, counting requests refused for want of pages:
+    # the smallest gntalloc limit the run needed (the cache gives way under it).
+    peak_wanted: int = 0
     fpi_raises: int = 0
     fpi_restores: int = 0
     peak_backlog: int = 0  # most pages seen on the deferred list for this proxy
     # Evicted or left by its connection -> the unmap notify, in milliseconds.
     unmap_latency: Latency = field(default_factory=Latency)
+    # Pages of areas that stopped backing a buffer while the compositor still held
+    # them (their pool kept for the cache, or still mapped when let go), by the
+    # second of the run: what a GUI agent that ends grants as soon as a buffer goes,
+    # with no unmap notify, hands to deferred reclaim. The run report models that.
+    retired_while_held: dict[int, int] = field(default_factory=dict)
 
 
 class Halves(Protocol):
@@ -162,6 +170,7 @@ class GrantLifetimes:
         self.policy = policy or LifetimePolicy()
         self.clock = clock
         self.counters = LifetimeCounters()
+        self.started = clock()
         self._connections: dict[int, _Connection] = {}
         self._cache: OrderedDict[Area, None] = OrderedDict()  # least recently used first
         self._awaiting: OrderedDict[Area, None] = OrderedDict()  # oldest first
@@ -214,6 +223,7 @@ class GrantLifetimes:
             del self._cache[found]
             self._move(found, AreaState.IN_USE)
             self.counters.cache_hits += 1
+            self.counters.peak_wanted = max(self.counters.peak_wanted, self._in_use_pages())
             return found
         self.counters.cache_misses += 1
         try:
@@ -231,6 +241,8 @@ class GrantLifetimes:
         if not conn.open:
             self._let_go(area)
             return
+        # The compositor keeps the pool (and its mapping) while the area is cached.
+        self._retired_while_held(area)
         self._move(area, AreaState.CACHED)
         self._cache[area] = None
         self._trim_cache()
@@ -335,6 +347,10 @@ class GrantLifetimes:
         return self._live
 
     def _make_room(self, conn: _Connection, need: int) -> None:
+        # What the gntalloc limit must allow for this buffer to be had without evicting
+        # or deferring anything (the report's "needs a limit of at least").
+        self.counters.peak_wanted = max(self.counters.peak_wanted,
+                                        self._in_use_pages() + need)
         bound = self._client_bound()
         if bound is not None:
             if need > bound:
@@ -416,6 +432,7 @@ class GrantLifetimes:
         self._let_go(area)
 
     def _let_go(self, area: Area) -> None:
+        was_in_use = area.state is AreaState.IN_USE
         self._cache.pop(area, None)
         self._move(area, AreaState.AWAITING_UNMAP)
         self._awaiting[area] = None
@@ -425,6 +442,13 @@ class GrantLifetimes:
             log.error("cannot unmap %s: %s", area, exc)
         # The notify may have fired at once (nothing else mapped it).
         self._end_if_unmapped(area)
+        if was_in_use and area.state is AreaState.AWAITING_UNMAP:
+            self._retired_while_held(area)
+
+    def _retired_while_held(self, area: Area) -> None:
+        second = int(self.clock() - self.started)
+        held = self.counters.retired_while_held
+        held[second] = held.get(second, 0) + area.pages
 
     def _end(self, area: Area) -> None:
         """End the grant: at once when unmapped, else through deferred reclaim."""

@@ -66,6 +66,10 @@ def _counters(counters: ClientCounters) -> dict[str, Any]:
         "bytes_damaged": counters.bytes_damaged,
         "bytes_copied": counters.bytes_copied,
         "early_releases": counters.early_releases,
+        "client_pools": counters.client_pools,
+        "client_buffers": counters.client_buffers,
+        "upstream_pools": counters.upstream_pools,
+        "upstream_buffers": counters.upstream_buffers,
     }
 
 
@@ -83,12 +87,15 @@ def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
         "deferred_areas": c.deferred_areas,
         "deferred_for_room": c.deferred_for_room,
         "refused": c.refused,
+        "peak_pages_wanted": c.peak_wanted,
         "peak_deferred_backlog": c.peak_backlog,
         "free_per_iteration": lifetimes.free_per_iteration(),
         "free_per_iteration_raises": c.fpi_raises,
         "free_per_iteration_restores": c.fpi_restores,
         "unmap_latency_ms": c.unmap_latency.summary(),
         "unmap_latency_histogram_ms": c.unmap_latency.histogram(),
+        "retired_while_held": {str(k): v for k, v in sorted(c.retired_while_held.items())},
+        "seconds": round(lifetimes.clock() - lifetimes.started, 3),
     }
 
 
@@ -108,6 +115,7 @@ def snapshot(ledger: GrantLedger, grants: GrantHalves | None,
     return {
         "backend": grants.name if grants is not None else None,
         "clients": len(ledger.clients),
+        "clients_served": ledger.clients_served,
         **_counters(ledger.total),
         "grants": _grants(ledger.total, deferred, leaked, total=True),
         "release_latency_ms": ledger.total.release_latency.summary(),
@@ -240,7 +248,8 @@ def format_table(stats: dict[str, Any]) -> str:
         unmap = lifetimes["unmap_latency_ms"]
         lines.append("unmap (ms)     " + "  ".join(f"{k}={show(v)}" for k, v in unmap.items()))
         lines.append("lifetimes      " + "  ".join(
-            f"{k}={show(v)}" for k, v in lifetimes.items() if not k.startswith("unmap_")))
+            f"{k}={show(v)}" for k, v in lifetimes.items()
+            if not k.startswith("unmap_") and k != "retired_while_held"))
     if stats["per_client"]:
         lines.append("")
         lines.append(f"{'client':>6} {'commits':>8} {'damaged':>12} {'copied':>12} "

@@ -229,6 +229,8 @@ class ShmBridge:
         pool = open_pool(new_id, fd, size, obj.id)
         fds.clear()  # the pool owns the fd now
         self.pools[new_id] = pool
+        for c in self.counters:
+            c.client_pools += 1
         return Verdict.CONSUMED
 
     def _create_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
@@ -240,6 +242,8 @@ class ShmBridge:
         pool = self.pools[obj.id]
         self.buffers[new_id] = make_buffer(pool, new_id, offset, width, height, stride,
                                            format_code, self.formats)
+        for c in self.counters:
+            c.client_buffers += 1
         return Verdict.CONSUMED
 
     def _resize_pool(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
@@ -498,10 +502,14 @@ class ShmBridge:
             # surface can be made in it without a new grant or a new mmap.
             self._send(up, shm_up, "wl_shm", "create_pool",
                        [area.pool_id, area.mapping.pool_fd(), area.mapping.size])
+            for c in self.counters:
+                c.upstream_pools += 1
         out = OutputBuffer(buffer.key, area, 0, Region.full(width, height))
         out.upstream_id = self.ids.add_own_object(OwnObject(self._wl_buffer, out))
         self._send(up, area.pool_id, "wl_shm_pool", "create_buffer",
                    [out.upstream_id, 0, width, height, stride, buffer.format])
+        for c in self.counters:
+            c.upstream_buffers += 1
         return out
 
     # -- retiring output buffers -------------------------------------------------

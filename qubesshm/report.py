@@ -1,0 +1,187 @@
+"""The run report: what an app did with shared memory, and what that means in a qube.
+
+``qubesshm run`` prints it at exit (and writes it with ``--report-json``). It is made
+from the proxy's own counters (the ``qubesshm stats`` snapshot) and two kernel
+parameter sets, and nothing else, so every figure can be checked against the
+counters. The findings model one thing the proxy did not do: a GUI agent that ends
+its grants when the app frees its buffers, with no unmap notify. Each page the
+compositor still mapped at that moment goes on the kernel's deferred list, which
+frees ``free_per_iteration`` entries a second; the list is assumed to free an entry
+at its first try (the compositor let go within the run's unmap latencies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .grants.api import PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    name: str
+    gntalloc_limit: int
+    free_per_iteration: int
+
+
+KERNELS = {
+    # Linux's defaults.
+    "stock": Kernel("stock", 1024, 10),
+    # What Qubes sets: the gntalloc limit in its VMs, free_per_iteration in dom0.
+    "qubes": Kernel("qubes", 1 << 30, 1000),
+}
+KERNEL_CHOICES = ("stock", "qubes", "both")
+
+
+def kernels_for(choice: str) -> list[Kernel]:
+    return list(KERNELS.values()) if choice == "both" else [KERNELS[choice]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The deferred list under a stream of pages, drained ``free_per_iteration`` a second."""
+
+    added: int  # pages put on the list
+    peak: int  # most pages on it at once
+    at_exit: int  # still on it when the run ended
+    drain_seconds: int  # from the end of the run until it is empty
+
+
+def deferred_backlog(added_by_second: dict[int, int], free_per_iteration: int,
+                     seconds: float) -> Backlog:
+    """The list when ``added_by_second[s]`` pages join it during second ``s`` of a run
+    of ``seconds``, and the kernel frees up to ``free_per_iteration`` at the end of
+    every second."""
+    if free_per_iteration <= 0:
+        raise ValueError("free_per_iteration must be positive")
+    end = max(math.ceil(seconds), max(added_by_second, default=-1) + 1)
+    backlog = peak = 0
+    for second in range(end):
+        backlog += added_by_second.get(second, 0)
+        peak = max(peak, backlog)
+        backlog = max(0, backlog - free_per_iteration)
+    return Backlog(sum(added_by_second.values()), peak, backlog,
+                   math.ceil(backlog / free_per_iteration))
+
+
+def build_report(stats: dict[str, Any], kernels: list[Kernel],
+                 late_timeout: float) -> dict[str, Any]:
+    """The report of a run whose counters are ``stats`` (``relay.control.snapshot``)."""
+    grants = stats["grants"]
+    lifetimes = stats.get("lifetimes") or {}
+    held = {int(k): v for k, v in lifetimes.get("retired_while_held", {}).items()}
+    seconds = float(lifetimes.get("seconds", 0.0))
+    # Pages backing buffers at once at the peak, counting buffers refused for want of
+    # pages (cached pages give way under a smaller limit, so they are not needed).
+    peak_pages = lifetimes.get("peak_pages_wanted", grants["peak_live"])
+    report: dict[str, Any] = {
+        "seconds": seconds,
+        "clients": stats["clients_served"],
+        "commits": stats["commits"],
+        "bytes_damaged": stats["bytes_damaged"],
+        "bytes_copied": stats["bytes_copied"],
+        "early_releases": stats["early_releases"],
+        "client_pools": stats["client_pools"],
+        "client_buffers": stats["client_buffers"],
+        "upstream_pools": stats["upstream_pools"],
+        "upstream_buffers": stats["upstream_buffers"],
+        "pages_needed": peak_pages,
+        "peak_grant_pages": grants["peak_live"],
+        "grant_pages_shared": grants["shared_total"],
+        "grant_pages_deferred": grants["deferred"],
+        "grant_pages_leaked": grants["leaked"],
+        "cache_hits": lifetimes.get("cache_hits"),
+        "release_latency_ms": stats["release_latency_ms"],
+        "unmap_latency_ms": lifetimes.get("unmap_latency_ms"),
+        "late_releases": lifetimes.get("late_releases"),
+        "pages_retired_while_held": sum(held.values()),
+        "kernels": {},
+        "findings": [],
+    }
+    findings: list[str] = report["findings"]
+    findings.append(f"needs a gntalloc limit of at least {peak_pages} pages "
+                    f"({peak_pages * PAGE_SIZE / (1 << 20):.1f} MiB of grant pages at once)")
+    unmap = lifetimes.get("unmap_latency_ms") or {}
+    if unmap.get("max") is not None:
+        findings.append(f"the compositor held mappings up to {_duration(unmap['max'])} after "
+                        f"the proxy let them go (median {_duration(unmap['p50'])}, "
+                        f"{unmap['count']} let go)")
+    if lifetimes.get("late_releases"):
+        findings.append(f"{lifetimes['late_releases']} area(s) stayed mapped past the "
+                        f"{late_timeout:g} s late timeout and went to deferred reclaim")
+    if lifetimes.get("refused"):
+        findings.append(f"{lifetimes['refused']} buffer(s) were refused with no_memory for "
+                        "lack of grant pages")
+    if grants["leaked"]:
+        findings.append(f"{grants['leaked']} grant pages leaked")
+    for kernel in kernels:
+        agent = deferred_backlog(held, kernel.free_per_iteration, seconds)
+        fits = peak_pages <= kernel.gntalloc_limit
+        report["kernels"][kernel.name] = {
+            "gntalloc_limit": kernel.gntalloc_limit,
+            "free_per_iteration": kernel.free_per_iteration,
+            "fits_gntalloc_limit": fits,
+            "agent_deferred_pages": agent.added,
+            "agent_peak_backlog": agent.peak,
+            "agent_backlog_at_exit": agent.at_exit,
+            "agent_drain_seconds": agent.drain_seconds,
+        }
+        where = (f"on a {kernel.name} kernel (gntalloc limit {kernel.gntalloc_limit}, "
+                 f"free_per_iteration {kernel.free_per_iteration})")
+        if not fits:
+            findings.append(f"{where}: the {peak_pages} pages it needs exceed the gntalloc "
+                            "limit; buffers past it get no_memory unless the limit is "
+                            "raised (Qubes VMs set 1073741824)")
+        if agent.added == 0:
+            findings.append(f"{where}: no buffer's pages were still held by the compositor "
+                            "when it went, so ending grants at once would have deferred "
+                            "nothing")
+        elif agent.at_exit:
+            findings.append(
+                f"{where}: ending grants when the app frees its buffers, as an agent without "
+                f"unmap notify does, would put {agent.added} pages on the deferred list "
+                f"(peak {agent.peak}) and leave {agent.at_exit} there at exit, draining for "
+                f"{agent.drain_seconds} s more")
+        else:
+            findings.append(
+                f"{where}: ending grants when the app frees its buffers would put "
+                f"{agent.added} pages on the deferred list (peak {agent.peak}), drained "
+                "within the run")
+    return report
+
+
+def _duration(milliseconds: float) -> str:
+    return f"{milliseconds:.1f} ms" if milliseconds < 1000 else f"{milliseconds / 1000:.2f} s"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the lines ``qubesshm run`` prints."""
+
+    def mib(n: int) -> str:
+        return f"{n / (1 << 20):.1f} MiB"
+
+    def latency(summary: dict[str, Any] | None) -> str:
+        if not summary or summary.get("p50") is None:
+            return "none"
+        return (f"median {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, "
+                f"max {summary['max']:.1f} ms ({summary['count']})")
+
+    lines = [
+        f"qubesshm report ({report['seconds']:.1f} s, {report['clients']} client(s)):",
+        f"  commits {report['commits']}; damaged {mib(report['bytes_damaged'])}, copied "
+        f"{mib(report['bytes_copied'])}; early releases {report['early_releases']}",
+        f"  pools/buffers: the app's {report['client_pools']}/{report['client_buffers']}, "
+        f"the compositor's {report['upstream_pools']}/{report['upstream_buffers']}",
+        f"  grant pages: needed {report['pages_needed']}, peak with the cache "
+        f"{report['peak_grant_pages']}, shared "
+        f"{report['grant_pages_shared']}, deferred {report['grant_pages_deferred']}, leaked "
+        f"{report['grant_pages_leaked']}; cache hits {report['cache_hits']}",
+        f"  compositor release after attach: {latency(report['release_latency_ms'])}",
+        f"  unmap after let go: {latency(report['unmap_latency_ms'])}; late releases "
+        f"{report['late_releases']}",
+        "findings:",
+        *(f"  - {finding}" for finding in report["findings"]),
+    ]
+    return "\n".join(lines)
