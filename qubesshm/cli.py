@@ -93,6 +93,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    return value
+
+
 def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | None) -> None:
     parser.add_argument("--socket", default=default_socket, metavar="NAME",
                         help="listening socket name in $XDG_RUNTIME_DIR, or an absolute path"
@@ -149,6 +156,14 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-target", type=_seconds, default=2.0, metavar="SECONDS",
                         help="raise free_per_iteration so the proxy's deferred backlog "
                         "drains within this time (default %(default)s)")
+    parser.add_argument("--reclaim", choices=("notify", "at-once"), default="notify",
+                        help="end grants on their unmap notify (default), or at once when "
+                        "a buffer goes, with no cache and free_per_iteration left alone, "
+                        "as a GUI agent without unmap notify does (for comparison)")
+    parser.add_argument("--sim-hold", type=_non_negative_seconds, default=0.0,
+                        metavar="SECONDS", help="simulated grants only: the GUI domain "
+                        "keeps each area mapped this long after the proxy lets it go, as "
+                        "a compositor that releases late (default 0)")
 
 
 def _pages(text: str) -> int:
@@ -351,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"qubesshm: cannot set the gntalloc limit: {exc.strerror or exc}",
                           file=sys.stderr)
                     return 1
+            if args.sim_hold and grants.hypervisor is None:
+                print("qubesshm: --sim-hold needs the simulated grant layer (--grants sim)",
+                      file=sys.stderr)
+                return 2
             if args.sim_watch:
                 if grants.hypervisor is None:
                     print("qubesshm: --sim-watch needs the simulated grant layer "
@@ -456,7 +475,8 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
     policy = LifetimePolicy(cache_pages=args.cache_pages, client_pages=args.client_pages,
                             late_timeout=args.late_timeout, defer_batch=args.defer_batch,
-                            drain_target=args.drain_target)
+                            drain_target=args.drain_target,
+                            end_at_once=args.reclaim == "at-once", hold=args.sim_hold)
     server = ProxyServer(protocol, listener, upstream, options=options,
                          protocol_log=protocol_log, grants=grants, ledger=GrantLedger(),
                          policy=policy)

@@ -109,6 +109,13 @@ class LifetimePolicy:
     late_timeout: float = 2.0
     defer_batch: int = 2048
     drain_target: float = 2.0
+    # End an area's grants the moment it stops backing a buffer, mapped or not, keep
+    # no cache and leave free_per_iteration alone: what a GUI agent without unmap
+    # notify does (the churn benchmark's kernel-default and qubes policies).
+    end_at_once: bool = False
+    # The simulated GUI domain keeps each area mapped this long after the proxy lets
+    # it go: a compositor that releases late (simulated grants only).
+    hold: float = 0.0
 
 
 @dataclass
@@ -176,6 +183,9 @@ class GrantLifetimes:
         self._awaiting: OrderedDict[Area, None] = OrderedDict()  # oldest first
         self._live = 0  # pages shared and not yet ended or deferred: gntalloc's count
         self._next_batch = 0.0
+        # Mappings the simulated GUI domain still holds (``policy.hold``): when each
+        # goes, with its area.
+        self._holding: list[tuple[float, Area]] = []
         self._found_fpi: int | None = None  # free_per_iteration before we raised it
         self._tune_refused = False
         self._estimate = 0.0  # backlog where the kernel does not show it
@@ -238,7 +248,9 @@ class GrantLifetimes:
         if area.state is not AreaState.IN_USE:
             return
         conn = self._connections[area.owner]
-        if not conn.open:
+        if not conn.open or self.policy.end_at_once:
+            if conn.open:
+                conn.destroy_upstream(area)
             self._let_go(area)
             return
         # The compositor keeps the pool (and its mapping) while the area is cached.
@@ -277,6 +289,7 @@ class GrantLifetimes:
     def poll(self) -> None:
         """Timer work: hand late areas to deferred reclaim, keep the backlog draining."""
         now = self.clock()
+        self._let_held_go(now)
         late = []
         for area in self._awaiting:
             if now - area.since < self.policy.late_timeout:
@@ -309,6 +322,7 @@ class GrantLifetimes:
         self.scan()
         for area in list(self._awaiting):
             self._end(area)
+        self._let_held_go(math.inf)
         for conn in list(self._connections.values()):
             self._forget_if_done(conn)
         self._restore_fpi()
@@ -436,14 +450,34 @@ class GrantLifetimes:
         self._cache.pop(area, None)
         self._move(area, AreaState.AWAITING_UNMAP)
         self._awaiting[area] = None
-        try:
-            self.halves.mapping.unmap(area.mapping)
-        except OSError as exc:
-            log.error("cannot unmap %s: %s", area, exc)
+        if self.policy.hold > 0:
+            self._holding.append((self.clock() + self.policy.hold, area))
+        else:
+            self._unmap(area)
+        if self.policy.end_at_once:
+            if was_in_use and not self.halves.sharing.notify_byte_cleared(
+                    area.grant, area.notify_offset):
+                self._retired_while_held(area)
+            self._end(area)
+            return
         # The notify may have fired at once (nothing else mapped it).
         self._end_if_unmapped(area)
         if was_in_use and area.state is AreaState.AWAITING_UNMAP:
             self._retired_while_held(area)
+
+    def _unmap(self, area: Area) -> None:
+        try:
+            self.halves.mapping.unmap(area.mapping)
+        except OSError as exc:
+            log.error("cannot unmap %s: %s", area, exc)
+
+    def _let_held_go(self, now: float) -> None:
+        """The simulated GUI domain unmaps what it held past ``policy.hold``."""
+        while self._holding and self._holding[0][0] <= now:
+            _, area = self._holding.pop(0)
+            self._unmap(area)
+            if area.state is AreaState.AWAITING_UNMAP:
+                self._end_if_unmapped(area)
 
     def _retired_while_held(self, area: Area) -> None:
         second = int(self.clock() - self.started)
@@ -529,6 +563,8 @@ class GrantLifetimes:
     def _tune(self) -> None:
         backlog = self.backlog()
         self.counters.peak_backlog = max(self.counters.peak_backlog, backlog)
+        if self.policy.end_at_once:
+            return  # as an agent without unmap notify: free_per_iteration as found
         current = self._fpi()
         if current is None:
             return
