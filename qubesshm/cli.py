@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
+from .bench.churn import add_arguments as add_churn_arguments
+from .bench.churn import run_churn_bench
 from .grants.files import UnsafeDirectory, write_file
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_relay_options(serve, DEFAULT_SOCKET_NAME)
     _add_grants_option(serve)
     _add_buffer_options(serve)
+    serve.add_argument("--kernel", choices=("stock", "qubes"),
+                       help="set the simulated kernel's parameters: stock (gntalloc limit "
+                       "1024, free_per_iteration 10) or qubes (2^30, 1000); default: "
+                       "leave them as they are")
 
     run = sub.add_parser("run", parents=[common],
                          help="run one command through a private proxy")
@@ -286,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the client leaves its pool unsealed, so qubesshm reads it with "
                         "preadv rather than mapping it")
     frames.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
-    for sub_parser in (serve, run, tune, stats, bench, relay, frames):
+    churn = bench_sub.add_parser(
+        "churn", parents=[common],
+        help="window churn under each reclaim policy: windows/s, live and deferred grants")
+    _add_bench_upstream(churn)
+    add_churn_arguments(churn)
+    for sub_parser in (serve, run, tune, stats, bench, relay, frames, churn):
         # The deepest one given wins: its usage is shown for its mistakes.
         sub_parser.set_defaults(usage_parser=sub_parser)
     return parser
@@ -330,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.bench == "frames":
                     from .bench.frames import run_frames_bench
                     return run_frames_bench(args)
+                if args.bench == "churn":
+                    return run_churn_bench(args)
                 from .bench.relay import run_relay_bench
                 return run_relay_bench(args)
             except (RuntimeError, OSError) as exc:
@@ -354,10 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"qubesshm: {exc.strerror or exc}", file=sys.stderr)
             return 1
         try:
-            if args.command == "run":
+            if args.kernel is not None:
                 message = _apply_kernel(args, grants)
                 if message:
-                    print(f"qubesshm run: {message}", file=sys.stderr)
+                    print(f"qubesshm {args.command}: {message}", file=sys.stderr)
                     return 2
             if args.gntalloc_limit is not None:
                 try:

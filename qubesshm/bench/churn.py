@@ -1,0 +1,306 @@
+"""``qubesshm bench churn``: window churn under each reclaim policy, side by side.
+
+``examples/churn_client.py`` opens, draws and closes windows at a given rate,
+size and concurrency, straight to the compositor (*direct*) and through a
+``qubesshm serve`` per policy on the simulated grant layer (gntalloc limit 2^30
+for all, so no window is refused):
+
+- *kernel-default*: grants ended as each window's buffer goes, left to the
+  kernel's deferred reclaim at ``free_per_iteration`` 10 (``--reclaim at-once``);
+- *qubes*: the same at 1000, as Qubes sets it in dom0;
+- *notify*: unmap notify, batched fallback, ``free_per_iteration`` raised as
+  needed (``--cache-pages 0``);
+- *recycle*: notify and the cache (qubesshm's default).
+
+``--hold S`` makes the simulated GUI domain keep every area mapped S seconds after
+the proxy lets it go (``--sim-hold``): the late releases that fill the deferred
+list. While each run goes, the proxy's live grant pages and its deferred backlog
+are sampled from its stats socket; after the last window closes sampling goes on
+until the backlog is empty or ``--drain-wait`` seconds pass, after which the time
+left is estimated from the backlog and ``free_per_iteration`` (the kernel frees
+that many entries a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..grants.api import PAGE_SIZE
+from ..grants.files import write_file
+from ..relay.control import StatsError, read_stats
+from .processes import compositor, process, wait_for_socket
+
+CHURN_CLIENT = Path(__file__).resolve().parents[2] / "examples" / "churn_client.py"
+POLICIES = ("kernel-default", "qubes", "notify", "recycle", "direct")
+BIG_LIMIT = str(1 << 30)
+_POLICY_OPTIONS = {
+    "kernel-default": ["--kernel", "stock", "--reclaim", "at-once"],
+    "qubes": ["--kernel", "qubes", "--reclaim", "at-once"],
+    "notify": ["--kernel", "stock", "--cache-pages", "0"],
+    "recycle": ["--kernel", "stock"],
+}
+_FREE_PER_ITERATION = {"kernel-default": 10, "qubes": 1000, "notify": 10, "recycle": 10}
+SAMPLE_INTERVAL = 0.1
+_RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s")
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    windows: int = 0
+    seconds: float = 0.0
+    windows_per_second: float = 0.0
+    ratio_to_direct: float | None = None
+    grants_per_window: float | None = None
+    peak_live: int | None = None
+    final_live: int | None = None
+    peak_deferred: int | None = None
+    final_deferred: int | None = None
+    drain_seconds: float | None = None
+    drain_estimated: bool = False
+    leaked: int | None = None
+    peak_grant_mib: float | None = None
+    # Seconds since the client started, live pages, deferred pages.
+    series: dict[str, list[float]] = field(
+        default_factory=lambda: {"t": [], "live": [], "deferred": []})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=10.0,
+                        help="windows opened a second (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long windows are opened (default %(default)s)")
+    parser.add_argument("--size", default="1280x720", metavar="WxH",
+                        help="window size (default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="windows open at once (default %(default)s)")
+    parser.add_argument("--frames", type=int, default=1,
+                        help="frames drawn in each window (default %(default)s)")
+    parser.add_argument("--hold", type=float, default=0.0, metavar="S",
+                        help="the GUI domain keeps each area mapped S s after it is let go "
+                        "(default 0: the compositor's own release)")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated, from " + ", ".join(POLICIES)
+                        + " (default: all)")
+    parser.add_argument("--drain-wait", type=float, default=5.0, metavar="S",
+                        help="how long to watch the backlog drain after the last close "
+                        "before estimating the rest (default %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="plot live grants and deferred backlog over time (PNG)")
+
+
+def _policies(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in POLICIES]
+    if unknown or not chosen:
+        raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(POLICIES)}")
+    return chosen
+
+
+def run_churn_bench(args: argparse.Namespace) -> int:
+    try:
+        policies = _policies(args.policies)
+    except ValueError as exc:
+        print(f"qubesshm bench churn: {exc}", file=sys.stderr)
+        return 2
+    if not CHURN_CLIENT.is_file():
+        print(f"qubesshm bench churn: {CHURN_CLIENT} is missing; run it from a source "
+              "checkout of qubesshm", file=sys.stderr)
+        return 1
+    windows = max(1, round(args.rate * args.seconds))
+    results: dict[str, PolicyResult] = {}
+    with compositor(args.upstream, width=1920, height=1080) as upstream:
+        # The baseline first, so that the progress of the others can show the ratio.
+        for policy in sorted(policies, key=lambda p: p != "direct"):
+            results[policy] = _run_policy(policy, upstream, windows, args)
+    direct = results.get("direct")
+    for result in results.values():
+        if direct is not None and direct.windows_per_second:
+            result.ratio_to_direct = result.windows_per_second / direct.windows_per_second
+    _print_table(results, windows, args)
+    if args.json:
+        data = {"config": {k: getattr(args, k) for k in ("rate", "seconds", "size",
+                                                          "concurrency", "frames", "hold")},
+                "windows": windows,
+                "policies": {name: asdict(r) for name, r in results.items()}}
+        write_file(Path(args.json), json.dumps(data, indent=2) + "\n",
+                   create=not Path(args.json).exists())
+    if args.plot:
+        figure = plot(results, args)
+        figure.savefig(args.plot, dpi=110)
+    return 0
+
+
+def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, str(CHURN_CLIENT), "--windows", str(windows), "--size", args.size,
+            "--rate", str(args.rate), "--concurrency", str(args.concurrency), "--frames",
+            str(args.frames), "--timeout", str(args.seconds * 3 + 60)]
+
+
+def _run_policy(policy: str, upstream: Path, windows: int,
+                args: argparse.Namespace) -> PolicyResult:
+    result = PolicyResult(policy)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-churn-")))
+        workdir.chmod(0o700)
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
+        env.pop("QUBESSHM_SIM_ROOT", None)
+        display = upstream
+        socket_path: Path | None = None
+        if policy != "direct":
+            socket_path = workdir / "qubesshm-churn"
+            proc = stack.enter_context(process(
+                [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
+                 "--upstream", str(upstream), "--gntalloc-limit", BIG_LIMIT,
+                 "--sim-hold", str(args.hold), *_POLICY_OPTIONS[policy]], env))
+            wait_for_socket(socket_path, proc, "qubesshm serve")
+            display = socket_path
+        client_env = dict(env, WAYLAND_DISPLAY=str(display))
+        start = time.monotonic()
+        client = subprocess.Popen(_client_command(windows, args), env=client_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while client.poll() is None:
+            _sample(socket_path, start, result)
+            _progress(policy, start, args, result)
+            time.sleep(SAMPLE_INTERVAL)
+        out, err = client.communicate()
+        match = _RESULT.search(out)
+        if client.returncode != 0 or match is None:
+            raise RuntimeError(f"{policy}: the churn client failed ({client.returncode}): "
+                               f"{err.strip()[-500:]}")
+        result.windows, result.seconds = int(match[1]), float(match[2])
+        result.windows_per_second = result.windows / result.seconds
+        if socket_path is not None:
+            closed = time.monotonic()
+            # Watch the backlog drain, for at most --drain-wait seconds.
+            while (time.monotonic() - closed < args.drain_wait
+                   and (not result.series["t"] or result.series["deferred"][-1] > 0
+                        or result.series["live"][-1] > 0)):
+                _sample(socket_path, start, result)
+                _progress(policy, start, args, result)
+                time.sleep(SAMPLE_INTERVAL)
+            stats = _sample(socket_path, start, result)
+            _finish(result, stats, closed - start, _FREE_PER_ITERATION[policy])
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    return result
+
+
+def _sample(socket_path: Path | None, start: float,
+            result: PolicyResult) -> dict[str, Any] | None:
+    if socket_path is None:
+        return None
+    try:
+        stats = read_stats(str(socket_path))
+    except StatsError:
+        return None
+    grants = stats["grants"]
+    series = result.series
+    series["t"].append(round(time.monotonic() - start, 3))
+    series["live"].append(grants["live"])
+    series["deferred"].append(grants["deferred"] or 0)
+    return stats
+
+
+def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float,
+            free_per_iteration: int) -> None:
+    series = result.series
+    if stats is None or not series["t"]:
+        raise RuntimeError(f"{result.policy}: no counters could be read from the proxy")
+    grants = stats["grants"]
+    result.grants_per_window = grants["shared_total"] / max(1, result.windows)
+    result.peak_live = max(int(v) for v in series["live"])
+    result.final_live = int(series["live"][-1])
+    result.peak_deferred = max(int(v) for v in series["deferred"])
+    result.final_deferred = int(series["deferred"][-1])
+    result.leaked = grants["leaked"]
+    result.peak_grant_mib = round(max(
+        live + deferred for live, deferred in zip(series["live"], series["deferred"],
+                                                  strict=True)) * PAGE_SIZE / (1 << 20), 1)
+    # Drained: the first sample after the last close with an empty backlog.
+    for t, deferred in zip(series["t"], series["deferred"], strict=True):
+        if t >= closed_at and deferred == 0:
+            result.drain_seconds = round(max(0.0, t - closed_at), 2)
+            break
+    else:
+        # Still draining: the kernel frees free_per_iteration entries a second.
+        last_t = series["t"][-1]
+        result.drain_seconds = round(last_t - closed_at + math.ceil(
+            result.final_deferred / free_per_iteration), 1)
+        result.drain_estimated = True
+
+
+def _progress(policy: str, start: float, args: argparse.Namespace,
+              result: PolicyResult) -> None:
+    if not sys.stderr.isatty():
+        return
+    elapsed = time.monotonic() - start
+    done = min(1.0, elapsed / max(args.seconds, 0.001))
+    bar = "#" * int(done * 30)
+    live = result.series["live"][-1] if result.series["live"] else 0
+    deferred = result.series["deferred"][-1] if result.series["deferred"] else 0
+    print(f"\r{policy:<15} [{bar:<30}] {elapsed:6.1f} s  live {int(live):>8}  "
+          f"deferred {int(deferred):>8}", end="", file=sys.stderr, flush=True)
+
+
+def _print_table(results: dict[str, PolicyResult], windows: int,
+                 args: argparse.Namespace) -> None:
+    print(f"\n{windows} windows of {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
+          f"{args.concurrency} open at once, {args.frames} frame(s) each, mappings held "
+          f"{args.hold:g} s after let go; grant counts in pages (one grant each):")
+    print(f"{'policy':<15} {'win/s':>7} {'x direct':>8} {'grants/win':>10} {'peak live':>9} "
+          f"{'final live':>10} {'peak deferred':>13} {'final deferred':>14} "
+          f"{'drain s':>9} {'leaked':>6} {'peak MiB':>8}")
+
+    def show(value: object, fmt: str = "") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for r in results.values():
+        drain = show(r.drain_seconds, ".1f") + ("~" if r.drain_estimated else "")
+        print(f"{r.policy:<15} {r.windows_per_second:>7.1f} {show(r.ratio_to_direct, '.2f'):>8} "
+              f"{show(r.grants_per_window, '.1f'):>10} {show(r.peak_live):>9} "
+              f"{show(r.final_live):>10} {show(r.peak_deferred):>13} "
+              f"{show(r.final_deferred):>14} {drain:>9} {show(r.leaked):>6} "
+              f"{show(r.peak_grant_mib):>8}")
+    if any(r.drain_estimated for r in results.values()):
+        print("~ estimated: the backlog left after --drain-wait, at the policy's "
+              "free_per_iteration entries a second")
+
+
+def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
+    """Live grant pages and deferred backlog over time, one line per proxied policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (live_axes, deferred_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(9, 6.5))
+    for r in results.values():
+        if not r.series["t"]:
+            continue  # direct: no grants
+        live_axes.plot(r.series["t"], r.series["live"], label=r.policy)
+        deferred_axes.plot(r.series["t"], r.series["deferred"], label=r.policy)
+    live_axes.set_ylabel("live grant pages")
+    deferred_axes.set_ylabel("deferred backlog (pages)")
+    deferred_axes.set_xlabel("seconds since the first window")
+    live_axes.set_title(f"window churn: {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
+                        f"mappings held {args.hold:g} s")
+    for axes in (live_axes, deferred_axes):
+        axes.grid(True, alpha=0.3)
+        axes.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
