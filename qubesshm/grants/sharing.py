@@ -51,10 +51,13 @@ class SharingHalf:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 limit = self._limit()
+                # gntalloc says ENOSPC for its own limit and for a full grant table.
                 raise GrantUnavailable(
                     f"cannot grant {pages} pages ({size} bytes) for a buffer: "
-                    f"{exc.strerror}; the gntalloc limit is {limit} pages; raise it with "
-                    "--gntalloc-limit N (or qubesshm tune --gntalloc-limit N)") from exc
+                    f"{exc.strerror}; either the gntalloc limit ({limit} pages) is reached "
+                    "(raise it with --gntalloc-limit N or qubesshm tune --gntalloc-limit N) "
+                    "or the domain's grant table is full (grants waiting on the deferred "
+                    "list keep their entries)") from exc
             raise GrantUnavailable(f"cannot grant {pages} pages for a buffer: "
                                    f"{exc.strerror or exc}") from exc
         return Grant(area, pages, self.own_domid)
