@@ -243,11 +243,18 @@ def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float
     result.peak_grant_mib = round(max(
         live + deferred for live, deferred in zip(series["live"], series["deferred"],
                                                   strict=True)) * PAGE_SIZE / (1 << 20), 1)
-    # Drained: the first sample after the last close with an empty backlog.
-    for t, deferred in zip(series["t"], series["deferred"], strict=True):
-        if t >= closed_at and deferred == 0:
-            result.drain_seconds = round(max(0.0, t - closed_at), 2)
-            break
+    # Drained: the first sample after the last close from which the backlog stays
+    # empty (areas still held at the close may join it later).
+    after = [(t, d) for t, d in zip(series["t"], series["deferred"], strict=True)
+             if t >= closed_at]
+    empty_from = None
+    for t, deferred in after:
+        if deferred == 0 and empty_from is None:
+            empty_from = t
+        elif deferred > 0:
+            empty_from = None
+    if empty_from is not None and result.final_live == 0:
+        result.drain_seconds = round(max(0.0, empty_from - closed_at), 2)
     else:
         # Still draining: the kernel frees free_per_iteration entries a second.
         last_t = series["t"][-1]
