@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         client.roundtrip()
     except ClientError as exc:
         print(f"churn_client: {exc}", file=sys.stderr)
+        # Disconnect before the interpreter finalizes the proxies: left to garbage
+        # collection after a protocol error, libwayland crashed (SIGSEGV).
+        client.display.disconnect()
         return 1
     elapsed = time.monotonic() - start
     print(f"churn: {args.windows} windows in {elapsed:.2f} s "
