@@ -72,3 +72,13 @@ def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
     assert result.stderr.strip().splitlines() == [
         "qubesshm bench churn: unknown policy fastest: choose from kernel-default, qubes, "
         "notify, recycle, direct"]
+
+
+def test_bad_numbers_are_refused_when_parsing() -> None:
+    for option, value in (("--rate", "0"), ("--seconds", "-1"), ("--size", "12"),
+                          ("--concurrency", "0"), ("--hold", "nan")):
+        result = subprocess.run(
+            [sys.executable, "-m", "qubesshm", "bench", "churn", option, value],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, (option, result.stderr)
+        assert f"argument {option}:" in result.stderr and "Traceback" not in result.stderr
