@@ -249,9 +249,7 @@ class GrantLifetimes:
             return
         conn = self._connections[area.owner]
         if not conn.open or self.policy.end_at_once:
-            if conn.open:
-                conn.destroy_upstream(area)
-            self._let_go(area)
+            self._drop(area)
             return
         # The compositor keeps the pool (and its mapping) while the area is cached.
         self._retired_while_held(area)
@@ -440,6 +438,11 @@ class GrantLifetimes:
         """Out of the cache: destroy its upstream pool, let the mapping go."""
         del self._cache[area]
         self.counters.evictions += 1
+        self._drop(area)
+
+    def _drop(self, area: Area) -> None:
+        """Destroy the area's pool upstream (if its connection is still open) and let
+        the mapping go."""
         conn = self._connections[area.owner]
         if conn.open:
             conn.destroy_upstream(area)
