@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import signal
 import socket
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .bench.churn import add_arguments as add_churn_arguments
+from .bench.churn import POLICIES as CHURN_POLICIES
 from .bench.churn import run_churn_bench
 from .grants.files import UnsafeDirectory, write_file
 from .grants.halves import GrantHalves, open_halves
@@ -190,6 +191,20 @@ def _warmup(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number a second")
+    return value
+
+
+def _window_size(text: str) -> str:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if match is None or not (0 < int(match[1]) <= 8192 and 0 < int(match[2]) <= 8192):
+        raise argparse.ArgumentTypeError(f"{text} is not a size WxH of 1..8192 each")
+    return text
+
+
 def _region(text: str) -> int:
     value = _positive(text)
     if value > 540:
@@ -296,7 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
         "churn", parents=[common],
         help="window churn under each reclaim policy: windows/s, live and deferred grants")
     _add_bench_upstream(churn)
-    add_churn_arguments(churn)
+    churn.add_argument("--rate", type=_rate, default=10.0,
+                       help="windows opened a second (default %(default)s)")
+    churn.add_argument("--seconds", type=_seconds, default=10.0,
+                       help="how long windows are opened (default %(default)s)")
+    churn.add_argument("--size", type=_window_size, default="1280x720", metavar="WxH",
+                       help="window size (default %(default)s)")
+    churn.add_argument("--concurrency", type=_positive, default=1,
+                       help="windows open at once (default %(default)s)")
+    churn.add_argument("--frames", type=_positive, default=1,
+                       help="frames drawn in each window (default %(default)s)")
+    churn.add_argument("--hold", type=_non_negative_seconds, default=0.0, metavar="S",
+                       help="the GUI domain keeps each area mapped S s after it is let go "
+                       "(default 0: the compositor's own release)")
+    churn.add_argument("--policies", default=",".join(CHURN_POLICIES),
+                       help="comma-separated, from " + ", ".join(CHURN_POLICIES)
+                       + " (default: all)")
+    churn.add_argument("--drain-wait", type=_non_negative_seconds, default=5.0, metavar="S",
+                       help="how long to watch the backlog drain after the last close "
+                       "before estimating the rest (default %(default)s)")
+    churn.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    churn.add_argument("--plot", metavar="FILE",
+                       help="plot live grants and deferred backlog over time (PNG)")
     for sub_parser in (serve, run, tune, stats, bench, relay, frames, churn):
         # The deepest one given wins: its usage is shown for its mistakes.
         sub_parser.set_defaults(usage_parser=sub_parser)

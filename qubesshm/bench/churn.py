@@ -80,59 +80,6 @@ class PolicyResult:
         default_factory=lambda: {"t": [], "live": [], "deferred": []})
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
-def _size(text: str) -> str:
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
-    if match is None or not (0 < int(match[1]) <= 8192 and 0 < int(match[2]) <= 8192):
-        raise argparse.ArgumentTypeError(f"{text} is not a size WxH of 1..8192 each")
-    return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=_positive, default=10.0,
-                        help="windows opened a second (default %(default)s)")
-    parser.add_argument("--seconds", type=_positive, default=10.0,
-                        help="how long windows are opened (default %(default)s)")
-    parser.add_argument("--size", type=_size, default="1280x720", metavar="WxH",
-                        help="window size (default %(default)s)")
-    parser.add_argument("--concurrency", type=_count, default=1,
-                        help="windows open at once (default %(default)s)")
-    parser.add_argument("--frames", type=_count, default=1,
-                        help="frames drawn in each window (default %(default)s)")
-    parser.add_argument("--hold", type=_non_negative, default=0.0, metavar="S",
-                        help="the GUI domain keeps each area mapped S s after it is let go "
-                        "(default 0: the compositor's own release)")
-    parser.add_argument("--policies", default=",".join(POLICIES),
-                        help="comma-separated, from " + ", ".join(POLICIES)
-                        + " (default: all)")
-    parser.add_argument("--drain-wait", type=_non_negative, default=5.0, metavar="S",
-                        help="how long to watch the backlog drain after the last close "
-                        "before estimating the rest (default %(default)s)")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="FILE",
-                        help="plot live grants and deferred backlog over time (PNG)")
-
-
 def _policies(text: str) -> list[str]:
     chosen = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in POLICIES]
