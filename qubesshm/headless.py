@@ -18,7 +18,9 @@ from pathlib import Path
 from types import TracebackType
 
 # The desktop shell fades the screen in for about a second after start-up and fades
-# closed windows out, so shots taken meanwhile show dimmed pixels; turn that off.
+# closed windows out (keeping their last buffer until the fade ends), so shots taken
+# meanwhile show dimmed pixels. ``animations=False`` turns that off; the default runs
+# the desktop shell as shipped, as users run it.
 WESTON_INI = """\
 [shell]
 startup-animation=none
@@ -105,8 +107,10 @@ class HeadlessWeston:
         socket_name: str = "wayland-headless",
         log_path: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        animations: bool = True,
     ) -> None:
         self.width = width
+        self.animations = animations
         self.height = height
         self.debug = debug
         self.socket_name = socket_name
@@ -132,11 +136,16 @@ class HeadlessWeston:
         weston = shutil.which("weston")
         if weston is None:
             raise WestonError("weston is not installed (Debian package 'weston')")
-        config = self.runtime_dir / "weston.ini"
-        config.write_text(WESTON_INI)
+        if self.animations:
+            # The shipped configuration: no weston.ini of the user's either.
+            config_args = ["--no-config"]
+        else:
+            config = self.runtime_dir / "weston.ini"
+            config.write_text(WESTON_INI)
+            config_args = [f"--config={config}"]
         args = [
             weston,
-            f"--config={config}",
+            *config_args,
             "--backend=headless-backend.so",
             "--use-pixman",
             "--idle-time=0",
@@ -184,6 +193,13 @@ class HeadlessWeston:
                 self.process.wait()
         self.process = None
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def describe(self) -> str:
+        """What this compositor is, for a benchmark's or demo's first line."""
+        shell = ("desktop shell with its shipped animations" if self.animations
+                 else "desktop shell, animations off")
+        return (f"a headless Weston started for this run (pixman renderer, "
+                f"{self.width}x{self.height}, {shell})")
 
     def screenshot(self, workdir: Path) -> Path:
         return take_screenshot(self.env(), workdir)

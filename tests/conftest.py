@@ -15,8 +15,17 @@ from qubesshm.relay.session import RelaySession
 
 @pytest.fixture(scope="session")
 def weston() -> Iterator[HeadlessWeston]:
-    """One headless Weston (pixman, --debug for screenshots) for the whole run."""
-    with HeadlessWeston() as compositor:
+    """One headless Weston (pixman, --debug for screenshots, animations off so that
+    shots never catch a fade) for the whole run."""
+    with HeadlessWeston(animations=False) as compositor:
+        yield compositor
+
+
+@pytest.fixture(scope="session")
+def desktop_weston() -> Iterator[HeadlessWeston]:
+    """Weston as users run it: 1920x1080, the desktop shell with its shipped
+    animations (a start-up fade, closed windows faded out), pixman."""
+    with HeadlessWeston(width=1920, height=1080, socket_name="wayland-desktop") as compositor:
         yield compositor
 
 
