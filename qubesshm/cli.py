@@ -7,9 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import resource
 import signal
 import socket
@@ -19,21 +17,18 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, options
 from .bench.churn import POLICIES as CHURN_POLICIES
 from .bench.churn import run_churn_bench
 from .grants.files import UnsafeDirectory, write_file
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
 from .grants.lifetimes import LifetimePolicy
-from .grants.params import FREE_PER_ITERATION, GNTALLOC_LIMIT
+from .grants.params import KERNELS
 from .grants.select import (
     CHOICES,
-    XEN_DEVICE_DIR,
     GrantsChoiceError,
     choose,
-    params_for,
-    reclaim_status,
 )
 from .relay.control import (
     ControlSocket,
@@ -55,7 +50,8 @@ from .relay.listener import (
 )
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
 from .relay.trace import ProtocolLog, wayland_timestamp
-from .report import KERNEL_CHOICES, KERNELS, build_report, format_report, kernels_for
+from .report import KERNEL_CHOICES, build_report, format_report, kernels_for
+from .tune import run_tune
 from .wire.codec import DEFAULT_MAX_MESSAGE_SIZE
 from .wire.protocol import ProtocolLoadError, ProtocolTable, load_protocols
 
@@ -81,26 +77,10 @@ def env_flag(name: str) -> bool:
                      "to turn it on, 0, false, no or off (or unset it) to turn it off")
 
 
-def _message_size(text: str) -> int:
-    value = int(text)
-    # A message needs its 8-byte header plus a word; its size field has 16 bits.
-    if not 16 <= value <= 65532:
-        raise argparse.ArgumentTypeError(f"{value} is not between 16 and 65532 bytes")
-    return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
 
 
-def _non_negative_seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
 
 
 def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | None) -> None:
@@ -114,10 +94,10 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
                         help="log every relayed message (also QUBESSHM_DEBUG=1)")
     parser.add_argument("--protocol-dir", action="append", default=[], metavar="DIR",
                         help="more protocol XML to understand (repeatable)")
-    parser.add_argument("--max-message-size", type=_message_size,
+    parser.add_argument("--max-message-size", type=options.message_size,
                         default=DEFAULT_MAX_MESSAGE_SIZE,
                         metavar="BYTES", help="largest message accepted (default %(default)s)")
-    parser.add_argument("--stall-timeout", type=_seconds, default=DEFAULT_STALL_TIMEOUT,
+    parser.add_argument("--stall-timeout", type=options.seconds, default=DEFAULT_STALL_TIMEOUT,
                         metavar="SECONDS", help="drop a session whose peer stops reading for "
                         "this long (default %(default)s)")
     parser.add_argument("--event-loop", choices=LOOP_CHOICES, default="auto",
@@ -133,83 +113,52 @@ def _add_grants_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gntalloc-limit", type=int, metavar="PAGES",
+    parser.add_argument("--gntalloc-limit", type=options.gntalloc_limit, metavar="PAGES",
                         help="raise the kernel's gntalloc limit to this many pages at "
                         "start-up (Qubes sets 1073741824; Linux's default, 1024 pages, is "
                         "less than one 1920x1080 buffer)")
     parser.add_argument("--allow-dmabuf", action="store_true",
                         help="relay zwp_linux_dmabuf_v1 (hidden by default: dma-buf cannot "
                         "cross a VM boundary, so toolkits fall back to wl_shm)")
-    parser.add_argument("--cache-pages", type=_pages, metavar="PAGES",
+    parser.add_argument("--cache-pages", type=options.pages, metavar="PAGES",
                         help="grant pages kept for reuse by later buffers (default: a "
                         "quarter of the gntalloc limit; 0 ends grants as soon as unmapped)")
-    parser.add_argument("--client-pages", type=_positive, metavar="PAGES",
+    parser.add_argument("--client-pages", type=options.positive_pages, metavar="PAGES",
                         help="grant pages one client may hold, in use and cached (default: "
                         "half of the gntalloc limit); past it the client gets no_memory")
-    parser.add_argument("--late-timeout", type=_seconds, default=2.0, metavar="SECONDS",
+    parser.add_argument("--late-timeout", type=options.seconds, default=2.0, metavar="SECONDS",
                         help="how long the compositor may keep a let-go buffer mapped before "
                         "its grants go to the kernel's deferred reclaim (default %(default)s)")
-    parser.add_argument("--defer-batch", type=_positive, default=2048, metavar="PAGES",
+    parser.add_argument("--defer-batch", type=options.positive_pages, default=2048, metavar="PAGES",
                         help="most pages handed to deferred reclaim per second "
                         "(default %(default)s)")
-    parser.add_argument("--sim-watch", type=_positive, action="append", default=[],
+    parser.add_argument("--sim-watch", type=options.pid, action="append", default=[],
                         metavar="PID", help="simulated grants: count this process's mmaps "
                         "of grant pages as the GUI domain's, as the compositor's are (a "
                         "process that holds mappings late; repeatable)")
-    parser.add_argument("--drain-target", type=_seconds, default=2.0, metavar="SECONDS",
+    parser.add_argument("--drain-target", type=options.seconds, default=2.0, metavar="SECONDS",
                         help="raise free_per_iteration so the proxy's deferred backlog "
                         "drains within this time (default %(default)s)")
     parser.add_argument("--reclaim", choices=("notify", "at-once"), default="notify",
                         help="end grants on their unmap notify (default), or at once when "
                         "a buffer goes, with no cache and free_per_iteration left alone, "
                         "as a GUI agent without unmap notify does (for comparison)")
-    parser.add_argument("--sim-hold", type=_non_negative_seconds, default=0.0,
+    parser.add_argument("--sim-hold", type=options.non_negative_seconds, default=0.0,
                         metavar="SECONDS", help="simulated grants only: the GUI domain "
                         "keeps each area mapped this long after the proxy lets it go, as "
                         "a compositor that releases late (default 0)")
 
 
-def _pages(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a number of pages")
-    return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
 
 
-def _warmup(text: str) -> int:
-    value = _positive(text)
-    if value < 4:
-        raise argparse.ArgumentTypeError(f"{value} frames do not fill the client's 3 buffers "
-                                         "and the proxy's output buffers: give at least 4")
-    return value
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number a second")
-    return value
 
 
-def _window_size(text: str) -> str:
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
-    if match is None or not (0 < int(match[1]) <= 8192 and 0 < int(match[2]) <= 8192):
-        raise argparse.ArgumentTypeError(f"{text} is not a size WxH of 1..8192 each")
-    return text
 
 
-def _region(text: str) -> int:
-    value = _positive(text)
-    if value > 540:
-        raise argparse.ArgumentTypeError(f"{value} does not fit twice in 1080 rows")
-    return value
 
 
 def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
@@ -238,20 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grants_option(serve)
     _add_buffer_options(serve)
     serve.add_argument("--kernel", choices=("stock", "qubes"),
-                       help="set the simulated kernel's parameters: stock (gntalloc limit "
-                       "1024, free_per_iteration 10) or qubes (2^30, 1000); default: "
-                       "leave them as they are")
+                       help="the parameters the simulated kernel boots with: qubes, a Qubes "
+                       "VM's (gntalloc limit 2^30 pages, free_per_iteration 1000; the "
+                       "default), or stock, Linux's own (1024, 10); on real Xen they are "
+                       "the machine's (qubesshm tune)")
 
     run = sub.add_parser("run", parents=[common],
                          help="run one command through a private proxy")
     _add_relay_options(run, None)
     _add_grants_option(run)
     _add_buffer_options(run)
-    run.add_argument("--kernel", choices=KERNEL_CHOICES, default="both",
+    run.add_argument("--kernel", choices=KERNEL_CHOICES, default=None,
                      help="kernel parameters for the simulated grant layer and the "
-                     "report's findings: stock (gntalloc limit 1024, free_per_iteration "
-                     "10), qubes (2^30, 1000), or both (run on qubes', report on both; "
-                     "default)")
+                     "report's findings: stock (Linux's: gntalloc limit 1024, "
+                     "free_per_iteration 10), qubes (a Qubes VM's: 2^30, 1000), or both "
+                     "(run on qubes', report on both; the default)")
     run.add_argument("--report-json", metavar="FILE",
                      help="also write the report at exit to FILE as JSON")
     run.add_argument("--quiet", action="store_true", help="print no report at exit")
@@ -260,9 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", parents=[common],
                           help="show or set the kernel's grant reclaim parameters")
     _add_grants_option(tune)
-    tune.add_argument("--free-per-iteration", type=int, metavar="N",
+    tune.add_argument("--socket", metavar="NAME",
+                      help="simulated grants: the kernel of the proxy serving this socket "
+                      "(needed when several run)")
+    tune.add_argument("--free-per-iteration", type=options.u32, metavar="N",
                       help="deferred grants retried per 1-second tick (0: all)")
-    tune.add_argument("--gntalloc-limit", type=int, metavar="N",
+    tune.add_argument("--gntalloc-limit", type=options.gntalloc_limit, metavar="N",
                       help="pages gntalloc may have granted at once")
 
     stats = sub.add_parser("stats", parents=[common], help="show a running proxy's counters")
@@ -275,15 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     relay = bench_sub.add_parser("relay", parents=[common],
                                  help="round-trip latency: direct, qubesshm, waypipe")
     _add_bench_upstream(relay)
-    relay.add_argument("--round-trips", type=_positive, default=2000,
+    relay.add_argument("--round-trips", type=options.positive, default=2000,
                        help="wl_display.sync round trips per path and run (default "
                        "%(default)s)")
-    relay.add_argument("--burst", type=_positive, default=10000,
+    relay.add_argument("--burst", type=options.positive, default=10000,
                        help="requests in the burst test (default %(default)s)")
-    relay.add_argument("--bursts", type=_positive, default=3,
+    relay.add_argument("--bursts", type=options.positive, default=3,
                        help="bursts per path and run; the median is reported (default "
                        "%(default)s)")
-    relay.add_argument("--repeats", type=_positive, default=3,
+    relay.add_argument("--repeats", type=options.positive, default=3,
                        help="runs, each printed, then the median of their ratios (default "
                        "%(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
@@ -293,14 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         "frames", parents=[common],
         help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
     _add_bench_upstream(frames)
-    frames.add_argument("--frames", type=_positive, default=100,
+    frames.add_argument("--frames", type=options.positive, default=100,
                         help="timed frames per run (default %(default)s)")
-    frames.add_argument("--warmup", type=_warmup, default=10,
+    frames.add_argument("--warmup", type=options.warmup, default=10,
                         help="frames before timing starts, at least 4 so that the proxy's "
                         "output buffers exist (default %(default)s)")
-    frames.add_argument("--repeats", type=_positive, default=3,
+    frames.add_argument("--repeats", type=options.positive, default=3,
                         help="runs per case and path; medians are reported (default %(default)s)")
-    frames.add_argument("--region", type=_region, default=64,
+    frames.add_argument("--region", type=options.region, default=64,
                         help="side of the small damaged square, 1 to 540 (default %(default)s)")
     frames.add_argument("--json", metavar="FILE", help="also write every run's figures here")
     frames.add_argument("--unsealed", action="store_true",
@@ -311,23 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
         "churn", parents=[common],
         help="window churn under each reclaim policy: windows/s, live and deferred grants")
     _add_bench_upstream(churn)
-    churn.add_argument("--rate", type=_rate, default=10.0,
+    churn.add_argument("--rate", type=options.rate, default=10.0,
                        help="windows opened a second (default %(default)s)")
-    churn.add_argument("--seconds", type=_seconds, default=10.0,
+    churn.add_argument("--seconds", type=options.seconds, default=10.0,
                        help="how long windows are opened (default %(default)s)")
-    churn.add_argument("--size", type=_window_size, default="1280x720", metavar="WxH",
+    churn.add_argument("--size", type=options.window_size, default="1280x720", metavar="WxH",
                        help="window size (default %(default)s)")
-    churn.add_argument("--concurrency", type=_positive, default=1,
+    churn.add_argument("--concurrency", type=options.positive, default=1,
                        help="windows open at once (default %(default)s)")
-    churn.add_argument("--frames", type=_positive, default=1,
+    churn.add_argument("--frames", type=options.positive, default=1,
                        help="frames drawn in each window (default %(default)s)")
-    churn.add_argument("--hold", type=_non_negative_seconds, default=0.0, metavar="S",
+    churn.add_argument("--hold", type=options.non_negative_seconds, default=0.0, metavar="S",
                        help="the GUI domain keeps each area mapped S s after it is let go "
                        "(default 0: the compositor's own release)")
     churn.add_argument("--policies", default=",".join(CHURN_POLICIES),
                        help="comma-separated, from " + ", ".join(CHURN_POLICIES)
                        + " (default: all)")
-    churn.add_argument("--drain-wait", type=_non_negative_seconds, default=5.0, metavar="S",
+    churn.add_argument("--drain-wait", type=options.non_negative_seconds, default=5.0, metavar="S",
                        help="how long to watch the backlog drain after the last close "
                        "before estimating the rest (default %(default)s)")
     churn.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -385,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"qubesshm bench {args.bench}: {exc}", file=sys.stderr)
                 return 1
         if args.command == "tune":
-            return _tune(args)
+            return run_tune(args)
         if args.command == "stats":
             return _stats(args)
         protocol = load_protocols(args.protocol_dir)
@@ -397,17 +350,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not cmd:
                 print("qubesshm run: give the command after --", file=sys.stderr)
                 return 2
+        choice = choose(args.grants)
+        if choice == "xen" and args.kernel in ("stock", "qubes"):
+            print(f"qubesshm {args.command}: --kernel {args.kernel} sets the simulated grant "
+                  "layer's parameters; on real Xen they are the machine's (see qubesshm "
+                  "tune)", file=sys.stderr)
+            return 2
+        kernel = KERNELS["stock" if args.kernel == "stock" else "qubes"]
+        if args.command == "run" and args.kernel is None:
+            args.kernel = "both"
         try:
-            grants = open_halves(choose(args.grants))
+            grants = open_halves(choice, kernel)
         except OSError as exc:
             print(f"qubesshm: {exc.strerror or exc}", file=sys.stderr)
             return 1
         try:
-            if args.kernel is not None:
-                message = _apply_kernel(args, grants)
-                if message:
-                    print(f"qubesshm {args.command}: {message}", file=sys.stderr)
-                    return 2
             if args.gntalloc_limit is not None:
                 try:
                     grants.sharing.backend.set_gntalloc_limit(args.gntalloc_limit)
@@ -471,45 +428,6 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
-    choice = choose(args.grants)
-    if choice == "xen" and not (XEN_DEVICE_DIR / "gntalloc").exists():
-        print(f"qubesshm tune: {XEN_DEVICE_DIR / 'gntalloc'} does not exist: this is not a "
-              "Xen domain; use --grants sim or QUBESSHM_GRANTS=sim for the simulated "
-              "hypervisor", file=sys.stderr)
-        return 1
-    params = params_for(choice)
-    try:
-        if choice == "sim" and not params.root.exists() and (
-                args.free_per_iteration is not None or args.gntalloc_limit is not None):
-            # Setting a parameter boots the simulated kernel: its files appear. One
-            # that exists keeps its files as they are, missing ones included.
-            params.create_defaults()
-        if args.free_per_iteration is not None:
-            params.free_per_iteration = args.free_per_iteration
-        if args.gntalloc_limit is not None:
-            params.gntalloc_limit = args.gntalloc_limit
-    except OSError as exc:
-        print(f"qubesshm tune: {exc.strerror}", file=sys.stderr)
-        return 1
-    status = reclaim_status(choice)
-    where = "real Xen" if choice == "xen" else f"simulated, files under {params.root}"
-    print(f"grants: {choice} ({where})")
-
-    def show(label: str, value: int | None, missing: str) -> None:
-        print(f"{label:<22}{value if value is not None else missing}")
-
-    show("free_per_iteration", status.free_per_iteration,
-         f"not available ({params.path(FREE_PER_ITERATION)} missing: Linux < 6.5?)")
-    show("gntalloc limit", status.gntalloc_limit,
-         f"not available ({params.path(GNTALLOC_LIMIT)} missing: xen_gntalloc not loaded?)")
-    hidden = ("not exposed by the kernel" if choice == "xen"
-              else "none yet (no simulated hypervisor has run)")
-    show("deferred_count", status.deferred_count, hidden)
-    show("leaked_count", status.leaked_count, hidden)
-    if status.deferred_pages_bytes is not None:
-        show("deferred bytes", status.deferred_pages_bytes, hidden)
-    return 0
 
 
 def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
@@ -517,10 +435,18 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     upstream = upstream_path(args.upstream)
     # Checked before the listener exists: taking the name removes a stale file there.
     if runtime_path(socket_name).resolve() == upstream.resolve():
-        raise AddressError(f"the upstream {upstream} is qubesshm's own socket; give the "
-                           "compositor's with --upstream")
+        if _answers(upstream):
+            raise AddressError(f"{upstream} is the compositor's socket (a compositor answers "
+                               "there), so qubesshm cannot listen on it: give qubesshm a name "
+                               "of its own with --socket (serve's default is "
+                               f"{DEFAULT_SOCKET_NAME})")
+        raise AddressError(f"the upstream {upstream} is the socket qubesshm was asked to "
+                           "listen on, and no compositor answers there: give the compositor's "
+                           "socket with --upstream or WAYLAND_DISPLAY")
     _probe_upstream(upstream)
     listener = Listener(socket_name)
+    if grants.kernel_dir is not None:
+        grants.kernel_dir.note_socket(listener.path)
     protocol_log = ProtocolLog(sys.stderr) if args.debug else None
     policy = LifetimePolicy(cache_pages=args.cache_pages, client_pages=args.client_pages,
                             late_timeout=args.late_timeout, defer_batch=args.defer_batch,
@@ -546,6 +472,16 @@ def _where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:
             f"{loop_name}")
 
 
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _probe_upstream(upstream: Path) -> None:
     """A clear error at start-up when no compositor answers, not at the first client."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
@@ -558,16 +494,6 @@ def _probe_upstream(upstream: Path) -> None:
                                "--upstream or WAYLAND_DISPLAY") from exc
 
 
-def _apply_kernel(args: argparse.Namespace, grants: GrantHalves) -> str | None:
-    """Set the simulated kernel's parameters ``--kernel`` names; a usage error or None."""
-    if grants.hypervisor is None:
-        # Real Xen: the parameters are the machine's; the report still models both.
-        return ("--kernel stock or qubes sets the simulated grant layer's parameters; on "
-                "real Xen use qubesshm tune" if args.kernel != "both" else None)
-    kernel = KERNELS["stock" if args.kernel == "stock" else "qubes"]
-    grants.hypervisor.params.gntalloc_limit = kernel.gntalloc_limit
-    grants.hypervisor.params.free_per_iteration = kernel.free_per_iteration
-    return None
 
 
 def _report(args: argparse.Namespace, server: ProxyServer, grants: GrantHalves) -> None:

@@ -17,21 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .grants.api import PAGE_SIZE
+from .grants.params import KERNELS, Kernel
 
-
-@dataclass(frozen=True, slots=True)
-class Kernel:
-    name: str
-    gntalloc_limit: int
-    free_per_iteration: int
-
-
-KERNELS = {
-    # Linux's defaults.
-    "stock": Kernel("stock", 1024, 10),
-    # What Qubes sets: the gntalloc limit in its VMs, free_per_iteration in dom0.
-    "qubes": Kernel("qubes", 1 << 30, 1000),
-}
 KERNEL_CHOICES = ("stock", "qubes", "both")
 
 

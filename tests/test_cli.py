@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kernels
 import pytest
 
 from qubesshm import __version__
@@ -133,6 +134,22 @@ def test_a_runtime_dir_open_to_others_is_refused(tmp_path: Path) -> None:
     assert not (shared / "qubesshm-sim").exists()
 
 
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775])
+def test_a_shared_runtime_dir_gets_no_advice_to_chmod_it(tmp_path: Path, mode: int) -> None:
+    # XDG_RUNTIME_DIR=/tmp: following "chmod 0700 /tmp" would break the system.
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(mode)
+    for args in (["tune"], ["serve"], ["run", "--", "true"]):
+        result = qubesshm(*args, env=sim_env(XDG_RUNTIME_DIR=str(shared)))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "chmod" not in result.stderr
+        assert "shared with other users" in result.stderr
+        assert "a directory of your own, mode 0700" in result.stderr
+    assert list(shared.iterdir()) == []
+
+
 def test_no_runtime_dir_means_no_predictable_path_in_tmp() -> None:
     result = qubesshm("tune", "--free-per-iteration", "7", env=sim_env())
     assert result.returncode == 1
@@ -144,24 +161,22 @@ def test_reading_the_parameters_creates_nothing(tmp_path: Path) -> None:
     runtime.mkdir(mode=0o700)
     result = qubesshm("tune", env=sim_env(XDG_RUNTIME_DIR=str(runtime)))
     assert result.returncode == 0, result.stderr
-    assert "free_per_iteration    10" in result.stdout
+    assert "free_per_iteration    1000" in result.stdout
     assert list(runtime.iterdir()) == []
 
 
 def test_writes_do_not_follow_symlinks(tmp_path: Path) -> None:
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    env = sim_env(XDG_RUNTIME_DIR=str(runtime))
-    assert qubesshm("tune", "--free-per-iteration", "10", env=env).returncode == 0
-    param = runtime / "qubesshm-sim/sys/module/grant_table/parameters/free_per_iteration"
-    victim = tmp_path / "victim"
-    victim.write_text("precious\n")
-    param.unlink()
-    param.symlink_to(victim)
-    result = qubesshm("tune", "--free-per-iteration", "7", env=env)
-    assert result.returncode == 1
-    assert "symlink" in result.stderr and "Traceback" not in result.stderr
-    assert victim.read_text() == "precious\n"
+    env = kernels.sim_env(tmp_path / "run")
+    with kernels.serving(env, "qs") as kernel:
+        param = kernel.root / "sys/module/grant_table/parameters/free_per_iteration"
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n")
+        param.unlink()
+        param.symlink_to(victim)
+        result = qubesshm("tune", "--free-per-iteration", "7", env=env)
+        assert result.returncode == 1
+        assert "symlink" in result.stderr and "Traceback" not in result.stderr
+        assert victim.read_text() == "precious\n"
 
 
 @pytest.mark.parametrize("name", ["", "dir/", "."])

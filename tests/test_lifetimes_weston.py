@@ -22,6 +22,7 @@ import pytest
 from procs import RunningProxy, start_proxy, wait_for_file
 
 from qubesshm.grants.params import FREE_PER_ITERATION, ModuleParams
+from qubesshm.grants.simkernels import running_kernels
 from qubesshm.headless import HeadlessWeston
 from qubesshm.relay.control import read_stats
 
@@ -181,14 +182,34 @@ class Holder:
         self.process.wait()
 
 
+def kernel_params(proxy: RunningProxy) -> ModuleParams:
+    """The parameter files of the proxy's own simulated kernel."""
+    wanted = str(Path(proxy.env["XDG_RUNTIME_DIR"]) / proxy.socket_name)
+    found = [k for k in running_kernels(Path(proxy.env["QUBESSHM_SIM_ROOT"]))
+             if k.socket == wanted]
+    assert len(found) == 1, found
+    return ModuleParams(found[0].root)
+
+
 def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
                stopped: list[RunningProxy], holder: Holder, *extra: str,
-               prefix: tuple[str, ...] = ()) -> tuple[RunningProxy, int]:
-    """A proxy whose only client drew and was killed while ``holder`` maps its pages:
-    (the proxy, the pages now late)."""
+               prefix: tuple[str, ...] = (),
+               read_only_fpi: bool = False) -> tuple[RunningProxy, int, ModuleParams]:
+    """A proxy whose kernel has free_per_iteration 1 (any backlog raises it), and whose
+    only client drew and was killed while ``holder`` maps its pages: (the proxy, the
+    pages now late, its kernel's parameters)."""
     proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT, "--sim-watch",
                   str(holder.process.pid), "--late-timeout", "1", *extra, prefix=prefix)
     stopped.append(proxy)
+    # As an administrator would, with sysfs: qubesshm tune on the running kernel.
+    tuned = subprocess.run([sys.executable, "-m", "qubesshm", "tune", "--socket",
+                            proxy.socket_name, "--free-per-iteration", "1"], env=proxy.env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert tuned.returncode == 0, tuned.stderr
+    params = kernel_params(proxy)
+    assert params.free_per_iteration == 1
+    if read_only_fpi:
+        params.path(FREE_PER_ITERATION).chmod(0o444)
     ready = tmp_path / "ready"
     drawing = client(proxy, PATTERN, "--frames", "3", "--hold", "120",
                      "--ready-file", str(ready))
@@ -199,25 +220,16 @@ def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
     drawing.wait()
     wait_until(lambda: grants(proxy)["deferred"] == live,
                f"the late areas deferred ({live} pages)", message=lambda: stats(proxy))
-    return proxy, live
-
-
-def fpi_of_one(sim_env: dict[str, str]) -> ModuleParams:
-    """The test's simulated kernel, with free_per_iteration 1: any backlog raises it."""
-    params = ModuleParams(Path(sim_env["QUBESSHM_SIM_ROOT"]))
-    params.create_defaults()
-    params.write(FREE_PER_ITERATION, 1)
-    return params
+    return proxy, live, params
 
 
 def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
         stopped: list[RunningProxy]) -> None:
-    params = fpi_of_one(sim_env)
     holder = Holder()
     try:
         # Weston lets go at once; the holder does not, so the areas are late.
-        proxy, live = late_areas(weston, tmp_path, sim_env, stopped, holder)
+        proxy, live, params = late_areas(weston, tmp_path, sim_env, stopped, holder)
         assert live > 0
         life = lifetimes(proxy)
         assert life["late_releases"] >= 1 and life["defer_batches"] >= 1
@@ -236,15 +248,16 @@ def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
 
 def test_free_per_iteration_is_restored_on_sigterm(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
-    params = fpi_of_one(sim_env)
     holder = Holder()
     proxies: list[RunningProxy] = []
     try:
-        proxy, _ = late_areas(weston, tmp_path, sim_env, proxies, holder)
+        proxy, _, params = late_areas(weston, tmp_path, sim_env, proxies, holder)
         wait_until(lambda: params.free_per_iteration > 1, "free_per_iteration raised")
         assert proxy.stop() == 0, proxy.log()
-        assert params.free_per_iteration == 1
+        # The simulated kernel ends with its process (its files with it); the summary
+        # counts the write of the value found, made before the kernel went.
         assert "restored 1x" in proxy.log(), proxy.log()
+        assert not params.root.exists()
     finally:
         holder.close()
 
@@ -252,13 +265,12 @@ def test_free_per_iteration_is_restored_on_sigterm(
 def test_a_free_per_iteration_it_may_not_write_is_said_once(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
         stopped: list[RunningProxy]) -> None:
-    params = fpi_of_one(sim_env)
-    params.path(FREE_PER_ITERATION).chmod(0o444)
     # Root writes through any mode bits: run without capabilities (CAP_DAC_OVERRIDE).
     prefix = ("setpriv", "--bounding-set=-all", "--") if os.geteuid() == 0 else ()
     holder = Holder(prefix)  # a proxy may only watch processes it may look at
     try:
-        proxy, live = late_areas(weston, tmp_path, sim_env, stopped, holder, prefix=prefix)
+        proxy, live, params = late_areas(weston, tmp_path, sim_env, stopped, holder,
+                                         prefix=prefix, read_only_fpi=True)
         assert holder.tell("release") == "released\n"
         # Two kernel ticks later the proxy has looked at the backlog many times.
         wait_until(lambda: grants(proxy)["deferred"] <= live - 2, "the kernel reclaiming")

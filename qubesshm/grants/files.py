@@ -28,12 +28,20 @@ def check_private_dir(path: Path, what: str) -> None:
                               "point the variable at a directory of yours") from exc
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"{what} {path} is not a directory (a symlink or a file)")
+    own = ("point it at a directory of your own, mode 0700 (mkdir -m 0700 DIR), rather "
+           "than changing this one")
     if st.st_uid != os.geteuid():
         raise UnsafeDirectory(f"{what} {path} belongs to uid {st.st_uid}, not to you "
-                              f"(uid {os.geteuid()})")
-    if st.st_mode & 0o077:
-        raise UnsafeDirectory(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                              f"others may use it: chmod 0700 {path}")
+                              f"(uid {os.geteuid()}): {own}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH | stat.S_IWGRP):
+        # A directory others may write in (like /tmp) is shared by design: chmod-ing it
+        # would break whoever else uses it.
+        raise UnsafeDirectory(f"{what} {path} has mode {mode:04o}: it is shared with other "
+                              f"users; {own}")
+    if mode & 0o077:
+        raise UnsafeDirectory(f"{what} {path} has mode {mode:04o}; others may read it: "
+                              f"chmod 0700 {path}")
 
 
 def private_dir(path: Path, what: str) -> None:

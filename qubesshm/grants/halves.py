@@ -2,9 +2,10 @@
 
 With the simulated hypervisor the sharing half is domain 1 (the VM) and the
 mapping half domain 0 (the GUI domain), two domains of one ``SimHypervisor``,
-whose deferred-reclaim timer this object drives. On real Xen one process can
-only play both roles in a domain that maps its own grants, so both halves use
-the one ``XenBackend`` and grant to ``GUI_DOMID``.
+whose deferred-reclaim timer this object drives; it boots with the parameters
+asked for in a directory of its own (``simkernels``), removed when it closes.
+On real Xen one process can only play both roles in a domain that maps its own
+grants, so both halves use the one ``XenBackend`` and grant to ``GUI_DOMID``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 
 from .api import GrantBackend
 from .mapping import MappingHalf
-from .select import open_backend, sim_root
+from .params import DEFAULT_KERNEL, Kernel
 from .sharing import SharingHalf
+from .simkernels import KernelDir
 from .simulated import SimBackend, SimHypervisor
 
 GUI_DOMID = 0
@@ -27,6 +29,8 @@ class GrantHalves:
     mapping: MappingHalf
     backends: list[GrantBackend]
     hypervisor: SimHypervisor | None = None
+    # The simulated kernel's directory, when this process booted it.
+    kernel_dir: KernelDir | None = None
     _watched: set[int] = field(default_factory=set)
 
     @property
@@ -59,14 +63,27 @@ class GrantHalves:
     def close(self) -> None:
         for backend in self.backends:
             backend.close()
+        if self.kernel_dir is not None:
+            self.kernel_dir.close()
 
 
-def open_halves(choice: str) -> GrantHalves:
+def open_halves(choice: str, kernel: Kernel = DEFAULT_KERNEL) -> GrantHalves:
+    """Real Xen's halves (its parameters are the machine's), or a simulated kernel of
+    this process's own, booted with ``kernel``'s parameters."""
     if choice == "xen":
-        backend = open_backend("xen")
+        from .xen import XenBackend
+
+        backend = XenBackend()
         return GrantHalves(SharingHalf(backend, GUI_DOMID, GUI_DOMID), MappingHalf(backend),
                            [backend])
-    return sim_halves(SimHypervisor(sim_root()))
+    directory = KernelDir.create()
+    try:
+        halves = sim_halves(SimHypervisor(directory.root, kernel=kernel))
+    except BaseException:
+        directory.close()
+        raise
+    halves.kernel_dir = directory
+    return halves
 
 
 def sim_halves(hypervisor: SimHypervisor) -> GrantHalves:

@@ -9,6 +9,8 @@ granted at once. The simulated hypervisor keeps the same files under its own roo
 from __future__ import annotations
 
 import errno
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .files import private_dir, write_file
@@ -19,6 +21,25 @@ GNTALLOC_LIMIT = Path("sys/module/xen_gntalloc/parameters/limit")
 DEFAULT_FREE_PER_ITERATION = 10
 DEFAULT_GNTALLOC_LIMIT = 1024
 _U32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """A kernel's grant reclaim parameters."""
+
+    name: str
+    gntalloc_limit: int
+    free_per_iteration: int
+
+
+KERNELS = {
+    # Linux's defaults.
+    "stock": Kernel("stock", DEFAULT_GNTALLOC_LIMIT, DEFAULT_FREE_PER_ITERATION),
+    # What Qubes sets: the gntalloc limit in its VMs (2^30), free_per_iteration in dom0.
+    "qubes": Kernel("qubes", 1 << 30, 1000),
+}
+# What the simulated kernel of serve, run and the benchmarks starts with: a Qubes VM's.
+DEFAULT_KERNEL = KERNELS["qubes"]
 
 
 class ModuleParams:
@@ -33,9 +54,21 @@ class ModuleParams:
     def read(self, relative: Path) -> int:
         path = self.path(relative)
         try:
-            return int(path.read_text().strip())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise OSError(errno.ENOENT, f"{path} does not exist: {_missing(relative)}",
+                          str(path)) from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, f"{path} is a symlink; qubesshm does not read "
+                              "parameters through symlinks", str(path)) from exc
+            raise
+        with os.fdopen(fd, "rb") as file:
+            text = file.read(64)
+        try:
+            return int(text.strip())
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, f"{path} holds {text[:20]!r}, not a number",
                           str(path)) from exc
 
     def write(self, relative: Path, value: int) -> None:
@@ -68,10 +101,18 @@ class ModuleParams:
         self.write(GNTALLOC_LIMIT, value)
 
     def create_defaults(self) -> None:
-        """Lay out the files with Linux's defaults (for a simulated hypervisor)."""
+        """Lay out the files with Linux's defaults where they are missing (for a
+        simulated hypervisor); files that exist keep their values."""
+        self._lay_out(KERNELS["stock"], overwrite=False)
+
+    def boot(self, kernel: Kernel) -> None:
+        """Set both parameters to ``kernel``'s, as a kernel booting with them."""
+        self._lay_out(kernel, overwrite=True)
+
+    def _lay_out(self, kernel: Kernel, *, overwrite: bool) -> None:
         private_dir(self.root, "the simulated kernel's directory")
-        for relative, value in ((FREE_PER_ITERATION, DEFAULT_FREE_PER_ITERATION),
-                                (GNTALLOC_LIMIT, DEFAULT_GNTALLOC_LIMIT)):
+        for relative, value in ((FREE_PER_ITERATION, kernel.free_per_iteration),
+                                (GNTALLOC_LIMIT, kernel.gntalloc_limit)):
             path = self.path(relative)
             directory = self.root
             for part in relative.parent.parts:
@@ -79,6 +120,8 @@ class ModuleParams:
                 private_dir(directory, "simulated sysfs directory")
             if not path.exists():
                 write_file(path, f"{value}\n", create=True)
+            elif overwrite:
+                write_file(path, f"{value}\n")
 
 
 def _missing(relative: Path) -> str:

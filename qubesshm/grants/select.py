@@ -1,9 +1,7 @@
 """Choosing the grant backend: ``--grants sim|xen|auto`` or ``QUBESSHM_GRANTS``.
 
 ``auto`` means real Xen when ``/dev/xen/gntalloc`` exists, else the simulated
-hypervisor, whose parameter files live under ``QUBESSHM_SIM_ROOT`` (default
-``$XDG_RUNTIME_DIR/qubesshm-sim``) so that ``qubesshm tune`` in another process
-sees and changes what a running proxy uses.
+hypervisor (each command boots one of its own: ``simkernels``).
 """
 
 from __future__ import annotations
@@ -11,9 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .api import GrantBackend, ReclaimStatus
-from .files import UnsafeDirectory, check_private_dir
-from .params import DEFAULT_FREE_PER_ITERATION, DEFAULT_GNTALLOC_LIMIT, ModuleParams
+from .api import ReclaimStatus
+from .params import ModuleParams
 
 CHOICES = ("sim", "xen", "auto")
 XEN_DEVICE_DIR = Path("/dev/xen")
@@ -36,53 +33,9 @@ def choose(requested: str | None, device_dir: Path = XEN_DEVICE_DIR) -> str:
     return choice
 
 
-def sim_root() -> Path:
-    """Where the simulated kernel's files live; never a predictable shared path.
-
-    ``QUBESSHM_SIM_ROOT`` if set, else ``$XDG_RUNTIME_DIR/qubesshm-sim``, where the
-    runtime directory must be the user's own, mode 0700, as libwayland requires.
-    """
-    explicit = os.environ.get("QUBESSHM_SIM_ROOT")
-    if explicit:
-        return Path(explicit)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if not runtime:
-        raise UnsafeDirectory("XDG_RUNTIME_DIR is not set, so the simulated kernel has no "
-                              "private place for its files: set it (a directory of yours, "
-                              "mode 0700) or QUBESSHM_SIM_ROOT")
-    check_private_dir(Path(runtime), "XDG_RUNTIME_DIR")
-    return Path(runtime) / "qubesshm-sim"
-
-
-def open_backend(choice: str) -> GrantBackend:
-    """A backend for this process's domain."""
-    if choice == "xen":
-        from .xen import XenBackend
-
-        return XenBackend()
-    from .simulated import SimBackend, SimHypervisor
-
-    return SimBackend(SimHypervisor(sim_root()), SIM_DOMID)
-
-
-def params_for(choice: str) -> ModuleParams:
-    if choice == "xen":
-        return ModuleParams(Path("/"))
-    return ModuleParams(sim_root())
-
-
-def reclaim_status(choice: str) -> ReclaimStatus:
-    """What ``tune`` shows, read without opening any device."""
-    params = params_for(choice)
-    if choice == "sim" and not params.root.exists():
-        # A simulated kernel that never booted has Linux's defaults; showing them
-        # creates nothing.
-        return ReclaimStatus(DEFAULT_FREE_PER_ITERATION, DEFAULT_GNTALLOC_LIMIT, None, None)
-    counters = None
-    if choice == "sim":
-        from .simulated import read_published_counters
-
-        counters = read_published_counters(params.root)
+def xen_status() -> ReclaimStatus:
+    """What ``tune`` shows of real Xen, read without opening any device."""
+    params = ModuleParams(Path("/"))
 
     def read(getter: str) -> int | None:
         try:
@@ -92,10 +45,6 @@ def reclaim_status(choice: str) -> ReclaimStatus:
             return None
         return value
 
-    return ReclaimStatus(
-        free_per_iteration=read("free_per_iteration"),
-        gntalloc_limit=read("gntalloc_limit"),
-        deferred_count=None if counters is None else counters.get("deferred_count"),
-        leaked_count=None if counters is None else counters.get("leaked_count"),
-        deferred_pages_bytes=None if counters is None else counters.get("deferred_pages_bytes"),
-    )
+    return ReclaimStatus(free_per_iteration=read("free_per_iteration"),
+                         gntalloc_limit=read("gntalloc_limit"),
+                         deferred_count=None, leaked_count=None)

@@ -38,7 +38,7 @@ from .api import (
     Unshared,
 )
 from .files import write_file
-from .params import DEFAULT_FREE_PER_ITERATION, ModuleParams
+from .params import DEFAULT_FREE_PER_ITERATION, Kernel, ModuleParams
 
 log = logging.getLogger("qubesshm.grants")
 
@@ -137,10 +137,16 @@ class SimHypervisor:
         clock: Callable[[], float] = time.monotonic,
         maps_reader: MapsReader = read_proc_maps,
         max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
+        kernel: Kernel | None = None,
     ) -> None:
+        """``kernel``: boot with those parameters; None keeps the files found under
+        ``root`` and lays out Linux's defaults for missing ones."""
         self.root = root
         self.params = ModuleParams(root)
-        self.params.create_defaults()
+        if kernel is None:
+            self.params.create_defaults()
+        else:
+            self.params.boot(kernel)
         self.clock = clock
         self.maps_reader = maps_reader
         self.table_size = max_grant_frames * ENTRIES_PER_FRAME
