@@ -15,11 +15,21 @@ The pattern is a 1-pixel black/white checker border around colour bars (top
 half) and a gradient that varies in x and y (bottom half), so an off-by-one in
 any copy (row, column, stride, offset) changes visible pixels.
 
+By default every frame holds that same pattern, so what is shown never depends
+on damage.  With ``--content changing`` each frame after the first changes
+exactly its damage rectangle, and nothing else, from the frame before: that
+rectangle becomes the pattern with its colours flipped by a key of the frame's
+own (:func:`mark_key`).  The client draws each frame whole into the buffer it
+attaches, so its two buffers hold different frames, and what a compositor
+shows after frame N is :func:`changing_pixels` only if every frame's damage
+reached the screen.
+
 Usage::
 
     pattern_client.py [--width W] [--height H] [--format {xrgb8888,argb8888}]
                       [--frames N] [--seconds S] [--damage {full,partial}]
-                      [--hold S] [--ready-file PATH] [--timeout S] [--quiet]
+                      [--content {static,changing}] [--hold S] [--ready-file PATH]
+                      [--ready-after {first,last}] [--timeout S] [--quiet]
 
 Exit status 0 on success, 1 on a protocol error, a lost connection, a missing
 global or a timeout (the reason goes to stderr), 2 on bad arguments.
@@ -116,6 +126,54 @@ def pattern_pixels(width: int, height: int) -> bytes:
     return bytes(out)
 
 
+Rect = tuple[int, int, int, int]
+
+
+def partial_damage_rect(width: int, height: int, frame: int) -> Rect:
+    """A quarter-size rectangle that walks around the buffer, frame by frame."""
+    w, h = max(1, width // 4), max(1, height // 4)
+    x = (frame * 37) % (width - w + 1)
+    y = (frame * 23) % (height - h + 1)
+    return x, y, w, h
+
+
+def frame_damage(width: int, height: int, frame: int, damage: str) -> Rect:
+    """What frame ``frame`` damages: all of the buffer for frame 0 or ``full``
+    damage, else :func:`partial_damage_rect`."""
+    if frame == 0 or damage == "full":
+        return 0, 0, width, height
+    return partial_damage_rect(width, height, frame)
+
+
+def mark_key(frame: int) -> bytes:
+    """The (B, G, R, A) bytes frame ``frame`` flips its rectangle with: distinct for
+    frames below 65536, never zero in red, so a marked pixel differs from the
+    pattern and from every other frame's mark; alpha stays."""
+    return bytes((frame & 0xFF, ((frame >> 8) & 0xFF) ^ 0x5A, 0xA5, 0x00))
+
+
+def mark(image: bytearray, pattern: bytes, width: int, rect: Rect, frame: int) -> None:
+    """Make ``rect`` of ``image`` the ``pattern`` flipped by frame ``frame``'s key."""
+    x, y, w, h = rect
+    stride = width * BYTES_PER_PIXEL
+    key = int.from_bytes(mark_key(frame) * w, "little")
+    for row in range(y, y + h):
+        start = row * stride + x * BYTES_PER_PIXEL
+        end = start + w * BYTES_PER_PIXEL
+        flipped = int.from_bytes(pattern[start:end], "little") ^ key
+        image[start:end] = flipped.to_bytes(end - start, "little")
+
+
+def changing_pixels(width: int, height: int, frames: int, damage: str = "partial") -> bytes:
+    """What the client shows after ``frames`` frames with ``--content changing``
+    (the same ARGB8888 layout as :func:`pattern_pixels`)."""
+    pattern = pattern_pixels(width, height)
+    image = bytearray(pattern)
+    for frame in range(1, frames):
+        mark(image, pattern, width, frame_damage(width, height, frame, damage), frame)
+    return bytes(image)
+
+
 def _bind_version(offered: int, wanted: int, minimum: int, name: str) -> int:
     if offered < minimum:
         raise ClientError(f"{name} version {offered} is too old, need {minimum}")
@@ -123,7 +181,7 @@ def _bind_version(offered: int, wanted: int, minimum: int, name: str) -> int:
 
 
 class PatternClient:
-    """One connection, one toplevel, two shm buffers with the same pattern."""
+    """One connection, one toplevel, two shm buffers that start with the pattern."""
 
     def __init__(
         self,
@@ -312,14 +370,21 @@ class PatternClient:
 
     # -- drawing ----------------------------------------------------------
 
-    def commit_frame(self, damage: tuple[int, int, int, int] | None) -> None:
+    def commit_frame(self, damage: tuple[int, int, int, int] | None,
+                     pixels: bytes | None = None) -> None:
         """Attach a free buffer, damage it (all of it when ``damage`` is None),
-        commit, and wait for the compositor's frame callback."""
+        commit, and wait for the compositor's frame callback.  With ``pixels``
+        (packed rows of the window's size) the buffer is drawn with them first."""
         self.wait_until(lambda: not all(self.busy), "a wl_buffer.release")
         index = self.next_buffer
         while self.busy[index]:
             index = (index + 1) % len(self.buffers)
         self.next_buffer = (index + 1) % len(self.buffers)
+        if pixels is not None:
+            size = self.width * BYTES_PER_PIXEL * self.height
+            if len(pixels) != size or self._map is None:
+                raise ValueError(f"a frame of {len(pixels)} bytes for {size}-byte buffers")
+            self._map[index * size : (index + 1) * size] = pixels
 
         if self.configure_serial is not None:
             self.xdg_surface.ack_configure(self.configure_serial)
@@ -346,10 +411,7 @@ class PatternClient:
 
     def partial_damage(self, frame: int) -> tuple[int, int, int, int]:
         """A quarter-size rectangle that walks around the buffer, frame by frame."""
-        w, h = max(1, self.width // 4), max(1, self.height // 4)
-        x = (frame * 37) % (self.width - w + 1)
-        y = (frame * 23) % (self.height - h + 1)
-        return x, y, w, h
+        return partial_damage_rect(self.width, self.height, frame)
 
     def close(self) -> None:
         for proxy in (self.toplevel, self.xdg_surface, self.surface):
@@ -397,12 +459,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="damage of frames after the first: the whole buffer, or a moving quarter",
     )
     parser.add_argument(
+        "--content",
+        choices=("static", "changing"),
+        default="static",
+        help="static: every frame is the pattern; changing: each frame after the first "
+        "changes its damage rectangle (and only that) with a mark of its own",
+    )
+    parser.add_argument(
         "--hold", type=float, default=0.0, help="stay mapped S seconds after the last frame"
     )
     parser.add_argument(
         "--ready-file",
         type=Path,
-        help='write "ready" here once the first frame has been presented',
+        help='write "ready" here once the first (or with --ready-after last, the last) '
+        "frame has been presented",
+    )
+    parser.add_argument(
+        "--ready-after",
+        choices=("first", "last"),
+        default="first",
+        help="which presented frame --ready-file waits for (default: the first)",
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="give up waiting for any one event after S s"
@@ -418,6 +494,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     client = PatternClient(args.width, args.height, FORMATS[args.format], args.timeout)
+    changing = args.content == "changing"
+    pattern = pattern_pixels(args.width, args.height) if changing else b""
+    image = bytearray(pattern)
     try:
         client.connect()
         client.create_buffers()
@@ -429,10 +508,19 @@ def run(args: argparse.Namespace) -> int:
             if frame >= args.frames and elapsed >= args.seconds:
                 break
             damage = None if frame == 0 or args.damage == "full" else client.partial_damage(frame)
-            client.commit_frame(damage)
+            pixels = None
+            if changing:
+                if frame:
+                    rect = frame_damage(args.width, args.height, frame, args.damage)
+                    mark(image, pattern, args.width, rect, frame)
+                pixels = bytes(image)
+            client.commit_frame(damage, pixels)
             frame += 1
-            if frame == 1 and args.ready_file is not None and not client.closed:
+            if (frame == 1 and args.ready_after == "first" and args.ready_file is not None
+                    and not client.closed):
                 write_ready_file(args.ready_file)
+        if args.ready_after == "last" and args.ready_file is not None and not client.closed:
+            write_ready_file(args.ready_file)
         elapsed = time.monotonic() - started
         if not args.quiet:
             rate = client.frames_presented / elapsed if elapsed > 0 else 0.0

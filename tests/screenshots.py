@@ -5,7 +5,8 @@ output as an RGB PNG: the desktop shell's background and panel, with client
 windows at places the shell picks at random.  :func:`find_pattern` finds the
 window of ``examples/pattern_client.py`` in such a shot by the pattern's first
 row, and :func:`crop` cuts it out for a byte-for-byte comparison with
-:func:`expected_rgb`.
+:func:`expected_rgb` (or :func:`changing_rgb`, what the client shows after its
+frames of ``--content changing``).
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ def pattern_client() -> ModuleType:
     return example("pattern_client")
 
 
+def argb_to_rgb(pixels: bytes, width: int, height: int) -> bytes:
+    """Packed ARGB8888 little-endian rows as packed RGB bytes, as a screenshot shows them."""
+    # ARGB8888 little-endian is B, G, R, A in memory; alpha is dropped.
+    return Image.frombytes("RGB", (width, height), pixels, "raw", "BGRX").tobytes()
+
+
 @functools.cache
 def expected_rgb(width: int, height: int) -> bytes:
     """The pattern client's pixels as packed RGB bytes, as a screenshot shows them."""
     pixels: bytes = pattern_client().pattern_pixels(width, height)
-    # ARGB8888 little-endian is B, G, R, A in memory; alpha is dropped.
-    return Image.frombytes("RGB", (width, height), pixels, "raw", "BGRX").tobytes()
+    return argb_to_rgb(pixels, width, height)
+
+
+def changing_rgb(width: int, height: int, frames: int) -> bytes:
+    """What the pattern client shows after ``frames`` frames of ``--content changing
+    --damage partial``, as packed RGB bytes."""
+    pixels: bytes = pattern_client().changing_pixels(width, height, frames, "partial")
+    return argb_to_rgb(pixels, width, height)
 
 
 def _rgb(png_path: Path) -> Image.Image:
@@ -57,16 +70,19 @@ def _rgb(png_path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def find_pattern(png_path: Path, width: int, height: int) -> tuple[int, int]:
+def find_pattern(png_path: Path, width: int, height: int,
+                 expected: bytes | None = None) -> tuple[int, int]:
     """Top-left corner of the pattern client's ``width`` x ``height`` window in a shot.
 
-    Searches for the pattern's first row (a black/white checker line) and
-    confirms a hit by its last row.  Raises LookupError when it is not there.
+    Searches for the first row of ``expected`` (packed RGB; the pattern by
+    default, whose first row is a black/white checker line) and confirms a hit
+    by its last row.  Raises LookupError when it is not there.
     """
     image = _rgb(png_path)
     shot_w, shot_h = image.size
     data = image.tobytes()
-    expected = expected_rgb(width, height)
+    if expected is None:
+        expected = expected_rgb(width, height)
     row_len = width * 3
     first, last = expected[:row_len], expected[-row_len:]
     start = 0
@@ -84,20 +100,39 @@ def find_pattern(png_path: Path, width: int, height: int) -> tuple[int, int]:
 
 
 def wait_for_pattern(
-    env: Mapping[str, str], workdir: Path, width: int, height: int, timeout: float = 10.0
+    env: Mapping[str, str], workdir: Path, width: int, height: int, timeout: float = 10.0,
+    expected: bytes | None = None,
 ) -> tuple[Path, int, int]:
-    """Take screenshots until one shows the pattern window; return it and the corner."""
+    """Take screenshots until one shows the pattern window (found by the first and
+    last rows of ``expected``, the pattern by default); return it and the corner."""
     deadline = time.monotonic() + timeout
     while True:
         shot = take_screenshot(env, workdir)
         try:
-            x, y = find_pattern(shot, width, height)
+            x, y = find_pattern(shot, width, height, expected)
         except LookupError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
             continue
         return shot, x, y
+
+
+def wait_for_no_pattern(
+    env: Mapping[str, str], workdir: Path, width: int, height: int, expected: bytes,
+    timeout: float = 10.0,
+) -> None:
+    """Take screenshots until none shows the window ``expected`` (a client gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shot = take_screenshot(env, workdir)
+        try:
+            find_pattern(shot, width, height, expected)
+        except LookupError:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"a closed window still shows in {shot} after {timeout} s")
+        time.sleep(0.1)
 
 
 def crop(png_path: Path, x: int, y: int, w: int, h: int) -> bytes:

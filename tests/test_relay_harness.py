@@ -102,11 +102,15 @@ def unread_outgoing(sock: socket.socket) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+def wait_until(condition: Callable[[], bool], what: str | Callable[[], str],
+               timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` s, saying
+    ``what`` did not happen (a callable is asked for the text only then)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:g} s")
+            text = what() if callable(what) else what
+            pytest.fail(f"{text} did not happen within {timeout:g} s")
         time.sleep(0.01)
 
 
@@ -423,35 +427,35 @@ def test_passthrough_is_byte_exact_both_ways(harness: Harness, debug: bool) -> N
     pair = harness.connect(proxy)
 
     registry, callback = pair.new_id(), pair.new_id()
-    assert (registry, callback) == (2, 3)
     requests = (req(1, "wl_display", "get_registry", registry)
                 + req(1, "wl_display", "sync", callback))
     pair.client.send(requests)
     pair.compositor.expect(requests)
 
     events = b"".join([
-        global_event(2, 1, "wl_compositor", PROTOCOL["wl_compositor"].version),
-        global_event(2, 2, "wl_shm", PROTOCOL["wl_shm"].version),
-        global_event(2, 3, "wl_seat", min(5, PROTOCOL["wl_seat"].version)),
-        global_event(2, 4, "xdg_wm_base", 1),
-        global_event(2, 5, "wl_output", PROTOCOL["wl_output"].version),
-        evt(3, "wl_callback", "done", 4242),
-        evt(1, "wl_display", "delete_id", 3),
+        global_event(registry, 1, "wl_compositor", PROTOCOL["wl_compositor"].version),
+        global_event(registry, 2, "wl_shm", PROTOCOL["wl_shm"].version),
+        global_event(registry, 3, "wl_seat", min(5, PROTOCOL["wl_seat"].version)),
+        global_event(registry, 4, "xdg_wm_base", 1),
+        global_event(registry, 5, "wl_output", PROTOCOL["wl_output"].version),
+        evt(callback, "wl_callback", "done", 4242),
+        evt(1, "wl_display", "delete_id", callback),
     ])
     pair.compositor.send(events)
     pair.client.expect(events)
 
-    # The freed id 3 is usable again, and nothing else was in flight.
-    sync_again = req(1, "wl_display", "sync", 3)
+    # The freed callback id is usable again, and nothing else was in flight.
+    sync_again = req(1, "wl_display", "sync", callback)
     pair.request(sync_again)
-    pair.events(evt(3, "wl_callback", "done", 4243) + evt(1, "wl_display", "delete_id", 3))
+    pair.events(evt(callback, "wl_callback", "done", 4243)
+                + evt(1, "wl_display", "delete_id", callback))
     pair.roundtrip()
 
     if debug:
         wait_until(lambda: "wl_display@1.get_registry" in proxy.log(), "protocol log")
         log = proxy.log()
-        assert "wl_registry@2.global" in log
-        assert "wl_callback@3.done" in log
+        assert f"wl_registry@{registry}.global" in log
+        assert f"wl_callback@{callback}.done" in log
 
 
 # -- 2. fds both ways ---------------------------------------------------------------
@@ -491,10 +495,7 @@ def test_fd_reaches_compositor_and_proxy_closes_its_copies(harness: Harness) -> 
         for plane in range(count):
             marker = f"plane {plane} marker".encode()
             fd = memfd_with(marker)
-            message = add_fd(params, fd, plane)
-            message_fds = [fd]
-            assert message_fds == [fd]
-            data += message
+            data += add_fd(params, fd, plane)
             fds.append(fd)
             markers.append(marker)
         inodes = [os.fstat(fd).st_ino for fd in fds]
@@ -503,14 +504,17 @@ def test_fd_reaches_compositor_and_proxy_closes_its_copies(harness: Harness) -> 
             os.close(fd)
         pair.compositor.expect(bytes(data))
         got = pair.compositor.take_fds(count)
+        assert not pair.compositor.fds, f"{len(pair.compositor.fds)} fds more than sent"
         for fd, marker, inode in zip(got, markers, inodes, strict=True):
             assert read_marker(fd, len(marker)) == marker
             assert os.fstat(fd).st_ino == inode
             os.close(fd)
 
-    send_pools(1)
+    # Taken before any fd went through the proxy, so that a copy it kept of the very
+    # first one counts too.
     pair.roundtrip()
     baseline = fd_count(proxy.pid)
+    send_pools(1)
     for _ in range(10):
         send_pools(20)
     # The round trip orders us after the proxy finished with the last batch.
@@ -540,10 +544,11 @@ def test_fd_from_compositor_event_reaches_client(harness: Harness, proxy: Proxy)
         assert os.fstat(got).st_ino == inode
         os.close(got)
 
-    send_keymap(0)
+    # Taken before any fd went through the proxy, so that a copy it kept of the very
+    # first one counts too.
     pair.roundtrip()
     baseline = fd_count(proxy.pid)
-    for n in range(1, 51):
+    for n in range(51):
         send_keymap(n)
     pair.roundtrip()
     assert fd_count(proxy.pid) <= baseline, "the proxy keeps copies of forwarded fds"
@@ -732,15 +737,21 @@ def globals_blob(registry: int, size: int, first_name: int = 1) -> bytes:
                     for i in range(size // one + 1))
 
 
-def wait_for_proxy_hangup(client: Endpoint, timeout: float = 5.0) -> None:
-    """Wait (without reading) until the proxy closes the client, or give up quietly.
+def wait_for_upstream_closed(pair: Pair, after: str, proxy: Proxy) -> None:
+    """Wait, without reading the client's side, until the proxy has closed its
+    compositor connection: it has handled ``after`` and ended the session there.
 
-    A proxy that keeps the client until its queue is flushed never closes it here;
-    the caller then reads everything anyway.
+    A proxy that dropped what it still had queued for the client and hung up on it
+    did so by then, in the same step; the client's side cannot be waited on, as a
+    correct proxy keeps it open, unread, until the client has read its queue.
     """
+    sock = pair.compositor.sock
     poller = select.poll()
-    poller.register(client.sock.fileno(), select.POLLRDHUP)
-    poller.poll(timeout * 1000)
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(IO_TIMEOUT * 1000):
+        pytest.fail(f"the proxy did not close its compositor connection within "
+                    f"{IO_TIMEOUT:g} s of {after}; log:\n{proxy.log()}")
+    pair.compositor.expect_eof()
 
 
 def test_compositor_hangup_with_backlog_keeps_all_bytes(harness: Harness,
@@ -752,8 +763,10 @@ def test_compositor_hangup_with_backlog_keeps_all_bytes(harness: Harness,
         globals_blob(registry, backlog_size())
         + evt(1, "wl_display", "error", registry, 0, "the compositor says goodbye"))
     pair.compositor.send(last_words)
-    pair.compositor.close()
-    wait_for_proxy_hangup(pair.client)
+    # The proxy reads the end of the stream as it would a close, and the test can
+    # still see the proxy end its side.
+    pair.compositor.sock.shutdown(socket.SHUT_WR)
+    wait_for_upstream_closed(pair, "the compositor hanging up", proxy)
     pair.client.expect(last_words)
     pair.client.expect_eof()
 
@@ -768,7 +781,8 @@ def test_protocol_error_reaches_client_behind_backlog(harness: Harness,
     wait_until(lambda: unread_outgoing(pair.compositor.sock) == 0,
                "the proxy reading the compositor's events")
     pair.client.send(HEADER.pack(77, 8 << 16 | 0))
-    wait_for_proxy_hangup(pair.client)
+    # The compositor gets none of the bad request, only the end of the session.
+    wait_for_upstream_closed(pair, "the client's protocol error", proxy)
     pair.client.expect(backlog)
     object_id, opcode, data = pair.client.recv_message()
     assert (object_id, opcode) == (1, 0)
@@ -997,11 +1011,15 @@ def shm_pair(harness: Harness, proxy: Proxy) -> tuple[Pair, int]:
     return pair, pair.bind(registry, 1, "wl_shm", PROTOCOL["wl_shm"].version)
 
 
+def idle_fd_count(proxy: Proxy) -> int:
+    """The fds of a proxy with no session, taken once it has finished with the last
+    one (start-up's probe, for a fresh proxy): what it must come back to."""
+    wait_until(lambda: asleep(proxy.pid), "the proxy going to sleep")
+    return fd_count(proxy.pid)
+
+
 def test_fds_of_rejected_messages_are_closed(harness: Harness, proxy: Proxy) -> None:
-    pair, shm = shm_pair(harness, proxy)
-    pair.roundtrip()
-    baseline = fd_count(proxy.pid)
-    pair.close()
+    baseline = idle_fd_count(proxy)
     create_pool = request_spec("wl_shm", "create_pool")
     for _ in range(20):
         pair, shm = shm_pair(harness, proxy)
@@ -1016,12 +1034,13 @@ def test_fds_of_rejected_messages_are_closed(harness: Harness, proxy: Proxy) -> 
         pair.compositor.expect_eof(reset_ok=True)
         pair.close()
     wait_until(lambda: fd_count(proxy.pid) <= baseline,
-               f"the proxy closing rejected fds (baseline {baseline})")
+               lambda: f"the proxy closing rejected fds (back to {baseline} fds; it holds "
+                       f"{fd_count(proxy.pid)})")
 
 
 def test_fds_sent_ahead_of_any_message_are_bounded(harness: Harness, proxy: Proxy) -> None:
+    baseline = idle_fd_count(proxy)
     pair = harness.connect(proxy)
-    baseline = fd_count(proxy.pid)
     sync = request_spec("wl_display", "sync")
     hit_limit = False
     for _ in range(8):
@@ -1038,8 +1057,9 @@ def test_fds_sent_ahead_of_any_message_are_bounded(harness: Harness, proxy: Prox
     assert (object_id, opcode) == (1, 0)
     assert decode_display_error(data)[1] == 2  # NO_MEMORY
     pair.client.expect_eof(reset_ok=True)
-    wait_until(lambda: fd_count(proxy.pid) <= baseline + 2,
-               "the proxy closing the unclaimed fds")
+    wait_until(lambda: fd_count(proxy.pid) <= baseline,
+               lambda: f"the proxy closing the unclaimed fds and the session (back to "
+                       f"{baseline} fds; it holds {fd_count(proxy.pid)})")
     other = harness.connect(proxy)
     other.roundtrip()
 
@@ -1219,6 +1239,10 @@ def test_two_proxies_relaying_to_each_other_refuse_the_loop(harness: Harness) ->
     b = harness.start_proxy("--upstream", str(a.path), name="qb")
     link.unlink()
     link.symlink_to(b.path)  # now A relays to B, which relays to A
+    # Before any refused connection could leave an fd behind; both are idle (start-up's
+    # probe sessions closed) once asleep.
+    wait_until(lambda: asleep(a.pid) and asleep(b.pid), "both proxies idle after start-up")
+    baselines = {"A": fd_count(a.pid), "B": fd_count(b.pid)}
     for attempt in range(3):
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.settimeout(IO_TIMEOUT)
@@ -1233,6 +1257,7 @@ def test_two_proxies_relaying_to_each_other_refuse_the_loop(harness: Harness) ->
         assert "proxy loop" in decode_display_error(data)[2]
         endpoint.close()
     assert a.process.poll() is None and b.process.poll() is None
-    baseline = fd_count(a.pid)
-    wait_until(lambda: fd_count(a.pid) <= baseline and fd_count(b.pid) < 64,
-               "both proxies holding only their own fds")
+    wait_until(lambda: fd_count(a.pid) <= baselines["A"] and fd_count(b.pid) <= baselines["B"],
+               lambda: f"both proxies back to the fds they held before the loop (A "
+                       f"{baselines['A']}, B {baselines['B']}; A holds {fd_count(a.pid)}, "
+                       f"B {fd_count(b.pid)})")

@@ -5,18 +5,32 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from procs import RunningProxy, wait_for_file
-from screenshots import PATTERN_CLIENT, crop, expected_rgb, mismatch_summary, wait_for_pattern
+from screenshots import (
+    PATTERN_CLIENT,
+    changing_rgb,
+    crop,
+    expected_rgb,
+    mismatch_summary,
+    wait_for_no_pattern,
+    wait_for_pattern,
+)
 
 from qubesshm.bench.relay import SyncClient
 from qubesshm.headless import HeadlessWeston
 from qubesshm.wire.protocol import load_protocols
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 GLOBAL_LINE = re.compile(r"interface: '(\w+)',\s+version:\s+(\d+),\s+name:\s+(\d+)")
 
@@ -54,26 +68,40 @@ def test_wayland_info_matches_direct_except_hidden(weston: HeadlessWeston,
 
 def test_screenshot_through_proxy_equals_direct(weston: HeadlessWeston, proxy: RunningProxy,
                                                tmp_path: Path) -> None:
-    width, height = 301, 187
+    """Partial damage through the proxy shows what the client drew. Each frame after the
+    first changes only its damage rectangle (to a mark of its own), the two buffers hold
+    different frames, and the shot is taken once the last frame was presented: a proxy
+    that copied less than the damage would leave an older frame's pixels on screen."""
+    width, height, frames = 301, 187, 6
+    expected = changing_rgb(width, height, frames)
+    # The marks stay inside the 1-pixel border, so the window is found by the pattern's
+    # first and last rows whatever the proxy got wrong inside it.
+    assert expected[: width * 3] == expected_rgb(width, height)[: width * 3]
+    assert expected[-width * 3:] == expected_rgb(width, height)[-width * 3:]
+    # Every frame left a mark that a frame before it did not have.
+    for frame in range(1, frames):
+        assert changing_rgb(width, height, frame) != expected
     crops = {}
     for label, env in (("direct", weston.env()), ("proxied", proxy.env)):
         ready = tmp_path / f"ready-{label}"
         client = subprocess.Popen(
             [sys.executable, str(PATTERN_CLIENT), f"--width={width}", f"--height={height}",
-             "--frames=5", "--damage=partial", "--hold=5", f"--ready-file={ready}"],
+             f"--frames={frames}", "--damage=partial", "--content=changing", "--hold=60",
+             f"--ready-file={ready}", "--ready-after=last"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for_file(ready, client)
             # Screenshots always go straight to Weston: weston_screenshooter is hidden.
-            shot, x, y = wait_for_pattern(weston.env(), tmp_path / label, width, height)
+            shot, x, y = wait_for_pattern(weston.env(), tmp_path / label, width, height,
+                                          expected=expected)
             crops[label] = crop(shot, x, y, width, height)
         finally:
             client.terminate()
             client.communicate(timeout=20)
-    expected = expected_rgb(width, height)
+        # The next shot must not find this client's window instead of the next one's.
+        wait_for_no_pattern(weston.env(), tmp_path / f"{label}-gone", width, height, expected)
     assert crops["direct"] == expected, mismatch_summary(crops["direct"], expected, width)
-    assert crops["proxied"] == crops["direct"], mismatch_summary(
-        crops["proxied"], crops["direct"], width)
+    assert crops["proxied"] == expected, mismatch_summary(crops["proxied"], expected, width)
 
 
 def qubesshm(*args: str, env: dict[str, str],
@@ -159,30 +187,88 @@ def test_no_compositor_at_start_is_one_clean_line_and_runs_nothing(tmp_path: Pat
     assert not marker.exists(), "the command ran although the proxy could not start"
 
 
+class RecordingSocket(socket.socket):
+    """A connected socket that keeps every byte it sent and received."""
+
+    def __init__(self, fileno: int) -> None:
+        super().__init__(fileno=fileno)
+        self.setblocking(False)
+        self.sent = bytearray()
+        self.received = bytearray()
+
+    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
+        count = super().send(data, flags)
+        self.sent += memoryview(data).cast("B")[:count]
+        return count
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        data = super().recv(bufsize, flags)
+        self.received += data
+        return data
+
+
+def recording_sync_client(path: Path) -> tuple[SyncClient, RecordingSocket]:
+    """The benchmark's sync client on ``path``, with its traffic recorded."""
+    client = SyncClient(path, load_protocols()["wl_display"].requests[0])
+    recorder = RecordingSocket(client.sock.detach())
+    client.sock = recorder
+    return client, recorder
+
+
+def wire_messages(data: bytes | bytearray) -> list[tuple[int, int, bytes]]:
+    """(object id, opcode, arguments) of each whole Wayland message in ``data``."""
+    out = []
+    at = 0
+    while at < len(data):
+        object_id, word = struct.unpack_from("=II", data, at)
+        size = word >> 16
+        assert size >= 8 and at + size <= len(data), f"a cut message at byte {at}"
+        out.append((object_id, word & 0xFFFF, bytes(data[at + 8 : at + size])))
+        at += size
+    return out
+
+
+def assert_every_sync_answered_in_order(recorder: RecordingSocket, count: int) -> None:
+    """``count`` wl_display.sync went out, and each was answered, in the order sent, by
+    its wl_callback.done and the wl_display.delete_id of its callback, and nothing else."""
+    sent = wire_messages(recorder.sent)
+    assert len(sent) == count, f"{len(sent)} requests sent, not {count}"
+    assert {(object_id, opcode) for object_id, opcode, _ in sent} == {(1, 0)}, "only syncs"
+    callbacks = [struct.unpack("=I", args)[0] for _, _, args in sent]
+    answers = wire_messages(recorder.received)
+    answered = len(answers)
+    assert answered == 2 * count, f"{answered} events came for {count} syncs, not {2 * count}"
+    for index, callback in enumerate(callbacks):
+        done, delete = answers[2 * index], answers[2 * index + 1]
+        assert (done[:2], delete) == ((callback, 0), (1, 1, struct.pack("=I", callback))), (
+            f"sync #{index} (callback {callback}) was answered by {done} then {delete}")
+
+
 def test_a_burst_of_requests_survives_the_compositors_buffer_limits(
         weston: HeadlessWeston, proxy: RunningProxy) -> None:
     """10 000 syncs at once make 20 000 events; Weston drops a client that lets its
     events back up, so the proxy must keep draining the compositor while relaying."""
-    sync = load_protocols()["wl_display"].requests[0]
-    client = SyncClient(Path(weston.env()["XDG_RUNTIME_DIR"]) / proxy.socket_name, sync)
+    client, recorder = recording_sync_client(
+        Path(weston.env()["XDG_RUNTIME_DIR"]) / proxy.socket_name)
     try:
         for _ in range(3):
             client.burst(10_000)
     finally:
         client.close()
     assert "closed (compositor hung up)" not in proxy.log()
+    assert_every_sync_answered_in_order(recorder, 30_000)
 
 
 def test_a_direct_client_survives_a_50000_sync_burst(weston: HeadlessWeston) -> None:
     """The benchmark's client reads while it writes and keeps a bounded window of
     syncs in flight; one that only wrote was dropped by Weston mid-burst."""
-    sync = load_protocols()["wl_display"].requests[0]
-    client = SyncClient(weston.socket_path, sync)
+    client, recorder = recording_sync_client(weston.socket_path)
     try:
-        assert client.burst(50_000) > 0
-        assert client.round_trip() > 0
+        client.burst(50_000)
+        client.round_trip()
     finally:
         client.close()
+    assert_every_sync_answered_in_order(recorder, 50_001)
 
 
 def test_bench_relay_prints_every_run_and_the_medians(weston: HeadlessWeston) -> None:
