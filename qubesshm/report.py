@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .grants.api import PAGE_SIZE
-from .grants.params import KERNELS, Kernel
+from .grants.params import KERNELS as KERNELS
+from .grants.params import Kernel
 
 KERNEL_CHOICES = ("stock", "qubes", "both")
 
@@ -83,13 +84,32 @@ def build_report(stats: dict[str, Any], kernels: list[Kernel],
         "release_latency_ms": stats["release_latency_ms"],
         "unmap_latency_ms": lifetimes.get("unmap_latency_ms"),
         "late_releases": lifetimes.get("late_releases"),
+        "commit_waits_ms": stats["commit_waits_ms"],
+        "waits_for_room": stats["waits_for_room"],
+        "refills_in_place": stats["refills_in_place"],
         "pages_retired_while_held": sum(held.values()),
         "kernels": {},
         "findings": [],
     }
     findings: list[str] = report["findings"]
+    if not grants["shared_total"] and not lifetimes.get("refused") and not peak_pages:
+        # No shm buffer was asked for: no grant was made, nothing to model.
+        findings.append("the app drew nothing through qubesshm (no wl_shm buffer was "
+                        "committed), so it needed no grant pages and there is nothing to "
+                        "say about gntalloc limits or deferred lists"
+                        + ("" if stats["clients_served"] else
+                           "; no client connected at all: did it find WAYLAND_DISPLAY?"))
+        return report
     findings.append(f"needs a gntalloc limit of at least {peak_pages} pages "
                     f"({peak_pages * PAGE_SIZE / (1 << 20):.1f} MiB of grant pages at once)")
+    waits = stats["commit_waits_ms"]
+    if stats["waits_for_room"] or stats["refills_in_place"]:
+        findings.append(
+            f"the client cap or the gntalloc limit left room for fewer output buffers than "
+            f"it could use: {stats['waits_for_room']} commit(s) waited for room (longest "
+            f"{_duration(waits['max'] or 0.0)}) and {stats['refills_in_place']} re-filled the "
+            "buffer on screen in place (a frame may tear); more room (--client-pages, "
+            "--gntalloc-limit) avoids it")
     unmap = lifetimes.get("unmap_latency_ms") or {}
     if unmap.get("max") is not None:
         findings.append(f"the compositor held mappings up to {_duration(unmap['max'])} after "
@@ -136,6 +156,7 @@ def build_report(stats: dict[str, Any], kernels: list[Kernel],
                 f"{where}: ending grants when the app frees its buffers would put "
                 f"{agent.added} pages on the deferred list (peak {agent.peak}), drained "
                 "within the run")
+    report["pages_retired_while_held_by_second"] = {str(s): n for s, n in sorted(held.items())}
     return report
 
 
@@ -155,6 +176,12 @@ def format_report(report: dict[str, Any]) -> str:
         return (f"median {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, "
                 f"max {summary['max']:.1f} ms ({summary['count']})")
 
+    def waited(report: dict[str, Any]) -> str:
+        waits = report["commit_waits_ms"]
+        text = (f"{waits['count']} ({report['waits_for_room']} for grant room)"
+                + (f", longest {_duration(waits['max'])}" if waits["count"] else ""))
+        return text + f"; re-filled in place {report['refills_in_place']}"
+
     lines = [
         f"qubesshm report ({report['seconds']:.1f} s, {report['clients']} client(s)):",
         f"  commits {report['commits']}; damaged {mib(report['bytes_damaged'])}, copied "
@@ -168,7 +195,38 @@ def format_report(report: dict[str, Any]) -> str:
         f"  compositor release after attach: {latency(report['release_latency_ms'])}",
         f"  unmap after let go: {latency(report['unmap_latency_ms'])}; late releases "
         f"{report['late_releases']}",
+        f"  commits that waited for an output buffer: {waited(report)}",
         "findings:",
         *(f"  - {finding}" for finding in report["findings"]),
     ]
     return "\n".join(lines)
+
+
+def deferred_list_by_second(added_by_second: dict[int, int], free_per_iteration: int,
+                            seconds: float, *, cap_seconds: int = 3600) -> list[int]:
+    """The deferred list of ``deferred_backlog``'s model, second by second.
+
+    Element ``s`` is the pages on the list during second ``s``: what the free at the
+    end of second ``s - 1`` left, plus the ``added_by_second[s]`` pages joining it
+    during second ``s`` (counted from the start of that second), before the kernel
+    frees up to ``free_per_iteration`` at its end. The list goes on past the run, with
+    nothing added, up to and including the first second in which it is empty, for at
+    most ``cap_seconds`` seconds past the run. With ``end`` the run's seconds rounded
+    up (or the second after the last one with pages, if later), its maximum is
+    ``deferred_backlog``'s peak, element ``end`` its ``at_exit``, and it has
+    ``end + drain_seconds + 1`` elements unless the cap cut it short.
+    """
+    if free_per_iteration <= 0:
+        raise ValueError("free_per_iteration must be positive")
+    if cap_seconds < 0:
+        raise ValueError("cap_seconds must not be negative")
+    end = max(math.ceil(seconds), max(added_by_second, default=-1) + 1)
+    sizes: list[int] = []
+    backlog = 0
+    for second in range(end + cap_seconds + 1):
+        backlog += added_by_second.get(second, 0)
+        sizes.append(backlog)
+        if second >= end and backlog == 0:
+            break
+        backlog = max(0, backlog - free_per_iteration)
+    return sizes

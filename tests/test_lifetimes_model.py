@@ -44,6 +44,8 @@ from qubesshm.grants.ledger import ClientCounters
 from qubesshm.grants.lifetimes import (
     CACHE_SHARE,
     CLIENT_SHARE,
+    DEFAULT_CACHE_PAGES,
+    DEFAULT_CLIENT_PAGES,
     DEFER_INTERVAL,
     FIT_SHARE,
     Area,
@@ -52,6 +54,7 @@ from qubesshm.grants.lifetimes import (
     GrantLimit,
     LifetimeCounters,
     LifetimePolicy,
+    NoRoom,
     pages_for,
 )
 from qubesshm.grants.mapping import Mapping
@@ -170,12 +173,12 @@ class Reference:
     def client_bound(self) -> int:
         if self.policy.client_pages is not None:
             return self.policy.client_pages
-        return int(self.limit * CLIENT_SHARE)
+        return min(DEFAULT_CLIENT_PAGES, int(self.limit * CLIENT_SHARE))
 
     def cache_bound(self) -> int:
         if self.policy.cache_pages is not None:
             return self.policy.cache_pages
-        return int(self.limit * CACHE_SHARE)
+        return min(DEFAULT_CACHE_PAGES, int(self.limit * CACHE_SHARE))
 
     def move(self, area: MArea, state: AreaState) -> None:
         area.state = state
@@ -250,7 +253,8 @@ class Reference:
         return best
 
     def take(self, owner: int, size: int, deferred_before: int) -> MArea | str:
-        """The cached area it must return, "new" for a fresh one, or "refused"."""
+        """The cached area it must return, "new" for a fresh one, "refused" for a
+        buffer that can never fit, or "wait" when the limits have no room now."""
         self.deferred_now = 0
         conn = self.conns[owner]
         need = pages_for(size)
@@ -263,29 +267,32 @@ class Reference:
                                             pages_in(self.areas, AreaState.IN_USE))
             return found
         self.counters.cache_misses += 1
-        if not self.make_room(conn, need):
+        outcome = self.make_room(conn, need)
+        if outcome == "new" and (self.live() + deferred_before + self.deferred_now + need
+                                 > TABLE_REFS):
+            # Deferred grants keep their refs: the table may be full, until they end.
+            outcome = "wait"
+        if outcome == "refused":
             self.counters.refused += 1
-            return "refused"
-        # Deferred grants keep their refs: the table may be full.
-        if self.live() + deferred_before + self.deferred_now + need > TABLE_REFS:
-            self.counters.refused += 1
-            return "refused"
-        return "new"
+        elif outcome == "wait":
+            self.counters.no_room += 1
+        return outcome
 
-    def make_room(self, conn: MConn, need: int) -> bool:
+    def make_room(self, conn: MConn, need: int) -> str:
+        """ "new" once there is room, "refused" if there never can be, "wait" if not now."""
         self.counters.peak_wanted = max(self.counters.peak_wanted,
                                         pages_in(self.areas, AreaState.IN_USE) + need)
         bound = self.client_bound()
-        if need > bound:
-            return False
+        if need > bound or need > self.limit:
+            return "refused"
         for area in [a for a in self.cache if a.owner == conn.owner]:
             if self.held(conn) + need <= bound:
                 break
             self.evict(area)
         if self.held(conn) + need > bound:
-            return False
+            return "wait"
         if pages_in(self.areas, AreaState.IN_USE) + need > self.limit:
-            return False  # refused before anything is evicted or deferred
+            return "wait"  # before anything is evicted or deferred
         self.scan()
         for area in list(self.cache):
             if self.live() + need <= self.limit:
@@ -296,8 +303,7 @@ class Reference:
                 break
             self.counters.deferred_for_room += 1
             self.end(area)
-        return self.live() + need <= self.limit
-
+        return "new" if self.live() + need <= self.limit else "wait"
     def give_back(self, area: MArea) -> None:
         if area.state is not AreaState.IN_USE:
             return
@@ -511,7 +517,11 @@ class LifetimesVersusReference(RuleBasedStateMachine):
             assert expected == "refused", f"refused, the model expected {expected}: {exc}"
             assert str(exc)
             return
-        assert expected != "refused", "the model expected a refusal"
+        except NoRoom as exc:
+            assert expected == "wait", f"told to wait, the model expected {expected}: {exc}"
+            assert str(exc)
+            return
+        assert expected not in ("refused", "wait"), f"the model expected {expected}"
         assert area.state is AreaState.IN_USE and area.owner == owner
         assert area.capacity >= size and area.notify_offset == area.pages * PAGE_SIZE - 1
         if isinstance(expected, MArea):

@@ -305,51 +305,104 @@ def test_clients_killed_mid_frame_leave_nothing(
     assert life["deferred_areas"] == 0
 
 
-def test_per_client_cap_refuses_only_the_client_over_it(
-        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
-        stopped: list[RunningProxy]) -> None:
-    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
-                  "--client-pages", "200")
+def client_stats(proxy: RunningProxy, number: int) -> dict[str, Any]:
+    found = [c for c in stats(proxy)["per_client"] if c["client"] == number]
+    assert found, f"client#{number} is not connected"
+    value: dict[str, Any] = found[0]
+    return value
+
+
+def only_client(proxy: RunningProxy) -> int:
+    """The number of the one client connected now."""
+    wait_until(lambda: len(stats(proxy)["per_client"]) == 1, "one client connected",
+               message=lambda: stats(proxy)["per_client"])
+    number: int = stats(proxy)["per_client"][0]["client"]
+    return number
+
+
+def keeps_presenting(proxy: RunningProxy, number: int, frames: int = 10) -> None:
+    """Client ``number`` presents ``frames`` more frames (it commits only after the
+    frame callback of the one before): it carries on."""
+    start = client_stats(proxy, number)["commits"]
+    wait_until(lambda: client_stats(proxy, number)["commits"] >= start + frames,
+               f"client#{number} presenting {frames} more frames")
+
+
+def test_a_client_over_its_cap_keeps_presenting_beside_one_under_it(
+        desktop_weston: HeadlessWeston, tmp_path: Path, stopped: list[RunningProxy]) -> None:
+    """The cap is each client's: a 1920x1080 window with room for one and a half
+    buffers falls back to one and keeps presenting frames; a small window beside it is
+    not held back by it, though both together pass the cap."""
+    root = tmp_path / "sim"
+    root.mkdir(mode=0o700)
+    env = dict(desktop_weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
+    one_buffer = -(-(1920 * 1080 * 4 + 1) // 4096)  # 2026 pages with the notify byte
+    cap = one_buffer * 3 // 2
+    proxy = serve(desktop_weston, tmp_path, env, "--client-pages", str(cap))
     stopped.append(proxy)
-    ready = tmp_path / "ready"
-    small = client(proxy, PATTERN, "--width", "64", "--height", "64", "--frames", "2",
-                   "--hold", "120", "--ready-file", str(ready))
-    wait_for_file(ready, small)
-    code, _, err = finish(client(proxy, PATTERN, "--width", "640", "--height", "480"))
-    assert code == 1
-    assert "--client-pages" in err and "200" in err, err
-    assert small.poll() is None, "the other client carries on"
-    before = stats(proxy)["commits"]
-    small.send_signal(signal.SIGTERM)
-    small.wait()
-    assert stats(proxy)["commits"] == before
-    assert lifetimes(proxy)["refused"] == 1
+    small_ready, big_ready = tmp_path / "small", tmp_path / "big"
+    # 1024x600 is 601 pages a buffer; drawing, it keeps two.
+    small = client(proxy, PATTERN, "--width", "1024", "--height", "600", "--seconds", "600",
+                   "--damage", "partial", "--ready-file", str(small_ready))
+    wait_for_file(small_ready, small)
+    small_number = only_client(proxy)
+    big = client(proxy, PATTERN, "--width", "1920", "--height", "1080", "--frames", "40",
+                 "--damage", "partial", "--ready-file", str(big_ready),
+                 "--ready-after", "last")
+    try:
+        wait_for_file(big_ready, big)  # its 40th frame was presented
+        code, out, err = finish(big)
+        assert code == 0, err
+        assert "40 frames" in out or "40 frames" in err, (out, err)
+        keeps_presenting(proxy, small_number)  # still drawing after the big one went
+    finally:
+        small.send_signal(signal.SIGTERM)
+        small.wait()
+    log = proxy.log()
+    assert "protocol error" not in log, log
+    # The per-client figures were read while it ran: the exit summary has the totals.
+    total = stats(proxy)
+    held_back = total["refills_in_place"] + total["commit_waits_ms"]["count"]
+    assert held_back >= 30, total
+    assert total["grants"]["peak_live"] > cap, "both clients together passed one cap"
+    assert lifetimes(proxy)["refused"] == 0
     wait_until(lambda: all_let_go(proxy), "every grant ended")
+    assert grants(proxy)["leaked"] == 0
 
 
-def test_gntalloc_limit_refuses_the_client_that_asked(
+def test_gntalloc_limit_refuses_only_a_buffer_that_never_fits(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
         stopped: list[RunningProxy]) -> None:
     proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", "700",
                   "--client-pages", "700")
     stopped.append(proxy)
     first_ready, second_ready = tmp_path / "first", tmp_path / "second"
-    first = client(proxy, PATTERN, "--width", "320", "--height", "240", "--frames", "2",
-                   "--hold", "120", "--ready-file", str(first_ready))
+    first = client(proxy, PATTERN, "--width", "320", "--height", "240", "--seconds", "600",
+                   "--damage", "partial", "--ready-file", str(first_ready))
     wait_for_file(first_ready, first)
-    # 320x240 is 76 pages an output buffer and the first client holds at least one;
-    # 960x720 is 676 pages: it would fit alone, not beside the first.
-    code, _, err = finish(client(proxy, PATTERN, "--width", "960", "--height", "720"))
-    assert code == 1
-    assert "gntalloc limit of 700 pages" in err and "--gntalloc-limit" in err, err
-    # The first client is unaffected: a second window of its size still fits.
-    second = client(proxy, PATTERN, "--width", "320", "--height", "240", "--frames", "3",
-                    "--ready-file", str(second_ready))
+    first_number = only_client(proxy)
+    try:
+        # 1024x768 is 769 pages: no limit of 700 can ever hold it.
+        code, _, err = finish(client(proxy, PATTERN, "--width", "1024", "--height", "768"))
+        assert code == 1
+        assert "more than the gntalloc limit of 700 pages" in err, err
+        assert "--gntalloc-limit" in err, err
+        assert lifetimes(proxy)["refused"] == 1
+        keeps_presenting(proxy, first_number)  # the client that drew carries on
+        # 960x720 is 676 pages: it fits alone, not beside the first client's buffers.
+        # It waits (the first keeps drawing) until the first goes, then draws.
+        second = client(proxy, PATTERN, "--width", "960", "--height", "720", "--frames",
+                        "3", "--ready-file", str(second_ready), "--ready-after", "last")
+        wait_until(lambda: lifetimes(proxy)["no_room"] >= 1, "the second client waiting")
+        assert not second_ready.exists() and second.poll() is None
+        keeps_presenting(proxy, first_number)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait()
+    wait_for_file(second_ready, second)
     code, _, err = finish(second)
     assert code == 0, err
-    assert first.poll() is None
-    first.send_signal(signal.SIGTERM)
-    first.wait()
+    assert stats(proxy)["waits_for_room"] >= 1
     wait_until(lambda: all_let_go(proxy), "every grant ended")
 
 

@@ -93,6 +93,15 @@ class ClientCounters:
     upstream_buffers: int = 0
     pages: PageCounts = field(default_factory=PageCounts)
     release_latency: Latency = field(default_factory=Latency)
+    # Commits held back until the compositor released an output buffer or the limits
+    # had room for one, and how long each waited (ms); of those, the ones a limit held.
+    commit_waits: Latency = field(default_factory=Latency)
+    waits_for_room: int = 0
+    # Commits that re-filled the output buffer on screen, for want of room for another.
+    refills_in_place: int = 0
+    # Output buffers of closed windows the compositor still held at the late timeout:
+    # destroyed upstream, their grants let go instead of cached.
+    orphans_timed_out: int = 0
 
 
 class GrantLedger:

@@ -24,8 +24,11 @@ compositor's ``wl_shm_pool`` over it. Its life:
 
 Limits: a client holds at most ``client_pages`` (in use and cached); the proxy's
 pages stay under the gntalloc limit by evicting, then by handing the oldest
-awaiting areas to deferred reclaim (which the kernel no longer counts), and a
-request that still does not fit is refused with ``GrantLimit``.
+awaiting areas to deferred reclaim (which the kernel no longer counts). A request
+that does not fit now raises ``NoRoom``: the caller waits, and ``on_room`` is
+called whenever pages are given back or ended, so it can try again. Only a
+request that can never fit (one buffer larger than the client's cap or the
+gntalloc limit) is refused with ``GrantLimit``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ from .sharing import Grant, GrantUnavailable, SharingHalf
 
 log = logging.getLogger("qubesshm.grants")
 
-# Shares of the gntalloc limit that the cache and one client may hold by default.
+# What the cache and one client may hold by default: the cache 64 MiB, a client three
+# 3840x2160 ARGB buffers in use and the cache's 64 MiB besides (40 687 pages, 159 MiB);
+# where the gntalloc limit is smaller, a quarter of it and half of it, so that no
+# client can take the whole limit from the others.
+DEFAULT_CACHE_PAGES = 16384
+UHD_BUFFER_PAGES = -(-(3840 * 2160 * 4 + 1) // PAGE_SIZE)  # with the notify byte: 8101
+DEFAULT_CLIENT_PAGES = 3 * UHD_BUFFER_PAGES + DEFAULT_CACHE_PAGES
 CACHE_SHARE = 0.25
 CLIENT_SHARE = 0.5
-# Where the kernel does not show its gntalloc limit.
-UNKNOWN_LIMIT_CACHE_PAGES = 16384
 # A cached area serves a buffer needing at least this share of its pages.
 FIT_SHARE = 0.5
 DEFER_INTERVAL = 1.0  # seconds between batches: the kernel's reclaim tick
@@ -66,7 +73,13 @@ class AreaState(enum.Enum):
 
 
 class GrantLimit(Exception):
-    """No area can be had within the limits; the text names the limit and its option."""
+    """The area can never be had within the limits (one buffer is larger than the
+    client's cap or the gntalloc limit); the text names the limit and its option."""
+
+
+class NoRoom(Exception):
+    """No area can be had within the limits now; one may be once pages are given back
+    or ended (``GrantLifetimes.on_room`` says when to try again)."""
 
 
 @dataclass(eq=False)
@@ -102,10 +115,25 @@ def pages_for(size: int) -> int:
     return -(-(size + 1) // PAGE_SIZE)
 
 
+def default_cache_pages(limit: int | None) -> int:
+    """The cache's bound when ``--cache-pages`` is not given."""
+    if limit is None:
+        return DEFAULT_CACHE_PAGES
+    return min(DEFAULT_CACHE_PAGES, int(limit * CACHE_SHARE))
+
+
+def default_client_pages(limit: int | None) -> int:
+    """One client's cap when ``--client-pages`` is not given."""
+    if limit is None:
+        return DEFAULT_CLIENT_PAGES
+    return min(DEFAULT_CLIENT_PAGES, int(limit * CLIENT_SHARE))
+
+
 @dataclass
 class LifetimePolicy:
-    cache_pages: int | None = None  # None: CACHE_SHARE of the gntalloc limit
-    client_pages: int | None = None  # None: CLIENT_SHARE of the gntalloc limit
+    # None: the defaults above, or a share of a gntalloc limit smaller than they need.
+    cache_pages: int | None = None
+    client_pages: int | None = None
     late_timeout: float = 2.0
     defer_batch: int = 2048
     drain_target: float = 2.0
@@ -131,6 +159,7 @@ class LifetimeCounters:
     deferred_areas: int = 0  # handed to deferred reclaim: late, at exit or for room
     deferred_for_room: int = 0  # of those, to stay under the gntalloc limit
     refused: int = 0  # GrantLimit raised
+    no_room: int = 0  # NoRoom raised: a request that waits
     # Most pages backing buffers at once, counting requests refused for want of pages:
     # the smallest gntalloc limit the run needed (the cache gives way under it).
     peak_wanted: int = 0
@@ -186,6 +215,8 @@ class GrantLifetimes:
         # Mappings the simulated GUI domain still holds (``policy.hold``): when each
         # goes, with its area.
         self._holding: list[tuple[float, Area]] = []
+        # Called when pages are given back or ended: a request that met NoRoom may fit.
+        self.on_room: Callable[[], None] | None = None
         self._found_fpi: int | None = None  # free_per_iteration before we raised it
         self._tune_refused = False
         self._estimate = 0.0  # backlog where the kernel does not show it
@@ -225,7 +256,9 @@ class GrantLifetimes:
 
     def take(self, owner: int, size: int) -> Area:
         """An area for a buffer of ``size`` bytes: from the owner's cache if one fits
-        (its ``pool_id`` is set), else freshly shared and mapped (``pool_id`` 0)."""
+        (its ``pool_id`` is set), else freshly shared and mapped (``pool_id`` 0).
+        ``NoRoom`` when the limits leave no room now, ``GrantLimit`` when they never
+        will."""
         conn = self._connections[owner]
         need = pages_for(size)
         found = self._cached_fit(conn, need)
@@ -242,6 +275,9 @@ class GrantLifetimes:
         except GrantLimit:
             self.counters.refused += 1
             raise
+        except NoRoom:
+            self.counters.no_room += 1
+            raise
 
     def give_back(self, area: Area) -> None:
         """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
@@ -256,6 +292,13 @@ class GrantLifetimes:
         self._move(area, AreaState.CACHED)
         self._cache[area] = None
         self._trim_cache()
+
+    def let_go(self, area: Area) -> None:
+        """No buffer uses ``area`` and it must not be reused: the compositor may still
+        show what it holds (a buffer it never released). Its pool is destroyed upstream
+        and it waits for its unmap notify, or goes to deferred reclaim when late."""
+        if area.state is AreaState.IN_USE:
+            self._drop(area)
 
     # -- the event channel and the timer ------------------------------------------
 
@@ -336,14 +379,12 @@ class GrantLifetimes:
     def _cache_bound(self) -> int:
         if self.policy.cache_pages is not None:
             return self.policy.cache_pages
-        limit = self._limit()
-        return UNKNOWN_LIMIT_CACHE_PAGES if limit is None else int(limit * CACHE_SHARE)
+        return default_cache_pages(self._limit())
 
-    def _client_bound(self) -> int | None:
+    def _client_bound(self) -> int:
         if self.policy.client_pages is not None:
             return self.policy.client_pages
-        limit = self._limit()
-        return None if limit is None else int(limit * CLIENT_SHARE)
+        return default_client_pages(self._limit())
 
     def _cached_fit(self, conn: _Connection, need: int) -> Area | None:
         best: Area | None = None
@@ -364,24 +405,32 @@ class GrantLifetimes:
         self.counters.peak_wanted = max(self.counters.peak_wanted,
                                         self._in_use_pages() + need)
         bound = self._client_bound()
-        if bound is not None:
-            if need > bound:
-                raise GrantLimit(f"a buffer of {need} pages is more than a client may hold "
-                                 f"({bound} pages); raise --client-pages")
-            for area in [a for a in self._cache if a.owner == conn.owner]:
-                if conn.held_pages() + need <= bound:
-                    break
-                self._evict(area)
-            if conn.held_pages() + need > bound:
-                raise GrantLimit(f"the client holds {conn.held_pages()} pages of grants and "
-                                 f"{need} more would pass its limit of {bound}; raise "
-                                 "--client-pages")
         limit = self._limit()
+        over_limit = limit is not None and need > limit
+        if need > bound or over_limit:
+            # Name every limit it passes: raising one alone would not make it fit.
+            passed, fixes = [], []
+            if over_limit:
+                passed.append(f"the gntalloc limit of {limit} pages")
+                fixes.append("raise the limit with --gntalloc-limit N (or qubesshm tune "
+                             "--gntalloc-limit N)")
+            if need > bound:
+                passed.append(f"what a client may hold ({bound} pages)")
+                fixes.append("raise --client-pages")
+            raise GrantLimit(f"a buffer of {need} pages is more than "
+                             f"{' and '.join(passed)}; {' and '.join(fixes)}")
+        for area in [a for a in self._cache if a.owner == conn.owner]:
+            if conn.held_pages() + need <= bound:
+                break
+            self._evict(area)
+        if conn.held_pages() + need > bound:
+            raise NoRoom(f"the client holds {conn.held_pages()} pages of grants and {need} "
+                         f"more would pass its limit of {bound} (--client-pages)")
         if limit is None:
             return
         if self._in_use_pages() + need > limit:
-            # Nothing evicted or deferred could make room: refuse before touching them.
-            raise self._over_limit(need, limit)
+            # Nothing evicted or deferred could make room: wait before touching them.
+            raise NoRoom(self._over_limit(need, limit))
         # Areas whose notify was missed by nobody yet: their byte may already be clear.
         self.scan()
         for area in list(self._cache):
@@ -395,24 +444,23 @@ class GrantLifetimes:
             self.counters.deferred_for_room += 1
             self._end(area)
         if self._live_pages() + need > limit:
-            raise self._over_limit(need, limit)
+            raise NoRoom(self._over_limit(need, limit))
 
     def _in_use_pages(self) -> int:
         """Pages of areas buffers use: the only ones no eviction or deferral frees."""
         return (self._live - sum(a.pages for a in self._cache)
                 - sum(a.pages for a in self._awaiting))
 
-    def _over_limit(self, need: int, limit: int) -> GrantLimit:
-        return GrantLimit(f"{self._live_pages()} pages of grants are in use and {need} "
-                          f"more would pass the gntalloc limit of {limit} pages; raise it "
-                          "with --gntalloc-limit N (or qubesshm tune --gntalloc-limit N)")
+    def _over_limit(self, need: int, limit: int) -> str:
+        return (f"{self._live_pages()} pages of grants are in use and {need} more would "
+                f"pass the gntalloc limit of {limit} pages (--gntalloc-limit)")
 
     def _new_area(self, conn: _Connection, pages: int) -> Area:
         sharing, mapping = self.halves.sharing, self.halves.mapping
         try:
             grant = sharing.share(pages * PAGE_SIZE)
         except GrantUnavailable as exc:
-            raise GrantLimit(str(exc)) from exc
+            raise (NoRoom if exc.transient else GrantLimit)(str(exc)) from exc
         offset = pages * PAGE_SIZE - 1
         sharing.set_notify_byte(grant, offset)
         try:
@@ -505,6 +553,7 @@ class GrantLifetimes:
             self._estimate += area.pages
         self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
         self._live -= area.pages
+        self._room()
         for c in conn.counters:
             c.pages.unshared(area.pages, deferred=deferred)
         conn.areas.discard(area)
@@ -519,7 +568,13 @@ class GrantLifetimes:
         except OSError as exc:
             log.error("cannot close the event channel of client#%d: %s", conn.owner, exc)
 
+    def _room(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
+
     def _move(self, area: Area, state: AreaState) -> None:
+        if area.state is AreaState.IN_USE:
+            self._room()  # given back: cached, evictable, or on its way to ending
         conn = self._connections[area.owner]
         for c in conn.counters:
             if area.state is AreaState.CACHED:

@@ -19,7 +19,12 @@ log = logging.getLogger("qubesshm.grants")
 
 
 class GrantUnavailable(Exception):
-    """Pages could not be granted; the message says which limit and how to raise it."""
+    """Pages could not be granted; the message says which limit and how to raise it.
+    ``transient``: a limit that pages ended later make room under (``ENOSPC``)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(eq=False)
@@ -57,7 +62,7 @@ class SharingHalf:
                     f"{exc.strerror}; either the gntalloc limit ({limit} pages) is reached "
                     "(raise it with --gntalloc-limit N or qubesshm tune --gntalloc-limit N) "
                     "or the domain's grant table is full (grants waiting on the deferred "
-                    "list keep their entries)") from exc
+                    "list keep their entries)", transient=True) from exc
             raise GrantUnavailable(f"cannot grant {pages} pages for a buffer: "
                                    f"{exc.strerror or exc}") from exc
         return Grant(area, pages, self.own_domid)

@@ -70,6 +70,11 @@ def _counters(counters: ClientCounters) -> dict[str, Any]:
         "client_buffers": counters.client_buffers,
         "upstream_pools": counters.upstream_pools,
         "upstream_buffers": counters.upstream_buffers,
+        # Commits held back for an output buffer, by the compositor or by a limit.
+        "commit_waits_ms": counters.commit_waits.summary(),
+        "waits_for_room": counters.waits_for_room,
+        "refills_in_place": counters.refills_in_place,
+        "orphans_timed_out": counters.orphans_timed_out,
     }
 
 
@@ -87,6 +92,7 @@ def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
         "deferred_areas": c.deferred_areas,
         "deferred_for_room": c.deferred_for_room,
         "refused": c.refused,
+        "no_room": c.no_room,
         "peak_pages_wanted": c.peak_wanted,
         "peak_deferred_backlog": c.peak_backlog,
         "free_per_iteration": lifetimes.free_per_iteration(),
@@ -270,16 +276,26 @@ def summary_line(stats: dict[str, Any]) -> str:
             f"{stats['early_releases']} early releases; grant pages: "
             f"{grants['shared_total']} shared, {grants['ended_total']} ended, "
             f"{grants['deferred']} deferred, {grants['live']} live, peak {grants['peak_live']}"
-            + _lifetimes_line(stats.get("lifetimes")))
+            + _waits_line(stats) + _lifetimes_line(stats.get("lifetimes")))
+
+
+def _waits_line(stats: dict[str, Any]) -> str:
+    waits = stats["commit_waits_ms"]
+    if not waits["count"] and not stats["refills_in_place"]:
+        return ""
+    return (f"; {waits['count']} commits waited for an output buffer ({stats['waits_for_room']} "
+            f"for grant room, longest {waits['max'] or 0:.1f} ms), "
+            f"{stats['refills_in_place']} re-filled the one on screen")
 
 
 def _lifetimes_line(lifetimes: dict[str, Any] | None) -> str:
     if not lifetimes:
         return ""
-    unmap = {k: "n/a" if v is None else v for k, v in lifetimes["unmap_latency_ms"].items()}
+    unmap = lifetimes["unmap_latency_ms"]
+    timing = (f" (p50 {unmap['p50']} ms, max {unmap['max']} ms)" if unmap["count"] else "")
     return (f"; cache {lifetimes['cache_hits']} hits, {lifetimes['cache_misses']} misses, "
             f"{lifetimes['evictions']} evictions; {lifetimes['ended_by_notify']} ended on "
-            f"unmap notify (p50 {unmap['p50']} ms, max {unmap['max']} ms), "
+            f"unmap notify{timing}, "
             f"{lifetimes['late_releases']} late, {lifetimes['deferred_areas']} handed to "
             f"deferred reclaim in {lifetimes['defer_batches']} batches (peak backlog "
             f"{lifetimes['peak_deferred_backlog']} pages); free_per_iteration "

@@ -220,6 +220,28 @@ class RelaySession:
         if self.shm is not None:
             self.shm.close()
 
+    @property
+    def waiting_for_room(self) -> bool:
+        """The parked commit waits for the grant limits to have room, which pages freed
+        anywhere in the proxy may bring: try it again with ``retry``."""
+        return self._parked is not None and self.shm is not None and self.shm.waiting_for_room
+
+    def retry(self) -> Step:
+        """Try the parked commit again (the limits may have room now), and the requests
+        behind it if it goes through."""
+        if self._parked is None:
+            return Step()
+        return self._pump(Direction.REQUEST, at_eof=False)
+
+    def poll(self) -> Step:
+        """Timer work of the buffer path (output buffers the compositor holds too long)."""
+        if self.shm is None or self.closed:
+            return Step()
+        upstream = Outbox()
+        self.shm.poll(upstream)
+        self._add_later(upstream)
+        return Step(to_compositor=upstream.take())
+
     def flush(self) -> Step:
         """What the proxy sends upstream on its own (a cached area evicted meanwhile)."""
         upstream = Outbox()

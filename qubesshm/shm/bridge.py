@@ -22,7 +22,7 @@ from typing import Protocol
 
 from ..grants.api import PAGE_SIZE
 from ..grants.ledger import ClientCounters
-from ..grants.lifetimes import Area, GrantLifetimes, GrantLimit
+from ..grants.lifetimes import Area, GrantLifetimes, GrantLimit, NoRoom
 from ..objects.idmap import UpstreamIds
 from ..objects.objectmap import DISPLAY_ID, WaylandObject
 from ..pixels.copy import (
@@ -117,6 +117,10 @@ class ShmBridge:
         self.formats: set[int] = {ARGB8888, XRGB8888}
         # Set when the compositor released an output buffer: a blocked commit may go on.
         self.released_since_block = False
+        # A commit waits for the limits to have room (tried again when pages free up).
+        self.waiting_for_room = False
+        self._waiting_since: float | None = None
+        self._waited_for_room = False
         # Output buffers of destroyed surfaces that the compositor still holds.
         self._orphans: set[OutputBuffer] = set()
         self._req = {
@@ -427,6 +431,7 @@ class ShmBridge:
                 # Something other than our copy is shown now (nothing, or a non-shm
                 # buffer): the next shm buffer is copied whole.
                 surface.shown_key = None
+                surface.outputs.current = None
             return Verdict.FORWARD
         # Output buffers of another shape (the window was resized, or changed format)
         # are not needed any more: they go once the compositor has let go of them.
@@ -434,11 +439,19 @@ class ShmBridge:
             surface.outputs.buffers.remove(other)
             self._let_go(other, up)
         out = surface.outputs.pick(buffer.key)
-        if out is None and surface.outputs.full:
-            self.released_since_block = False
-            for c in self.counters:
-                c.commits -= 1  # counted again when it goes through
-            return Verdict.BLOCKED
+        area: Area | None = None
+        if out is None:
+            if surface.outputs.full:
+                return self._wait(for_room=False)
+            try:
+                area = self._take_area(surface, buffer, up)
+            except NoRoom:
+                out = surface.outputs.refillable(buffer.key)
+                if out is None:
+                    return self._wait(for_room=True)
+                for c in self.counters:
+                    c.refills_in_place += 1
+        self._waited()
         damage = surface.commit_damage(buffer)
         geometry_changed = surface.apply()
         if geometry_changed or (newly and buffer.key != surface.shown_key):
@@ -446,7 +459,8 @@ class ShmBridge:
         surface.outputs.add_damage(damage)
         surface.shown_key = buffer.key
         if out is None:
-            out = self._new_output(buffer, up)
+            assert area is not None
+            out = self._new_output(buffer, area, up)
             surface.outputs.buffers.append(out)
         layout = Layout(buffer.offset, buffer.width, buffer.height, buffer.stride,
                         bytes_per_pixel(buffer.format))
@@ -466,15 +480,18 @@ class ShmBridge:
             raise ShmError(buffer.client_id, INVALID_FD,
                            f"error accessing SHM buffer: {exc.strerror or exc}") from exc
         out.stale = Region()
+        was_busy = out.state is OutputState.BUSY  # filled again in place
         out.state = OutputState.BUSY
         out.attached_at = self.clock()
+        surface.outputs.current = out
         surface_up = obj_upstream(self.ids, obj.id)
         dx, dy = (pending.dx, pending.dy) if newly else (0, 0)
         self._send(up, surface_up, "wl_surface", "attach", [out.upstream_id, dx, dy])
         self._send(up, surface_up, "wl_surface", "commit", [])
         damaged = damaged_bytes(layout, damage)
         for c in self.counters:
-            c.pages.in_use += out.pages
+            if not was_busy:
+                c.pages.in_use += out.pages
             c.bytes_damaged += damaged
             c.bytes_copied += written
         if newly:
@@ -484,7 +501,9 @@ class ShmBridge:
                 c.early_releases += 1
         return Verdict.CONSUMED
 
-    def _new_output(self, buffer: ClientBuffer, up: Outbox) -> OutputBuffer:
+    def _take_area(self, surface: Surface, buffer: ClientBuffer, up: Outbox) -> Area:
+        """Grant pages for a new output of ``buffer``'s shape; ``NoRoom`` if the limits
+        have none now (the commit waits), a ``no_memory`` error if they never will."""
         width, height, stride = buffer.width, buffer.height, buffer.stride
         if stride * height > MAX_POOL_SIZE - PAGE_SIZE:
             # wl_shm.create_pool's size is an int32: no pool of the compositor can hold it.
@@ -492,9 +511,65 @@ class ShmBridge:
                             f"fit a wl_shm pool ({MAX_POOL_SIZE - PAGE_SIZE} bytes at most)",
                             ErrorCode.NO_MEMORY, DISPLAY_ID)
         try:
-            area = self.lifetimes.take(self.owner, stride * height)
+            try:
+                return self.lifetimes.take(self.owner, stride * height)
+            except NoRoom:
+                if not self._shed(surface, up):
+                    raise
+                return self.lifetimes.take(self.owner, stride * height)
         except GrantLimit as exc:
             raise WireError(f"qubesshm: {exc}", ErrorCode.NO_MEMORY, DISPLAY_ID) from exc
+
+    def _shed(self, surface: Surface, up: Outbox) -> bool:
+        """Make room for ``surface``'s new output out of this client's own outputs: the
+        ones the compositor released (their surfaces fall back to fewer, and copy whole
+        next time), and the old-shaped one this surface still shows. True if any went."""
+        shed = False
+        for other in self.surfaces.values():
+            outputs = other.outputs
+            for out in [o for o in outputs.buffers if o.state is OutputState.RELEASED]:
+                outputs.buffers.remove(out)
+                if outputs.current is out:
+                    outputs.current = None  # released: the compositor keeps no need of it
+                self._retire(out, up)
+                shed = True
+        # The window changed shape and the compositor still shows its old buffer, which
+        # it lets go of only once another is attached: give that one back (destroyed
+        # upstream in the batch that attaches its successor, its area cached, reused if
+        # it fits or evicted for room) rather than wait for the release this commit brings.
+        old = surface.outputs.current
+        if old is not None and old.orphaned and old.state is OutputState.BUSY:
+            self._give_back_busy(old, up)
+            surface.outputs.current = None
+            shed = True
+        return shed
+
+    def _wait(self, *, for_room: bool) -> Verdict:
+        """The commit waits for the compositor to release an output buffer, or for the
+        limits to have room for one; the session parks it and tries again."""
+        self.released_since_block = False
+        self.waiting_for_room = for_room
+        if self._waiting_since is None:
+            self._waiting_since = self.clock()
+        self._waited_for_room = self._waited_for_room or for_room
+        for c in self.counters:
+            c.commits -= 1  # counted again when it goes through
+        return Verdict.BLOCKED
+
+    def _waited(self) -> None:
+        """A commit that waited goes through: count how long it waited."""
+        if self._waiting_since is None:
+            return
+        waited = (self.clock() - self._waiting_since) * 1000.0
+        for c in self.counters:
+            c.commit_waits.add(waited)
+            if self._waited_for_room:
+                c.waits_for_room += 1
+        self._waiting_since = None
+        self._waited_for_room = self.waiting_for_room = False
+
+    def _new_output(self, buffer: ClientBuffer, area: Area, up: Outbox) -> OutputBuffer:
+        width, height, stride = buffer.width, buffer.height, buffer.stride
         if not area.pool_id:
             area.pool_id = self.ids.add_own_object(OwnObject(self._wl_shm_pool))
             shm_up = obj_upstream(self.ids, buffer.pool.shm_id)
@@ -520,7 +595,28 @@ class ShmBridge:
             self._retire(out, up)
         elif out.state is OutputState.BUSY:
             out.orphaned = True
+            out.orphaned_at = self.clock()
             self._orphans.add(out)
+
+    def poll(self, up: Outbox) -> None:
+        """Timer work: a compositor may keep a closed window's last buffer a while (a
+        close animation) and release it later, to be cached as usual; one it still holds
+        ``late_timeout`` seconds on is destroyed upstream and its area let go, never
+        reused (the compositor may still show it), to end on its unmap notify or go to
+        deferred reclaim."""
+        timeout = self.lifetimes.policy.late_timeout
+        now = self.clock()
+        for out in [o for o in self._orphans if now - o.orphaned_at >= timeout]:
+            self._orphans.discard(out)
+            if out.state is not OutputState.BUSY:
+                continue
+            out.state = OutputState.RETIRED
+            for c in self.counters:
+                c.pages.in_use -= out.pages
+                c.orphans_timed_out += 1
+            self._send(up, out.upstream_id, "wl_buffer", "destroy", [])
+            self.ids.destroyed(out.upstream_id)
+            self.lifetimes.let_go(out.area)
 
     def _retire(self, out: OutputBuffer, up: Outbox) -> None:
         """Destroy a released output buffer upstream; its area goes back to the cache."""
@@ -529,6 +625,14 @@ class ShmBridge:
         self._send(up, out.upstream_id, "wl_buffer", "destroy", [])
         self.ids.destroyed(out.upstream_id)
         self.lifetimes.give_back(out.area)
+
+    def _give_back_busy(self, out: OutputBuffer, up: Outbox) -> None:
+        """Retire an output the compositor has not released (it shows it): destroyed
+        upstream, as a client may destroy a buffer it attached, in the same batch as the
+        commit that replaces it, so no repaint falls between."""
+        for c in self.counters:
+            c.pages.in_use -= out.pages
+        self._retire(out, up)
 
     def _destroy_upstream_pool(self, area: Area) -> None:
         """The lifetimes evicted ``area``: its pool goes, and the compositor's mmap

@@ -39,6 +39,7 @@ class OutputBuffer:
     attached_at: float = 0.0
     # The surface is gone or changed shape: retire once the compositor releases it.
     orphaned: bool = False
+    orphaned_at: float = 0.0
 
     @property
     def pages(self) -> int:
@@ -55,6 +56,10 @@ class OutputQueue:
     def __init__(self, cap: int = MAX_OUTPUTS_PER_SURFACE) -> None:
         self.cap = cap
         self.buffers: list[OutputBuffer] = []
+        # The output last attached upstream, while the compositor may still show it
+        # (until another buffer, or none, is attached): compositors that read a shm
+        # buffer while showing it release it only once it is replaced.
+        self.current: OutputBuffer | None = None
 
     def add_damage(self, damage: Region) -> None:
         if not damage:
@@ -75,6 +80,18 @@ class OutputQueue:
                     best is None or out.stale.area < best.stale.area):
                 best = out
         return best
+
+    def refillable(self, key: BufferKey) -> OutputBuffer | None:
+        """The output on screen, when it is the only busy one of this shape: waiting
+        for its release could last for ever (it comes with the next attach), so under
+        a limit with no room for another it is filled again in place."""
+        current = self.current
+        if current is None or current.key != key or current.state is not OutputState.BUSY:
+            return None
+        if any(o is not current and o.key == key and o.state is OutputState.BUSY
+               for o in self.buffers):
+            return None  # a release of that one is on its way: wait for it
+        return current
 
     @property
     def full(self) -> bool:
