@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cffi  # type: ignore[import-untyped]
+import cffi
 
 CDEF = """
 /* <xen/gntalloc.h> */

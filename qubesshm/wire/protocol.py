@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pywayland.scanner.argument import ArgumentType
 from pywayland.scanner.protocol import Protocol as ScannedProtocol
@@ -136,7 +137,9 @@ def _event_name(name: str) -> str:
 
 
 def _message(
-    interface: str, opcode: int, scanned: object, element: ET.Element
+    # A pywayland scanner Message: Any, so that its typing (or a lack of it) in any
+    # pywayland release changes nothing here.
+    interface: str, opcode: int, scanned: Any, element: ET.Element
 ) -> MessageSpec:
     args = tuple(
         Arg(
@@ -145,12 +148,12 @@ def _message(
             interface=a.interface,
             nullable=bool(a.allow_null),
         )
-        for a in scanned.arg  # type: ignore[attr-defined]
+        for a in scanned.arg
     )
-    since = scanned.since  # type: ignore[attr-defined]
+    since = scanned.since
     return MessageSpec(
         interface=interface,
-        name=_event_name(scanned.name),  # type: ignore[attr-defined]
+        name=_event_name(scanned.name),
         opcode=opcode,
         args=args,
         since=int(since) if since else 1,
