@@ -20,10 +20,14 @@ from pathlib import Path
 from . import __version__, options
 from .bench.churn import POLICIES as CHURN_POLICIES
 from .bench.churn import run_churn_bench
-from .grants.files import UnsafeDirectory, write_file
+from .grants.files import UnsafeDirectory, check_output, write_output
 from .grants.halves import GrantHalves, open_halves
 from .grants.ledger import GrantLedger
-from .grants.lifetimes import LifetimePolicy
+from .grants.lifetimes import (
+    DEFAULT_CLIENT_PAGES,
+    LifetimePolicy,
+    pages_for,
+)
 from .grants.params import KERNELS
 from .grants.select import (
     CHOICES,
@@ -48,6 +52,7 @@ from .relay.listener import (
     runtime_path,
     upstream_path,
 )
+from .relay.probe import output_sizes
 from .relay.server import DEFAULT_STALL_TIMEOUT, ProxyServer, RelayOptions
 from .relay.trace import ProtocolLog, wayland_timestamp
 from .report import KERNEL_CHOICES, build_report, format_report, kernels_for
@@ -163,8 +168,12 @@ def _add_buffer_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", metavar="NAME|PATH",
-                        help="compositor to measure against (default: start a headless Weston "
-                        "when none is running)")
+                        help="compositor to measure against (default: a headless Weston "
+                        "started for the run, whatever $WAYLAND_DISPLAY names)")
+    parser.add_argument("--animations", choices=("on", "off"), default=None,
+                        help="the started Weston's desktop shell: on, as shipped (a close "
+                        "animation keeps a closed window's last buffer about a second; the "
+                        "default), or off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(run on qubes', report on both; the default)")
     run.add_argument("--report-json", metavar="FILE",
                      help="also write the report at exit to FILE as JSON")
-    run.add_argument("--quiet", action="store_true", help="print no report at exit")
+    run.add_argument("--quiet", action="store_true",
+                     help="print nothing but errors: no report and no summary at exit")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     tune = sub.add_parser("tune", parents=[common],
@@ -302,6 +312,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.debug = getattr(args, "debug", False) or env_flag("QUBESSHM_DEBUG")
     except UsageError as exc:
         _subparser(parser, args).error(str(exc))
+    # Files written at the end are checked now, before any work is done for them.
+    for option in ("report_json", "json", "plot"):
+        value = getattr(args, option, None)
+        if isinstance(value, str):  # stats --json is a flag
+            why = check_output(Path(value))
+            if why is not None:
+                _subparser(parser, args).error(f"argument --{option.replace('_', '-')}: "
+                                               f"{why}")
     return args
 
 
@@ -326,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         if args.command == "bench":
+            if args.upstream is not None and args.animations is not None:
+                _subparser(build_parser(), args).error(
+                    "--animations sets up the Weston the benchmark starts; the compositor "
+                    "given with --upstream runs as it was started")
             try:
                 if args.bench == "frames":
                     from .bench.frames import run_frames_bench
@@ -444,6 +466,7 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
                            "listen on, and no compositor answers there: give the compositor's "
                            "socket with --upstream or WAYLAND_DISPLAY")
     _probe_upstream(upstream)
+    _check_screen_fits(args, grants, upstream, protocol)
     listener = Listener(socket_name)
     if grants.kernel_dir is not None:
         grants.kernel_dir.note_socket(listener.path)
@@ -472,6 +495,44 @@ def _where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:
             f"{loop_name}")
 
 
+# A 16384x16384 output (the largest X and most compositors take) in ARGB8888.
+LARGEST_OUTPUT_PAGES = pages_for(16384 * 16384 * 4)
+
+
+def _check_screen_fits(args: argparse.Namespace, grants: GrantHalves, upstream: Path,
+                       protocol: ProtocolTable) -> None:
+    """Say at start, in one line, when the limits cannot hold one window the size of
+    the compositor's largest output (a maximized or fullscreen app): such a window
+    would be refused with no_memory. The compositor is asked only when a limit is
+    smaller than any output could need."""
+    try:
+        limit = grants.sharing.backend.status().gntalloc_limit
+    except OSError:
+        limit = None
+    smallest = min(limit if limit is not None else LARGEST_OUTPUT_PAGES,
+                   args.client_pages if args.client_pages is not None
+                   else LARGEST_OUTPUT_PAGES)
+    if smallest >= LARGEST_OUTPUT_PAGES:
+        return
+    sizes = output_sizes(upstream, protocol, timeout=2.0)
+    if not sizes:
+        return
+    width, height = max(sizes, key=lambda s: s[0] * s[1])
+    need = pages_for(width * height * 4)
+    screen = (f"the {need} pages that one window the size of the compositor's "
+              f"{width}x{height} output needs: such a window will be refused")
+    if limit is not None and limit < need:
+        target = max(need, KERNELS["qubes"].gntalloc_limit)
+        print(f"qubesshm {args.command}: the gntalloc limit is {limit} pages, less than "
+              f"{screen}; raise the limit with --gntalloc-limit {target} (or qubesshm tune "
+              f"--gntalloc-limit {target}), as Qubes does in its VMs", file=sys.stderr,
+              flush=True)
+    elif args.client_pages is not None and args.client_pages < need:
+        print(f"qubesshm {args.command}: --client-pages {args.client_pages} is less than "
+              f"{screen}; give at least {need} (the default, {DEFAULT_CLIENT_PAGES}, holds "
+              "three 3840x2160 windows and a cache)", file=sys.stderr, flush=True)
+
+
 def _answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.settimeout(5)
@@ -496,20 +557,23 @@ def _probe_upstream(upstream: Path) -> None:
 
 
 
-def _report(args: argparse.Namespace, server: ProxyServer, grants: GrantHalves) -> None:
+def _report(args: argparse.Namespace, server: ProxyServer, grants: GrantHalves) -> bool:
+    """Print the run's report (unless ``--quiet``) and write ``--report-json``; False if
+    that file could not be written."""
     if args.quiet and not args.report_json:
-        return
+        return True
     report = build_report(snapshot(server.ledger, grants, server.lifetimes),
                           kernels_for(args.kernel), args.late_timeout)
     if not args.quiet:
         print(format_report(report), file=sys.stderr)
     if args.report_json:
         try:
-            write_file(Path(args.report_json), json.dumps(report, indent=2) + "\n",
-                       create=not Path(args.report_json).exists())
+            write_output(Path(args.report_json), json.dumps(report, indent=2) + "\n")
         except OSError as exc:
             print(f"qubesshm run: cannot write the report to {args.report_json}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
+            return False
+    return True
 
 
 def _summary(server: ProxyServer, grants: GrantHalves) -> None:
@@ -615,7 +679,15 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
         await server.settle(args.late_timeout)
     finally:
         server.close()
-        _summary(server, grants)
-        _report(args, server, grants)
+        if not args.quiet:
+            _summary(server, grants)
+        written = _report(args, server, grants)
     # Shells report a death by signal N as 128+N.
-    return status if status >= 0 else 128 - status
+    status = status if status >= 0 else 128 - status
+    if server.ended_clients:
+        # Said when it happened too, but an app that then exits 0 (weston-terminal does)
+        # would leave the user with a window that flashed and vanished, and no reason.
+        for line in server.ended_clients:
+            print(f"qubesshm run: qubesshm ended {line}", file=sys.stderr)
+        return status or 1
+    return status if written else status or 1

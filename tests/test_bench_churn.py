@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from qubesshm.bench.churn import PolicyResult, plot
@@ -42,8 +43,19 @@ def test_bench_churn_writes_its_table_json_and_plot(weston: HeadlessWeston,
     assert policies["recycle"]["peak_deferred"] == 0
     recycled, at_once = (policies[p]["grants_per_window"] for p in ("recycle", "kernel-default"))
     assert recycled < at_once
-    assert policies["direct"]["ratio_to_direct"] == 1.0
-    assert "kernel-default" in result.stdout and "x direct" in result.stdout
+    # Recycling: every window after the first served from the cache (animations off).
+    assert policies["recycle"]["cache_hits"] == 9 and policies["kernel-default"]["cache_hits"] == 0
+    direct = policies["direct"]["windows_per_second"]
+    for name in ("kernel-default", "recycle"):
+        p = policies[name]
+        assert p["ratio_to_direct"] == pytest.approx(p["windows_per_second"] / direct)
+        # The table shows the JSON's figures: windows/s, the ratio, grants per window.
+        row = next(line.split() for line in result.stdout.splitlines()
+                   if line.startswith(name + " "))
+        assert row[1:4] == [f"{p['windows_per_second']:.1f}", f"{p['ratio_to_direct']:.2f}",
+                            f"{p['grants_per_window']:.1f}"], row
+    assert data["compositor"] == f"compositor {weston.socket_name}"
+    assert f"compositor: {weston.socket_path} (given with --upstream" in result.stdout
     assert out_png.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(out_png) as image:
         assert image.format == "PNG" and image.size[0] > 300
@@ -82,3 +94,50 @@ def test_bad_numbers_are_refused_when_parsing() -> None:
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, (option, result.stderr)
         assert f"argument {option}:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_churn_starts_its_own_weston_with_its_animations(weston: HeadlessWeston,
+                                                               tmp_path: Path) -> None:
+    """Not whatever $WAYLAND_DISPLAY names: a Weston of its own, as users run it (its
+    close animation keeps each closed window's last buffer about a second), said in
+    its first line; windows closed under the animation are still recycled."""
+    out_json = tmp_path / "churn.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "bench", "churn", "--rate", "10", "--seconds",
+         "4", "--size", "320x240", "--drain-wait", "3", "--policies", "recycle,direct",
+         "--json", str(out_json)],
+        env=weston.env(), capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "compositor: a headless Weston started for this run (pixman renderer, 1920x1080, "
+        "desktop shell with its shipped animations)")
+    data = json.loads(out_json.read_text())
+    assert data["compositor"] == "headless Weston, animations on"
+    recycle = data["policies"]["recycle"]
+    assert recycle["windows"] == 40 and recycle["leaked"] == 0
+    # Released at the end of their fade-out, closed windows' buffers went to the cache
+    # and later windows took them.
+    assert recycle["cache_hits"] >= 1, recycle
+    assert recycle["final_deferred"] == 0 and recycle["final_live"] == 0
+
+
+def test_output_files_are_checked_before_the_run(tmp_path: Path) -> None:
+    for option in ("--json", "--plot"):
+        result = subprocess.run(
+            [sys.executable, "-m", "qubesshm", "bench", "churn", option,
+             str(tmp_path / "nodir" / "x.png")],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"qubesshm bench churn: error: argument {option}: {tmp_path / 'nodir'} does not "
+            "exist (or is not a directory): make it first")
+        assert "compositor:" not in result.stdout, "checked before any work"
+
+
+def test_animations_go_with_the_bench_own_weston_only(weston: HeadlessWeston) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "bench", "churn", "--upstream", weston.socket_name,
+         "--animations", "off"], env=weston.env(), capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 2
+    assert "--animations sets up the Weston the benchmark starts" in result.stderr

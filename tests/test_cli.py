@@ -49,12 +49,21 @@ def test_version() -> None:
     (["run", "--stall-timeout", "inf", "--", "true"], "inf is not a positive"),
     (["bench", "frames", "--frames", "0"], "--frames: 0 is not at least 1"),
     (["bench", "frames", "--region", "600"], "does not fit twice"),
+    # No internal names (argparse's "invalid _positive value"), and status 2 for each.
+    (["serve", "--client-pages", "1e6"], "--client-pages: '1e6' is not a whole number of "
+     "pages"),
+    (["serve", "--gntalloc-limit", "-5"], "--gntalloc-limit: -5 is not between 1 and "
+     "4294967295"),
+    (["tune", "--free-per-iteration", "-1"], "--free-per-iteration: -1 is not between 0 and "
+     "4294967295"),
+    (["run", "--sim-watch", "pid1", "--", "true"], "--sim-watch: 'pid1' is not a process id"),
+    (["bench", "churn", "--rate", "fast"], "--rate: 'fast' is not a positive number a second"),
 ])
 def test_ranges_are_checked_when_parsing(tmp_path: Path, args: list[str], why: str) -> None:
     result = qubesshm(*args, env=private_env(tmp_path))
     assert result.returncode == 2, result.stderr
     assert why in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "invalid" not in result.stderr
 
 
 def test_an_unknown_option_shows_the_subcommands_usage(tmp_path: Path) -> None:
@@ -186,3 +195,22 @@ def test_a_socket_name_that_is_no_file_name_is_refused(tmp_path: Path, name: str
     assert result.returncode == 1
     assert "is not a socket name" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.lock"))
+
+
+def test_the_compositors_own_socket_is_called_so(tmp_path: Path) -> None:
+    env = private_env(tmp_path)
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    with kernels.listening(runtime / "wayland-1"):
+        result = qubesshm("serve", "--grants", "sim", "--socket", "wayland-1", "--upstream",
+                          "wayland-1", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"qubesshm: {runtime / 'wayland-1'} is the compositor's socket (a compositor answers "
+        "there), so qubesshm cannot listen on it: give qubesshm a name of its own with "
+        "--socket (serve's default is qubesshm-0)")
+    # Nothing answers there: then it is the upstream that is wrong.
+    lone = qubesshm("serve", "--grants", "sim", "--socket", "qubesshm-0", "--upstream",
+                    "qubesshm-0", env=env)
+    assert lone.returncode == 1
+    assert "no compositor answers there: give the compositor's socket with --upstream" \
+        in lone.stderr

@@ -31,7 +31,7 @@ def test_the_report_counts_what_the_client_did(weston: HeadlessWeston,
     result, report = run(weston, tmp_path, "--quiet", windows=windows,
                          size=f"{width}x{height}")
     assert result.returncode == 0, result.stderr
-    assert "qubesshm report" not in result.stderr  # --quiet
+    assert result.stderr == "", "--quiet prints nothing but errors"
     pages = pages_for(width * 4 * height)
     # One pool, one buffer and one full frame per window, one window at a time: the
     # compositor gets one pool in all (recycled) and a buffer per window.
@@ -57,6 +57,10 @@ def test_a_stock_kernel_refuses_a_full_hd_window_and_the_report_says_why(
     stock, report = run(weston, tmp_path, "--kernel", "stock", windows=1, size="1920x1080")
     assert stock.returncode == 1  # the client got no_memory, and said so
     assert "no_memory" in stock.stderr or "gntalloc limit" in stock.stderr, stock.stderr
+    # After the app exited, run said which client the proxy ended, and why.
+    ended = [line for line in stock.stderr.splitlines()
+             if line.startswith("qubesshm run: qubesshm ended client#")]
+    assert len(ended) == 1 and "more than the gntalloc limit of 1024 pages" in ended[0]
     assert report["pages_needed"] == pages
     findings = "\n".join(report["findings"])
     assert "1 buffer(s) were refused" in findings
@@ -72,8 +76,8 @@ def test_a_stock_kernel_refuses_a_full_hd_window_and_the_report_says_why(
 def test_ending_grants_at_once_defers_every_page_the_compositor_held(
         weston: HeadlessWeston, tmp_path: Path) -> None:
     windows, pages = 20, pages_for(200 * 4 * 150)
-    result, report = run(weston, tmp_path, "--quiet", "--reclaim", "at-once", "--kernel",
-                         "stock", windows=windows, size="200x150")
+    result, report = run(weston, tmp_path, "--reclaim", "at-once", "--kernel", "stock",
+                         windows=windows, size="200x150")
     assert result.returncode == 0, result.stderr
     # No cache, no notify: each window's area is ended as it goes, while Weston
     # still maps it, so every page lands on the stock kernel's deferred list.
@@ -92,3 +96,67 @@ def test_a_held_mapping_delays_the_notify_and_nothing_is_deferred(
     unmap = report["unmap_latency_ms"]
     assert unmap["count"] == 5 and unmap["p50"] >= 300
     assert report["grant_pages_deferred"] == 0 and report["late_releases"] == 0
+
+
+# An app that breaks the protocol, reads the error, prints nothing and exits 0.
+SILENT_BAD_CLIENT = """
+import os, socket, struct
+path = os.path.join(os.environ["XDG_RUNTIME_DIR"], os.environ["WAYLAND_DISPLAY"])
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.connect(path)
+    sock.sendall(struct.pack("<II", 99, 8 << 16))  # a request to an object that is not
+    while sock.recv(4096):
+        pass
+"""
+
+
+def test_run_says_which_client_it_ended_even_when_the_app_exits_0(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    for quiet in ((), ("--quiet",)):
+        result = subprocess.run(
+            [sys.executable, "-m", "qubesshm", "run", *quiet, "--", sys.executable, "-c",
+             SILENT_BAD_CLIENT], env=weston.env(), capture_output=True, text=True,
+            timeout=120, check=False)
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("qubesshm run: qubesshm ended client#"), result.stderr
+        assert "client protocol error" in last and "99" in last, last
+        assert "Traceback" not in result.stderr
+
+
+def test_a_limit_too_small_for_one_screen_sized_window_is_said_at_start(
+        desktop_weston: HeadlessWeston, tmp_path: Path) -> None:
+    need = pages_for(1920 * 1080 * 4)
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--quiet", "--kernel", "stock", "--", "true"],
+        env=desktop_weston.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"qubesshm run: the gntalloc limit is 1024 pages, less than the {need} pages that one "
+        "window the size of the compositor's 1920x1080 output needs: such a window will be "
+        "refused; raise the limit with --gntalloc-limit 1073741824 (or qubesshm tune "
+        "--gntalloc-limit 1073741824), as Qubes does in its VMs"]
+    capped = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--quiet", "--client-pages", "900", "--",
+         "true"], env=desktop_weston.env(), capture_output=True, text=True, timeout=120,
+        check=False)
+    assert capped.stderr.startswith(f"qubesshm run: --client-pages 900 is less than the "
+                                    f"{need} pages"), capped.stderr
+    # With a Qubes VM's parameters, the default, nothing to say.
+    fits = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--quiet", "--", "true"],
+        env=desktop_weston.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert fits.returncode == 0 and fits.stderr == ""
+
+
+def test_an_unwritable_report_path_is_refused_before_the_app_runs(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--report-json",
+         str(tmp_path / "nodir" / "r.json"), "--", "touch", str(marker)],
+        env=weston.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(
+        "qubesshm run: error: argument --report-json: ")
+    assert not marker.exists(), "the app never started"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..grants.api import PAGE_SIZE
-from ..grants.files import write_file
+from ..grants.files import write_output
 from ..relay.control import StatsError, read_stats
 from .processes import compositor, process, wait_for_socket
 
@@ -65,6 +66,10 @@ class PolicyResult:
     windows_per_second: float = 0.0
     ratio_to_direct: float | None = None
     grants_per_window: float | None = None
+    # Output buffers served from the cache (no new grant): hits over hits and misses.
+    cache_hits: int | None = None
+    from_cache: float | None = None
+    waits_for_room: int | None = None
     peak_live: int | None = None
     final_live: int | None = None
     peak_deferred: int | None = None
@@ -101,7 +106,8 @@ def run_churn_bench(args: argparse.Namespace) -> int:
         return 1
     windows = max(1, round(args.rate * args.seconds))
     results: dict[str, PolicyResult] = {}
-    with compositor(args.upstream, width=1920, height=1080) as upstream:
+    with compositor(args.upstream, width=1920, height=1080,
+                    animations=args.animations != "off") as upstream:
         # The baseline first, so that the progress of the others can show the ratio.
         for policy in sorted(policies, key=lambda p: p != "direct"):
             results[policy] = _run_policy(policy, upstream, windows, args)
@@ -113,14 +119,24 @@ def run_churn_bench(args: argparse.Namespace) -> int:
     if args.json:
         data = {"config": {k: getattr(args, k) for k in ("rate", "seconds", "size",
                                                           "concurrency", "frames", "hold")},
+                "compositor": compositor_label(args),
                 "windows": windows,
                 "policies": {name: asdict(r) for name, r in results.items()}}
-        write_file(Path(args.json), json.dumps(data, indent=2) + "\n",
-                   create=not Path(args.json).exists())
+        write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     if args.plot:
         figure = plot(results, args)
-        figure.savefig(args.plot, dpi=110)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110)
+        write_output(Path(args.plot), png.getvalue())
     return 0
+
+
+def compositor_label(args: argparse.Namespace) -> str:
+    """Which compositor the figures are of, in a few words."""
+    if getattr(args, "upstream", None):
+        return f"compositor {args.upstream}"
+    animations = getattr(args, "animations", None) or "on"
+    return f"headless Weston, animations {animations}"
 
 
 def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
@@ -151,14 +167,31 @@ def _run_policy(policy: str, upstream: Path, windows: int,
         start = time.monotonic()
         client = subprocess.Popen(_client_command(windows, args), env=client_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # A policy that cannot keep up is slowed, not refused (a commit waits for grant
+        # room): it gets twice the run's time, at least 10 s more, then is stopped.
+        deadline = start + max(2 * args.seconds, args.seconds + 10)
+        behind = False
         while client.poll() is None:
             _sample(socket_path, start, result)
             _progress(policy, start, args, result)
+            if time.monotonic() > deadline:
+                behind = True
+                client.terminate()
+                break
             time.sleep(SAMPLE_INTERVAL)
         out, err = client.communicate()
         match = _RESULT.search(out)
         if client.returncode == 0 and match is not None:
             result.windows, result.seconds = int(match[1]), float(match[2])
+        elif behind:
+            opened = _OPENED.findall(out)
+            result.windows = int(opened[-1]) if opened else 0
+            result.seconds = time.monotonic() - start
+            result.failed = (f"fell behind: stopped at {result.seconds:.0f} s, twice the "
+                             "run's time, with its windows still to come")
+            if policy == "direct":
+                raise RuntimeError(f"direct: the churn client did not finish in "
+                                   f"{result.seconds:.0f} s")
         else:
             # The policy could not carry the load (a full grant table, say): what it
             # managed until then, and why it stopped.
@@ -210,6 +243,14 @@ def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float
         raise RuntimeError(f"{result.policy}: no counters could be read from the proxy")
     grants = stats["grants"]
     result.grants_per_window = grants["shared_total"] / max(1, result.windows)
+    lifetimes = stats["lifetimes"]
+    result.cache_hits = lifetimes["cache_hits"]
+    result.from_cache = lifetimes["cache_hits"] / max(1, lifetimes["cache_hits"]
+                                                      + lifetimes["cache_misses"])
+    result.waits_for_room = stats["waits_for_room"]
+    if result.failed is not None and result.waits_for_room:
+        result.failed += (f"; {result.waits_for_room} commits waited for grant room "
+                          f"(longest {stats['commit_waits_ms']['max'] or 0:.0f} ms)")
     result.peak_live = max(int(v) for v in series["live"])
     result.final_live = int(series["live"][-1])
     result.peak_deferred = max(int(v) for v in series["deferred"])
@@ -256,7 +297,8 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
     print(f"\n{windows} windows of {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
           f"{args.concurrency} open at once, {args.frames} frame(s) each, mappings held "
           f"{args.hold:g} s after let go; grant counts in pages (one grant each):")
-    print(f"{'policy':<15} {'win/s':>7} {'x direct':>8} {'grants/win':>10} {'peak live':>9} "
+    print(f"{'policy':<15} {'win/s':>7} {'x direct':>8} {'grants/win':>10} "
+          f"{'from cache':>10} {'peak live':>9} "
           f"{'final live':>10} {'peak deferred':>13} {'final deferred':>14} "
           f"{'drain s':>9} {'leaked':>6} {'peak MiB':>8}")
 
@@ -266,7 +308,8 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
     for r in results.values():
         drain = show(r.drain_seconds, ".1f") + ("~" if r.drain_estimated else "")
         print(f"{r.policy:<15} {r.windows_per_second:>7.1f} {show(r.ratio_to_direct, '.2f'):>8} "
-              f"{show(r.grants_per_window, '.1f'):>10} {show(r.peak_live):>9} "
+              f"{show(r.grants_per_window, '.1f'):>10} {show(r.from_cache, '.0%'):>10} "
+              f"{show(r.peak_live):>9} "
               f"{show(r.final_live):>10} {show(r.peak_deferred):>13} "
               f"{show(r.final_deferred):>14} {drain:>9} {show(r.leaked):>6} "
               f"{show(r.peak_grant_mib):>8}")
@@ -299,7 +342,7 @@ def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
     deferred_axes.set_ylabel("deferred backlog (pages)")
     deferred_axes.set_xlabel("seconds since the first window")
     live_axes.set_title(f"window churn: {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
-                        f"mappings held {args.hold:g} s")
+                        f"mappings held {args.hold:g} s; {compositor_label(args)}")
     for axes in (live_axes, deferred_axes):
         axes.grid(True, alpha=0.3)
         axes.legend(loc="upper right", fontsize="small")

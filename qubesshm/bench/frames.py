@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..grants.files import write_output
 from ..relay.control import read_stats
 from .processes import (
     QUBES_GNTALLOC_LIMIT,
@@ -174,13 +175,11 @@ def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30) -
 
 
 def run_frames_bench(args: argparse.Namespace) -> int:
-    if args.json:
-        # Found unwritable now rather than after the whole run.
-        Path(args.json).touch()
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
-    with contextlib.ExitStack() as stack, compositor(args.upstream, width=WIDTH,
-                                                      height=HEIGHT) as upstream:
+    with contextlib.ExitStack() as stack, compositor(
+            args.upstream, width=WIDTH, height=HEIGHT,
+            animations=args.animations != "off") as upstream:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         workdir.chmod(0o700)
         env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
@@ -207,7 +206,7 @@ def run_frames_bench(args: argparse.Namespace) -> int:
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
                          **{p: asdict(r) for p, r in results[c.name].items()}} for c in cases}
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 
 

@@ -57,18 +57,21 @@ def process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[b
 
 
 @contextlib.contextmanager
-def compositor(upstream: str | None, *, width: int = 1024,
-               height: int = 640) -> Iterator[Path]:
-    if upstream is not None or compositor_is_running():
+def compositor(upstream: str | None, *, width: int = 1024, height: int = 640,
+               animations: bool = True) -> Iterator[Path]:
+    """The compositor a benchmark measures: the one given with ``--upstream``, else a
+    headless Weston of its own (never whatever ``$WAYLAND_DISPLAY`` happens to name,
+    so that a figure says which compositor it is of). Prints which."""
+    if upstream is not None:
         path = upstream_path(upstream)
         if not compositor_is_running(str(path)):
             raise RuntimeError(f"no compositor answers at {path}")
-        print(f"compositor: {path}")
+        print(f"compositor: {path} (given with --upstream, configured as it was started)")
         yield path
         return
-    with HeadlessWeston(debug=False, width=width, height=height) as weston:
-        print(f"compositor: a headless Weston started for this run (pixman renderer, "
-              f"{width}x{height})")
+    with HeadlessWeston(debug=False, width=width, height=height,
+                        animations=animations) as weston:
+        print(f"compositor: {weston.describe()}")
         yield weston.socket_path
 
 

@@ -143,7 +143,8 @@ class SyncClient:
 
 def run_relay_bench(args: argparse.Namespace) -> int:
     sync = load_protocols()["wl_display"].requests[0]
-    with contextlib.ExitStack() as stack, compositor(args.upstream) as upstream:
+    with contextlib.ExitStack() as stack, compositor(
+            args.upstream, animations=args.animations != "off") as upstream:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(workdir)

@@ -1,10 +1,11 @@
-"""Writing the simulated kernel's files safely: private directories, no symlinks followed.
+"""Writing files safely: private directories, no symlinks followed, outputs checked early.
 
 The simulated hypervisor keeps its parameter and counter files under a root in
 ``$XDG_RUNTIME_DIR`` (or ``QUBESSHM_SIM_ROOT``). Like libwayland with its runtime
 directory, qubesshm refuses a directory that is missing, not the user's, or open
 to others, never falls back to a predictable path in a shared directory, and
-opens every file it writes with ``O_NOFOLLOW``.
+opens every file it writes with ``O_NOFOLLOW``. Files a command writes at the end
+(a report, a plot) are checked with ``check_output`` before any work starts.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def private_dir(path: Path, what: str) -> None:
     check_private_dir(path, what)
 
 
-def write_file(path: Path, data: str, *, create: bool = False) -> None:
+def write_file(path: Path, data: str | bytes, *, create: bool = False) -> None:
     """Write ``data`` to ``path`` without following a symlink there; ``create`` makes a
     new file (mode 0600) and fails if one exists."""
     flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -69,6 +70,39 @@ def write_file(path: Path, data: str, *, create: bool = False) -> None:
                           "through symlinks", str(path)) from exc
         raise
     try:
-        os.write(fd, data.encode())
+        view = memoryview(data.encode() if isinstance(data, str) else data)
+        while view:
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+
+
+def check_output(path: Path) -> str | None:
+    """Why ``path`` cannot be written by ``write_file`` (None if it can), found before a
+    command does the work whose result goes there; nothing is created."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symlink; qubesshm does not write through symlinks"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path} exists and is not a regular file"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        return None
+    parent = path.parent
+    if not parent.is_dir():
+        return f"{parent} does not exist (or is not a directory): make it first"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create files in {parent}: it is not writable"
+    return None
+
+
+def write_output(path: Path, data: bytes | str) -> None:
+    """Write a command's output file: created mode 0600, or an existing regular file
+    replaced in place, never through a symlink."""
+    write_file(path, data, create=not path.exists())

@@ -127,6 +127,29 @@ class ClientRelay:
         if not self.closed:
             self._apply(self.session.flush())
 
+    def poll(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._apply(self.session.poll())
+        except Exception:
+            self._internal_error()
+
+    def retry(self) -> None:
+        """The limits may have room now: the commit waiting for it tries again."""
+        if self.closed or not self.session.waiting_for_room:
+            return
+        try:
+            self._apply(self.session.retry())
+        except Exception:
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        """A bug must cost one session, never the proxy and its other clients."""
+        log.exception("client#%d: internal error", self.number)
+        self.server.ended(self.number, "dropped: an internal error of qubesshm (above)")
+        self.close("internal error")
+
     def _object_name(self, object_id: int) -> str:
         obj = self.session.objects.get(object_id)
         return f"{obj}" if obj is not None else f"[unknown]@{object_id}"
@@ -177,17 +200,14 @@ class ClientRelay:
             if source is self.client:
                 self._client_bursting = self._pump(self.client) >= CLIENT_READ_SIZE
         except Exception:
-            # A bug must cost one session, never the proxy and its other clients.
-            log.exception("client#%d: internal error", self.number)
-            self.close("internal error")
+            self._internal_error()
 
     def pump_client(self) -> bool:
         """Read and relay once from the client; True if it sent anything."""
         try:
             return self._pump(self.client) > 0
         except Exception:
-            log.exception("client#%d: internal error", self.number)
-            self.close("internal error")
+            self._internal_error()
             return False
 
     def _pump(self, source: Transport, *, draining: bool = False) -> int:
@@ -233,7 +253,7 @@ class ClientRelay:
             self._update_readers()
         if step.error is not None and not self.closed:
             who = "client" if step.client_at_fault else "compositor"
-            log.warning("client#%d: %s protocol error: %s", self.number, who, step.error)
+            self.server.ended(self.number, f"{who} protocol error: {step.error}")
             self.finish(f"{who} protocol error")
 
     def _fail_client(self, error: WireError) -> None:
@@ -330,8 +350,10 @@ class ClientRelay:
 
     def _stalled(self, dest: Transport) -> None:
         self._stall.pop(dest, None)
-        self.close(f"{self._name(dest)} stopped reading: {dest.queued_bytes} bytes queued "
-                   f"for {self.server.options.stall_timeout:g} s")
+        reason = (f"{self._name(dest)} stopped reading: {dest.queued_bytes} bytes queued "
+                  f"for {self.server.options.stall_timeout:g} s")
+        self.server.ended(self.number, f"dropped: {reason}")
+        self.close(reason)
 
     # -- ending --------------------------------------------------------------
 
@@ -463,15 +485,31 @@ class ProxyServer:
         self._connecting: set[socket.socket] = set()
         self._waiting_for_fds: deque[tuple[int, socket.socket]] = deque()
         self._next_number = 1
+        # One line per client the proxy ended or refused (a protocol error, a stall).
+        self.ended_clients: list[str] = []
         self._hidden_logged: set[str] = set()
         self._accept_retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._accept)
         self._tick_handle: asyncio.TimerHandle | None = None
         # The stats socket, set by whoever starts the proxy; closed with it.
         self.control: ControlSocket | None = None
+        self._room_pending = False
         if self.lifetimes is not None:
+            self.lifetimes.on_room = self._room
             self.loop.add_reader(self.lifetimes.event_fd, self._grant_event)
             self._tick_handle = self.loop.call_later(TICK_INTERVAL, self._tick)
+
+    def _room(self) -> None:
+        """Pages were given back or ended: commits waiting for room try again, once
+        the work that freed them is done."""
+        if not self._room_pending:
+            self._room_pending = True
+            self.loop.call_soon(self._retry_waiting)
+
+    def _retry_waiting(self) -> None:
+        self._room_pending = False
+        for relay in sorted(self.clients, key=lambda r: r.number):
+            relay.retry()
 
     def _grant_event(self) -> None:
         """An unmap notify fired: end the grants whose mappings are gone."""
@@ -491,6 +529,11 @@ class ProxyServer:
         except Exception:
             # The timer must outlive one bad tick, or deferred grants are never reclaimed.
             log.exception("the grant layer's timer failed")
+        for relay in list(self.clients):
+            relay.poll()
+        # Room also comes without a page of ours moving: the kernel's deferred reclaim
+        # frees grant table entries, tune raises the gntalloc limit.
+        self._retry_waiting()
         # While areas wait for their notify, the simulated kernel looks at the
         # compositor's mmaps often: the real one would notify at once.
         interval = AWAITING_TICK_INTERVAL if self.lifetimes.awaiting else TICK_INTERVAL
@@ -506,6 +549,13 @@ class ProxyServer:
         deadline = self.loop.time() + timeout
         while self.lifetimes.awaiting and self.loop.time() < deadline:
             await asyncio.sleep(AWAITING_TICK_INTERVAL)
+
+    def ended(self, number: int, why: str, *, level: int = logging.WARNING) -> None:
+        """The proxy ended or refused client ``number``: logged now, and kept for whoever
+        started the proxy (``run`` says it again once its command has exited)."""
+        line = f"client#{number}: {why}"
+        self.ended_clients.append(line)
+        log.log(level, "%s", line)
 
     def hidden_global(self, interface: str, version: int) -> None:
         if interface not in self._hidden_logged:
@@ -605,7 +655,7 @@ class ProxyServer:
         upstream.close()
         if exc is not None:
             reason = f"cannot reach the compositor at {self.upstream}: {exc.strerror or exc}"
-        log.error("client#%d: %s", number, reason)
+        self.ended(number, reason, level=logging.ERROR)
         message = f"qubesshm: {reason}"
         try:
             client.setblocking(False)
