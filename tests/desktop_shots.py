@@ -1,0 +1,208 @@
+"""What a headless Weston's desktop shows: raw screenshots, and windows found on them.
+
+``weston-screenshooter`` writes a PNG through cairo, whose ARGB is premultiplied:
+a pixel whose alpha byte is 0 comes out black whatever its colour. Weston's
+pixman renderer copies an opaque surface's XRGB8888 pixels into the output with
+their X byte, and Xwayland leaves that byte 0, so every such shot of a rootful
+Xwayland window is black. :func:`shoot` asks Weston for the same shot over the
+same ``weston_screenshooter`` protocol (Weston must run with ``--debug``) into a
+buffer of its own and keeps the colour bytes, dropping the fourth.
+
+Windows are found by comparing a shot with the empty desktop (:func:`settled_desktop`):
+the desktop shell's background below its panel, which clients cannot draw on.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from messages import PROTO, request
+
+from qubesshm.headless import HeadlessWeston
+from qubesshm.wire.codec import UntypedNewId, WireReader, decode_args, encode_message
+from qubesshm.wire.protocol import Arg, ArgKind, MessageSpec
+
+Screen = npt.NDArray[np.uint8]  # height x width x 3, RGB
+
+# The height of Weston 10's desktop-shell panel, at the top of the output.
+PANEL_HEIGHT = 32
+
+# weston_screenshooter is Weston's private protocol (weston-screenshooter.xml in its
+# source): one request, shoot(output, buffer), answered by one event, done.
+SHOOT = MessageSpec("weston_screenshooter", "shoot", 0, (
+    Arg("output", ArgKind.OBJECT, "wl_output"), Arg("buffer", ArgKind.OBJECT, "wl_buffer")))
+ARGB8888 = 0
+TIMEOUT = 30.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class _Connection:
+    """A Wayland client speaking bytes to Weston, for the few requests a shot needs."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.reader = WireReader(1 << 16)
+        self.next_id = 2
+        self.globals: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def send(self, message: tuple[bytes, list[int]]) -> None:
+        data, fds = message
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        self.sock.sendmsg([data], rights if fds else [])
+
+    def until(self, object_id: int, registry: int | None = None) -> None:
+        """Read events until one for ``object_id`` (a callback's done, a shot's done)."""
+        while True:
+            head = self.reader.peek()
+            if head is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("Weston hung up on the screenshot client")
+                self.reader.feed(data)
+                continue
+            taken = self.reader.take(head[2], 0)
+            assert taken is not None
+            frame = taken[0]
+            if (frame.object_id, frame.opcode) == (1, 0):
+                error = decode_args(PROTO["wl_display"].events[0], frame.data, [])
+                raise ConnectionError(f"Weston refused the screenshot client: {error}")
+            if registry is not None and (frame.object_id, frame.opcode) == (registry, 0):
+                name, interface, _ = decode_args(PROTO["wl_registry"].events[0], frame.data, [])
+                assert isinstance(name, int) and isinstance(interface, str)
+                self.globals.setdefault(interface, name)
+            if frame.object_id == object_id:
+                return
+
+    def roundtrip(self, registry: int | None = None) -> None:
+        callback = self.new_id()
+        self.send(request(1, "wl_display", "sync", callback))
+        self.until(callback, registry)
+
+    def bind(self, registry: int, interface: str, version: int) -> int:
+        if interface not in self.globals:
+            raise LookupError(f"Weston offers no {interface} (is it running with --debug?)")
+        new = self.new_id()
+        self.send(request(registry, "wl_registry", "bind", self.globals[interface],
+                          UntypedNewId(interface, version, new)))
+        return new
+
+
+def shoot(weston: HeadlessWeston) -> Screen:
+    """The whole output as Weston's renderer has it now, as RGB."""
+    width, height = weston.width, weston.height
+    stride = width * 4
+    conn = _Connection(str(weston.socket_path))
+    fd = os.memfd_create("qubesshm-test-shot", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, stride * height)
+        registry = conn.new_id()
+        conn.send(request(1, "wl_display", "get_registry", registry))
+        conn.roundtrip(registry)
+        shm = conn.bind(registry, "wl_shm", 1)
+        output = conn.bind(registry, "wl_output", 1)
+        shooter = conn.bind(registry, "weston_screenshooter", 1)
+        pool, buffer = conn.new_id(), conn.new_id()
+        conn.send(request(shm, "wl_shm", "create_pool", pool, fd, stride * height))
+        conn.send(request(pool, "wl_shm_pool", "create_buffer", buffer, 0, width, height,
+                          stride, ARGB8888))
+        conn.send(encode_message(shooter, SHOOT, [output, buffer]))
+        conn.until(shooter)
+        pixels = os.pread(fd, stride * height, 0)
+        bgrx = np.frombuffer(pixels, np.uint8).reshape(height, width, 4)
+        # Little-endian ARGB8888 is B, G, R, A in memory.
+        return np.ascontiguousarray(bgrx[:, :, 2::-1])
+    finally:
+        os.close(fd)
+        conn.close()
+
+
+def below_panel(screen: Screen) -> Screen:
+    return screen[PANEL_HEIGHT:]
+
+
+def settled_desktop(weston: HeadlessWeston) -> Screen:
+    """The desktop once the shell's start-up fade is over and nothing moves: two shots
+    in a row agree below the panel (the panel's clock may tick) and show more than
+    one colour (before the fade starts the screen is uniformly black)."""
+    shots = [shoot(weston)]
+
+    def settled() -> bool:
+        shots.append(shoot(weston))
+        last, previous = below_panel(shots[-1]), below_panel(shots[-2])
+        return bool(np.array_equal(last, previous)) and len(np.unique(last[:, :, 0])) > 1
+
+    wait_until(settled, "the desktop to settle (start-up fade over, no window changing)")
+    return shots[-1]
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle on the output, right and bottom exclusive."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    def crop(self, screen: Screen) -> Screen:
+        return screen[self.top : self.bottom, self.left : self.right]
+
+
+def changed(screen: Screen, desktop: Screen) -> npt.NDArray[np.bool_]:
+    """Where ``screen`` differs from the empty ``desktop``, pixel by pixel."""
+    mask: npt.NDArray[np.bool_] = np.any(screen != desktop, axis=2)
+    return mask
+
+
+def window_box(screen: Screen, desktop: Screen) -> Box | None:
+    """The bounding box of what differs from the empty desktop below the panel (the
+    windows, their shadows included), or None when nothing does."""
+    mask = changed(below_panel(screen), below_panel(desktop))
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return Box(int(cols[0]), PANEL_HEIGHT + int(rows[0]),
+               int(cols[-1]) + 1, PANEL_HEIGHT + int(rows[-1]) + 1)
+
+
+def covered(screen: Screen, desktop: Screen, box: Box) -> float:
+    """The fraction of ``box``'s pixels that differ from the empty desktop."""
+    return float(changed(box.crop(screen), box.crop(desktop)).mean())
+
+
+def desktop_is_clear(weston: HeadlessWeston, desktop: Screen) -> bool:
+    """Whether no window (nor a closed one still fading out) is on screen."""
+    return window_box(shoot(weston), desktop) is None
