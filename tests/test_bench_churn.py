@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qubesshm.bench.churn import PolicyResult, plot
+from qubesshm.bench.churn import PolicyResult, plot, set_ratios
 from qubesshm.headless import HeadlessWeston
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -141,3 +141,13 @@ def test_animations_go_with_the_bench_own_weston_only(weston: HeadlessWeston) ->
         timeout=60, check=False)
     assert result.returncode == 2
     assert "--animations sets up the Weston the benchmark starts" in result.stderr
+
+
+def test_ratios_are_each_policys_rate_over_directs() -> None:
+    results = {name: PolicyResult(name, windows_per_second=rate)
+               for name, rate in (("direct", 8.0), ("recycle", 6.0), ("kernel-default", 0.5))}
+    set_ratios(results)
+    assert [r.ratio_to_direct for r in results.values()] == [1.0, 0.75, 0.0625]
+    alone = {"recycle": PolicyResult("recycle", windows_per_second=6.0)}
+    set_ratios(alone)
+    assert alone["recycle"].ratio_to_direct is None, "no direct run: no ratio"
