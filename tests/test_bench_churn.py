@@ -75,11 +75,15 @@ def test_the_plot_has_one_line_per_proxied_policy() -> None:
     assert [line.get_label() for line in deferred.lines] == list(results)[:4]
 
 
-def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
-    result = subprocess.run(
+def churn_against(weston: HeadlessWeston, *args: str) -> subprocess.CompletedProcess[str]:
+    """``bench churn --upstream`` the test Weston, with ``args``."""
+    return subprocess.run(
         [sys.executable, "-m", "qubesshm", "bench", "churn", "--upstream", weston.socket_name,
-         "--policies", "recycle,fastest"], env=weston.env(), capture_output=True, text=True,
-        timeout=60, check=False)
+         *args], env=weston.env(), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
+    result = churn_against(weston, "--policies", "recycle,fastest")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "qubesshm bench churn: unknown policy fastest: choose from kernel-default, qubes, "
@@ -135,10 +139,7 @@ def test_output_files_are_checked_before_the_run(tmp_path: Path) -> None:
 
 
 def test_animations_go_with_the_bench_own_weston_only(weston: HeadlessWeston) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "qubesshm", "bench", "churn", "--upstream", weston.socket_name,
-         "--animations", "off"], env=weston.env(), capture_output=True, text=True,
-        timeout=60, check=False)
+    result = churn_against(weston, "--animations", "off")
     assert result.returncode == 2
     assert "--animations sets up the Weston the benchmark starts" in result.stderr
 

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,19 +129,20 @@ class ClientRelay:
             self._apply(self.session.flush())
 
     def poll(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._apply(self.session.poll())
-        except Exception:
-            self._internal_error()
+        """Timer work of the session (output buffers the compositor holds too long)."""
+        self._run(self.session.poll)
 
     def retry(self) -> None:
         """The limits may have room now: the commit waiting for it tries again."""
-        if self.closed or not self.session.waiting_for_room:
+        if self.session.waiting_for_room:
+            self._run(self.session.retry)
+
+    def _run(self, make_step: Callable[[], Step]) -> None:
+        """Apply what the session does outside any read."""
+        if self.closed:
             return
         try:
-            self._apply(self.session.retry())
+            self._apply(make_step())
         except Exception:
             self._internal_error()
 
