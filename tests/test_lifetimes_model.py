@@ -266,7 +266,6 @@ class Reference:
             self.counters.peak_wanted = max(self.counters.peak_wanted,
                                             pages_in(self.areas, AreaState.IN_USE))
             return found
-        self.counters.cache_misses += 1
         outcome = self.make_room(conn, need)
         if outcome == "new" and (self.live() + deferred_before + self.deferred_now + need
                                  > TABLE_REFS):
@@ -276,6 +275,8 @@ class Reference:
             self.counters.refused += 1
         elif outcome == "wait":
             self.counters.no_room += 1
+        else:
+            self.counters.cache_misses += 1  # a fresh area
         return outcome
 
     def make_room(self, conn: MConn, need: int) -> str:

@@ -151,7 +151,7 @@ class LifetimeCounters:
     """What the lifetimes did, for ``qubesshm stats`` and the exit summary."""
 
     cache_hits: int = 0
-    cache_misses: int = 0
+    cache_misses: int = 0  # fresh areas shared: no cached one fitted
     evictions: int = 0
     ended_by_notify: int = 0
     late_releases: int = 0
@@ -159,7 +159,7 @@ class LifetimeCounters:
     deferred_areas: int = 0  # handed to deferred reclaim: late, at exit or for room
     deferred_for_room: int = 0  # of those, to stay under the gntalloc limit
     refused: int = 0  # GrantLimit raised
-    no_room: int = 0  # NoRoom raised: a request that waits
+    no_room: int = 0  # NoRoom raised: a request told to wait (each retry counts)
     # Most pages backing buffers at once, counting requests refused for want of pages:
     # the smallest gntalloc limit the run needed (the cache gives way under it).
     peak_wanted: int = 0
@@ -268,16 +268,18 @@ class GrantLifetimes:
             self.counters.cache_hits += 1
             self.counters.peak_wanted = max(self.counters.peak_wanted, self._in_use_pages())
             return found
-        self.counters.cache_misses += 1
         try:
             self._make_room(conn, need)
-            return self._new_area(conn, need)
+            area = self._new_area(conn, need)
         except GrantLimit:
             self.counters.refused += 1
             raise
         except NoRoom:
             self.counters.no_room += 1
             raise
+        # A miss is a fresh grant: a request that waits or is refused made none.
+        self.counters.cache_misses += 1
+        return area
 
     def give_back(self, area: Area) -> None:
         """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
