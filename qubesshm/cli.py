@@ -112,9 +112,10 @@ def _add_relay_options(parser: argparse.ArgumentParser, default_socket: str | No
 
 def _add_grants_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grants", choices=CHOICES, default=None,
-                        help="grant backend: the simulated hypervisor, real Xen through "
-                        "/dev/xen, or xen when /dev/xen/gntalloc exists (default: "
-                        "$QUBESSHM_GRANTS, else auto)")
+                        help="grant backend: the simulated hypervisor (a kernel of this "
+                        "command's own, with a Qubes VM's parameters unless --kernel "
+                        "stock), real Xen through /dev/xen, or xen when /dev/xen/gntalloc "
+                        "exists (default: $QUBESSHM_GRANTS, else auto)")
 
 
 def _add_buffer_options(parser: argparse.ArgumentParser) -> None:

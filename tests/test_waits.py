@@ -263,6 +263,10 @@ def test_a_buffer_released_after_its_window_closed_is_cached_and_reused(
     close_window(world, 3)
     assert world.lifetimes.counters.cache_hits == 1, "a later window reuses it"
     world.events(event(second, "wl_buffer", "release"))
+    # Each window closed while the compositor still showed its buffer: what an agent
+    # ending grants as buffers go would have deferred, counted once per window (not
+    # again when the released buffer went to the cache).
+    assert sum(world.lifetimes.counters.retired_while_held.values()) == 3 * PAGES
 
 
 def test_a_buffer_held_past_the_late_timeout_is_let_go_not_reused(world: World) -> None:

@@ -92,6 +92,8 @@ class Area:
     pool_id: int = 0
     since: float = 0.0  # when it entered its state
     late: bool = False
+    # Counted in retired_while_held since it last backed a buffer (once per buffer).
+    held_when_freed: bool = False
 
     @property
     def pages(self) -> int:
@@ -265,6 +267,7 @@ class GrantLifetimes:
         if found is not None:
             del self._cache[found]
             self._move(found, AreaState.IN_USE)
+            found.held_when_freed = False
             self.counters.cache_hits += 1
             self.counters.peak_wanted = max(self.counters.peak_wanted, self._in_use_pages())
             return found
@@ -532,7 +535,16 @@ class GrantLifetimes:
             if area.state is AreaState.AWAITING_UNMAP:
                 self._end_if_unmapped(area)
 
+    def freed_while_held(self, area: Area) -> None:
+        """The app let go of the buffer ``area`` backs while the compositor still holds
+        it (a window closed under a close animation): the moment an agent that ends
+        grants as buffers go would end this one, and defer it."""
+        self._retired_while_held(area)
+
     def _retired_while_held(self, area: Area) -> None:
+        if area.held_when_freed:
+            return  # counted when the app let go of its buffer
+        area.held_when_freed = True
         second = int(self.clock() - self.started)
         held = self.counters.retired_while_held
         held[second] = held.get(second, 0) + area.pages

@@ -597,6 +597,7 @@ class ShmBridge:
             out.orphaned = True
             out.orphaned_at = self.clock()
             self._orphans.add(out)
+            self.lifetimes.freed_while_held(out.area)
 
     def poll(self, up: Outbox) -> None:
         """Timer work: a compositor may keep a closed window's last buffer a while (a
