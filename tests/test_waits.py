@@ -289,3 +289,27 @@ def test_a_buffer_held_past_the_late_timeout_is_let_go_not_reused(world: World) 
     world.halves.tick()
     world.lifetimes.on_event()
     assert counters.pages.live == 0 and world.hv.deferred_pages == 0
+
+
+def test_a_compositor_that_releases_what_it_shows_is_waited_for_not_raced(
+        world: World) -> None:
+    """Re-filling in place is for compositors that hold the buffer on screen; one that
+    copies shm buffers to the screen and releases them (GL renderers) is waited for,
+    so the proxy never writes a buffer it may be reading."""
+    world.lifetimes.policy.client_pages = PAGES + PAGES // 2
+    buffer, fd = client_buffer(world)
+    surface = world.surface()
+    _, got = world.commit(surface, buffer, (0, 0, W, H))
+    out = attached(got)
+    world.events(event(out, "wl_buffer", "release"))  # released while on screen
+    _, got = world.commit(surface, buffer, (0, 0, 1, 1))
+    assert attached(got) == out  # released: simply filled again
+    os.pwrite(fd, b"\x55" * 4, 0)
+    step, got = world.commit(surface, buffer, (0, 0, 1, 1))
+    assert world.session.blocked and world.session.waiting_for_room, "waits, no re-fill"
+    assert world.ledger.total.refills_in_place == 0
+    step = world.events(event(out, "wl_buffer", "release"))
+    got = world.comp.take(step)
+    assert attached(got) == out and not world.session.blocked
+    assert world.comp.pixels(out) == os.pread(fd, W * H * 4, 0)
+    assert world.ledger.total.waits_for_room == 1

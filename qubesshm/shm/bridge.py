@@ -119,6 +119,9 @@ class ShmBridge:
         self.released_since_block = False
         # A commit waits for the limits to have room (tried again when pages free up).
         self.waiting_for_room = False
+        # The compositor released a buffer while it was the one attached: it does not
+        # read shm buffers while showing them, so waiting for a release never stalls.
+        self.compositor_releases_shown = False
         self._waiting_since: float | None = None
         self._waited_for_room = False
         # Output buffers of destroyed surfaces that the compositor still holds.
@@ -187,6 +190,8 @@ class ShmBridge:
             c.pages.in_use -= out.pages
             c.release_latency.add(latency)
         out.state = OutputState.RELEASED
+        if out.shown:
+            self.compositor_releases_shown = True
         self.released_since_block = True
         if out.orphaned:
             self._retire(out, up)
@@ -431,7 +436,7 @@ class ShmBridge:
                 # Something other than our copy is shown now (nothing, or a non-shm
                 # buffer): the next shm buffer is copied whole.
                 surface.shown_key = None
-                surface.outputs.current = None
+                surface.outputs.show(None)
             return Verdict.FORWARD
         # Output buffers of another shape (the window was resized, or changed format)
         # are not needed any more: they go once the compositor has let go of them.
@@ -446,7 +451,10 @@ class ShmBridge:
             try:
                 area = self._take_area(surface, buffer, up)
             except NoRoom:
-                out = surface.outputs.refillable(buffer.key)
+                # A compositor that has released a buffer it was showing (one that
+                # copies shm buffers to the screen) will release this one too: wait.
+                out = (None if self.compositor_releases_shown
+                       else surface.outputs.refillable(buffer.key))
                 if out is None:
                     return self._wait(for_room=True)
                 for c in self.counters:
@@ -483,7 +491,7 @@ class ShmBridge:
         was_busy = out.state is OutputState.BUSY  # filled again in place
         out.state = OutputState.BUSY
         out.attached_at = self.clock()
-        surface.outputs.current = out
+        surface.outputs.show(out)
         surface_up = obj_upstream(self.ids, obj.id)
         dx, dy = (pending.dx, pending.dy) if newly else (0, 0)
         self._send(up, surface_up, "wl_surface", "attach", [out.upstream_id, dx, dy])
@@ -530,7 +538,7 @@ class ShmBridge:
             for out in [o for o in outputs.buffers if o.state is OutputState.RELEASED]:
                 outputs.buffers.remove(out)
                 if outputs.current is out:
-                    outputs.current = None  # released: the compositor keeps no need of it
+                    outputs.show(None)  # released: the compositor keeps no need of it
                 self._retire(out, up)
                 shed = True
         # The window changed shape and the compositor still shows its old buffer, which
@@ -540,7 +548,7 @@ class ShmBridge:
         old = surface.outputs.current
         if old is not None and old.orphaned and old.state is OutputState.BUSY:
             self._give_back_busy(old, up)
-            surface.outputs.current = None
+            surface.outputs.show(None)
             shed = True
         return shed
 

@@ -40,6 +40,8 @@ class OutputBuffer:
     # The surface is gone or changed shape: retire once the compositor releases it.
     orphaned: bool = False
     orphaned_at: float = 0.0
+    # Attached last on its surface: the compositor may be showing it.
+    shown: bool = False
 
     @property
     def pages(self) -> int:
@@ -60,6 +62,14 @@ class OutputQueue:
         # (until another buffer, or none, is attached): compositors that read a shm
         # buffer while showing it release it only once it is replaced.
         self.current: OutputBuffer | None = None
+
+    def show(self, out: OutputBuffer | None) -> None:
+        """``out`` was attached upstream (None: something else, or nothing, was)."""
+        if self.current is not None:
+            self.current.shown = False
+        self.current = out
+        if out is not None:
+            out.shown = True
 
     def add_damage(self, damage: Region) -> None:
         if not damage:
