@@ -75,9 +75,13 @@ class KernelDir:
                 root.mkdir(mode=0o700)
             except FileExistsError:
                 continue  # another kernel of this process, or a dead one still locked
-            lock_fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            # The lock is taken before it appears in the directory: another command's
+            # remove_dead must never see it free (a directory with no lock is left be).
+            pending = base / f".{name}.{LOCK}"
+            lock_fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                               | os.O_CLOEXEC, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(pending, root / LOCK)
             return cls(root, lock_fd)
         raise OSError(errno.EEXIST, f"no free directory for a simulated kernel under {base}")
 
