@@ -313,6 +313,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.debug = getattr(args, "debug", False) or env_flag("QUBESSHM_DEBUG")
     except UsageError as exc:
         _subparser(parser, args).error(str(exc))
+    if getattr(args, "animations", None) is not None and args.upstream is not None:
+        _subparser(parser, args).error(
+            "--animations sets up the Weston the benchmark starts; the compositor given "
+            "with --upstream runs as it was started")
     # Files written at the end are checked now, before any work is done for them.
     for option in ("report_json", "json", "plot"):
         value = getattr(args, option, None)
@@ -345,10 +349,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_fd_limit()
     try:
         if args.command == "bench":
-            if args.upstream is not None and args.animations is not None:
-                _subparser(build_parser(), args).error(
-                    "--animations sets up the Weston the benchmark starts; the compositor "
-                    "given with --upstream runs as it was started")
             try:
                 if args.bench == "frames":
                     from .bench.frames import run_frames_bench
@@ -458,7 +458,7 @@ def _start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpti
     upstream = upstream_path(args.upstream)
     # Checked before the listener exists: taking the name removes a stale file there.
     if runtime_path(socket_name).resolve() == upstream.resolve():
-        if _answers(upstream):
+        if _unanswered(upstream) is None:
             raise AddressError(f"{upstream} is the compositor's socket (a compositor answers "
                                "there), so qubesshm cannot listen on it: give qubesshm a name "
                                "of its own with --socket (serve's default is "
@@ -534,26 +534,24 @@ def _check_screen_fits(args: argparse.Namespace, grants: GrantHalves, upstream: 
               "three 3840x2160 windows and a cache)", file=sys.stderr, flush=True)
 
 
-def _answers(path: Path) -> bool:
+def _unanswered(path: Path) -> OSError | None:
+    """Why nothing accepts a connection at ``path``; None if something does."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.settimeout(5)
         try:
             probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
 
 
 def _probe_upstream(upstream: Path) -> None:
     """A clear error at start-up when no compositor answers, not at the first client."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-        probe.settimeout(5)
-        try:
-            probe.connect(str(upstream))
-        except OSError as exc:
-            raise AddressError(f"no compositor answers at {upstream} "
-                               f"({exc.strerror or exc}): start one, or give its socket with "
-                               "--upstream or WAYLAND_DISPLAY") from exc
+    exc = _unanswered(upstream)
+    if exc is not None:
+        raise AddressError(f"no compositor answers at {upstream} "
+                           f"({exc.strerror or exc}): start one, or give its socket with "
+                           "--upstream or WAYLAND_DISPLAY") from exc
 
 
 
@@ -685,10 +683,13 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
         written = _report(args, server, grants)
     # Shells report a death by signal N as 128+N.
     status = status if status >= 0 else 128 - status
-    if server.ended_clients:
+    if server.ended_count:
         # Said when it happened too, but an app that then exits 0 (weston-terminal does)
         # would leave the user with a window that flashed and vanished, and no reason.
         for line in server.ended_clients:
             print(f"qubesshm run: qubesshm ended {line}", file=sys.stderr)
+        if server.ended_count > len(server.ended_clients):
+            print(f"qubesshm run: qubesshm ended {server.ended_count} clients in all (the "
+                  f"last {len(server.ended_clients)} above)", file=sys.stderr)
         return status or 1
     return status if written else status or 1

@@ -42,16 +42,13 @@ def deferred_backlog(added_by_second: dict[int, int], free_per_iteration: int,
     """The list when ``added_by_second[s]`` pages join it during second ``s`` of a run
     of ``seconds``, and the kernel frees up to ``free_per_iteration`` at the end of
     every second."""
-    if free_per_iteration <= 0:
-        raise ValueError("free_per_iteration must be positive")
-    end = max(math.ceil(seconds), max(added_by_second, default=-1) + 1)
-    backlog = peak = 0
-    for second in range(end):
-        backlog += added_by_second.get(second, 0)
-        peak = max(peak, backlog)
-        backlog = max(0, backlog - free_per_iteration)
-    return Backlog(sum(added_by_second.values()), peak, backlog,
-                   math.ceil(backlog / free_per_iteration))
+    # The list second by second up to the end of the run (nothing joins it later, so
+    # its peak is within the run), and what the run's last free left.
+    sizes = deferred_list_by_second(added_by_second, free_per_iteration, seconds,
+                                    cap_seconds=0)
+    at_exit = sizes[-1]
+    return Backlog(sum(added_by_second.values()), max(sizes), at_exit,
+                   math.ceil(at_exit / free_per_iteration))
 
 
 def build_report(stats: dict[str, Any], kernels: list[Kernel],
