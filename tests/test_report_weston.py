@@ -160,3 +160,26 @@ def test_an_unwritable_report_path_is_refused_before_the_app_runs(
     assert result.stderr.splitlines()[-1].startswith(
         "qubesshm run: error: argument --report-json: ")
     assert not marker.exists(), "the app never started"
+
+
+def test_run_keeps_the_last_ended_clients_and_counts_them_all(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    many = """
+import os, socket, struct
+path = os.path.join(os.environ["XDG_RUNTIME_DIR"], os.environ["WAYLAND_DISPLAY"])
+for _ in range(40):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.sendall(struct.pack("<II", 99, 8 << 16))
+        while sock.recv(4096):
+            pass
+"""
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--quiet", "--", sys.executable, "-c", many],
+        env=weston.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stderr
+    repeated = [line for line in result.stderr.splitlines()
+                if line.startswith("qubesshm run: qubesshm ended client#")]
+    assert len(repeated) == 32
+    assert result.stderr.splitlines()[-1] == (
+        "qubesshm run: qubesshm ended 40 clients in all (the last 32 above)")

@@ -58,6 +58,8 @@ BLOCKED_READ_LIMIT = 64 * 1024
 # How often the simulated kernel's deferred-reclaim timer is looked at.
 TICK_INTERVAL = 0.25
 AWAITING_TICK_INTERVAL = 0.05
+# Lines kept about clients the proxy ended, for run to repeat at exit.
+ENDED_KEPT = 32
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -125,8 +127,7 @@ class ClientRelay:
 
     def _flush_later(self) -> None:
         self._flush_pending = False
-        if not self.closed:
-            self._apply(self.session.flush())
+        self._run(self.session.flush)
 
     def poll(self) -> None:
         """Timer work of the session (output buffers the compositor holds too long)."""
@@ -487,8 +488,10 @@ class ProxyServer:
         self._connecting: set[socket.socket] = set()
         self._waiting_for_fds: deque[tuple[int, socket.socket]] = deque()
         self._next_number = 1
-        # One line per client the proxy ended or refused (a protocol error, a stall).
-        self.ended_clients: list[str] = []
+        # One line per client the proxy ended or refused (a protocol error, a stall):
+        # the most recent ones (a long-running serve must not keep them all), and a count.
+        self.ended_clients: deque[str] = deque(maxlen=ENDED_KEPT)
+        self.ended_count = 0
         self._hidden_logged: set[str] = set()
         self._accept_retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(listener.fileno(), self._accept)
@@ -557,6 +560,7 @@ class ProxyServer:
         started the proxy (``run`` says it again once its command has exited)."""
         line = f"client#{number}: {why}"
         self.ended_clients.append(line)
+        self.ended_count += 1
         log.log(level, "%s", line)
 
     def hidden_global(self, interface: str, version: int) -> None:
