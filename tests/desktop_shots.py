@@ -43,12 +43,14 @@ ARGB8888 = 0
 TIMEOUT = 30.0
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Poll ``condition`` until it holds; fail the test naming ``what`` at the deadline."""
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT,
+               message: Callable[[], object] = lambda: "") -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` (and what
+    ``message`` says of the state then) at the deadline."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what} {message()}")
         time.sleep(0.05)
 
 
@@ -145,16 +147,27 @@ def below_panel(screen: Screen) -> Screen:
     return screen[PANEL_HEIGHT:]
 
 
+# Shots in a row that must agree for the desktop to count as settled. Each shot is of a
+# frame Weston repaints for it, so a fade still running cannot give this many equal
+# ones (two, under load, sometimes did: a dimmed desktop became the baseline, and every
+# later shot of the full desktop looked like a window).
+SETTLED_SHOTS = 5
+
+
 def settled_desktop(weston: HeadlessWeston) -> Screen:
-    """The desktop once the shell's start-up fade is over and nothing moves: two shots
-    in a row agree below the panel (the panel's clock may tick) and show more than
-    one colour (before the fade starts the screen is uniformly black)."""
+    """The desktop once the shell's start-up fade is over and nothing moves:
+    ``SETTLED_SHOTS`` shots in a row agree below the panel (the panel's clock may tick)
+    and show more than one colour (before the fade starts the screen is uniformly
+    black)."""
     shots = [shoot(weston)]
 
     def settled() -> bool:
         shots.append(shoot(weston))
-        last, previous = below_panel(shots[-1]), below_panel(shots[-2])
-        return bool(np.array_equal(last, previous)) and len(np.unique(last[:, :, 0])) > 1
+        last = below_panel(shots[-1])
+        return (len(shots) >= SETTLED_SHOTS
+                and all(np.array_equal(last, below_panel(shot))
+                        for shot in shots[-SETTLED_SHOTS:-1])
+                and len(np.unique(last[:, :, 0])) > 1)
 
     wait_until(settled, "the desktop to settle (start-up fade over, no window changing)")
     return shots[-1]
@@ -205,4 +218,9 @@ def covered(screen: Screen, desktop: Screen, box: Box) -> float:
 
 def desktop_is_clear(weston: HeadlessWeston, desktop: Screen) -> bool:
     """Whether no window (nor a closed one still fading out) is on screen."""
-    return window_box(shoot(weston), desktop) is None
+    return what_is_on(weston, desktop) is None
+
+
+def what_is_on(weston: HeadlessWeston, desktop: Screen) -> Box | None:
+    """Where the screen differs from the empty desktop, if it does."""
+    return window_box(shoot(weston), desktop)

@@ -38,6 +38,7 @@ from desktop_shots import (
     settled_desktop,
     shoot,
     wait_until,
+    what_is_on,
     window_box,
 )
 from procs import RunningProxy, start_proxy
@@ -271,7 +272,9 @@ def proxies(desktop_weston: HeadlessWeston, desktop: Screen,
             serve: RunningProxy) -> Proxies:
     # Each test starts on an empty desktop: the last app's window has faded out.
     wait_until(lambda: desktop_is_clear(desktop_weston, desktop),
-               "the desktop to be clear of windows")
+               "the desktop to be clear of windows",
+               message=lambda: f"(it differs from the empty desktop in "
+               f"{what_is_on(desktop_weston, desktop)})")
     return Proxies(desktop_weston, serve)
 
 
@@ -393,7 +396,9 @@ def direct_xwayland(desktop_weston: HeadlessWeston, desktop: Screen,
     """Xwayland and xlogo straight to Weston."""
     workdir = tmp_path_factory.mktemp("direct-xwayland")
     wait_until(lambda: desktop_is_clear(desktop_weston, desktop),
-               "the desktop to be clear of windows")
+               "the desktop to be clear of windows",
+               message=lambda: f"(it differs from the empty desktop in "
+               f"{what_is_on(desktop_weston, desktop)})")
     out = workdir / "xwayland.out"
     env = app_env(desktop_weston.env(), workdir / "home", {})
     with open(out, "wb") as sink:
