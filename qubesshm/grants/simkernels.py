@@ -9,6 +9,10 @@ made afresh at start with the parameters the command asked for, held with
 what an earlier, finished one left behind. ``qubesshm tune`` finds running
 kernels by their held locks (a directory whose lock nobody holds is a dead
 kernel's and is removed by the next start), and the socket each one serves.
+A kernel that serves hypercalls to domains in other processes (``hypercalls``)
+has ``hypervisor.sock`` there and notes the domains it hosts, so a foreign
+domain (the GUI-daemon emulator) finds the kernel of the domain whose grants
+it maps.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,8 @@ from .files import UnsafeDirectory, check_private_dir, private_dir, write_file
 
 LOCK = "kernel.lock"
 SOCKET_NOTE = "socket"
+DOMAINS_NOTE = "domains"
+HYPERCALL_SOCKET = "hypervisor.sock"
 
 
 def sim_base() -> Path:
@@ -52,6 +60,8 @@ class RunningKernel:
     root: Path
     pid: int
     socket: str | None  # the Wayland socket its proxy serves, once it listens
+    domains: tuple[int, ...] = ()  # the domains it hosts, once noted
+    hypercalls: Path | None = None  # its hypercall socket, while it serves one
 
 
 class KernelDir:
@@ -88,6 +98,15 @@ class KernelDir:
     def note_socket(self, path: Path) -> None:
         """Record the Wayland socket this kernel's proxy serves, for ``tune --socket``."""
         write_file(self.root / SOCKET_NOTE, f"{path}\n", create=True)
+
+    def note_domains(self, domids: Iterable[int]) -> None:
+        """Record the domains this kernel hosts (replacing an earlier note at once, so
+        a reader sees the old list or the new one)."""
+        path = self.root / DOMAINS_NOTE
+        tmp = path.with_name(f".{DOMAINS_NOTE}.tmp")
+        tmp.unlink(missing_ok=True)
+        write_file(tmp, " ".join(str(d) for d in sorted(set(domids))) + "\n", create=True)
+        tmp.replace(path)
 
     def close(self) -> None:
         """The kernel stops: its files go."""
@@ -136,5 +155,21 @@ def running_kernels(base: Path) -> list[RunningKernel]:
                 pid = int(root.name.split(".")[0])
             except ValueError:
                 continue
-            found.append(RunningKernel(root, pid, socket))
+            found.append(RunningKernel(root, pid, socket, _read_domains(root),
+                                       _hypercall_socket(root)))
     return sorted(found, key=lambda k: (k.pid, k.root.name))
+
+
+def _read_domains(root: Path) -> tuple[int, ...]:
+    try:
+        return tuple(int(word) for word in (root / DOMAINS_NOTE).read_text().split())
+    except (OSError, ValueError):
+        return ()
+
+
+def _hypercall_socket(root: Path) -> Path | None:
+    path = root / HYPERCALL_SOCKET
+    try:
+        return path if stat.S_ISSOCK(os.lstat(path).st_mode) else None
+    except OSError:
+        return None

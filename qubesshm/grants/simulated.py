@@ -12,6 +12,7 @@ can run ten minutes of ticks in milliseconds.
 
 One ``SimHypervisor`` holds the shared state (grant table, deferred list, event
 channels, parameter files); each ``SimBackend`` is one domain's ``GrantBackend``.
+Domains in other processes map its grants through ``hypercalls``.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class SimHypervisor:
         self._next_ref = RESERVED_REFS
         self._deferred: deque[_Entry] = deque()
         self._timer_due: float | None = None
-        self._watched: set[int] = set()
+        self._watched: dict[int, int] = {}  # pid -> how many watchers asked
+        self._lingering: list[int] = []  # watches to drop once their pid maps no grant
         self._mappings: list[_Mapping] = []
         self._ports: dict[tuple[int, int], _Port] = {}
         self._backends: dict[int, SimBackend] = {}
@@ -166,7 +168,8 @@ class SimHypervisor:
 
     def watch(self, pid: int) -> None:
         """Count ``pid``'s mmaps of granted pages as foreign mappings. A process the
-        model cannot look at is refused: it could never tell that one lets go."""
+        model cannot look at is refused: it could never tell that one lets go. Watches
+        are counted: a pid stays watched until each ``watch`` has had its ``unwatch``."""
         try:
             self.maps_reader(pid)
         except PermissionError as exc:
@@ -174,10 +177,37 @@ class SimHypervisor:
                 exc.errno, f"the simulated kernel cannot see the mappings of process {pid} "
                 f"({exc.filename}: {exc.strerror}); run it as a user who may read them "
                 "(the same user, with no fewer capabilities)") from exc
-        self._watched.add(pid)
+        self._watched[pid] = self._watched.get(pid, 0) + 1
 
     def unwatch(self, pid: int) -> None:
-        self._watched.discard(pid)
+        left = self._watched.get(pid, 0) - 1
+        if left > 0:
+            self._watched[pid] = left
+        else:
+            self._watched.pop(pid, None)
+
+    def unwatch_when_unmapped(self, pid: int) -> None:
+        """Drop one watch of ``pid`` once it maps no granted page: the mappings of a
+        closed gntdev live on in the process's mmaps. Checked now and at ``refresh``."""
+        self._lingering.append(pid)
+        self._prune_lingering()
+
+    def _prune_lingering(self) -> None:
+        if not self._lingering:
+            return
+        live = {entry.pages.file_id for entry in self._entries.values()}
+        for pid in list(self._lingering):
+            try:
+                mapped = self.maps_reader(pid) & live
+            except OSError:
+                mapped = set()  # no longer ours to look at: not the process we watched
+            if not mapped:
+                self._lingering.remove(pid)
+                self.unwatch(pid)
+
+    @property
+    def watched(self) -> frozenset[int]:
+        return frozenset(self._watched)
 
     def _mapped_by_processes(self) -> set[FileId]:
         found: set[FileId] = set()
@@ -189,7 +219,9 @@ class SimHypervisor:
         return entry.holds > 0 or entry.pages.file_id in by_processes
 
     def refresh(self) -> None:
-        """Look at the watched processes again: fire unmap notifies that are due."""
+        """Look at the watched processes again: fire unmap notifies that are due, and
+        drop the watches that were to last only while their process maps grants."""
+        self._prune_lingering()
         waiting = [m for m in self._mappings if m.waiting_for_processes]
         if not waiting:
             return
@@ -348,6 +380,24 @@ class SimHypervisor:
             entry.holds += 1
         return entries, pages
 
+    def open_mapping(self, mapper: int, grants: Sequence[tuple[int, int]],
+                     writable: bool) -> _Mapping:
+        """gntdev's map: hold the grants and open a fresh fd whose offset 0 is the first
+        granted page, read-only unless ``writable``; the mapping counts until
+        ``release_mapping``."""
+        entries, pages = self.map(mapper, grants, writable)
+        try:
+            # A fresh open file description: its offset 0 is the first granted page.
+            fd = os.open(f"/proc/self/fd/{pages.fd}",
+                         (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError:
+            for entry in entries:
+                entry.holds -= 1
+            raise
+        mapping = _Mapping(MappedArea(0, tuple(grants), fd, writable), entries, pages)
+        self.add_mapping(mapping)
+        return mapping
+
     def add_mapping(self, mapping: _Mapping) -> None:
         self._mappings.append(mapping)
 
@@ -382,6 +432,11 @@ class SimHypervisor:
         if backend.domid in self._backends:
             raise OSError(errno.EEXIST, f"domain {backend.domid} already has a backend")
         self._backends[backend.domid] = backend
+
+    @property
+    def domains(self) -> list[int]:
+        """The domains with a backend on this hypervisor (in this process)."""
+        return sorted(self._backends)
 
     def unregister(self, backend: SimBackend) -> None:
         self._backends.pop(backend.domid, None)
@@ -566,20 +621,9 @@ class SimBackend(GrantBackend):
     # -- mapping side -----------------------------------------------------------------
 
     def map(self, grants: Sequence[tuple[int, int]], *, writable: bool = True) -> MappedArea:
-        entries, pages = self.hv.map(self.domid, grants, writable)
-        try:
-            # A fresh open file description: its offset 0 is the first granted page.
-            fd = os.open(f"/proc/self/fd/{pages.fd}",
-                         (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except OSError:
-            for entry in entries:
-                entry.holds -= 1
-            raise
-        area = MappedArea(0, tuple(grants), fd, writable)
-        mapping = _Mapping(area, entries, pages)
-        self._mappings[fd] = mapping
-        self.hv.add_mapping(mapping)
-        return area
+        mapping = self.hv.open_mapping(self.domid, grants, writable)
+        self._mappings[mapping.area.fd] = mapping
+        return mapping.area
 
     def _own_mapping(self, area: MappedArea) -> _Mapping:
         mapping = self._mappings.get(area.fd)
