@@ -12,6 +12,9 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
+
+from .grants.files import check_output
 
 U32_MAX = 2**32 - 1
 
@@ -103,4 +106,29 @@ def region(text: str) -> int:
     value = positive(text)
     if value > 540:
         raise argparse.ArgumentTypeError(f"{value} does not fit twice in 1080 rows")
+    return value
+
+
+def output_file(text: str) -> str:
+    """A file the command writes when its work is done, checked now (``check_output``) so
+    that a mistake costs no work; the text is kept as given."""
+    why = check_output(Path(text))
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+DOMID_LIMIT = 0x7FEF  # the last Xen domain id that names a domain (DOMID_FIRST_RESERVED - 1)
+
+
+def domid(text: str) -> int:
+    """A Xen domain id, 0 to 32751."""
+    return whole(text, 0, DOMID_LIMIT, "a domain id")
+
+
+def refresh_rate(text: str) -> float:
+    """Frames per second of the agent's output: more than 0, at most 1000."""
+    value = _real(text, 0.0, True, "a refresh rate in Hz")
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"{value:g} Hz is more than any output's 1000 Hz")
     return value

@@ -1,0 +1,113 @@
+"""``qubesshm bench relay|frames|churn``: the proxy measured against baselines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import options
+from ..bench.churn import POLICIES as CHURN_POLICIES
+from ..bench.churn import run_churn_bench
+from . import common
+
+NAME = "bench"
+HELP = "measure the proxy against baselines"
+
+
+def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upstream", metavar="NAME|PATH",
+                        help="compositor to measure against (default: a headless Weston "
+                        "started for the run, whatever $WAYLAND_DISPLAY names)")
+    parser.add_argument("--animations", choices=("on", "off"), default=None,
+                        help="the started Weston's desktop shell: on, as shipped (a close "
+                        "animation keeps a closed window's last buffer about a second; the "
+                        "default), or off")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    bench_sub = parser.add_subparsers(dest="bench", required=True)
+    relay = common.add_subcommand(bench_sub, "relay",
+                                  help="round-trip latency: direct, qubesshm, waypipe")
+    _add_bench_upstream(relay)
+    relay.add_argument("--round-trips", type=options.positive, default=2000,
+                       help="wl_display.sync round trips per path and run (default "
+                       "%(default)s)")
+    relay.add_argument("--burst", type=options.positive, default=10000,
+                       help="requests in the burst test (default %(default)s)")
+    relay.add_argument("--bursts", type=options.positive, default=3,
+                       help="bursts per path and run; the median is reported (default "
+                       "%(default)s)")
+    relay.add_argument("--repeats", type=options.positive, default=3,
+                       help="runs, each printed, then the median of their ratios (default "
+                       "%(default)s)")
+    relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    common.add_event_loop_option(
+        relay, help="the event loop of the qubesshm under test (default %(default)s)")
+    frames = common.add_subcommand(
+        bench_sub, "frames",
+        help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
+    _add_bench_upstream(frames)
+    frames.add_argument("--frames", type=options.positive, default=100,
+                        help="timed frames per run (default %(default)s)")
+    frames.add_argument("--warmup", type=options.warmup, default=10,
+                        help="frames before timing starts, at least 4 so that the proxy's "
+                        "output buffers exist (default %(default)s)")
+    frames.add_argument("--repeats", type=options.positive, default=3,
+                        help="runs per case and path; medians are reported (default %(default)s)")
+    frames.add_argument("--region", type=options.region, default=64,
+                        help="side of the small damaged square, 1 to 540 (default %(default)s)")
+    frames.add_argument("--json", type=options.output_file, metavar="FILE",
+                        help="also write every run's figures here")
+    frames.add_argument("--unsealed", action="store_true",
+                        help="the client leaves its pool unsealed, so qubesshm reads it with "
+                        "preadv rather than mapping it")
+    frames.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    churn = common.add_subcommand(
+        bench_sub, "churn",
+        help="window churn under each reclaim policy: windows/s, live and deferred grants")
+    _add_bench_upstream(churn)
+    churn.add_argument("--rate", type=options.rate, default=10.0,
+                       help="windows opened a second (default %(default)s)")
+    churn.add_argument("--seconds", type=options.seconds, default=10.0,
+                       help="how long windows are opened (default %(default)s)")
+    churn.add_argument("--size", type=options.window_size, default="1280x720", metavar="WxH",
+                       help="window size (default %(default)s)")
+    churn.add_argument("--concurrency", type=options.positive, default=1,
+                       help="windows open at once (default %(default)s)")
+    churn.add_argument("--frames", type=options.positive, default=1,
+                       help="frames drawn in each window (default %(default)s)")
+    churn.add_argument("--hold", type=options.non_negative_seconds, default=0.0, metavar="S",
+                       help="the GUI domain keeps each area mapped S s after it is let go "
+                       "(default 0: the compositor's own release)")
+    churn.add_argument("--policies", default=",".join(CHURN_POLICIES),
+                       help="comma-separated, from " + ", ".join(CHURN_POLICIES)
+                       + " (default: all)")
+    churn.add_argument("--drain-wait", type=options.non_negative_seconds, default=5.0, metavar="S",
+                       help="how long to watch the backlog drain after the last close "
+                       "before estimating the rest (default %(default)s)")
+    churn.add_argument("--json", type=options.output_file, metavar="FILE",
+                       help="write the results as JSON")
+    churn.add_argument("--plot", type=options.output_file, metavar="FILE",
+                       help="plot live grants and deferred backlog over time (PNG)")
+
+
+def check(args: argparse.Namespace) -> str | None:
+    if args.animations is not None and args.upstream is not None:
+        raise common.UsageError(
+            "--animations sets up the Weston the benchmark starts; the compositor given "
+            "with --upstream runs as it was started")
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.bench == "frames":
+            from ..bench.frames import run_frames_bench
+            return run_frames_bench(args)
+        if args.bench == "churn":
+            return run_churn_bench(args)
+        from ..bench.relay import run_relay_bench
+        return run_relay_bench(args)
+    except (RuntimeError, OSError) as exc:
+        print(f"qubesshm bench {args.bench}: {exc}", file=sys.stderr)
+        return 1
