@@ -6,6 +6,11 @@ compositor) and *awaiting_unmap* (retired, waiting for the compositor to let go
 before the grants are ended); then *ended* or *deferred* (handed to the kernel's
 deferred reclaim while still mapped). One ``GrantLedger`` counts for the whole
 proxy and one per client; both halves report into it.
+
+In agent mode the same stages hold, *awaiting_unmap* meaning "let go, its release
+not yet confirmed by the GUI daemon's ACK order"; an area recycled from one client
+to another is *handed over* (it leaves the first client's live pages and joins the
+second's without being unshared or shared again).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ class PageCounts:
     shared_total: int = 0
     unshared_total: int = 0  # ended at once or handed to deferred reclaim
     deferred_at_unshare: int = 0  # of those, pages that were still mapped
+    # Pages of areas recycled to another client (agent mode): live = shared_total
+    # + taken_over - handed_over - unshared_total.
+    handed_over: int = 0
+    taken_over: int = 0
 
     def shared(self, pages: int) -> None:
         self.live += pages
@@ -36,6 +45,17 @@ class PageCounts:
         if deferred:
             self.deferred_at_unshare += pages
 
+    def hand_over(self, pages: int) -> None:
+        """Live pages that now count for another client."""
+        self.live -= pages
+        self.handed_over += pages
+
+    def take_over(self, pages: int) -> None:
+        """Live pages another client counted until now."""
+        self.live += pages
+        self.taken_over += pages
+        self.peak_live = max(self.peak_live, self.live)
+
 
 # Upper bounds of the histogram's buckets, in milliseconds; the last is open.
 HISTOGRAM_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -44,7 +64,8 @@ HISTOGRAM_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 @dataclass
 class Latency:
     """How long something took, in milliseconds (attach upstream -> the compositor's
-    release; let go -> unmap notify)."""
+    release; let go -> unmap notify; let go -> its release confirmed by the ACK order;
+    a dump -> its ACK)."""
 
     samples: list[float] = field(default_factory=list)
     limit: int = 4096  # the most recent ones; percentiles of a long run stay cheap

@@ -29,6 +29,12 @@ that does not fit now raises ``NoRoom``: the caller waits, and ``on_room`` is
 called whenever pages are given back or ended, so it can try again. Only a
 request that can never fit (one buffer larger than the client's cap or the
 gntalloc limit) is refused with ``GrantLimit``.
+
+The cache, the limits, the late path (batches, ``free_per_iteration``) and the
+counters are ``LifetimesCore``'s; ``GrantLifetimes`` adds what proxy mode has: the
+mapping half, the compositor's pools and the unmap notify. Agent mode, where the
+mapping side is the Qubes GUI daemon and the release signal is its ACK order, is
+``agentareas.AgentLifetimes`` on the same core.
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ import enum
 import errno
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from .api import PAGE_SIZE, Unshared
 from .ledger import ClientCounters, Latency
@@ -67,6 +74,8 @@ KERNEL_TICK = 1.0
 class AreaState(enum.Enum):
     IN_USE = "in_use"
     CACHED = "cached"
+    # Let go, the other side may still map it (agent mode: its release is not yet
+    # confirmed; ``agentareas.AWAITING_RELEASE`` names it so).
     AWAITING_UNMAP = "awaiting_unmap"
     DEFERRED = "deferred"  # handed to the kernel's deferred reclaim
     ENDED = "ended"
@@ -83,21 +92,36 @@ class NoRoom(Exception):
 
 
 @dataclass(eq=False)
-class Area:
+class GrantArea:
+    """One grant of whole pages and where it is in its life."""
+
     grant: Grant
-    mapping: Mapping
     owner: int
     state: AreaState = AreaState.IN_USE
-    # The compositor's wl_shm_pool over the mapping, on the owner's connection.
-    pool_id: int = 0
     since: float = 0.0  # when it entered its state
     late: bool = False
+    # Late now, whatever its age (agent mode: the daemon that could release it is gone).
+    forced_late: bool = False
+    # Taken from the cache (not freshly shared) the last time it was taken.
+    reused: bool = False
     # Counted in retired_while_held since it last backed a buffer (once per buffer).
     held_when_freed: bool = False
 
     @property
     def pages(self) -> int:
         return self.grant.pages
+
+    def __str__(self) -> str:
+        return f"area of {self.pages} pages (refs {self.grant.refs[0]}..)"
+
+
+@dataclass(eq=False, kw_only=True)
+class Area(GrantArea):
+    """Proxy mode's area: the grant, its mapping, and the compositor's pool over it."""
+
+    mapping: Mapping
+    # The compositor's wl_shm_pool over the mapping, on the owner's connection.
+    pool_id: int = 0
 
     @property
     def notify_offset(self) -> int:
@@ -107,9 +131,6 @@ class Area:
     def capacity(self) -> int:
         """Bytes a buffer may use: all but the notify byte."""
         return self.pages * PAGE_SIZE - 1
-
-    def __str__(self) -> str:
-        return f"area of {self.pages} pages (refs {self.grant.refs[0]}..)"
 
 
 def pages_for(size: int) -> int:
@@ -175,54 +196,464 @@ class LifetimeCounters:
     # second of the run: what a GUI agent that ends grants as soon as a buffer goes,
     # with no unmap notify, hands to deferred reclaim. The run report models that.
     retired_while_held: dict[int, int] = field(default_factory=dict)
+    # Agent mode (``agentareas``): the release signal is the GUI daemon's ACK order.
+    ended_on_release: int = 0  # release confirmed: ended at once
+    recycled_on_release: int = 0  # release confirmed: cached for another window
+    # Release confirmed (or cached after one), yet the kernel deferred its grants:
+    # the GUI domain still mapped it, so the confirmation was wrong.
+    wrong_releases: int = 0
+    # Confirmed once it had already ended or gone to deferred reclaim (late, for
+    # room, or at close).
+    late_confirms: int = 0
+    forced_late: int = 0  # made late at once: the daemon restarted or sends no ACKs
+    peak_pending_releases: int = 0  # most areas awaiting their release at once
+    # Let go -> its release confirmed, in milliseconds.
+    confirm_latency: Latency = field(default_factory=Latency)
+    # A dump sent -> its ACK, in milliseconds (the agent adds these).
+    ack_latency: Latency = field(default_factory=Latency)
 
 
-class Halves(Protocol):
+class SharingSide(Protocol):
+    """What the core needs of the grant layer: the sharing half, and the kernel's
+    deferred list where it is visible (``GrantHalves`` is one)."""
+
     sharing: SharingHalf
-    mapping: MappingHalf
 
     def deferred_pages(self) -> int | None: ...
 
 
+class Halves(SharingSide, Protocol):
+    mapping: MappingHalf
+
+
+A = TypeVar("A", bound=GrantArea)
+
+
 @dataclass(eq=False)
-class _Connection:
+class Owner(Generic[A]):
+    """One client's areas and the counters they report into."""
+
     owner: int
-    destroy_upstream: Callable[[Area], None]
     counters: tuple[ClientCounters, ...]
-    vm_port: int
-    gui_port: int
     open: bool = True
-    areas: set[Area] = field(default_factory=set)
+    areas: set[A] = field(default_factory=set)
 
     def held_pages(self) -> int:
         return sum(a.pages for a in self.areas
                    if a.state in (AreaState.IN_USE, AreaState.CACHED))
 
 
-class GrantLifetimes:
-    """Every area of the proxy, across its compositor connections."""
+@dataclass(eq=False, kw_only=True)
+class _Connection(Owner[Area]):
+    """A compositor connection: one event channel for all its areas' notifies."""
 
-    def __init__(self, halves: Halves, policy: LifetimePolicy | None = None, *,
+    destroy_upstream: Callable[[Area], None]
+    vm_port: int
+    gui_port: int
+
+
+C = TypeVar("C", bound=Owner[Any])
+
+
+class LifetimesCore(ABC, Generic[A, C]):
+    """The cache, the limits, the late path and ``free_per_iteration``, whatever
+    signals that the other side let go of an area."""
+
+    # A cached area serves a request of any owner (agent mode), or only of its own
+    # (proxy mode: the compositor's pool over it is on its owner's connection).
+    shared_cache = False
+    # The lifetimes count pages.in_use themselves (agent mode); the proxy's bridge
+    # counts them as buffers are attached and released.
+    counts_in_use = False
+    # What an area holds, in messages: "a buffer of 12 pages is more than ...".
+    holds = "buffer"
+
+    def __init__(self, side: SharingSide, policy: LifetimePolicy | None = None, *,
                  clock: Callable[[], float]) -> None:
-        self.halves = halves
+        self.side = side
         self.policy = policy or LifetimePolicy()
         self.clock = clock
         self.counters = LifetimeCounters()
         self.started = clock()
-        self._connections: dict[int, _Connection] = {}
-        self._cache: OrderedDict[Area, None] = OrderedDict()  # least recently used first
-        self._awaiting: OrderedDict[Area, None] = OrderedDict()  # oldest first
+        self._connections: dict[int, C] = {}
+        self._cache: OrderedDict[A, None] = OrderedDict()  # least recently used first
+        self._awaiting: OrderedDict[A, None] = OrderedDict()  # oldest first
         self._live = 0  # pages shared and not yet ended or deferred: gntalloc's count
         self._next_batch = 0.0
-        # Mappings the simulated GUI domain still holds (``policy.hold``): when each
-        # goes, with its area.
-        self._holding: list[tuple[float, Area]] = []
         # Called when pages are given back or ended: a request that met NoRoom may fit.
         self.on_room: Callable[[], None] | None = None
         self._found_fpi: int | None = None  # free_per_iteration before we raised it
         self._tune_refused = False
         self._estimate = 0.0  # backlog where the kernel does not show it
         self._estimated_at = clock()
+
+    # -- what each mode does -----------------------------------------------------
+
+    @abstractmethod
+    def close_connection(self, owner: int) -> None:
+        """The owner is gone: let go of its areas."""
+
+    @abstractmethod
+    def _new_area(self, conn: C, pages: int) -> A:
+        """A fresh area of ``pages`` pages for ``conn``, counted as shared."""
+
+    @abstractmethod
+    def _evicted(self, area: A) -> None:
+        """``area`` left the cache to make room: let go of it."""
+
+    @abstractmethod
+    def _maybe_mapped(self, area: A) -> bool:
+        """Whether the other side may still map ``area``, asked before its grants end
+        (where the kernel does not say whether they ended or were deferred)."""
+
+    def _pages_for(self, size: int) -> int:
+        return pages_for(size)
+
+    def _adopt(self, area: A, conn: C) -> None:
+        """A cached ``area`` of another owner serves ``conn`` (shared cache only)."""
+        raise AssertionError("the cache is not shared between owners")
+
+    def _settle(self) -> None:
+        """Before making room: take in releases that may have happened unseen."""
+
+    def _before_poll(self, now: float) -> None:
+        """Timer work of the mode, before late areas are looked at."""
+
+    def _after_close(self) -> None:
+        """Last work of the mode at close, once every awaiting area was ended."""
+
+    def _forgotten(self, conn: C) -> None:
+        """``conn`` is closed and has no area left."""
+
+    # -- areas ---------------------------------------------------------------------
+
+    def take(self, owner: int, size: int) -> A:
+        """An area for ``size`` bytes: from the cache if one fits, else freshly shared.
+        ``NoRoom`` when the limits leave no room now, ``GrantLimit`` when they never
+        will."""
+        conn = self._connections[owner]
+        need = self._pages_for(size)
+        found = self._cached_fit(conn, need)
+        if found is not None:
+            del self._cache[found]
+            if found.owner != conn.owner:
+                self._adopt(found, conn)
+            self._move(found, AreaState.IN_USE)
+            found.held_when_freed = False
+            found.reused = True
+            self.counters.cache_hits += 1
+            self.counters.peak_wanted = max(self.counters.peak_wanted, self._in_use_pages())
+            return found
+        try:
+            self._make_room(conn, need)
+            area = self._new_area(conn, need)
+        except GrantLimit:
+            self.counters.refused += 1
+            raise
+        except NoRoom:
+            self.counters.no_room += 1
+            raise
+        # A miss is a fresh grant: a request that waits or is refused made none.
+        self.counters.cache_misses += 1
+        return area
+
+    def poll(self) -> None:
+        """Timer work: hand late areas to deferred reclaim, keep the backlog draining."""
+        now = self.clock()
+        self._before_poll(now)
+        late = []
+        for area in self._awaiting:
+            if not area.forced_late and now - area.since < self.policy.late_timeout:
+                break  # oldest first: the rest are younger
+            if not area.late:
+                area.late = True
+                self.counters.late_releases += 1
+            late.append(area)
+        if late and now >= self._next_batch:
+            self._next_batch = now + DEFER_INTERVAL
+            self.counters.defer_batches += 1
+            handed = 0
+            for area in late:
+                if handed and handed + area.pages > self.policy.defer_batch:
+                    break
+                handed += area.pages
+                self._end(area)
+        self._tune()
+
+    @property
+    def awaiting(self) -> int:
+        """Areas let go and waiting for the other side to let go of them too."""
+        return len(self._awaiting)
+
+    def close(self) -> None:
+        """The proxy stops: whatever still waits goes to deferred reclaim, and
+        free_per_iteration gets the value it had."""
+        for owner in list(self._connections):
+            self.close_connection(owner)
+        self._settle()
+        for area in list(self._awaiting):
+            self._end(area)
+        self._after_close()
+        for conn in list(self._connections.values()):
+            self._forget_if_done(conn)
+        self._restore_fpi()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _limit(self) -> int | None:
+        try:
+            return self.side.sharing.backend.status().gntalloc_limit
+        except OSError:
+            return None
+
+    def _cache_bound(self) -> int:
+        if self.policy.cache_pages is not None:
+            return self.policy.cache_pages
+        return default_cache_pages(self._limit())
+
+    def _client_bound(self) -> int:
+        if self.policy.client_pages is not None:
+            return self.policy.client_pages
+        return default_client_pages(self._limit())
+
+    def _cached_fit(self, conn: C, need: int) -> A | None:
+        best: A | None = None
+        # An area of another owner counts for this one once taken: only within its cap.
+        room = self._client_bound() - conn.held_pages() if self.shared_cache else 0
+        for area in reversed(self._cache):  # most recently used first
+            mine = area.owner == conn.owner
+            if ((mine or (self.shared_cache and area.pages <= room))
+                    and need <= area.pages and need >= area.pages * FIT_SHARE
+                    and (best is None or area.pages < best.pages)):
+                best = area
+        return best
+
+    def _live_pages(self) -> int:
+        """Pages gntalloc counts for this proxy: shared and not yet ended or deferred."""
+        return self._live
+
+    def _make_room(self, conn: C, need: int) -> None:
+        # What the gntalloc limit must allow for this buffer to be had without evicting
+        # or deferring anything (the report's "needs a limit of at least").
+        self.counters.peak_wanted = max(self.counters.peak_wanted,
+                                        self._in_use_pages() + need)
+        bound = self._client_bound()
+        limit = self._limit()
+        over_limit = limit is not None and need > limit
+        if need > bound or over_limit:
+            # Name every limit it passes: raising one alone would not make it fit.
+            passed, fixes = [], []
+            if over_limit:
+                passed.append(f"the gntalloc limit of {limit} pages")
+                fixes.append("raise the limit with --gntalloc-limit N (or qubesshm tune "
+                             "--gntalloc-limit N)")
+            if need > bound:
+                passed.append(f"what a client may hold ({bound} pages)")
+                fixes.append("raise --client-pages")
+            raise GrantLimit(f"a {self.holds} of {need} pages is more than "
+                             f"{' and '.join(passed)}; {' and '.join(fixes)}")
+        for area in [a for a in self._cache if a.owner == conn.owner]:
+            if conn.held_pages() + need <= bound:
+                break
+            self._evict(area)
+        if conn.held_pages() + need > bound:
+            raise NoRoom(f"the client holds {conn.held_pages()} pages of grants and {need} "
+                         f"more would pass its limit of {bound} (--client-pages)")
+        if limit is None:
+            return
+        if self._in_use_pages() + need > limit:
+            # Nothing evicted or deferred could make room: wait before touching them.
+            raise NoRoom(self._over_limit(need, limit))
+        # Areas whose release nobody took in yet (an unmap notify's byte may be clear).
+        self._settle()
+        for area in list(self._cache):
+            if self._live_pages() + need <= limit:
+                break
+            self._evict(area)
+        for area in list(self._awaiting):
+            if self._live_pages() + need <= limit:
+                break
+            # The kernel does not count deferred grants against gntalloc's limit.
+            self.counters.deferred_for_room += 1
+            self._end(area)
+        if self._live_pages() + need > limit:
+            raise NoRoom(self._over_limit(need, limit))
+
+    def _in_use_pages(self) -> int:
+        """Pages of areas buffers use: the only ones no eviction or deferral frees."""
+        return (self._live - sum(a.pages for a in self._cache)
+                - sum(a.pages for a in self._awaiting))
+
+    def _over_limit(self, need: int, limit: int) -> str:
+        return (f"{self._live_pages()} pages of grants are in use and {need} more would "
+                f"pass the gntalloc limit of {limit} pages (--gntalloc-limit)")
+
+    def _shared(self, conn: C, area: A) -> None:
+        """A fresh ``area`` of ``conn``: count it."""
+        conn.areas.add(area)
+        self._live += area.pages
+        for c in conn.counters:
+            c.pages.shared(area.pages)
+            if self.counts_in_use:
+                c.pages.in_use += area.pages
+
+    def _trim_cache(self) -> None:
+        bound = self._cache_bound()
+        while self._cache and sum(a.pages for a in self._cache) > bound:
+            self._evict(next(iter(self._cache)))
+
+    def _evict(self, area: A) -> None:
+        """Out of the cache, to make room."""
+        del self._cache[area]
+        self.counters.evictions += 1
+        self._evicted(area)
+
+    def _retired_while_held(self, area: A) -> None:
+        if area.held_when_freed:
+            return  # counted when the app let go of its buffer
+        area.held_when_freed = True
+        second = int(self.clock() - self.started)
+        held = self.counters.retired_while_held
+        held[second] = held.get(second, 0) + area.pages
+
+    def _end(self, area: A) -> None:
+        """End the grant: at once when unmapped, else through deferred reclaim."""
+        self._awaiting.pop(area, None)
+        conn = self._connections[area.owner]
+        mapped = self._maybe_mapped(area)
+        try:
+            outcome = self.side.sharing.end(area.grant)
+        except OSError as exc:
+            log.error("cannot end the grants of %s: %s", area, exc)
+            outcome = Unshared.DEFERRED
+        deferred = outcome is Unshared.DEFERRED or (
+            outcome is Unshared.UNREPORTED and mapped)
+        if deferred:
+            self.counters.deferred_areas += 1
+            self._drain_estimate()
+            self._estimate += area.pages
+        self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
+        self._live -= area.pages
+        self._room()
+        for c in conn.counters:
+            c.pages.unshared(area.pages, deferred=deferred)
+        conn.areas.discard(area)
+        self._forget_if_done(conn)
+
+    def _forget_if_done(self, conn: C) -> None:
+        if conn.open or conn.areas or self._connections.get(conn.owner) is not conn:
+            return
+        del self._connections[conn.owner]
+        self._forgotten(conn)
+
+    def _room(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
+
+    def _move(self, area: A, state: AreaState) -> None:
+        if area.state is AreaState.IN_USE:
+            self._room()  # given back: cached, evictable, or on its way to ending
+        conn = self._connections[area.owner]
+        for c in conn.counters:
+            if area.state is AreaState.CACHED:
+                c.pages.cached -= area.pages
+            elif area.state is AreaState.AWAITING_UNMAP:
+                c.pages.awaiting_unmap -= area.pages
+            elif area.state is AreaState.IN_USE and self.counts_in_use:
+                c.pages.in_use -= area.pages
+            if state is AreaState.CACHED:
+                c.pages.cached += area.pages
+            elif state is AreaState.AWAITING_UNMAP:
+                c.pages.awaiting_unmap += area.pages
+            elif state is AreaState.IN_USE and self.counts_in_use:
+                c.pages.in_use += area.pages
+        area.state = state
+        area.since = self.clock()
+
+    # -- free_per_iteration ------------------------------------------------------------
+
+    def backlog(self) -> int:
+        """Pages this proxy has on the kernel's deferred list (estimated where the
+        kernel does not show it: handed over, minus free_per_iteration a second)."""
+        shown = self.side.deferred_pages()
+        if shown is not None:
+            return shown
+        self._drain_estimate()
+        return math.ceil(self._estimate)
+
+    def _drain_estimate(self) -> None:
+        """What the kernel reclaimed since the estimate was last brought up to date."""
+        now = self.clock()
+        fpi = self._fpi()
+        elapsed, self._estimated_at = now - self._estimated_at, now
+        if fpi == 0:
+            self._estimate = 0.0
+        elif fpi is not None:
+            self._estimate = max(0.0, self._estimate - fpi * elapsed / KERNEL_TICK)
+
+    def free_per_iteration(self) -> int | None:
+        return self._fpi()
+
+    def _fpi(self) -> int | None:
+        try:
+            return self.side.sharing.backend.status().free_per_iteration
+        except OSError:
+            return None
+
+    def _tune(self) -> None:
+        backlog = self.backlog()
+        self.counters.peak_backlog = max(self.counters.peak_backlog, backlog)
+        if self.policy.end_at_once:
+            return  # as an agent without unmap notify: free_per_iteration as found
+        current = self._fpi()
+        if current is None:
+            return
+        if backlog == 0:
+            self._restore_fpi()
+            return
+        if current == 0:
+            return  # no limit per tick: it drains on the next tick
+        if self._found_fpi is None:
+            self._found_fpi = current
+        want = max(self._found_fpi, math.ceil(backlog * KERNEL_TICK / self.policy.drain_target))
+        if want > current and self._write_fpi(want, backlog):
+            self.counters.fpi_raises += 1
+
+    def _restore_fpi(self) -> None:
+        found, self._found_fpi = self._found_fpi, None
+        if found is None or self._fpi() == found:
+            return
+        if self._write_fpi(found, 0):
+            self.counters.fpi_restores += 1
+
+    def _write_fpi(self, value: int, backlog: int) -> bool:
+        if self._tune_refused:
+            return False
+        try:
+            self.side.sharing.backend.set_free_per_iteration(value)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self._tune_refused = True
+            log.warning("cannot set free_per_iteration to %d (%s): %d deferred grants drain "
+                        "at the kernel's pace; let the proxy do it, or run as a user who "
+                        "may: qubesshm tune --free-per-iteration %d", value,
+                        exc.strerror or exc, backlog, value)
+            return False
+        log.info("free_per_iteration set to %d (deferred backlog %d pages)", value, backlog)
+        return True
+
+
+class GrantLifetimes(LifetimesCore[Area, _Connection]):
+    """Every area of the proxy, across its compositor connections."""
+
+    def __init__(self, halves: Halves, policy: LifetimePolicy | None = None, *,
+                 clock: Callable[[], float]) -> None:
+        super().__init__(halves, policy, clock=clock)
+        self.halves = halves
+        # Mappings the simulated GUI domain still holds (``policy.hold``): when each
+        # goes, with its area.
+        self._holding: list[tuple[float, Area]] = []
 
     # -- connections -----------------------------------------------------------
 
@@ -237,8 +668,9 @@ class GrantLifetimes:
         except OSError:
             sharing.close_channel(vm_port)
             raise
-        self._connections[owner] = _Connection(owner, destroy_upstream, tuple(counters),
-                                               vm_port, gui_port)
+        self._connections[owner] = _Connection(owner, tuple(counters),
+                                               destroy_upstream=destroy_upstream,
+                                               vm_port=vm_port, gui_port=gui_port)
 
     def close_connection(self, owner: int) -> None:
         """The connection is gone, and with it the compositor's pools: every area of it
@@ -261,28 +693,7 @@ class GrantLifetimes:
         (its ``pool_id`` is set), else freshly shared and mapped (``pool_id`` 0).
         ``NoRoom`` when the limits leave no room now, ``GrantLimit`` when they never
         will."""
-        conn = self._connections[owner]
-        need = pages_for(size)
-        found = self._cached_fit(conn, need)
-        if found is not None:
-            del self._cache[found]
-            self._move(found, AreaState.IN_USE)
-            found.held_when_freed = False
-            self.counters.cache_hits += 1
-            self.counters.peak_wanted = max(self.counters.peak_wanted, self._in_use_pages())
-            return found
-        try:
-            self._make_room(conn, need)
-            area = self._new_area(conn, need)
-        except GrantLimit:
-            self.counters.refused += 1
-            raise
-        except NoRoom:
-            self.counters.no_room += 1
-            raise
-        # A miss is a fresh grant: a request that waits or is refused made none.
-        self.counters.cache_misses += 1
-        return area
+        return super().take(owner, size)
 
     def give_back(self, area: Area) -> None:
         """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
@@ -305,7 +716,13 @@ class GrantLifetimes:
         if area.state is AreaState.IN_USE:
             self._drop(area)
 
-    # -- the event channel and the timer ------------------------------------------
+    def freed_while_held(self, area: Area) -> None:
+        """The app let go of the buffer ``area`` backs while the compositor still holds
+        it (a window closed under a close animation): the moment an agent that ends
+        grants as buffers go would end this one, and defer it."""
+        self._retired_while_held(area)
+
+    # -- the event channel ------------------------------------------------------------
 
     @property
     def event_fd(self) -> int:
@@ -332,133 +749,7 @@ class GrantLifetimes:
             self.counters.unmap_latency.add((self.clock() - area.since) * 1000.0)
             self._end(area)
 
-    def poll(self) -> None:
-        """Timer work: hand late areas to deferred reclaim, keep the backlog draining."""
-        now = self.clock()
-        self._let_held_go(now)
-        late = []
-        for area in self._awaiting:
-            if now - area.since < self.policy.late_timeout:
-                break  # oldest first: the rest are younger
-            if not area.late:
-                area.late = True
-                self.counters.late_releases += 1
-            late.append(area)
-        if late and now >= self._next_batch:
-            self._next_batch = now + DEFER_INTERVAL
-            self.counters.defer_batches += 1
-            handed = 0
-            for area in late:
-                if handed and handed + area.pages > self.policy.defer_batch:
-                    break
-                handed += area.pages
-                self._end(area)
-        self._tune()
-
-    @property
-    def awaiting(self) -> int:
-        """Areas waiting for their unmap notify."""
-        return len(self._awaiting)
-
-    def close(self) -> None:
-        """The proxy stops: whatever still waits goes to deferred reclaim, and
-        free_per_iteration gets the value it had."""
-        for owner in list(self._connections):
-            self.close_connection(owner)
-        self.scan()
-        for area in list(self._awaiting):
-            self._end(area)
-        self._let_held_go(math.inf)
-        for conn in list(self._connections.values()):
-            self._forget_if_done(conn)
-        self._restore_fpi()
-
-    # -- internals ---------------------------------------------------------------------
-
-    def _limit(self) -> int | None:
-        try:
-            return self.halves.sharing.backend.status().gntalloc_limit
-        except OSError:
-            return None
-
-    def _cache_bound(self) -> int:
-        if self.policy.cache_pages is not None:
-            return self.policy.cache_pages
-        return default_cache_pages(self._limit())
-
-    def _client_bound(self) -> int:
-        if self.policy.client_pages is not None:
-            return self.policy.client_pages
-        return default_client_pages(self._limit())
-
-    def _cached_fit(self, conn: _Connection, need: int) -> Area | None:
-        best: Area | None = None
-        for area in reversed(self._cache):  # most recently used first
-            if (area.owner == conn.owner and need <= area.pages
-                    and need >= area.pages * FIT_SHARE
-                    and (best is None or area.pages < best.pages)):
-                best = area
-        return best
-
-    def _live_pages(self) -> int:
-        """Pages gntalloc counts for this proxy: shared and not yet ended or deferred."""
-        return self._live
-
-    def _make_room(self, conn: _Connection, need: int) -> None:
-        # What the gntalloc limit must allow for this buffer to be had without evicting
-        # or deferring anything (the report's "needs a limit of at least").
-        self.counters.peak_wanted = max(self.counters.peak_wanted,
-                                        self._in_use_pages() + need)
-        bound = self._client_bound()
-        limit = self._limit()
-        over_limit = limit is not None and need > limit
-        if need > bound or over_limit:
-            # Name every limit it passes: raising one alone would not make it fit.
-            passed, fixes = [], []
-            if over_limit:
-                passed.append(f"the gntalloc limit of {limit} pages")
-                fixes.append("raise the limit with --gntalloc-limit N (or qubesshm tune "
-                             "--gntalloc-limit N)")
-            if need > bound:
-                passed.append(f"what a client may hold ({bound} pages)")
-                fixes.append("raise --client-pages")
-            raise GrantLimit(f"a buffer of {need} pages is more than "
-                             f"{' and '.join(passed)}; {' and '.join(fixes)}")
-        for area in [a for a in self._cache if a.owner == conn.owner]:
-            if conn.held_pages() + need <= bound:
-                break
-            self._evict(area)
-        if conn.held_pages() + need > bound:
-            raise NoRoom(f"the client holds {conn.held_pages()} pages of grants and {need} "
-                         f"more would pass its limit of {bound} (--client-pages)")
-        if limit is None:
-            return
-        if self._in_use_pages() + need > limit:
-            # Nothing evicted or deferred could make room: wait before touching them.
-            raise NoRoom(self._over_limit(need, limit))
-        # Areas whose notify was missed by nobody yet: their byte may already be clear.
-        self.scan()
-        for area in list(self._cache):
-            if self._live_pages() + need <= limit:
-                break
-            self._evict(area)
-        for area in list(self._awaiting):
-            if self._live_pages() + need <= limit:
-                break
-            # The kernel does not count deferred grants against gntalloc's limit.
-            self.counters.deferred_for_room += 1
-            self._end(area)
-        if self._live_pages() + need > limit:
-            raise NoRoom(self._over_limit(need, limit))
-
-    def _in_use_pages(self) -> int:
-        """Pages of areas buffers use: the only ones no eviction or deferral frees."""
-        return (self._live - sum(a.pages for a in self._cache)
-                - sum(a.pages for a in self._awaiting))
-
-    def _over_limit(self, need: int, limit: int) -> str:
-        return (f"{self._live_pages()} pages of grants are in use and {need} more would "
-                f"pass the gntalloc limit of {limit} pages (--gntalloc-limit)")
+    # -- the core's hooks -----------------------------------------------------------------
 
     def _new_area(self, conn: _Connection, pages: int) -> Area:
         sharing, mapping = self.halves.sharing, self.halves.mapping
@@ -475,23 +766,34 @@ class GrantLifetimes:
             sharing.end(grant)
             raise GrantLimit(f"cannot map the grants of a {pages}-page buffer: "
                              f"{exc.strerror or exc}") from exc
-        area = Area(grant, mapped, conn.owner, since=self.clock())
-        conn.areas.add(area)
-        self._live += pages
-        for c in conn.counters:
-            c.pages.shared(pages)
+        area = Area(grant, conn.owner, mapping=mapped, since=self.clock())
+        self._shared(conn, area)
         return area
 
-    def _trim_cache(self) -> None:
-        bound = self._cache_bound()
-        while self._cache and sum(a.pages for a in self._cache) > bound:
-            self._evict(next(iter(self._cache)))
-
-    def _evict(self, area: Area) -> None:
-        """Out of the cache: destroy its upstream pool, let the mapping go."""
-        del self._cache[area]
-        self.counters.evictions += 1
+    def _evicted(self, area: Area) -> None:
+        """Destroy its upstream pool, let the mapping go."""
         self._drop(area)
+
+    def _maybe_mapped(self, area: Area) -> bool:
+        return not self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset)
+
+    def _settle(self) -> None:
+        # Areas whose notify was missed by nobody yet: their byte may already be clear.
+        self.scan()
+
+    def _before_poll(self, now: float) -> None:
+        self._let_held_go(now)
+
+    def _after_close(self) -> None:
+        self._let_held_go(math.inf)
+
+    def _forgotten(self, conn: _Connection) -> None:
+        try:
+            self.halves.sharing.close_channel(conn.vm_port)
+        except OSError as exc:
+            log.error("cannot close the event channel of client#%d: %s", conn.owner, exc)
+
+    # -- letting go -------------------------------------------------------------------------
 
     def _drop(self, area: Area) -> None:
         """Destroy the area's pool upstream (if its connection is still open) and let
@@ -534,143 +836,3 @@ class GrantLifetimes:
             self._unmap(area)
             if area.state is AreaState.AWAITING_UNMAP:
                 self._end_if_unmapped(area)
-
-    def freed_while_held(self, area: Area) -> None:
-        """The app let go of the buffer ``area`` backs while the compositor still holds
-        it (a window closed under a close animation): the moment an agent that ends
-        grants as buffers go would end this one, and defer it."""
-        self._retired_while_held(area)
-
-    def _retired_while_held(self, area: Area) -> None:
-        if area.held_when_freed:
-            return  # counted when the app let go of its buffer
-        area.held_when_freed = True
-        second = int(self.clock() - self.started)
-        held = self.counters.retired_while_held
-        held[second] = held.get(second, 0) + area.pages
-
-    def _end(self, area: Area) -> None:
-        """End the grant: at once when unmapped, else through deferred reclaim."""
-        self._awaiting.pop(area, None)
-        conn = self._connections[area.owner]
-        mapped = not self.halves.sharing.notify_byte_cleared(area.grant, area.notify_offset)
-        try:
-            outcome = self.halves.sharing.end(area.grant)
-        except OSError as exc:
-            log.error("cannot end the grants of %s: %s", area, exc)
-            outcome = Unshared.DEFERRED
-        deferred = outcome is Unshared.DEFERRED or (
-            outcome is Unshared.UNREPORTED and mapped)
-        if deferred:
-            self.counters.deferred_areas += 1
-            self._drain_estimate()
-            self._estimate += area.pages
-        self._move(area, AreaState.DEFERRED if deferred else AreaState.ENDED)
-        self._live -= area.pages
-        self._room()
-        for c in conn.counters:
-            c.pages.unshared(area.pages, deferred=deferred)
-        conn.areas.discard(area)
-        self._forget_if_done(conn)
-
-    def _forget_if_done(self, conn: _Connection) -> None:
-        if conn.open or conn.areas or self._connections.get(conn.owner) is not conn:
-            return
-        del self._connections[conn.owner]
-        try:
-            self.halves.sharing.close_channel(conn.vm_port)
-        except OSError as exc:
-            log.error("cannot close the event channel of client#%d: %s", conn.owner, exc)
-
-    def _room(self) -> None:
-        if self.on_room is not None:
-            self.on_room()
-
-    def _move(self, area: Area, state: AreaState) -> None:
-        if area.state is AreaState.IN_USE:
-            self._room()  # given back: cached, evictable, or on its way to ending
-        conn = self._connections[area.owner]
-        for c in conn.counters:
-            if area.state is AreaState.CACHED:
-                c.pages.cached -= area.pages
-            elif area.state is AreaState.AWAITING_UNMAP:
-                c.pages.awaiting_unmap -= area.pages
-            if state is AreaState.CACHED:
-                c.pages.cached += area.pages
-            elif state is AreaState.AWAITING_UNMAP:
-                c.pages.awaiting_unmap += area.pages
-        area.state = state
-        area.since = self.clock()
-
-    # -- free_per_iteration ------------------------------------------------------------
-
-    def backlog(self) -> int:
-        """Pages this proxy has on the kernel's deferred list (estimated where the
-        kernel does not show it: handed over, minus free_per_iteration a second)."""
-        shown = self.halves.deferred_pages()
-        if shown is not None:
-            return shown
-        self._drain_estimate()
-        return math.ceil(self._estimate)
-
-    def _drain_estimate(self) -> None:
-        """What the kernel reclaimed since the estimate was last brought up to date."""
-        now = self.clock()
-        fpi = self._fpi()
-        elapsed, self._estimated_at = now - self._estimated_at, now
-        if fpi == 0:
-            self._estimate = 0.0
-        elif fpi is not None:
-            self._estimate = max(0.0, self._estimate - fpi * elapsed / KERNEL_TICK)
-
-    def free_per_iteration(self) -> int | None:
-        return self._fpi()
-
-    def _fpi(self) -> int | None:
-        try:
-            return self.halves.sharing.backend.status().free_per_iteration
-        except OSError:
-            return None
-
-    def _tune(self) -> None:
-        backlog = self.backlog()
-        self.counters.peak_backlog = max(self.counters.peak_backlog, backlog)
-        if self.policy.end_at_once:
-            return  # as an agent without unmap notify: free_per_iteration as found
-        current = self._fpi()
-        if current is None:
-            return
-        if backlog == 0:
-            self._restore_fpi()
-            return
-        if current == 0:
-            return  # no limit per tick: it drains on the next tick
-        if self._found_fpi is None:
-            self._found_fpi = current
-        want = max(self._found_fpi, math.ceil(backlog * KERNEL_TICK / self.policy.drain_target))
-        if want > current and self._write_fpi(want, backlog):
-            self.counters.fpi_raises += 1
-
-    def _restore_fpi(self) -> None:
-        found, self._found_fpi = self._found_fpi, None
-        if found is None or self._fpi() == found:
-            return
-        if self._write_fpi(found, 0):
-            self.counters.fpi_restores += 1
-
-    def _write_fpi(self, value: int, backlog: int) -> bool:
-        if self._tune_refused:
-            return False
-        try:
-            self.halves.sharing.backend.set_free_per_iteration(value)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            self._tune_refused = True
-            log.warning("cannot set free_per_iteration to %d (%s): %d deferred grants drain "
-                        "at the kernel's pace; let the proxy do it, or run as a user who "
-                        "may: qubesshm tune --free-per-iteration %d", value,
-                        exc.strerror or exc, backlog, value)
-            return False
-        log.info("free_per_iteration set to %d (deferred backlog %d pages)", value, backlog)
-        return True
