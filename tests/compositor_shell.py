@@ -108,6 +108,7 @@ class RecordingShell:
 
     screen_rect: Rect = field(default_factory=lambda: Rect(0, 0, 1920, 1080))
     calls: list[tuple[str, ShellWindow]] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)  # clients that disconnected
     commits: list[Commit] = field(default_factory=list)
     mapped: dict[int, ShellWindow] = field(default_factory=dict)
     origins: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -132,6 +133,10 @@ class RecordingShell:
         with self.lock:
             self.calls.append(("unmapped", w))
             self.mapped.pop(w.id, None)
+
+    def client_gone(self, client: int) -> None:
+        with self.lock:
+            self.gone.append(client)
 
     def title_changed(self, w: ShellWindow) -> None:
         with self.lock:

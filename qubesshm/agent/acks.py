@@ -19,11 +19,10 @@ they are released, or all at once as *late* when the daemon is gone.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-T = TypeVar("T", bound=Hashable)
+T = TypeVar("T")
 
 
 class AckOutOfOrder(Exception):

@@ -22,11 +22,23 @@ from ..wire.protocol import ProtocolTable
 from . import common, proxy
 
 NAME = "run"
-HELP = "run one command through a private proxy"
+HELP = "run one command through a private proxy (or, with --agent, a private GUI agent)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .agent import add_agent_options
+
     common.add_relay_options(parser, None)
+    agent = parser.add_argument_group(
+        "agent mode", "qubesshm as the command's compositor and Qubes GUI agent, its "
+        "windows sent to a GUI daemon (as qubesshm agent does)")
+    agent.add_argument("--agent", action="store_true",
+                       help="be the command's GUI agent instead of a proxy: serve its "
+                       "Wayland connection and send its windows to the GUI daemon")
+    agent.add_argument("--emulator", action="store_true",
+                       help="with --agent: also start qubesshm guid-emulator on $DISPLAY "
+                       "(a private vchan and domain id), to see the app as Qubes shows it")
+    add_agent_options(agent)
     common.add_grants_option(parser)
     common.add_buffer_options(parser)
     parser.add_argument("--kernel", choices=KERNEL_CHOICES, default=None,
@@ -47,12 +59,28 @@ def command(args: argparse.Namespace) -> list[str]:
 def check(args: argparse.Namespace) -> str | None:
     if not command(args):
         return "qubesshm run: give the command after --"
+    if args.agent:
+        from ..agent.main import check_run_agent
+
+        return check_run_agent(args)
+    if args.emulator:
+        return "qubesshm run: --emulator goes with --agent (the emulator is a GUI daemon)"
+    for option, given in (("--vchan", args.vchan != "auto"), ("--vchan-dir", args.vchan_dir),
+                          ("--domid", args.domid is not None),
+                          ("--gui-domid", args.gui_domid is not None),
+                          ("--refresh", args.refresh != 60.0)):
+        if given:
+            return f"qubesshm run: {option} is an agent mode option: add --agent"
     return common.check_grants(args, NAME)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.kernel is None:
         args.kernel = "both"
+    if args.agent:
+        from ..agent.main import run_command
+
+        return run_command(args, command(args))
     return proxy.run_proxy(args, _run)
 
 

@@ -125,6 +125,8 @@ class Compositor:
         self.outputs.client_gone(client)
         shm.close_client_pools(client)
         self._faults = [f for f in self._faults if f[0] is not client]
+        with self.shell_call():
+            self.shell.client_gone(client.number)
 
     def next_serial(self) -> int:
         self.serial = (self.serial + 1) & 0xFFFFFFFF

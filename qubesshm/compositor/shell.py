@@ -97,6 +97,9 @@ class Shell(Protocol):
     def window_unmapped(self, w: ShellWindow) -> None:
         """``w`` shows nothing any more (it may map again)."""
 
+    def client_gone(self, client: int) -> None:
+        """Client ``client`` disconnected; its windows were unmapped before this."""
+
     def title_changed(self, w: ShellWindow) -> None: ...
 
     def app_id_changed(self, w: ShellWindow) -> None: ...
