@@ -48,13 +48,28 @@ def run_agent(args: argparse.Namespace) -> int:
         return runner.run(_serve(options, loop_name))
 
 
-async def _serve(options: AgentOptions, loop_name: str) -> int:
+async def start_process(options: AgentOptions) -> AgentProcess:
+    """An agent process serving; a start-up failure the user can fix (a vchan
+    directory, a missing library, the grant devices) is one line (``CommandError``)."""
+    from ..commands.common import CommandError
+    from ..vchan.stream import VchanError
+
     process = AgentProcess(options)
     try:
         await process.start()
-    except BaseException:
+    except BaseException as exc:
         await process.close(settle=0)
+        if isinstance(exc, VchanError):
+            raise CommandError(str(exc)) from exc
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+            raise CommandError(f"{exc.strerror or exc}"
+                               + (f": {exc.filename}" if exc.filename else "")) from exc
         raise
+    return process
+
+
+async def _serve(options: AgentOptions, loop_name: str) -> int:
+    process = await start_process(options)
     print(f"qubesshm: {where(process, loop_name)}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -134,7 +149,7 @@ def run_command(args: argparse.Namespace, cmd: list[str]) -> int:
     private_vchan: Path | None = None
     if args.emulator and args.vchan_dir is None and vchan_choice(args) == "socket":
         base = runtime_path("x").parent
-        private_vchan = Path(tempfile.mkdtemp(prefix="qubesshm-vchan-", dir=base))
+        private_vchan = Path(tempfile.mkdtemp(prefix="qs-vchan-", dir=base))
         args.vchan_dir = private_vchan
     try:
         options = agent_options(args, vchan_choice(args))
@@ -160,13 +175,8 @@ async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: lis
     from ..report import build_report, format_report, kernels_for
 
     log = logging.getLogger("qubesshm.agent")
-    process = AgentProcess(options)
+    process = await start_process(options)
     emulator: subprocess.Popen[bytes] | None = None
-    try:
-        await process.start()
-    except BaseException:
-        await process.close(settle=0)
-        raise
     log.info("%s", where(process, loop_name))
     status = 1
     final: dict[str, Any] = {}
@@ -208,7 +218,7 @@ async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: lis
         async def emulator_gone() -> None:
             # It exits when the vchan closes, letting go of every dump: only then are
             # the last areas' grants ended, never deferred.
-            if emulator is not None:
+            if emulator is not None and emulator.poll() is None:
                 try:
                     await asyncio.wait_for(_exited(emulator), 10)
                 except TimeoutError:

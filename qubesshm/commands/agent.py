@@ -82,11 +82,18 @@ def check_agent(args: argparse.Namespace, command: str) -> str | None:
             args.gui_domid = default_gui_domid()
         except VchanError as exc:
             return f"qubesshm {command}: {exc}"
-    if args.domid == args.gui_domid:
+    vchan = vchan_choice(args)
+    from ..grants.select import choose
+
+    if vchan == "xen" and choose(args.grants) == "sim":
+        return (f"qubesshm {command}: a GUI daemon on real Xen cannot map the simulated "
+                "grant layer's pages: use --grants xen with --vchan xen (or --vchan socket "
+                "with the emulator)")
+    if vchan == "socket" and args.domid == args.gui_domid:
         return (f"qubesshm {command}: this VM's domain id and the GUI daemon's are both "
                 f"{args.domid}: give the VM's with --domid (or $VCHAN_DOMAIN), e.g. "
                 "--domid 1")
-    if vchan_choice(args) == "xen" and args.vchan_dir is not None:
+    if vchan == "xen" and args.vchan_dir is not None:
         return f"qubesshm {command}: --vchan-dir is for the socket vchan (--vchan socket)"
     return common.check_grants(args, command)
 

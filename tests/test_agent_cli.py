@@ -1,0 +1,144 @@
+"""``qubesshm agent`` and ``qubesshm run --agent [--emulator]`` as a user meets them:
+usage mistakes are one line before anything starts, and an app run through the agent
+and the emulator shows its window, exits with its own status and leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def qubesshm(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qubesshm", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False, env=env)
+
+
+@pytest.fixture(autouse=True)
+def short_runtime_dir(tmp_path: Path) -> Iterator[None]:
+    """A socket path has 107 bytes at most, and pytest's tmp_path is long: the runtime
+    directory ``tmp_path/run`` is a link to a short one in /tmp."""
+    short = Path(tempfile.mkdtemp(prefix="qsr-"))
+    short.chmod(0o700)
+    (tmp_path / "run").symlink_to(short)
+    try:
+        yield
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def private_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    runtime = (tmp_path / "run").resolve()
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    for name in ("QUBESSHM_DEBUG", "VCHAN_DOMAIN", "VCHAN_SOCKET_DIR", "WAYLAND_DISPLAY"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["run", "--emulator", "--", "true"], "--emulator goes with --agent"),
+    (["run", "--domid", "3", "--", "true"], "--domid is an agent mode option: add --agent"),
+    (["run", "--agent", "--upstream", "wayland-9", "--", "true"],
+     "--upstream is a proxy option; it does nothing with --agent"),
+    (["agent", "--domid", "0", "--gui-domid", "0", "--vchan", "socket"],
+     "this VM's domain id and the GUI daemon's are both 0"),
+    (["agent", "--vchan", "xen", "--grants", "sim"],
+     "a GUI daemon on real Xen cannot map the simulated grant layer's pages"),
+    (["agent", "--vchan", "xen", "--grants", "xen", "--vchan-dir", "/tmp"],
+     "--vchan-dir is for the socket vchan"),
+])
+def test_agent_usage_mistakes_are_one_line_before_anything_starts(
+        tmp_path: Path, args: list[str], why: str) -> None:
+    result = qubesshm(*args, env=private_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], result.stderr
+    assert not list((tmp_path / "run").iterdir())  # nothing was started
+
+
+def test_run_emulator_without_a_display_is_refused(tmp_path: Path) -> None:
+    env = private_env(tmp_path)
+    env.pop("DISPLAY", None)
+    result = qubesshm("run", "--agent", "--emulator", "--", "true", env=env)
+    assert result.returncode == 2
+    assert "$DISPLAY is not set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_domain_ids_are_checked_when_parsed(tmp_path: Path) -> None:
+    result = qubesshm("agent", "--domid", "40000", env=private_env(tmp_path))
+    assert result.returncode == 2 and "--domid: 40000 is not between 0 and 32751" in (
+        result.stderr)
+
+
+def test_a_vchan_directory_open_to_others_is_refused_with_one_line(tmp_path: Path) -> None:
+    vchan = tmp_path / "vchan"
+    vchan.mkdir()
+    vchan.chmod(0o777)
+    result = qubesshm("agent", "--socket", "qs-agent-test", "--domid", "3", "--vchan",
+                      "socket", "--vchan-dir", str(vchan), "--grants", "sim",
+                      env=private_env(tmp_path))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and str(vchan) in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def display(tmp_path: Path) -> Iterator[str]:
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb is not installed (.ci/install installs xvfb)")
+    read, write = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24",
+                             "-nolisten", "tcp"], pass_fds=(write,),
+                            stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        number = pipe.readline().strip()
+    try:
+        assert number, "Xvfb said no display number"
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_run_agent_emulator_shows_the_app_and_exits_with_its_status(
+        tmp_path: Path, display: str) -> None:
+    env = private_env(tmp_path, DISPLAY=display)
+    # weston-simple-shm draws until it is killed; timeout ends it with status 124.
+    result = qubesshm("run", "--agent", "--emulator", "--report-json",
+                      str(tmp_path / "report.json"), "--", "timeout", "3",
+                      "weston-simple-shm", env=env, timeout=90)
+    assert result.returncode == 124, result.stderr
+    summary = [line for line in result.stderr.splitlines()
+               if line.startswith("qubesshm: ") and " windows, " in line]
+    assert len(summary) == 1, result.stderr
+    line = summary[0]
+    assert line.startswith("qubesshm: 1 windows, 1 dumps"), line
+    assert "0 deferred, 0 leaked, 0 live" in line, line
+    assert "0 pending" in line, line
+    assert "qubesshm report" in result.stderr
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["commits"] > 10 and report["grant_pages_leaked"] == 0
+    assert report["grant_pages_deferred"] == 0
+    # Nothing is left behind: the private vchan directory and the simulated kernel.
+    leftovers = [p.name for p in (tmp_path / "run").iterdir()]
+    assert not [name for name in leftovers if name.startswith("qs-vchan-")], leftovers
+
+
+def test_run_agent_says_when_the_emulator_cannot_start(tmp_path: Path) -> None:
+    env = private_env(tmp_path, DISPLAY=":65000")  # nobody is there
+    result = qubesshm("run", "--agent", "--emulator", "--", "true", env=env)
+    assert result.returncode == 1, result.stderr
+    assert "the GUI-daemon emulator exited with status 1 before connecting" in result.stderr
+    assert "Traceback" not in result.stderr
