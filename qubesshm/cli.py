@@ -25,9 +25,9 @@ __all__ = ["UsageError", "build_parser", "env_flag", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesshm",
-        description="A Wayland proxy that validates and relays every message between "
-        "clients and the compositor, and backs every shm buffer the compositor sees with "
-        "Xen grant pages it owns.")
+        description="Wayland apps on a Qubes OS screen through Xen grant pages qubesshm "
+        "owns: as a proxy in front of a Wayland compositor (serve, run), or as the VM's "
+        "GUI agent sending windows to the Qubes GUI daemon (agent, run --agent).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log connections")
     parser.add_argument("--version", action="version", version=f"qubesshm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

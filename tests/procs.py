@@ -49,7 +49,10 @@ def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
     log.close()
     path = Path(env["XDG_RUNTIME_DIR"]) / socket_name
     deadline = time.monotonic() + 20
-    while not compositor_is_running(str(path)):
+    # Ready once it said where it is: its stats socket is up and a signal ends it
+    # cleanly (the Wayland socket answers a little earlier).
+    while not (compositor_is_running(str(path))
+               and b"qubesshm: listening on " in log_path.read_bytes()):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"qubesshm serve did not start: {log_path.read_text()}")

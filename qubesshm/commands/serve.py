@@ -35,12 +35,13 @@ def main(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, protocol: ProtocolTable,
                  options: RelayOptions, grants: GrantHalves, loop_name: str) -> int:
     server = proxy.start(args, protocol, options, args.socket, grants)
-    # serve always says where it is; run (whose command shares the terminal) with -v.
-    print(f"qubesshm: {proxy.where(server, grants, loop_name)}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    # serve always says where it is (once a signal would end it cleanly); run, whose
+    # command shares the terminal, with -v.
+    print(f"qubesshm: {proxy.where(server, grants, loop_name)}", file=sys.stderr, flush=True)
     try:
         await stop.wait()
         await server.settle(args.late_timeout)
