@@ -402,8 +402,9 @@ def finish(session: Session, *, connections: int = 1) -> dict[str, Any]:
     # (GUID_ON_EOF=exit) then ends cleanly.
     assert session.agent.stop() == 0, session.agent.log()
     summary = session.agent.log().splitlines()[-1]
-    assert re.search(r", 0 pending; ", summary), summary
-    match = re.search(r"grant pages: (\d+) shared, (\d+) ended, 0 deferred, 0 live", summary)
+    assert re.search(r", 0 pending, 0 ACKs pending", summary), summary
+    match = re.search(r"grant pages: (\d+) shared, (\d+) ended, 0 deferred, 0 leaked, 0 live",
+                      summary)
     assert match and match[1] == match[2], summary
     assert session.daemon.wait_exit() == 0, session.daemon.stderr()[-3000:]
     assert "qubes-guid: agent EOF, restart suppressed" in session.daemon.stderr()

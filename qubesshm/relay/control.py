@@ -19,7 +19,7 @@ from typing import Any
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import ClientCounters, GrantLedger
-from ..grants.lifetimes import GrantLifetimes
+from ..grants.lifetimes import LifetimesCore
 from .listener import Listener, runtime_path
 
 log = logging.getLogger("qubesshm.relay")
@@ -78,7 +78,7 @@ def _counters(counters: ClientCounters) -> dict[str, Any]:
     }
 
 
-def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
+def _lifetimes(lifetimes: LifetimesCore[Any, Any] | None) -> dict[str, Any] | None:
     if lifetimes is None:
         return None
     c = lifetimes.counters
@@ -106,7 +106,7 @@ def _lifetimes(lifetimes: GrantLifetimes | None) -> dict[str, Any] | None:
 
 
 def snapshot(ledger: GrantLedger, grants: GrantHalves | None,
-             lifetimes: GrantLifetimes | None = None) -> dict[str, Any]:
+             lifetimes: LifetimesCore[Any, Any] | None = None) -> dict[str, Any]:
     """The counters as ``qubesshm stats --json`` prints them."""
     deferred = grants.deferred_pages() if grants is not None else None
     leaked = grants.leaked_pages() if grants is not None else None
@@ -255,7 +255,17 @@ def format_table(stats: dict[str, Any]) -> str:
         lines.append("unmap (ms)     " + "  ".join(f"{k}={show(v)}" for k, v in unmap.items()))
         lines.append("lifetimes      " + "  ".join(
             f"{k}={show(v)}" for k, v in lifetimes.items()
-            if not k.startswith("unmap_") and k != "retired_while_held"))
+            if not k.startswith("unmap_") and k != "retired_while_held"
+            and not isinstance(v, dict)))
+        for key in ("confirm_latency_ms", "ack_latency_ms"):
+            timing = lifetimes.get(key)
+            if timing:  # agent mode: from let-go to release, from dump to ACK
+                name = key.removesuffix("_latency_ms") + " (ms)"
+                lines.append(f"{name:<15}" + "  ".join(f"{k}={show(v)}"
+                                                     for k, v in timing.items()))
+    daemon = stats.get("daemon")
+    if daemon:
+        lines.append("daemon         " + "  ".join(f"{k}={show(v)}" for k, v in daemon.items()))
     if stats["per_client"]:
         lines.append("")
         lines.append(f"{'client':>6} {'commits':>8} {'damaged':>12} {'copied':>12} "
