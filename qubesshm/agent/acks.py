@@ -46,8 +46,8 @@ class AckOrder(Generic[T]):
 
     @property
     def in_flight(self) -> int:
-        """Dumps sent and not yet acknowledged."""
-        return self.sent - self.acked
+        """Dumps sent and not yet acknowledged (none awaited from a daemon without ACKs)."""
+        return self.sent - self.acked if self.acks else 0
 
     @property
     def pending(self) -> int:

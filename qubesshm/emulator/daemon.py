@@ -27,8 +27,10 @@ What it reproduces, from the daemon's source (facts, not code):
   Expose put the rectangle, clipped to the dump, on screen.
 
 What the emulator adds: ``hold`` keeps a let-go dump mapped that many seconds longer
-(a slow daemon); ``ack_delay`` holds each ACK back that long (and, since the daemon
-writes in one stream, whatever it writes after it). A let-go dump's mapping ends at
+(a slow daemon: its ACKs, which mean that the X server let go of every dump let go
+before, wait as long, and whatever it writes after them); ``ack_delay`` holds each
+ACK back that long (and, since the daemon writes in one stream, whatever it writes
+after it). A let-go dump's mapping ends at
 the latest moment the real daemon allows: just before the next ACK (the daemon's sync
 with the X server), or when ``tick`` runs after the batch of messages that let it go
 (the X server carrying out the detach "soon"); never before its hold has passed.
@@ -718,8 +720,12 @@ class GuiDaemon:
         self._release_due(now, actions)
         assert self.version is not None
         if self.version >= gm.MIN_WINDOW_DUMP_ACK:
-            self._queue(now + self.settings.ack_delay,
-                        codec.encode(window.id, gm.WindowDumpAck()), window.id)
+            # The ACK follows the sync that carried out every earlier detach: a held
+            # dump is still mapped, so the ACK waits for its hold to pass.
+            due = now + self.settings.ack_delay
+            if self._letting_go:
+                due = max(due, self._letting_go[-1][0])
+            self._queue(due, codec.encode(window.id, gm.WindowDumpAck()), window.id)
 
     # -- dumps let go ----------------------------------------------------------------------
 
