@@ -1,17 +1,20 @@
-"""The demo's picture: what qubesshm did for two apps, told at a glance.
+"""The demo's pictures: what qubesshm did for two apps, told at a glance.
 
-``examples/demo.py`` runs the apps and collects what this module draws: the run's
-report (``qubesshm run --report-json``), qubesshm's deferred list sampled while it
-ran (:class:`Measured`) and a screenshot of the headless compositor. Here are the
-pieces of the picture, each usable alone (the tests check them one by one):
+``examples/demo.py`` runs the apps twice and collects what this module draws for
+each run: the run's report (``qubesshm run --report-json``), qubesshm's deferred
+list sampled while it ran (:class:`Measured`) and a screenshot: of the headless
+compositor in proxy mode, of the emulated GUI daemon's X screen in agent mode
+(:data:`PROXY` and :data:`AGENT` hold what the two pictures say differently). Here
+are the pieces of a picture, each usable alone (the tests check them one by one):
 
 - :func:`headline`, one sentence made from the figures: qubesshm's deferred list
-  against what an agent without unmap notify would have left on a stock kernel's;
+  against what an agent without unmap notify (proxy mode), or today's GUI agents
+  (agent mode), would have left on a stock kernel's;
 - :func:`modelled_lists`, that agent's deferred list second by second on each kernel
   (``qubesshm.report.deferred_list_by_second``, the report's own model);
 - :func:`find_windows`, the apps' windows on the screenshot, found by their pixels
   (both clients draw ``examples/pattern_client.py``'s test pattern, at their sizes);
-- :data:`GLOSSARY`, the jargon in plain words;
+- :data:`GLOSSARY` (and :data:`AGENT_GLOSSARY`), the jargon in plain words;
 - :func:`build_figure`, all of it on one matplotlib Figure.
 """
 
@@ -65,6 +68,54 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
      "of the window sharing) without it ends grants when the app frees a buffer, shown or "
      "not."),
 )
+# Agent mode: qubesshm is the GUI agent, and the GUI domain's daemon shows the windows.
+AGENT_GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("grant page", "a 4 KiB page of the qube's memory that it shares with the GUI "
+     "domain, whose GUI daemon shows it on the screen; every window's pixels travel in "
+     "them."),
+    GLOSSARY[1],
+    ("deferred list", "where the kernel parks a grant that was ended while the GUI daemon "
+     "still mapped it; it goes through only a few a second "
+     f"({_STOCK.free_per_iteration:,} on a stock kernel, {_QUBES.free_per_iteration:,} "
+     "with Qubes' setting), and until then those pages are lost to the qube."),
+    ("dump, ACK", "a window's grant pages go to the daemon as a dump; the daemon answers "
+     "each dump with an ACK, in order, once its X server has caught up, so the ACK of a "
+     "dump sent after a window let go of its old pages shows that the daemon no longer "
+     "maps them. qubesshm ends or reuses those pages only then, so nothing needs parking; "
+     "today's GUI agents (the qube's side of the window sharing) end them at once."),
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What the picture of a run says in words that depend on how qubesshm ran."""
+
+    name: str  # "proxy" or "agent"
+    lead: str  # before "qubesshm ..." in the headline
+    others: str  # who qubesshm is compared with, in the headline
+    others_legend: str  # the same, in the plot's legend
+    others_tag: str  # beside the kernel's name, on the line left to drain after the run
+    none_deferred: str  # why they would have deferred nothing
+    screen_title: str
+    churn_gone: str  # how a churn window leaves the screen
+    glossary: tuple[tuple[str, str], ...]
+
+
+PROXY = Mode(
+    name="proxy", lead="", others="an agent without unmap notify",
+    others_legend="an agent without unmap notify", others_tag="no unmap notify",
+    none_deferred="the compositor let go of every buffer before the apps freed it",
+    screen_title="the compositor's screen mid-run (the apps' pixels came through qubesshm)",
+    churn_gone="then closes with a fade", glossary=GLOSSARY)
+AGENT = Mode(
+    name="agent", lead="As the GUI agent, ",
+    others="today's GUI agents, which end a window's grants as soon as it lets go of them,",
+    others_legend="today's GUI agents",
+    others_tag="today's agents",
+    none_deferred="no window let go of pages the daemon still mapped",
+    screen_title="the emulated GUI daemon's X screen mid-run (windows drawn from qubesshm's "
+                 "grant pages)",
+    churn_gone="then closes", glossary=AGENT_GLOSSARY)
 
 COLOURS = {
     "qubesshm": "#1b7f3b",
@@ -132,8 +183,9 @@ def headline_kernel(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, kernels[name]
 
 
-def headline(report: dict[str, Any], measured: Measured) -> str:
-    """One sentence: qubesshm's deferred list, and an unmap-notify-less agent's."""
+def headline(report: dict[str, Any], measured: Measured, mode: Mode = PROXY) -> str:
+    """One sentence: qubesshm's deferred list, and the modelled agent's (one without
+    unmap notify in proxy mode, today's GUI agents in agent mode)."""
     at_exit = int(report["grant_pages_deferred"] or 0)
     peak = measured.peak(at_exit)
     apps = report["clients"]
@@ -147,11 +199,10 @@ def headline(report: dict[str, Any], measured: Measured) -> str:
         ours = (f"qubesshm had at most {_pages(peak)} on the deferred list ({at_exit:,} at "
                 f"exit) through {run}")
     name, kernel = headline_kernel(report)
-    agent, where = "an agent without unmap notify", f"on a {name} kernel"
+    agent, where = mode.others, f"on a {name} kernel"
     if kernel["agent_deferred_pages"] == 0:
         either = " either" if peak == 0 else ""
-        theirs = (f"{agent} would have deferred none{either} {where}: the compositor let "
-                  "go of every buffer before the apps freed it")
+        theirs = f"{agent} would have deferred none{either} {where}: {mode.none_deferred}"
     elif kernel["agent_backlog_at_exit"]:
         theirs = (f"{agent} would have left {_pages(kernel['agent_backlog_at_exit'])} there "
                   f"at exit {where}, draining for {kernel['agent_drain_seconds']:,} s more")
@@ -159,7 +210,7 @@ def headline(report: dict[str, Any], measured: Measured) -> str:
         theirs = (f"{agent} would have put {_pages(kernel['agent_deferred_pages'])} there "
                   f"{where} (up to {kernel['agent_peak_backlog']:,} at once), all gone by "
                   "the end of the run")
-    return f"{ours}; {theirs}."
+    return f"{mode.lead}{ours}; {theirs}."
 
 
 def modelled_lists(report: dict[str, Any]) -> dict[str, list[int]]:
@@ -172,8 +223,9 @@ def modelled_lists(report: dict[str, Any]) -> dict[str, list[int]]:
             for name, kernel in report["kernels"].items()}
 
 
-def key_figures(report: dict[str, Any]) -> list[str]:
-    """The run in three lines, for under the screenshot."""
+def key_figures(report: dict[str, Any], daemon: dict[str, float] | None = None) -> list[str]:
+    """The run in three lines, for under the screenshot; a fourth for the GUI daemon's
+    side in agent mode (``daemon``: ``demo_agent.daemon_figures``)."""
     apps = report["clients"]
     names = {"stock": "a stock kernel's", "qubes": "Qubes'"}
     limits = " and ".join(
@@ -187,7 +239,16 @@ def key_figures(report: dict[str, Any]) -> list[str]:
         f"Grant pages: {report['grant_pages_shared']:,} shared in all, at most "
         f"{report['peak_grant_pages']:,} at once, {report['grant_pages_leaked']:,} leaked.",
         f"gntalloc limit needed: {_pages(report['pages_needed'])}; {limits}.",
+        *([] if daemon is None else [_daemon_line(daemon)]),
     ]
+
+
+def _daemon_line(daemon: dict[str, float]) -> str:
+    windows, acks = int(daemon["windows"]), int(daemon["acks"])
+    latency = f" after {daemon['ack_p50_ms']:.1f} ms (median)" if "ack_p50_ms" in daemon else ""
+    return (f"The GUI daemon (emulated): {windows:,} window{'' if windows == 1 else 's'}, "
+            f"{int(daemon['dumps']):,} dumps (+{int(daemon['barriers']):,} barriers), "
+            f"{acks:,} ACK{'' if acks == 1 else 's'}{latency}.")
 
 
 # -- the windows on the screenshot -------------------------------------------------------
@@ -348,8 +409,8 @@ def _boxes_overlap(a: tuple[float, float, float, float],
     return max(w, 0.0) * max(h, 0.0)
 
 
-def _label_windows(axes: Axes, windows: Sequence[Window],
-                   screen_shape: tuple[int, ...], seconds: float, churn_windows: int) -> None:
+def _label_windows(axes: Axes, windows: Sequence[Window], screen_shape: tuple[int, ...],
+                   seconds: float, churn_windows: int, mode: Mode = PROXY) -> None:
     """A box around each window found and a label beside it, placed where it covers
     no other label and as little of the other windows as can be."""
     from matplotlib.patches import Rectangle
@@ -409,7 +470,7 @@ def _label_windows(axes: Axes, windows: Sequence[Window],
         missing.append("the pattern client's window is not in view in this shot")
     if not any(w.client == "churn" for w in windows):
         missing.append("no churn window in view at this moment: each shows for a moment, "
-                       "then closes with a fade")
+                       f"{mode.churn_gone}")
     if missing:
         axes.text(0.5, 0.03, "\n".join(missing), transform=axes.transAxes, ha="center",
                   va="bottom", fontsize=SMALL_SIZE, color="white", gid="label-missing",
@@ -434,7 +495,7 @@ def _story(report: dict[str, Any], name: str, sizes: Sequence[int]) -> str:
 
 def _plot_lists(figure: Figure, box: tuple[float, float, float, float],
                 report: dict[str, Any], measured: Measured,
-                lists: dict[str, list[int]]) -> list[Axes]:
+                lists: dict[str, list[int]], mode: Mode = PROXY) -> list[Axes]:
     """The deferred list over the run in ``box`` (left, bottom, right, top): qubesshm's,
     measured, and the modelled agent's on each kernel; a second panel, on its own time
     scale, for what is left to drain after the run. Returns the panels."""
@@ -461,7 +522,7 @@ def _plot_lists(figure: Figure, box: tuple[float, float, float, float],
     names = {"stock": "stock", "qubes": "Qubes"}
     for name, sizes in lists.items():
         rate = report["kernels"][name]["free_per_iteration"]
-        label = (f"an agent without unmap notify, {names.get(name, name)} kernel (frees "
+        label = (f"{mode.others_legend}, {names.get(name, name)} kernel (frees "
                  f"{rate:,} a second), modelled:\n{_story(report, name, sizes)}")
         xs, ys = [*range(len(sizes)), len(sizes)], [*sizes, sizes[-1]]
         style: dict[str, Any] = {"color": COLOURS.get(name, "grey"), "linewidth": 2.6,
@@ -472,7 +533,7 @@ def _plot_lists(figure: Figure, box: tuple[float, float, float, float],
         if tail and any(sizes[end:]):
             # What is left at the end of the run, draining.
             panels[1].step(xs[end:], ys[end:], where="post", **style)
-            panels[1].annotate(f"{names.get(name, name)} kernel, no unmap notify",
+            panels[1].annotate(f"{names.get(name, name)} kernel, {mode.others_tag}",
                                (end, sizes[end]), xytext=(8, 6), textcoords="offset points",
                                fontsize=SMALL_SIZE, color=style["color"], fontweight="bold",
                                va="bottom", gid=f"tag-{name}")
@@ -531,10 +592,13 @@ SAMPLE_SECONDS = 0.1
 
 def build_figure(report: dict[str, Any], measured: Measured, screen: RGB | None,
                  windows: Sequence[Window], *, seconds: float = 5.0,
-                 churn_windows: int = 8) -> Figure:
+                 churn_windows: int = 8, mode: Mode = PROXY,
+                 daemon: dict[str, float] | None = None) -> Figure:
     """The demo's picture: the headline over the screenshot (its windows labelled) and
     the plot of the deferred lists, the run's figures and the jargon underneath. Without
-    a screenshot (a compositor of one's own) the plot takes the whole width."""
+    a screenshot (a compositor of one's own) the plot takes the whole width. ``mode``
+    words it for a proxy run or an agent run; ``daemon`` adds the GUI daemon's figures
+    (``demo_agent.daemon_figures``) to the run's."""
     from matplotlib.figure import Figure
 
     width_in, height_in = (17.0, 10.0) if screen is not None else (12.0, 11.5)
@@ -545,14 +609,14 @@ def build_figure(report: dict[str, Any], measured: Measured, screen: RGB | None,
         return count * size * 1.4 / 72 / height_in
 
     chars = int(width_in * 72 / (HEADLINE_SIZE * 0.62))
-    title = textwrap.wrap(headline(report, measured), chars)
+    title = textwrap.wrap(headline(report, measured, mode), chars)
     figure.text(0.5, 0.985, "\n".join(title), ha="center", va="top",
                 fontsize=HEADLINE_SIZE, fontweight="bold", gid="headline", linespacing=1.3)
     under_title = 0.985 - lines_high(len(title), HEADLINE_SIZE) - 0.03
     # The glossary at the bottom, across the whole width: the term, then its meaning.
     term_width = 0.115 if screen is not None else 0.18
     meaning_chars = int(width_in * (0.97 - term_width) * 72 / (TEXT_SIZE * 0.55))
-    rows = [(term, textwrap.wrap(meaning, meaning_chars)) for term, meaning in GLOSSARY]
+    rows = [(term, textwrap.wrap(meaning, meaning_chars)) for term, meaning in mode.glossary]
     y = 0.02 + lines_high(sum(len(lines) for _, lines in rows), TEXT_SIZE)
     figure.text(0.02, y + 0.012, "In plain words", fontsize=TEXT_SIZE, fontweight="bold",
                 va="bottom", color="#444444", gid="glossary")
@@ -567,21 +631,21 @@ def build_figure(report: dict[str, Any], measured: Measured, screen: RGB | None,
     legend_high = lines_high(2 * (len(lists) + 1), SMALL_SIZE)
     plot_bottom = glossary_top + 0.035 + legend_high + 0.075
     # The run in a few words: under the screenshot, or under the plot's legend.
-    figure.text(0.02, glossary_top + 0.03, "\n".join(key_figures(report)),
+    figures = key_figures(report, daemon)
+    figure.text(0.02, glossary_top + 0.03, "\n".join(figures),
                 fontsize=SMALL_SIZE, va="bottom", gid="key-figures", linespacing=1.35)
     if screen is not None:
-        key_top = glossary_top + 0.03 + lines_high(3, SMALL_SIZE)
+        key_top = glossary_top + 0.03 + lines_high(len(figures), SMALL_SIZE)
         screen_axes = figure.add_axes((0.015, key_top + 0.01, 0.48,
                                        under_title - 0.035 - key_top - 0.01))
         screen_axes.imshow(screen, interpolation="antialiased")
         screen_axes.set_axis_off()
-        screen_axes.set_title("the compositor's screen mid-run (the apps' pixels came "
-                              "through qubesshm)", fontsize=TEXT_SIZE)
-        _label_windows(screen_axes, windows, screen.shape, seconds, churn_windows)
+        screen_axes.set_title(mode.screen_title, fontsize=TEXT_SIZE)
+        _label_windows(screen_axes, windows, screen.shape, seconds, churn_windows, mode)
         plot_left = 0.565
     else:
         plot_left = 0.09
-        plot_bottom += lines_high(3, SMALL_SIZE) + 0.02
+        plot_bottom += lines_high(len(figures), SMALL_SIZE) + 0.02
     _plot_lists(figure, (plot_left, plot_bottom, 0.985, under_title - 0.03), report, measured,
-                lists)
+                lists, mode)
     return figure

@@ -1,6 +1,9 @@
 """The README's main command, ``examples/demo.py``, as a newcomer runs it (no compositor
-running: it starts its own headless Weston), and the picture it saves, piece by piece
-(``examples/demo_figure.py``): the headline's numbers, the plot's lines, the labels."""
+running: it starts its own headless Weston for the proxy run, and its own Xvfb for the
+agent run), and the pictures it saves, piece by piece (``examples/demo_figure.py``): the
+headline's numbers, the plot's lines, the labels; and the agent part's own pieces
+(``examples/demo_agent.py``): the private Xvfb, its screen read back, the daemon's
+figures read from the agent's exit line."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +24,7 @@ import pytest
 from PIL import Image
 from screenshots import example  # tests/ is on sys.path (pytest's rootdir-less "prepend" import)
 
+from qubesshm.agent.main import agent_summary
 from qubesshm.report import build_report, deferred_list_by_second, kernels_for
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
@@ -112,6 +118,24 @@ def test_the_headline_gives_the_reports_figures(name: str) -> None:
     if name == "qubesshm-deferred":
         assert sentence.startswith("qubesshm had at most 30 pages on the deferred list "
                                    "(12 at exit)")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_agent_runs_headline_gives_its_figures_against_todays_agents(name: str) -> None:
+    demo_figure = figure_module()
+    report, measured = case(name)
+    sentence = demo_figure.headline(report, measured, demo_figure.AGENT)
+    # The same figures in the same order as the proxy run's headline, in agent mode's words.
+    assert numbers(sentence) == headline_numbers(report, measured), sentence
+    assert sentence.startswith("As the GUI agent, qubesshm ")
+    assert sentence.count(";") == 1 and sentence.endswith(".")
+    assert "today's GUI agents" in sentence and "stock kernel" in sentence
+    assert "unmap notify" not in sentence
+    if name == "nothing-deferred":
+        assert "would have deferred none either on a stock kernel: no window let go" in sentence
+    if name == "stock-left-at-exit":
+        stock = report["kernels"]["stock"]
+        assert f"left {stock['agent_backlog_at_exit']:,} pages there at exit" in sentence
 
 
 def synthetic_screen(demo_figure: ModuleType, places: dict[str, tuple[int, int]],
@@ -228,6 +252,129 @@ def test_the_screenshot_is_labelled_with_what_is_on_it() -> None:
     assert shown["label-missing"].startswith("no churn window in view")
 
 
+DAEMON = {"windows": 4, "dumps": 6, "barriers": 3, "acks": 9, "ack_p50_ms": 5.94,
+          "ack_max_ms": 17.3}
+
+
+def test_the_agent_runs_figure_is_worded_for_agent_mode() -> None:
+    demo_figure = figure_module()
+    report, measured = case("stock-left-at-exit")
+    screen = synthetic_screen(demo_figure, {"pattern": (40, 60)})
+    windows = demo_figure.find_windows(screen)
+    figure = demo_figure.build_figure(report, measured, screen, windows, seconds=5,
+                                      churn_windows=8, mode=demo_figure.AGENT, daemon=DAEMON)
+    figure.savefig(io.BytesIO(), format="png")
+    shown = texts(figure)
+    assert " ".join(shown["headline"].split()) == demo_figure.headline(
+        report, measured, demo_figure.AGENT)
+    assert "term-dump, ACK" in shown and "term-unmap notify" not in shown
+    assert "GUI daemon still mapped it" in " ".join(shown["meaning-deferred list"].split())
+    assert shown["key-figures"].splitlines()[-1] == (
+        "The GUI daemon (emulated): 4 windows, 6 dumps (+3 barriers), 9 ACKs after 5.9 ms "
+        "(median).")
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert titles[0].startswith("the emulated GUI daemon's X screen mid-run")
+    # No fades on the emulator's screen.
+    assert shown["label-missing"] == ("no churn window in view at this moment: each shows "
+                                      "for a moment, then closes")
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert [line.split(",")[0] for line in legend[1:]] == ["today's GUI agents"] * 2
+    assert not any("unmap notify" in line for line in legend)
+    # The proxy run's picture keeps its own words, and no daemon line.
+    proxy = texts(demo_figure.build_figure(report, measured, screen, windows))
+    assert "term-unmap notify" in proxy and "term-dump, ACK" not in proxy
+    assert len(proxy["key-figures"].splitlines()) == 3
+
+
+def agent_stats(ack_count: int) -> dict[str, Any]:
+    """The agent's counters at exit, as ``qubesshm.agent.main.agent_summary`` reads them."""
+    return {
+        "commits": 120, "bytes_copied": 3 << 20,
+        "daemon": {"created": 4, "dumps": 6, "barriers": 3, "acks": 9},
+        "grants": {"shared_total": 300, "ended_total": 300, "deferred": 0, "leaked": 0,
+                   "live": 0, "peak_live": 200},
+        "lifetimes": {"pending_releases": 0, "pending_acks": 0, "ended_on_release": 1,
+                      "recycled_on_release": 2, "wrong_releases": 0, "forced_late": 0,
+                      "confirm_latency_ms": {"count": 3, "p50": 7.5, "max": 9.0},
+                      "ack_latency_ms": {"count": ack_count, "p50": 5.94, "max": 17.3}},
+    }
+
+
+def test_the_daemons_figures_are_read_from_the_agents_exit_line() -> None:
+    demo_agent = example("demo_agent")
+    line = f"qubesshm: {agent_summary(agent_stats(9))}"
+    stderr = f"churn: 3 windows in 1.8 s\n{line}\nqubesshm report (6.5 s, 2 client(s)):\n"
+    assert demo_agent.daemon_figures(stderr) == DAEMON
+    without = demo_agent.daemon_figures(f"qubesshm: {agent_summary(agent_stats(0))}")
+    assert without == {"windows": 4, "dumps": 6, "barriers": 3, "acks": 9}
+    # The proxy's exit line is not the agent's.
+    assert demo_agent.daemon_figures("qubesshm: summary: 212 commits, 14.5 MiB damaged") is None
+
+
+def test_a_missing_xvfb_is_said_in_one_line() -> None:
+    demo_agent = example("demo_agent")
+    with pytest.raises(demo_agent.XvfbMissing) as raised, \
+            demo_agent.private_xvfb(binary="Xvfb-not-installed-here"):
+        pytest.fail("started an Xvfb that is not there")
+    assert "\n" not in str(raised.value)
+    assert str(raised.value).startswith("Xvfb-not-installed-here is not installed")
+    assert "apt-get install xvfb" in str(raised.value)
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs Xvfb (.ci/install installs it)")
+def test_the_private_x_screen_is_read_back_as_drawn() -> None:
+    import xcffib
+    import xcffib.xproto as xp
+
+    demo_agent = example("demo_agent")
+    colour = 0xFF8000  # red 255, green 128, blue 0: the byte order shows
+    with demo_agent.private_xvfb((64, 48)) as xvfb:
+        assert xvfb.display.startswith(":") and xvfb.process.poll() is None
+        conn = xcffib.connect(display=xvfb.display)
+        try:
+            root = conn.get_setup().roots[0]
+            window = conn.generate_id()
+            conn.core.CreateWindow(root.root_depth, window, root.root, 10, 20, 30, 16, 0,
+                                   xp.WindowClass.InputOutput, root.root_visual,
+                                   xp.CW.BackPixel, [colour])
+            conn.core.MapWindow(window)
+            conn.flush()
+            deadline = time.monotonic() + 30
+            while True:
+                screen = demo_agent.grab_screen(xvfb.display)
+                if (screen[20:36, 10:40] == (255, 128, 0)).all():
+                    break
+                assert time.monotonic() < deadline, "the window never showed"
+                time.sleep(0.02)
+        finally:
+            conn.disconnect()
+        assert screen.shape == (48, 64, 3) and screen.dtype == np.uint8
+        outside = np.ones((48, 64), dtype=bool)
+        outside[20:36, 10:40] = False
+        assert not screen[outside].any()  # Xvfb's root is black
+        process = xvfb.process
+    assert process.poll() is not None  # ended with the block
+
+
+def colours_drawn(demo_figure: ModuleType, picture: Path,
+                  windows: list[Any]) -> None:
+    """What was drawn in each colour is on ``picture``: the lines and the pattern window's
+    box and label (a churn window's too when the shot caught one)."""
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.size[0] > 1.5 * image.size[1]
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = ["qubesshm", "stock", "qubes", "pattern"]
+    colours += ["churn"] if any(w.client == "churn" for w in windows) else []
+    for name in colours:
+        rgb = [int(demo_figure.COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)]
+        assert int((pixels == rgb).all(axis=1).sum()) > 200, (picture.name, name)
+
+
+def read_png(path: Path) -> Any:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def test_the_demo_runs_both_clients_prints_the_report_and_saves_the_figure(
         tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
@@ -239,13 +386,16 @@ def test_the_demo_runs_both_clients_prints_the_report_and_saves_the_figure(
     result = subprocess.run(
         [sys.executable, str(DEMO), "--seconds", "2", "--windows", "3", "--screenshot",
          str(figure), "--json", str(data)], env=env, capture_output=True, text=True,
-        timeout=180, check=False)
+        timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "starting a headless Weston" in result.stdout
-    assert "churn: 3 windows" in result.stdout
-    assert "qubesshm report (" in result.stderr and ", 2 client(s)):" in result.stderr
+    assert result.stdout.count("churn: 3 windows") == 2
+    # Both runs print their report: the proxy's, then the agent's.
+    assert result.stderr.count("qubesshm report (") == 2
+    assert result.stderr.count(", 2 client(s)):") == 2
     assert "on a stock kernel" in result.stderr
     assert f"the deferred list over the run, the headline) saved to {figure}" in result.stdout
+    assert "demo: qubesshm run exited with status 0" in result.stdout
     saved = json.loads(data.read_text())
     demo_figure = figure_module()
     report = saved["report"]
@@ -264,13 +414,66 @@ def test_the_demo_runs_both_clients_prints_the_report_and_saves_the_figure(
     assert "windows labelled on the screen: pattern at (" in result.stdout
     rebuilt = demo_figure.build_figure(report, measured, None, [])
     assert {"line-qubesshm", "line-stock", "line-qubes"} <= set(lines(rebuilt))
-    with Image.open(figure) as image:
-        assert image.format == "PNG" and image.size[0] > 1.5 * image.size[1]
-        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    # What was drawn in each colour is there: the lines and the pattern window's box
-    # and label (a churn window's too when the shot caught one).
-    colours = ["qubesshm", "stock", "qubes", "pattern"]
-    colours += ["churn"] if any(w.client == "churn" for w in windows) else []
-    for name in colours:
-        rgb = [int(demo_figure.COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)]
-        assert int((pixels == rgb).all(axis=1).sum()) > 200, name
+    colours_drawn(demo_figure, figure, windows)
+    assert (tmp_path / "demo-proxy-screen.png").exists()
+
+    # -- the same clients in agent mode, on the emulator's private Xvfb ---------------------
+    assert "demo: agent mode: the same clients through `qubesshm run --agent --emulator`, " \
+           "the GUI-daemon emulator on a private Xvfb (:" in result.stdout
+    agent_figure = tmp_path / "demo-agent.png"
+    agent = saved["agent"]
+    report = agent["report"]
+    measured = demo_figure.Measured.from_json(agent["measured"])
+    # Its report, printed: nothing deferred, nothing leaked by qubesshm, and what today's
+    # agents would have left, as in the proxy's.
+    agent_report = result.stderr[result.stderr.rindex("qubesshm report ("):]
+    assert ", deferred 0, leaked 0;" in agent_report, agent_report
+    assert "on a stock kernel" in agent_report
+    assert report["grant_pages_deferred"] == 0 and report["grant_pages_leaked"] == 0
+    assert report["clients"] == 2 and report["grant_pages_shared"] > 0
+    assert not any(measured.deferred) and not measured.peak_backlog
+    assert len(measured.t) >= 10 and max(measured.live) > 0
+    # The agent's exit line: every window went to the daemon, every dump was ACKed.
+    summary = [line for line in result.stderr.splitlines()
+               if line.startswith("qubesshm: ") and " ACKs; " in line]
+    assert len(summary) == 1 and ", 0 deferred, 0 leaked, 0 live" in summary[0], summary
+    daemon = agent["daemon"]
+    assert daemon["windows"] == 1 + 3  # the pattern's and the churn client's three
+    assert daemon["dumps"] >= daemon["windows"]
+    assert daemon["acks"] == daemon["dumps"] + daemon["barriers"]
+    assert agent["headline"] == demo_figure.headline(report, measured, demo_figure.AGENT)
+    assert numbers(agent["headline"]) == headline_numbers(report, measured)
+    assert agent["headline"].startswith("As the GUI agent, qubesshm kept the deferred list "
+                                        "at 0 pages through ")
+    assert f"demo: {agent['headline']}" in result.stdout
+    assert f"the headline) saved to {agent_figure}" in result.stdout
+    assert "demo: qubesshm run --agent exited with status 0" in result.stdout
+    # The emulator's X screen, as captured: the clients' windows are there pixel for
+    # pixel, on the black root.
+    windows = [demo_figure.Window(**w) for w in agent["windows"]]
+    assert agent["screenshot"]
+    assert [w.clean for w in windows if w.client == "pattern"] == [True]
+    assert "windows labelled on the emulator's X screen: pattern at (" in result.stdout
+    screen = read_png(tmp_path / "demo-agent-screen.png")
+    assert screen.shape[:2] == (640, 1024)
+    inside = np.zeros(screen.shape[:2], dtype=bool)
+    for w in windows:
+        box = screen[w.y:w.y + w.height, w.x:w.x + w.width]
+        assert (box.max(axis=2) > 0).mean() > 0.8, w  # the pattern is mostly not black
+        inside[w.y:w.y + w.height, w.x:w.x + w.width] = True
+    # Every pixel of the pattern's window not under a churn window is the client's.
+    pattern = next(w for w in windows if w.client == "pattern")
+    expected = demo_figure.expected_rgb(pattern.width, pattern.height)
+    box = (slice(pattern.y, pattern.y + pattern.height),
+           slice(pattern.x, pattern.x + pattern.width))
+    visible = np.zeros(screen.shape[:2], dtype=bool)
+    visible[box] = True
+    for w in windows:
+        if w.client == "churn":
+            visible[w.y:w.y + w.height, w.x:w.x + w.width] = False
+    exact = np.zeros(screen.shape[:2], dtype=bool)
+    exact[box] = (screen[box] == expected).all(axis=2)
+    assert int(visible.sum()) == pattern.visible > 0 and exact[visible].all()
+    # Outside the windows found, the root (or a churn window the finder did not count).
+    assert (screen[~inside].max(axis=1) == 0).mean() > 0.5
+    colours_drawn(demo_figure, agent_figure, windows)
