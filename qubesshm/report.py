@@ -88,6 +88,13 @@ def build_report(stats: dict[str, Any], kernels: list[Kernel],
         "kernels": {},
         "findings": [],
     }
+    agent_mode = stats.get("mode") == "agent"
+    if agent_mode:
+        report["mode"] = "agent"
+        report["daemon"] = stats.get("daemon", {})
+        report["ack_latency_ms"] = lifetimes.get("ack_latency_ms")
+        report["release_confirm_latency_ms"] = lifetimes.get("confirm_latency_ms")
+        report["wrong_releases"] = lifetimes.get("wrong_releases", 0)
     findings: list[str] = report["findings"]
     if not grants["shared_total"] and not lifetimes.get("refused") and not peak_pages:
         # No shm buffer was asked for: no grant was made, nothing to model.
@@ -107,6 +114,15 @@ def build_report(stats: dict[str, Any], kernels: list[Kernel],
             f"{_duration(waits['max'] or 0.0)}) and {stats['refills_in_place']} re-filled the "
             "buffer on screen in place (a frame may tear); more room (--client-pages, "
             "--gntalloc-limit) avoids it")
+    confirm = lifetimes.get("confirm_latency_ms") or {}
+    if agent_mode and confirm.get("max") is not None:
+        findings.append(f"the GUI daemon let go of areas up to {_duration(confirm['max'])} "
+                        f"after qubesshm did, as its ACK order showed (median "
+                        f"{_duration(confirm['p50'])}, {confirm['count']} released)")
+    if agent_mode and lifetimes.get("wrong_releases"):
+        findings.append(f"{lifetimes['wrong_releases']} area(s) were still mapped by the GUI "
+                        "domain when the ACK order said they were not (a daemon that keeps "
+                        "dumps mapped past its ACKs): their grants went to deferred reclaim")
     unmap = lifetimes.get("unmap_latency_ms") or {}
     if unmap.get("max") is not None:
         findings.append(f"the compositor held mappings up to {_duration(unmap['max'])} after "
@@ -138,19 +154,22 @@ def build_report(stats: dict[str, Any], kernels: list[Kernel],
             findings.append(f"{where}: the {peak_pages} pages it needs exceed the gntalloc "
                             "limit; buffers past it get no_memory unless the limit is "
                             "raised (Qubes VMs set 1073741824)")
+        today = ("ending a window's grants as soon as it lets go of them, as today's GUI "
+                 "agents do," if agent_mode else
+                 "ending grants when the app frees its buffers, as an agent without unmap "
+                 "notify does,")
         if agent.added == 0:
             findings.append(f"{where}: no buffer's pages were still held by the compositor "
                             "when it went, so ending grants at once would have deferred "
                             "nothing")
         elif agent.at_exit:
             findings.append(
-                f"{where}: ending grants when the app frees its buffers, as an agent without "
-                f"unmap notify does, would put {agent.added} pages on the deferred list "
+                f"{where}: {today} would put {agent.added} pages on the deferred list "
                 f"(peak {agent.peak}) and leave {agent.at_exit} there at exit, draining for "
                 f"{agent.drain_seconds} s more")
         else:
             findings.append(
-                f"{where}: ending grants when the app frees its buffers would put "
+                f"{where}: {today.split(', as ')[0]} would put "
                 f"{agent.added} pages on the deferred list (peak {agent.peak}), drained "
                 "within the run")
     report["pages_retired_while_held_by_second"] = {str(s): n for s, n in sorted(held.items())}
@@ -179,23 +198,38 @@ def format_report(report: dict[str, Any]) -> str:
                 + (f", longest {_duration(waits['max'])}" if waits["count"] else ""))
         return text + f"; re-filled in place {report['refills_in_place']}"
 
+    pages = (f"  grant pages: needed {report['pages_needed']}, peak with the cache "
+             f"{report['peak_grant_pages']}, shared "
+             f"{report['grant_pages_shared']}, deferred {report['grant_pages_deferred']}, "
+             f"leaked {report['grant_pages_leaked']}; cache hits {report['cache_hits']}")
     lines = [
         f"qubesshm report ({report['seconds']:.1f} s, {report['clients']} client(s)):",
         f"  commits {report['commits']}; damaged {mib(report['bytes_damaged'])}, copied "
         f"{mib(report['bytes_copied'])}; early releases {report['early_releases']}",
-        f"  pools/buffers: the app's {report['client_pools']}/{report['client_buffers']}, "
-        f"the compositor's {report['upstream_pools']}/{report['upstream_buffers']}",
-        f"  grant pages: needed {report['pages_needed']}, peak with the cache "
-        f"{report['peak_grant_pages']}, shared "
-        f"{report['grant_pages_shared']}, deferred {report['grant_pages_deferred']}, leaked "
-        f"{report['grant_pages_leaked']}; cache hits {report['cache_hits']}",
-        f"  compositor release after attach: {latency(report['release_latency_ms'])}",
-        f"  unmap after let go: {latency(report['unmap_latency_ms'])}; late releases "
-        f"{report['late_releases']}",
-        f"  commits that waited for an output buffer: {waited(report)}",
-        "findings:",
-        *(f"  - {finding}" for finding in report["findings"]),
     ]
+    if report.get("mode") == "agent":
+        daemon = report.get("daemon") or {}
+        lines += [
+            f"  GUI daemon: {daemon.get('created', 0)} windows, {daemon.get('dumps', 0)} dumps "
+            f"(+{daemon.get('barriers', 0)} barriers), {daemon.get('acks', 0)} ACKs, "
+            f"{daemon.get('shmimages', 0)} SHMIMAGEs",
+            pages,
+            f"  ACK after dump: {latency(report.get('ack_latency_ms'))}",
+            f"  released (ACK order) after let go: "
+            f"{latency(report.get('release_confirm_latency_ms'))}; late releases "
+            f"{report['late_releases']}; wrong releases {report.get('wrong_releases', 0)}",
+        ]
+    else:
+        lines += [
+            f"  pools/buffers: the app's {report['client_pools']}/{report['client_buffers']}, "
+            f"the compositor's {report['upstream_pools']}/{report['upstream_buffers']}",
+            pages,
+            f"  compositor release after attach: {latency(report['release_latency_ms'])}",
+            f"  unmap after let go: {latency(report['unmap_latency_ms'])}; late releases "
+            f"{report['late_releases']}",
+            f"  commits that waited for an output buffer: {waited(report)}",
+        ]
+    lines += ["findings:", *(f"  - {finding}" for finding in report["findings"])]
     return "\n".join(lines)
 
 

@@ -180,3 +180,22 @@ def test_the_deferred_list_by_second_refuses_bad_parameters(fpi: int, cap: int) 
 def test_the_report_carries_the_pages_retired_while_held_by_second() -> None:
     report = build_report(stats(retired={"0": 2026, "3": 2026}), kernels_for("both"), 2.0)
     assert report["pages_retired_while_held_by_second"] == {"0": 2026, "3": 2026}
+
+
+def test_an_agent_runs_report_speaks_of_the_daemon_and_todays_agents() -> None:
+    agent = stats(retired={"0": 40})
+    agent["mode"] = "agent"
+    agent["daemon"] = {"created": 3, "dumps": 5, "barriers": 2, "acks": 7, "shmimages": 90}
+    timing = {"count": 4, "p50": 6.0, "p99": 9.0, "max": 9.5}
+    agent["lifetimes"].update(confirm_latency_ms=timing, ack_latency_ms=timing,
+                              wrong_releases=1)
+    report = build_report(agent, kernels_for("both"), 2.0)
+    text = format_report(report)
+    assert "GUI daemon: 3 windows, 5 dumps (+2 barriers), 7 ACKs, 90 SHMIMAGEs" in text
+    assert "released (ACK order) after let go: median 6.0 ms" in text
+    assert "pools/buffers" not in text and "compositor release" not in text
+    assert "as today's GUI agents do" in text
+    assert "the GUI daemon let go of areas up to 9.5 ms after qubesshm did" in text
+    assert "1 area(s) were still mapped by the GUI domain" in text
+    proxy = format_report(build_report(stats(retired={"0": 40}), kernels_for("both"), 2.0))
+    assert "GUI daemon" not in proxy and "as an agent without unmap notify does" in proxy
