@@ -170,7 +170,7 @@ async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: lis
     import subprocess
     from pathlib import Path
 
-    from ..commands.run import _exited, _foreground, _signal_group
+    from ..commands.run import CANNOT_START, _exited, run_child
     from ..grants.files import write_output
     from ..report import build_report, format_report, kernels_for
 
@@ -200,20 +200,10 @@ async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: lis
                       file=sys.stderr)
                 return 1
             gone.cancel()
-        env = dict(os.environ)
         assert process.socket_path is not None
-        env["WAYLAND_DISPLAY"] = str(process.socket_path)
-        env.pop("WAYLAND_SOCKET", None)
-        try:
-            child = subprocess.Popen(cmd, env=env, process_group=0)
-        except OSError as exc:
-            print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
-            return 127
-        with _foreground(child.pid):
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(sig, _signal_group, child.pid, sig)
-            status = await _exited(child)
+        status = await run_child(cmd, process.socket_path)
+        if status == CANNOT_START:
+            return status
     finally:
         async def emulator_gone() -> None:
             # It exits when the vchan closes, letting go of every dump: only then are

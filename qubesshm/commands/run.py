@@ -156,30 +156,41 @@ def _foreground(pgid: int) -> Iterator[None]:
         os.close(tty)
 
 
+CANNOT_START = 127  # as a shell says of a command it could not start
+
+
+async def run_child(cmd: list[str], wayland_display: Path) -> int:
+    """Run ``cmd`` with ``WAYLAND_DISPLAY`` pointing at qubesshm, as the terminal's
+    foreground job, passing SIGINT, SIGTERM and SIGHUP on to it once; its exit
+    status (-N for signal N), or ``CANNOT_START`` (said on stderr)."""
+    env = dict(os.environ)
+    env["WAYLAND_DISPLAY"] = str(wayland_display)
+    env.pop("WAYLAND_SOCKET", None)
+    try:
+        # The command gets a process group of its own, so a signal meant for it
+        # arrives exactly once: from us, never also from a group-wide kill. (Started
+        # with subprocess, not the loop's API: uvloop refuses process_group.)
+        child = subprocess.Popen(cmd, env=env, process_group=0)
+    except OSError as exc:
+        print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
+        return CANNOT_START
+    with _foreground(child.pid):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, _signal_group, child.pid, sig)
+        return await _exited(child)
+
+
 async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
                grants: GrantHalves, loop_name: str) -> int:
     cmd = command(args)
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
     server = proxy.start(args, protocol, options, socket_name, grants)
     common.log.info("%s", proxy.where(server, grants, loop_name))
-    env = dict(os.environ)
-    env["WAYLAND_DISPLAY"] = str(server.listener.path)
-    env.pop("WAYLAND_SOCKET", None)
     try:
-        try:
-            # The command gets a process group of its own, so a signal meant for
-            # it arrives exactly once: from us, never also from a group-wide kill.
-            # (Started with subprocess, not the loop's API: uvloop refuses
-            # process_group.)
-            child = subprocess.Popen(cmd, env=env, process_group=0)
-        except OSError as exc:
-            print(f"qubesshm run: cannot start {cmd[0]}: {exc}", file=sys.stderr)
-            return 127
-        with _foreground(child.pid):
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(sig, _signal_group, child.pid, sig)
-            status = await _exited(child)
+        status = await run_child(cmd, server.listener.path)
+        if status == CANNOT_START:
+            return status
         server.drain_clients()
         await server.settle(args.late_timeout)
     finally:
