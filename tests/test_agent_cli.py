@@ -142,3 +142,17 @@ def test_run_agent_says_when_the_emulator_cannot_start(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "the GUI-daemon emulator exited with status 1 before connecting" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_limits_too_small_for_a_screen_sized_window_are_said_once_the_daemon_connects(
+        tmp_path: Path, display: str) -> None:
+    env = private_env(tmp_path, DISPLAY=display)
+    result = qubesshm("run", "--agent", "--emulator", "--kernel", "stock", "--quiet", "--",
+                      "true", env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert ("qubesshm: the gntalloc limit is 1024 pages, less than the 1280 pages of one "
+            "window the size of the GUI daemon's 1280x1024 screen: such a window will not "
+            "be shown; raise it (--gntalloc-limit 1073741824") in result.stderr
+    raised = qubesshm("run", "--agent", "--emulator", "--kernel", "stock", "--quiet",
+                      "--gntalloc-limit", "100000", "--", "true", env=env, timeout=90)
+    assert raised.returncode == 0 and "gntalloc limit" not in raised.stderr, raised.stderr

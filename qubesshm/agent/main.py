@@ -26,7 +26,8 @@ def agent_options(args: argparse.Namespace, vchan: str) -> AgentOptions:
     return AgentOptions(socket=args.socket, vchan=vchan,
                         vchan_dir=args.vchan_dir or default_socket_dir(),
                         domid=args.domid, gui_domid=args.gui_domid, refresh=args.refresh,
-                        grants=grants, kernel=kernel, policy=policy)
+                        grants=grants, kernel=kernel, policy=policy,
+                        gntalloc_limit=getattr(args, "gntalloc_limit", None))
 
 
 def where(process: AgentProcess, loop_name: str) -> str:

@@ -23,7 +23,7 @@ from ..compositor.core import Compositor
 from ..compositor.scene import SceneNode
 from ..compositor.server import CompositorServer
 from ..compositor.shell import ShellWindow
-from ..grants.agentareas import AgentArea, AgentLifetimes
+from ..grants.agentareas import AgentArea, AgentLifetimes, image_pages, image_size
 from ..grants.ledger import GrantLedger
 from ..grants.lifetimes import LifetimePolicy
 from ..grants.params import Kernel
@@ -57,6 +57,7 @@ class AgentOptions:
     grants: str = "sim"
     kernel: Kernel | None = None
     policy: LifetimePolicy | None = None
+    gntalloc_limit: int | None = None
 
 
 class AgentShell:
@@ -147,6 +148,8 @@ class AgentProcess:
         self._flush_soon = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.socket_path: Path | None = None
+        self.room_warning: str | None = None
+        self._room_checked = 0  # the daemon connection whose screen was checked
 
     @property
     def vchan_path(self) -> Path:
@@ -162,6 +165,8 @@ class AgentProcess:
         self.grants = open_agent_grants(opts.grants, opts.domid, opts.gui_domid,
                                         kernel)  # type: ignore[arg-type]
         self.grants.start(self.loop)
+        if opts.gntalloc_limit is not None:
+            self.grants.backend.set_gntalloc_limit(opts.gntalloc_limit)
         self.lifetimes = AgentLifetimes(self.grants, opts.policy, clock=self.clock)
         self.lifetimes.open_connection(0, [self.ledger.total])  # the barrier window
         self.lifetimes.on_room = self._room
@@ -201,9 +206,24 @@ class AgentProcess:
         screen = self.windows.screen_rect
         if (screen.width, screen.height) != self.compositor.screen_size:
             self.compositor.set_screen(screen.width, screen.height)
+        if self.link is not None and self.link.connections != self._room_checked:
+            self._room_checked = self.link.connections
+            self._check_room(screen.width, screen.height)
         self._retry_waiting()
         if self.server is not None:
             self.server.service()
+
+    def _check_room(self, width: int, height: int) -> None:
+        """Say in one line when the limits cannot hold a window the size of the
+        daemon's screen (a maximized app): such a window would not be shown."""
+        assert self.lifetimes is not None
+        why = self.lifetimes.room_for(image_pages(image_size(width, height)))
+        if why is not None and why != self.room_warning:
+            self.room_warning = why
+            log.warning("%s one window the size of the GUI daemon's %dx%d screen: such a "
+                        "window will not be shown; raise it (--gntalloc-limit 1073741824 "
+                        "or qubesshm tune, as Qubes does in its VMs; --client-pages)",
+                        why, width, height)
 
     def _room(self) -> None:
         if self.loop is not None:

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "%(default)s)")
     common.add_grants_option(parser)
     common.add_kernel_option(parser)
+    common.add_gntalloc_limit_option(parser)
     common.add_cache_options(parser)
     parser.add_argument("--late-timeout", type=options.seconds, default=2.0,
                         metavar="SECONDS", help="how long the GUI daemon may go without "

@@ -400,6 +400,19 @@ class LifetimesCore(ABC, Generic[A, C]):
 
     # -- internals ---------------------------------------------------------------------
 
+    def room_for(self, pages: int) -> str | None:
+        """Why one area of ``pages`` pages could never be had (the limit it passes and
+        the option that raises it), or None when it could."""
+        limit = self._limit()
+        if limit is not None and pages > limit:
+            return (f"the gntalloc limit is {limit} pages, less than the {pages} pages "
+                    "of")
+        bound = self._client_bound()
+        if pages > bound:
+            return (f"one client may hold {bound} pages (--client-pages), less than the "
+                    f"{pages} pages of")
+        return None
+
     def _limit(self) -> int | None:
         try:
             return self.side.sharing.backend.status().gntalloc_limit
