@@ -1,20 +1,27 @@
-"""``qubesshm bench churn`` end to end on a small configuration, against Weston."""
+"""``qubesshm bench churn`` end to end on a small configuration, against Weston, and
+its agent policy against the GUI-daemon emulator on a private Xvfb."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from qubesshm.bench.churn import PolicyResult, plot, set_ratios
+from qubesshm.bench.churn import PolicyResult, plot, record, set_ratios
+from qubesshm.bench.churn_agent import not_shown
 from qubesshm.headless import HeadlessWeston
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+needs_xvfb = pytest.mark.skipif(shutil.which("Xvfb") is None,
+                                reason="the agent policy's emulator shows windows on Xvfb")
 
 
 def test_bench_churn_writes_its_table_json_and_plot(weston: HeadlessWeston,
@@ -87,7 +94,7 @@ def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "qubesshm bench churn: unknown policy fastest: choose from kernel-default, qubes, "
-        "notify, recycle, direct"]
+        "notify, recycle, agent, direct"]
 
 
 def test_bad_numbers_are_refused_when_parsing() -> None:
@@ -152,3 +159,195 @@ def test_ratios_are_each_policys_rate_over_directs() -> None:
     alone = {"recycle": PolicyResult("recycle", windows_per_second=6.0)}
     set_ratios(alone)
     assert alone["recycle"].ratio_to_direct is None, "no direct run: no ratio"
+
+
+# -- the agent policy: qubesshm agent + qubesshm guid-emulator on a private Xvfb ---------------
+
+
+def churn_agent(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str],
+                                                   dict[str, Any]]:
+    """``bench churn --policies agent`` with ``args``: its output and its JSON."""
+    out_json = tmp_path / "churn.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "bench", "churn", "--policies", "agent",
+         "--json", str(out_json), *args],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data: dict[str, Any] = json.loads(out_json.read_text())
+    return result, data
+
+
+def lines_starting(text: str, start: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(start)]
+
+
+@needs_xvfb
+def test_the_agent_policy_drains_within_late_timeout_plus_one_second(tmp_path: Path) -> None:
+    """A daemon that lets go and ACKs at once: grants bounded, every area released by
+    the ACK order, the deferred backlog empty within --late-timeout + 1 s of the last
+    close, as the bench measures it; the table, the agent's line and the plot show it."""
+    out_png = tmp_path / "churn.png"
+    result, data = churn_agent(tmp_path, "--rate", "10", "--seconds", "2", "--size", "320x240",
+                               "--late-timeout", "1", "--drain-wait", "5", "--plot", str(out_png))
+    assert data["config"]["late_timeout"] == 1.0 and data["config"]["ack_delay"] == 0.0
+    assert data["compositor"] == "none (the agent alone)"
+    agent = data["policies"]["agent"]
+    assert agent["windows"] == 20 and agent["failed"] is None
+    series = agent["series"]
+    assert len(series["t"]) == len(series["live"]) == len(series["deferred"]) \
+        == len(series["pending_acks"]) > 10
+    # Bounded: a few windows' areas at most (320x240: 75 pages), however many windows.
+    assert 75 <= agent["peak_live"] <= 4 * 75, agent["peak_live"]
+    assert agent["final_live"] == 0 and agent["leaked"] == 0
+    assert agent["final_deferred"] == 0 and not agent["drain_estimated"]
+    assert agent["drain_bound_seconds"] == 2.0
+    assert agent["drain_seconds"] <= agent["drain_bound_seconds"]
+    assert agent["drained_in_bound"] is True
+    # Every dump (20 windows' and the barriers) ACKed, each ACK timed.
+    assert agent["dumps"] >= 20 and agent["acks"] == agent["dumps"] + agent["barriers"]
+    assert agent["ack_latency_ms"]["count"] == agent["acks"]
+    assert series["pending_acks"][-1] == 0
+    assert agent["wrong_releases"] == 0 and agent["late_releases"] == 0
+    assert agent["confirmed_releases"] >= 20
+    row = lines_starting(result.stdout, "agent ")
+    # Final live, peak deferred, final deferred, and the drain in seconds.
+    assert len(row) == 1 and row[0].split()[6:10] == ["0", "0", "0", "0.0"], row
+    assert lines_starting(result.stdout, "deferred backlog empty within") == [
+        "deferred backlog empty within --late-timeout + 1 s = 2 s of the last close: agent"]
+    summary = lines_starting(result.stdout, "agent: ")[-1]
+    assert summary.startswith(f"agent: {agent['acks']} ACKs of {agent['dumps']} dumps + "
+                              f"{agent['barriers']} barriers"), summary
+    assert "0 late" in summary and "0 of them wrongly" in summary
+    assert result.stdout.splitlines()[0] == (
+        "compositor: none (the agent policy serves its client itself)")
+    assert "private Xvfb" in lines_starting(result.stdout, "agent: ")[0]
+    assert out_png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@needs_xvfb
+def test_a_late_daemon_defers_the_agents_areas_in_batches_then_drains(tmp_path: Path) -> None:
+    """A daemon that keeps let-go dumps mapped 3 s (the emulator's --hold; its ACKs,
+    which say the X server let go, wait as long): what is unconfirmed after
+    --late-timeout 1 s goes to deferred reclaim in batches, free_per_iteration is
+    raised while the backlog lasts and restored after, and the backlog drains once the
+    daemon lets go; the bench's drain figure says it took longer than --late-timeout
+    + 1 s."""
+    result, data = churn_agent(tmp_path, "--rate", "10", "--seconds", "2", "--size", "800x600",
+                               "--hold", "3", "--late-timeout", "1", "--drain-wait", "15")
+    agent = data["policies"]["agent"]
+    deferred = agent["series"]["deferred"]
+    assert agent["windows"] == 20 and agent["failed"] is None
+    assert agent["peak_deferred"] > 0 and agent["final_deferred"] == 0
+    first = next(i for i, d in enumerate(deferred) if d > 0)
+    assert deferred[-1] == 0 and any(d == 0 for d in deferred[first:])
+    assert not agent["drain_estimated"] and agent["drained_in_bound"] is False
+    assert agent["drain_seconds"] > agent["drain_bound_seconds"] == 2.0
+    assert agent["late_releases"] > 0 and agent["defer_batches"] >= 2
+    assert agent["fpi_raises"] >= 1 and agent["fpi_restores"] >= 1
+    assert agent["leaked"] == 0 and agent["final_live"] == 0 and agent["wrong_releases"] == 0
+    assert agent["peak_pending_acks"] > 2
+    assert lines_starting(result.stdout, "deferred backlog empty within") == [
+        "deferred backlog empty within --late-timeout + 1 s = 2 s of the last close: none; "
+        "not: agent"]
+    summary = lines_starting(result.stdout, "agent: ")[-1]
+    assert (f"free_per_iteration raised {agent['fpi_raises']}x, restored "
+            f"{agent['fpi_restores']}x") in summary
+    assert "mappings held 3 s after let go" in result.stdout
+
+
+@needs_xvfb
+def test_late_acks_alone_make_areas_late_but_defer_nothing(tmp_path: Path) -> None:
+    """A daemon that lets go at once but writes its ACKs 3 s late (--ack-delay): its
+    areas are late after --late-timeout 1 s, and ending them defers nothing, since
+    nothing maps them: the backlog stays empty, within the bound."""
+    result, data = churn_agent(tmp_path, "--rate", "10", "--seconds", "2", "--size", "320x240",
+                               "--ack-delay", "3", "--late-timeout", "1", "--drain-wait", "15")
+    agent = data["policies"]["agent"]
+    assert agent["windows"] == 20 and agent["leaked"] == 0 and agent["final_live"] == 0
+    assert agent["ack_latency_ms"]["p50"] >= 3000 * 0.99
+    assert agent["late_releases"] > 0 and agent["peak_pending_acks"] > 2
+    assert agent["peak_deferred"] == 0 and agent["drained_in_bound"] is True
+    assert "ACKs written 3 s late" in result.stdout
+
+
+def test_bench_churn_help_names_the_agent_policy_and_its_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "qubesshm", "bench", "churn", "--help"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "kernel-default, qubes, notify, recycle, agent, direct" in text
+    assert "qubesshm guid-emulator" in text and "Xvfb" in text
+    for option in ("--late-timeout S", "--ack-delay S", "--hold S"):
+        assert option in text, option
+
+
+def test_the_agent_policy_without_xvfb_is_one_line_before_anything_starts(
+        tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "bench", "churn", "--policies", "recycle,agent"],
+        env=dict(os.environ, PATH=str(empty)), capture_output=True, text=True, timeout=60,
+        check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "qubesshm bench churn: Xvfb is not installed"), result.stderr
+    assert "compositor:" not in result.stdout, "said before any work"
+
+
+def agent_stats(live: int, deferred: int, barriers: int, pending: int) -> dict[str, Any]:
+    return {"grants": {"live": live, "deferred": deferred},
+            "daemon": {"barriers": barriers, "pending_acks": pending}}
+
+
+def test_agent_samples_count_window_areas_not_the_barrier() -> None:
+    """The agent keeps its one-page barrier area once it sent a barrier dump: the
+    series count the windows' areas, so that they end at 0 as the proxies' do."""
+    r = PolicyResult("agent")
+    r.series["pending_acks"] = []
+    record(agent_stats(0, 0, 0, 0), 0.0, r)
+    record(agent_stats(151, 0, 0, 2), 0.1, r)
+    record(agent_stats(301, 300, 4, 3), 0.2, r)
+    record(agent_stats(1, 0, 5, 0), 0.3, r)
+    assert r.series == {"t": [0.0, 0.1, 0.2, 0.3], "live": [0, 151, 300, 0],
+                        "deferred": [0, 0, 300, 0], "pending_acks": [0, 2, 3, 0]}
+    proxy = PolicyResult("recycle")
+    record(agent_stats(301, 0, 4, 3) | {"daemon": {}}, 0.0, proxy)
+    assert proxy.series == {"t": [0.0], "live": [301], "deferred": [0]}
+
+
+def test_the_plot_adds_pending_acks_for_the_agent() -> None:
+    results = {}
+    for name in ("recycle", "agent"):
+        r = PolicyResult(name)
+        r.series = {"t": [0.0, 1.0], "live": [0, 10], "deferred": [0, 1]}
+        results[name] = r
+    agent = results["agent"]
+    agent.series["pending_acks"] = [0, 3]
+    agent.ack_latency_ms = {"count": 3, "p50": 12.0, "p99": 30.0, "max": 31.0}
+    args = argparse.Namespace(size="200x150", rate=10.0, seconds=1.0, hold=0.0,
+                              late_timeout=2.0, ack_delay=0.5)
+    figure = plot(results, args)
+    live, deferred, acks = figure.axes
+    assert [line.get_label() for line in live.lines] == ["recycle", "agent"]
+    assert [line.get_label() for line in deferred.lines] == ["recycle", "agent"]
+    assert [line.get_label() for line in acks.lines] == [
+        "agent (ACK latency p50 12 ms, max 31 ms)"]
+    assert list(acks.lines[0].get_ydata()) == [0, 3]
+    assert "ACKs 0.5 s late" in live.get_title()
+
+
+def test_windows_the_agent_did_not_send_are_a_failure_with_its_reason(tmp_path: Path) -> None:
+    """The churn client sees no error when the agent keeps a window from the daemon
+    (it says why in its log): the bench must not count such a run as a good one."""
+    log = tmp_path / "agent.log"
+    log.write_text("qubesshm: agent for Wayland apps on ...\nqubesshm: window <toplevel 3> is "
+                   "not shown: a window image of 900 pages is more than what a client may "
+                   "hold (512 pages); raise --client-pages\n\n")
+    stats = {"daemon": {"created": 2}}
+    assert not_shown(stats, 3, log) == (
+        "the agent sent 2 of the client's 3 windows to the GUI daemon (qubesshm: window "
+        "<toplevel 3> is not shown: a window image of 900 pages is more than what a client "
+        "may hold (512 pages); raise --client-pages)")
+    assert not_shown({"daemon": {"created": 3}}, 3, log) is None

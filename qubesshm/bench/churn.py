@@ -10,15 +10,23 @@ for all, so no window is refused):
 - *qubes*: the same at 1000, as Qubes sets it in dom0;
 - *notify*: unmap notify, batched fallback, ``free_per_iteration`` raised as
   needed (``--cache-pages 0``);
-- *recycle*: notify and the cache (qubesshm's default).
+- *recycle*: notify and the cache (qubesshm's default);
+- *agent*: no Weston: ``qubesshm agent`` is the client's compositor and sends its
+  windows to ``qubesshm guid-emulator`` as the GUI domain, on a private Xvfb
+  (``churn_agent``); its areas are released by the daemon's ACK order.
 
-``--hold S`` makes the simulated GUI domain keep every area mapped S seconds after
-the proxy lets it go (``--sim-hold``): the late releases that fill the deferred
-list. While each run goes, the proxy's live grant pages and its deferred backlog
-are sampled from its stats socket; after the last window closes sampling goes on
-until the backlog is empty or ``--drain-wait`` seconds pass, after which the time
-left is estimated from the backlog and ``free_per_iteration`` (the kernel frees
-that many entries a second).
+``--hold S`` makes the GUI domain keep every area mapped S seconds after it is let
+go (the proxy's ``--sim-hold``, the emulator's ``--hold``): the late releases that
+fill the deferred list; ``--ack-delay S`` makes the emulator write its ACKs late.
+``--late-timeout`` is how long qubesshm waits for a release before the deferred
+path. While each run goes, the live grant pages and the deferred backlog are
+sampled from qubesshm's stats socket (for the agent also the ACKs the daemon
+owes); after the last window closes sampling goes on until the backlog is empty
+or ``--drain-wait`` seconds pass, after which the time left is estimated from the
+backlog and ``free_per_iteration`` (the kernel frees that many entries a second).
+Where a policy has a late path (notify, recycle, agent) its drain is held against
+``--late-timeout`` + 1 s: once nothing is mapped late, the backlog is empty that
+soon after the last close.
 """
 
 from __future__ import annotations
@@ -41,10 +49,16 @@ from typing import Any
 from ..grants.api import PAGE_SIZE
 from ..grants.files import write_output
 from ..relay.control import StatsError, read_stats
+from . import churn_agent
+from .private_x import xvfb_command
 from .processes import compositor, process, wait_for_socket
 
 CHURN_CLIENT = Path(__file__).resolve().parents[2] / "examples" / "churn_client.py"
-POLICIES = ("kernel-default", "qubes", "notify", "recycle", "direct")
+AGENT = "agent"
+POLICIES = ("kernel-default", "qubes", "notify", "recycle", AGENT, "direct")
+# The policies whose areas go to deferred reclaim only when released late.
+LATE_PATH = ("notify", "recycle", AGENT)
+DRAIN_MARGIN = 1.0  # seconds past --late-timeout within which such a backlog is empty
 BIG_LIMIT = str(1 << 30)
 _POLICY_OPTIONS = {
     "kernel-default": ["--kernel", "stock", "--reclaim", "at-once"],
@@ -52,7 +66,8 @@ _POLICY_OPTIONS = {
     "notify": ["--kernel", "stock", "--cache-pages", "0"],
     "recycle": ["--kernel", "stock"],
 }
-_FREE_PER_ITERATION = {"kernel-default": 10, "qubes": 1000, "notify": 10, "recycle": 10}
+_FREE_PER_ITERATION = {"kernel-default": 10, "qubes": 1000, "notify": 10, "recycle": 10,
+                       AGENT: churn_agent.KERNEL.free_per_iteration}
 SAMPLE_INTERVAL = 0.1
 _RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s")
 _OPENED = re.compile(r"^opened (\d+)$", re.MULTILINE)
@@ -78,9 +93,28 @@ class PolicyResult:
     drain_estimated: bool = False
     leaked: int | None = None
     peak_grant_mib: float | None = None
+    # Policies with a late path: --late-timeout + 1 s, and whether the backlog was
+    # empty for good that soon after the last close.
+    drain_bound_seconds: float | None = None
+    drained_in_bound: bool | None = None
+    late_releases: int | None = None
+    defer_batches: int | None = None
+    fpi_raises: int | None = None
+    fpi_restores: int | None = None
+    # The agent's: WINDOW_DUMPs sent (windows', barriers), ACKs received, the most
+    # owed at a sample, their latency (ms: count, p50, p99, max), releases confirmed
+    # by the ACK order, and those the kernel then found still mapped.
+    dumps: int | None = None
+    barriers: int | None = None
+    acks: int | None = None
+    peak_pending_acks: int | None = None
+    ack_latency_ms: dict[str, float | None] | None = None
+    confirmed_releases: int | None = None
+    wrong_releases: int | None = None
     # Why the client stopped early (the proxy's error to it), None if it finished.
     failed: str | None = None
-    # Seconds since the client started, live pages, deferred pages.
+    # Seconds since the client started, live pages, deferred pages (the agent's
+    # also ACKs pending: "pending_acks").
     series: dict[str, list[float]] = field(
         default_factory=lambda: {"t": [], "live": [], "deferred": []})
 
@@ -96,7 +130,7 @@ def _policies(text: str) -> list[str]:
 
 def run_churn_bench(args: argparse.Namespace) -> int:
     try:
-        policies = _policies(args.policies)
+        policies = _policies(args.policies or ",".join(POLICIES))
     except ValueError as exc:
         print(f"qubesshm bench churn: {exc}", file=sys.stderr)
         return 2
@@ -104,10 +138,23 @@ def run_churn_bench(args: argparse.Namespace) -> int:
         print(f"qubesshm bench churn: {CHURN_CLIENT} is missing; run it from a source "
               "checkout of qubesshm", file=sys.stderr)
         return 1
+    if AGENT in policies:
+        try:
+            xvfb_command()
+        except RuntimeError as exc:
+            if args.policies:
+                raise  # asked for by name: one line, before anything starts
+            print(f"{AGENT}: skipped: {exc}")
+            policies.remove(AGENT)
     windows = max(1, round(args.rate * args.seconds))
     results: dict[str, PolicyResult] = {}
-    with compositor(args.upstream, width=1920, height=1080,
-                    animations=args.animations != "off") as upstream:
+    with contextlib.ExitStack() as stack:
+        upstream: Path | None = None
+        if any(p != AGENT for p in policies):
+            upstream = stack.enter_context(compositor(
+                args.upstream, width=1920, height=1080, animations=args.animations != "off"))
+        else:
+            print("compositor: none (the agent policy serves its client itself)")
         # The baseline first, so that the progress of the others can show the ratio.
         for policy in sorted(policies, key=lambda p: p != "direct"):
             results[policy] = _run_policy(policy, upstream, windows, args)
@@ -115,8 +162,9 @@ def run_churn_bench(args: argparse.Namespace) -> int:
     _print_table(results, windows, args)
     if args.json:
         data = {"config": {k: getattr(args, k) for k in ("rate", "seconds", "size",
-                                                          "concurrency", "frames", "hold")},
-                "compositor": compositor_label(args),
+                                                          "concurrency", "frames", "hold",
+                                                          "late_timeout", "ack_delay")},
+                "compositor": compositor_label(args, policies),
                 "windows": windows,
                 "policies": {name: asdict(r) for name, r in results.items()}}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
@@ -136,8 +184,10 @@ def set_ratios(results: dict[str, PolicyResult]) -> None:
             result.ratio_to_direct = result.windows_per_second / direct.windows_per_second
 
 
-def compositor_label(args: argparse.Namespace) -> str:
+def compositor_label(args: argparse.Namespace, policies: list[str] | None = None) -> str:
     """Which compositor the figures are of, in a few words."""
+    if policies is not None and all(p == AGENT for p in policies):
+        return "none (the agent alone)"
     if getattr(args, "upstream", None):
         return f"compositor {args.upstream}"
     animations = getattr(args, "animations", None) or "on"
@@ -150,7 +200,7 @@ def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
             str(args.frames), "--timeout", str(args.seconds * 3 + 60), "--progress"]
 
 
-def _run_policy(policy: str, upstream: Path, windows: int,
+def _run_policy(policy: str, upstream: Path | None, windows: int,
                 args: argparse.Namespace) -> PolicyResult:
     result = PolicyResult(policy)
     with contextlib.ExitStack() as stack:
@@ -158,15 +208,26 @@ def _run_policy(policy: str, upstream: Path, windows: int,
         workdir.chmod(0o700)
         env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
         env.pop("QUBESSHM_SIM_ROOT", None)
-        display = upstream
         socket_path: Path | None = None
-        if policy != "direct":
+        agent: churn_agent.AgentUnderTest | None = None
+        if policy == AGENT:
+            agent = churn_agent.start_agent(stack, env, workdir, args)
+            print(f"{AGENT}: {agent.describe()}", flush=True)
+            socket_path = display = agent.socket
+            result.series["pending_acks"] = []
+        elif policy == "direct":
+            assert upstream is not None
+            display = upstream
+        else:
+            assert upstream is not None
             socket_path = workdir / "qubesshm-churn"
+            log = workdir / "serve.log"
             proc = stack.enter_context(process(
                 [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
                  "--upstream", str(upstream), "--gntalloc-limit", BIG_LIMIT,
-                 "--sim-hold", str(args.hold), *_POLICY_OPTIONS[policy]], env))
-            wait_for_socket(socket_path, proc, "qubesshm serve")
+                 "--sim-hold", str(args.hold), "--late-timeout", f"{args.late_timeout:g}",
+                 *_POLICY_OPTIONS[policy]], env, log))
+            wait_for_socket(socket_path, proc, "qubesshm serve", log)
             display = socket_path
         client_env = dict(env, WAYLAND_DISPLAY=str(display))
         start = time.monotonic()
@@ -176,8 +237,11 @@ def _run_policy(policy: str, upstream: Path, windows: int,
         # room): it gets twice the run's time, at least 10 s more, then is stopped.
         deadline = start + max(2 * args.seconds, args.seconds + 10)
         behind = False
+        found_fpi: int | None = None  # free_per_iteration as qubesshm found it
         while client.poll() is None:
-            _sample(socket_path, start, result)
+            stats = _sample(socket_path, start, result)
+            if found_fpi is None and stats is not None:
+                found_fpi = stats["lifetimes"]["free_per_iteration"]
             _progress(policy, start, args, result)
             if time.monotonic() > deadline:
                 behind = True
@@ -212,14 +276,17 @@ def _run_policy(policy: str, upstream: Path, windows: int,
         if socket_path is not None:
             closed = time.monotonic()
             # Watch the backlog drain, for at most --drain-wait seconds.
+            stats = _sample(socket_path, start, result)
             while (time.monotonic() - closed < args.drain_wait
-                   and (not result.series["t"] or result.series["deferred"][-1] > 0
-                        or result.series["live"][-1] > 0)):
-                _sample(socket_path, start, result)
+                   and not settled(stats, result, found_fpi)):
                 _progress(policy, start, args, result)
                 time.sleep(SAMPLE_INTERVAL)
-            stats = _sample(socket_path, start, result)
+                stats = _sample(socket_path, start, result)
             _finish(result, stats, closed - start, _FREE_PER_ITERATION[policy])
+            if agent is not None and stats is not None and result.failed is None:
+                result.failed = churn_agent.not_shown(stats, result.windows, agent.log)
+            if policy in LATE_PATH:
+                set_drain_bound(result, args.late_timeout)
         if sys.stderr.isatty():
             print(file=sys.stderr)
     return result
@@ -233,12 +300,32 @@ def _sample(socket_path: Path | None, start: float,
         stats = read_stats(str(socket_path))
     except StatsError:
         return None
+    record(stats, round(time.monotonic() - start, 3), result)
+    return stats
+
+
+def settled(stats: dict[str, Any] | None, result: PolicyResult, found_fpi: int | None) -> bool:
+    """Nothing left after the last close: no live grant pages, an empty backlog, and
+    free_per_iteration back to what qubesshm found (it restores it once the backlog is
+    gone, on its next timer)."""
+    series = result.series
+    if stats is None or not series["t"] or series["deferred"][-1] > 0 or series["live"][-1] > 0:
+        return False
+    fpi = stats["lifetimes"]["free_per_iteration"]
+    return found_fpi is None or fpi is None or fpi == found_fpi
+
+
+def record(stats: dict[str, Any], t: float, result: PolicyResult) -> None:
+    """One sample of qubesshm's counters ``stats``, taken ``t`` s into the run."""
     grants = stats["grants"]
     series = result.series
-    series["t"].append(round(time.monotonic() - start, 3))
-    series["live"].append(grants["live"])
+    series["t"].append(t)
+    if result.policy == AGENT:
+        series["live"].append(churn_agent.window_pages(stats))
+        series["pending_acks"].append(churn_agent.pending_acks(stats))
+    else:
+        series["live"].append(grants["live"])
     series["deferred"].append(grants["deferred"] or 0)
-    return stats
 
 
 def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float,
@@ -253,6 +340,14 @@ def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float
     result.from_cache = lifetimes["cache_hits"] / max(1, lifetimes["cache_hits"]
                                                       + lifetimes["cache_misses"])
     result.waits_for_room = stats["waits_for_room"]
+    result.late_releases = lifetimes["late_releases"]
+    result.defer_batches = lifetimes["defer_batches"]
+    result.fpi_raises = lifetimes["free_per_iteration_raises"]
+    result.fpi_restores = lifetimes["free_per_iteration_restores"]
+    if result.policy == AGENT:
+        for name, value in churn_agent.figures(stats).items():
+            setattr(result, name, value)
+        result.peak_pending_acks = max(int(v) for v in series["pending_acks"])
     if result.failed is not None and result.waits_for_room:
         result.failed += (f"; {result.waits_for_room} commits waited for grant room "
                           f"(longest {stats['commit_waits_ms']['max'] or 0:.0f} ms)")
@@ -284,6 +379,14 @@ def _finish(result: PolicyResult, stats: dict[str, Any] | None, closed_at: float
         result.drain_estimated = True
 
 
+def set_drain_bound(result: PolicyResult, late_timeout: float) -> None:
+    """Whether the backlog was empty for good within ``late_timeout`` + 1 s of the last
+    close (measured, not estimated)."""
+    result.drain_bound_seconds = late_timeout + DRAIN_MARGIN
+    result.drained_in_bound = (not result.drain_estimated and result.drain_seconds is not None
+                               and result.drain_seconds <= result.drain_bound_seconds)
+
+
 def _progress(policy: str, start: float, args: argparse.Namespace,
               result: PolicyResult) -> None:
     if not sys.stderr.isatty():
@@ -299,9 +402,12 @@ def _progress(policy: str, start: float, args: argparse.Namespace,
 
 def _print_table(results: dict[str, PolicyResult], windows: int,
                  args: argparse.Namespace) -> None:
+    acks = (f", ACKs written {args.ack_delay:g} s late" if AGENT in results and args.ack_delay
+            else "")
     print(f"\n{windows} windows of {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
           f"{args.concurrency} open at once, {args.frames} frame(s) each, mappings held "
-          f"{args.hold:g} s after let go; grant counts in pages (one grant each):")
+          f"{args.hold:g} s after let go{acks}, late after {args.late_timeout:g} s; grant "
+          "counts in pages (one grant each):")
     print(f"{'policy':<15} {'win/s':>7} {'x direct':>8} {'grants/win':>10} "
           f"{'from cache':>10} {'peak live':>9} "
           f"{'final live':>10} {'peak deferred':>13} {'final deferred':>14} "
@@ -319,21 +425,37 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
               f"{show(r.final_deferred):>14} {drain:>9} {show(r.leaked):>6} "
               f"{show(r.peak_grant_mib):>8}")
     for r in results.values():
-        if r.failed is not None:
+        if r.failed is not None and r.windows == windows:
+            print(f"{r.policy}: {r.failed}")  # the client went through, not its windows
+        elif r.failed is not None:
             print(f"{r.policy}: stopped after {r.windows} of {windows} windows: {r.failed}")
     if any(r.drain_estimated for r in results.values()):
         print("~ estimated: the backlog left after --drain-wait, at the policy's "
               "free_per_iteration entries a second")
+    bounded = [r for r in results.values() if r.drain_bound_seconds is not None]
+    if bounded:
+        within = [r.policy for r in bounded if r.drained_in_bound]
+        beyond = [r.policy for r in bounded if not r.drained_in_bound]
+        print(f"deferred backlog empty within --late-timeout + {DRAIN_MARGIN:g} s = "
+              f"{bounded[0].drain_bound_seconds:g} s of the last close: "
+              f"{', '.join(within) or 'none'}" + (f"; not: {', '.join(beyond)}" if beyond else ""))
+    if AGENT in results and results[AGENT].acks is not None:
+        print(churn_agent.summary(results[AGENT], args.late_timeout))
 
 
 def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
-    """Live grant pages and deferred backlog over time, one line per proxied policy."""
+    """Live grant pages and deferred backlog over time, one line per policy with grants;
+    with the agent, a third panel: the ACKs the GUI daemon owes."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
+    from matplotlib.ticker import MaxNLocator
 
-    figure, (live_axes, deferred_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(9, 6.5))
+    acking = [r for r in results.values() if r.series.get("pending_acks")]
+    rows = 3 if acking else 2
+    figure, axes_list = pyplot.subplots(rows, 1, sharex=True, figsize=(9, 3.25 * rows))
+    live_axes, deferred_axes = axes_list[0], axes_list[1]
     # kernel-default and qubes run alike until the first tick: tell them apart by style.
     styles = {"kernel-default": "--", "qubes": ":"}
     for r in results.values():
@@ -345,10 +467,25 @@ def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
                       linewidth=1.6)
     live_axes.set_ylabel("live grant pages")
     deferred_axes.set_ylabel("deferred backlog (pages)")
-    deferred_axes.set_xlabel("seconds since the first window")
+    for r in acking:
+        latency = r.ack_latency_ms or {}
+        label = r.policy + (f" (ACK latency p50 {latency['p50']:.0f} ms, max "
+                            f"{latency['max']:.0f} ms)" if latency.get("p50") is not None
+                            and latency.get("max") is not None else "")
+        axes_list[2].plot(r.series["t"], r.series["pending_acks"], "-", label=label,
+                          linewidth=1.6)
+    if acking:
+        axes_list[2].set_ylabel("ACKs pending")
+        axes_list[2].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes_list[-1].set_xlabel("seconds since the first window")
+    delay = float(getattr(args, "ack_delay", 0.0))
+    acks = f", ACKs {delay:g} s late" if acking and delay else ""
+    late = getattr(args, "late_timeout", None)
+    late_text = f", late after {late:g} s" if late is not None else ""
     live_axes.set_title(f"window churn: {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
-                        f"mappings held {args.hold:g} s; {compositor_label(args)}")
-    for axes in (live_axes, deferred_axes):
+                        f"mappings held {args.hold:g} s{acks}{late_text}; "
+                        f"{compositor_label(args, list(results))}", fontsize="medium")
+    for axes in axes_list:
         axes.grid(True, alpha=0.3)
         axes.legend(loc="upper right", fontsize="small")
     figure.tight_layout()

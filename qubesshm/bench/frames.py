@@ -10,7 +10,8 @@ processes' CPU time per frame, a plain copy of the same damaged bytes measured
 in the same run (numpy, one memcpy per row: the physical limit of any copying
 proxy), and, from the proxy's own counters, bytes copied per byte damaged in
 steady state (after ``--warmup`` frames, when the surface's output buffers
-exist).
+exist). ``--size`` changes the frame size; ``--mode agent`` measures agent mode
+instead (``frames_agent``).
 """
 
 from __future__ import annotations
@@ -63,10 +64,32 @@ class Runs:
     damaged_bytes_per_frame: float = 0.0
 
 
-def _client(display: Path, env: dict[str, str], case: Case,
-            args: argparse.Namespace) -> subprocess.Popen[str]:
+def frame_size(args: argparse.Namespace) -> tuple[int, int]:
+    """``--size WxH`` (1920x1080 unless given)."""
+    text = getattr(args, "size", None)
+    if text is None:
+        return WIDTH, HEIGHT
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
+def check_frames(args: argparse.Namespace) -> str | None:
+    """``bench frames``' usage mistakes, before anything starts."""
+    width, height = frame_size(args)
+    if 2 * args.region > min(width, height):
+        return (f"qubesshm bench frames: --region {args.region} does not fit twice in "
+                f"{width}x{height} frames: give at most {min(width, height) // 2}")
+    if getattr(args, "mode", "proxy") != "agent" and getattr(args, "refresh", None) is not None:
+        return "qubesshm bench frames: --refresh is the agent's: add --mode agent"
+    return None
+
+
+def start_client(display: Path, env: dict[str, str], case: Case,
+                 args: argparse.Namespace) -> subprocess.Popen[str]:
+    """``frames_client`` for ``case`` on ``display``, driven by ``read_result``/``tell``."""
+    width, height = frame_size(args)
     command = [sys.executable, "-m", "qubesshm.bench.frames_client", "--damage", case.damage,
-               "--width", str(WIDTH), "--height", str(HEIGHT), "--region", str(args.region),
+               "--width", str(width), "--height", str(height), "--region", str(args.region),
                "--frames", str(args.frames), "--warmup", str(args.warmup)]
     if case.paced:
         command.append("--wait-frame")
@@ -77,7 +100,8 @@ def _client(display: Path, env: dict[str, str], case: Case,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+def read_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The client's next JSON line: its warm-up mark, then the timed run's figures."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -87,7 +111,8 @@ def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return data
 
 
-def _tell(proc: subprocess.Popen[str]) -> None:
+def tell(proc: subprocess.Popen[str]) -> None:
+    """Let the client go on: time its frames, or (after them) exit."""
     assert proc.stdin is not None
     proc.stdin.write("\n")
     proc.stdin.flush()
@@ -102,16 +127,16 @@ def _counters(proxy_socket: Path | None) -> tuple[int, int]:
 
 def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
              relay_pids: list[int], proxy_socket: Path | None, runs: Runs) -> None:
-    proc = _client(display, env, case, args)
+    proc = start_client(display, env, case, args)
     try:
-        _line(proc)  # warmed up: the output buffers exist
+        read_result(proc)  # warmed up: the output buffers exist
         cpu_before = cpu_seconds(relay_pids)
         copied_before, damaged_before = _counters(proxy_socket)
-        _tell(proc)
-        result = _line(proc)
+        tell(proc)
+        result = read_result(proc)
         cpu = cpu_seconds(relay_pids) - cpu_before
         copied_after, damaged_after = _counters(proxy_socket)
-        _tell(proc)
+        tell(proc)
         _, err = proc.communicate(timeout=30)
         if proc.returncode != 0:
             raise RuntimeError(f"frames_client exited with {proc.returncode}: {err.strip()}")
@@ -129,27 +154,28 @@ def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Name
                                        / (damaged_after - damaged_before))
 
 
-def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30) -> float:
+def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30, *,
+                  width: int = WIDTH, height: int = HEIGHT) -> float:
     """CPU milliseconds to copy one frame's damaged bytes with numpy, row by row, one
     copy every ``interval`` seconds: a copy after the CPU idled costs about twice one
     that follows another (caches, clock), so paced frames get a paced baseline."""
-    size = WIDTH * HEIGHT * 4
+    size = width * height * 4
     fds = [os.memfd_create("qubesshm-bench-copy", os.MFD_CLOEXEC) for _ in range(2)]
     maps = []
     try:
         for fd in fds:
             os.ftruncate(fd, size)
             maps.append(mmap.mmap(fd, size))
-        src = np.frombuffer(maps[0], dtype=np.uint32).reshape(HEIGHT, WIDTH)
-        dst = np.frombuffer(maps[1], dtype=np.uint32).reshape(HEIGHT, WIDTH)
+        src = np.frombuffer(maps[0], dtype=np.uint32).reshape(height, width)
+        dst = np.frombuffer(maps[1], dtype=np.uint32).reshape(height, width)
         src[:] = 0x11223344
         dst[:] = 0
         if case.damage == "full":
-            rects = [(0, 0, WIDTH, HEIGHT)]
+            rects = [(0, 0, width, height)]
         elif case.damage == "static":
-            rects = [(WIDTH // 3, HEIGHT // 3, region, region)]
+            rects = [(width // 3, height // 3, region, region)]
         else:  # the square where it was and where it is now
-            rects = [(0, HEIGHT // 3, region, region), (region, HEIGHT // 3, region, region)]
+            rects = [(0, height // 3, region, region), (region, height // 3, region, region)]
         samples = []
         for _ in range(repeats):
             if interval:
@@ -175,10 +201,15 @@ def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30) -
 
 
 def run_frames_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "proxy") == "agent":
+        from .frames_agent import run_agent_frames_bench
+
+        return run_agent_frames_bench(args)
+    width, height = frame_size(args)
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
     with contextlib.ExitStack() as stack, compositor(
-            args.upstream, width=WIDTH, height=HEIGHT,
+            args.upstream, width=width, height=height,
             animations=args.animations != "off") as upstream:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         workdir.chmod(0o700)
@@ -201,7 +232,7 @@ def run_frames_bench(args: argparse.Namespace) -> int:
     for c in cases:
         direct_fps = _median(results[c.name]["direct"].fps)
         interval = 1.0 / direct_fps if c.paced and direct_fps else 0.0
-        copies[c.name] = plain_copy_ms(c, args.region, interval)
+        copies[c.name] = plain_copy_ms(c, args.region, interval, width=width, height=height)
     _report(cases, results, copies, args)
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
@@ -221,7 +252,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict[str, float],
             args: argparse.Namespace) -> None:
     pool = "unsealed memfd (read with preadv)" if args.unsealed else "sealed memfd (mapped)"
-    print(f"\n{WIDTH}x{HEIGHT} xrgb8888 from a {pool}, {args.frames} frames per run after "
+    width, height = frame_size(args)
+    print(f"\n{width}x{height} xrgb8888 from a {pool}, {args.frames} frames per run after "
           f"{args.warmup} warm-up frames, median of {args.repeats} runs; 'paced' waits for "
           "frame callbacks; CPU = user+system time of the relaying processes per frame; "
           "plain copy = numpy copy of the same damaged bytes in this process, one per frame "

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from ..headless import HeadlessWeston, compositor_is_running
 from ..relay.listener import upstream_path
@@ -26,23 +27,47 @@ from ..relay.listener import upstream_path
 QUBES_GNTALLOC_LIMIT = 2**30
 
 
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+def last_line(log: Path | None) -> str:
+    """The last line a process wrote to ``log`` (its error, when it failed), or ""."""
+    if log is None:
+        return ""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line), "")
+
+
+def exited(what: str, proc: subprocess.Popen[bytes], log: Path | None = None) -> str:
+    """"WHAT exited with status N", and what it said last when it wrote to ``log``."""
+    said = last_line(log)
+    return f"{what} exited with status {proc.returncode}" + (f": {said}" if said else "")
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str,
+                    log: Path | None = None) -> None:
     deadline = time.monotonic() + 20
     while not compositor_is_running(str(path)):
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+            raise RuntimeError(exited(what, proc, log))
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not open {path}")
         time.sleep(0.05)
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def process(args: list[str], env: dict[str, str],
+            log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``args`` running until the block ends (SIGTERM, then SIGKILL after 10 s); its
+    output to ``log`` (created or appended to), else dropped."""
     # A process group of its own, so that what it starts (waypipe server's command)
     # ends with it.
-    proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            process_group=0)
+    with contextlib.ExitStack() as files:
+        out: int | IO[bytes] = (subprocess.DEVNULL if log is None
+                                else files.enter_context(open(log, "ab")))
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT if log is not None else out,
+                                process_group=0)
     try:
         yield proc
     finally:

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         relay, help="the event loop of the qubesshm under test (default %(default)s)")
     frames = common.add_subcommand(
         bench_sub, "frames",
-        help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe")
+        help="frame rate and copy cost of 1920x1080 frames: direct, qubesshm, waypipe; or "
+        "direct and qubesshm agent (--mode agent)")
     _add_bench_upstream(frames)
     frames.add_argument("--frames", type=options.positive, default=100,
                         help="timed frames per run (default %(default)s)")
@@ -62,9 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the client leaves its pool unsealed, so qubesshm reads it with "
                         "preadv rather than mapping it")
     frames.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    frames.add_argument("--size", type=options.window_size, default="1920x1080", metavar="WxH",
+                        help="frame size (default %(default)s)")
+    frames.add_argument("--mode", choices=("proxy", "agent"), default="proxy",
+                        help="proxy: full, static and moving damage direct, through qubesshm "
+                        "serve and waypipe (the default); agent: full damage direct and "
+                        "through qubesshm agent + qubesshm guid-emulator on a private Xvfb "
+                        "(needs Xvfb), with the agent's CPU per frame against a plain copy")
+    frames.add_argument("--refresh", type=options.refresh_rate, default=None, metavar="HZ",
+                        help="--mode agent: the agent's frame callbacks per second (default "
+                        "60)")
     churn = common.add_subcommand(
         bench_sub, "churn",
-        help="window churn under each reclaim policy: windows/s, live and deferred grants")
+        help="window churn under each reclaim policy, and through qubesshm agent to the "
+        "GUI-daemon emulator (policy agent): windows/s, live and deferred grants, ACKs")
     _add_bench_upstream(churn)
     churn.add_argument("--rate", type=options.rate, default=10.0,
                        help="windows opened a second (default %(default)s)")
@@ -78,17 +90,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="frames drawn in each window (default %(default)s)")
     churn.add_argument("--hold", type=options.non_negative_seconds, default=0.0, metavar="S",
                        help="the GUI domain keeps each area mapped S s after it is let go "
-                       "(default 0: the compositor's own release)")
-    churn.add_argument("--policies", default=",".join(CHURN_POLICIES),
+                       "(proxy policies: qubesshm serve --sim-hold; agent: the emulator's "
+                       "--hold; default 0: the compositor's or daemon's own release)")
+    churn.add_argument("--ack-delay", type=options.non_negative_seconds, default=0.0,
+                       metavar="S", help="agent policy: the emulator writes each "
+                       "WINDOW_DUMP_ACK S s late, a late daemon (its --ack-delay; default 0)")
+    churn.add_argument("--late-timeout", type=options.seconds, default=2.0, metavar="S",
+                       help="how long qubesshm (serve and agent) waits for a let-go area's "
+                       "release (its unmap notify; the daemon's ACK order) before its grants "
+                       "go to deferred reclaim (default %(default)s)")
+    churn.add_argument("--policies", default=None,
                        help="comma-separated, from " + ", ".join(CHURN_POLICIES)
-                       + " (default: all)")
+                       + "; agent runs qubesshm agent with qubesshm guid-emulator as its GUI "
+                       "domain on a private Xvfb (default: all; agent left out, with a note, "
+                       "where Xvfb is not installed)")
     churn.add_argument("--drain-wait", type=options.non_negative_seconds, default=5.0, metavar="S",
                        help="how long to watch the backlog drain after the last close "
                        "before estimating the rest (default %(default)s)")
     churn.add_argument("--json", type=options.output_file, metavar="FILE",
                        help="write the results as JSON")
     churn.add_argument("--plot", type=options.output_file, metavar="FILE",
-                       help="plot live grants and deferred backlog over time (PNG)")
+                       help="plot live grants and deferred backlog over time (PNG; with the "
+                       "agent policy also the ACKs the GUI daemon owes)")
 
 
 def check(args: argparse.Namespace) -> str | None:
@@ -96,6 +119,9 @@ def check(args: argparse.Namespace) -> str | None:
         raise common.UsageError(
             "--animations sets up the Weston the benchmark starts; the compositor given "
             "with --upstream runs as it was started")
+    if args.bench == "frames":
+        from ..bench.frames import check_frames
+        return check_frames(args)
     return None
 
 
