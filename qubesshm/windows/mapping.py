@@ -142,6 +142,10 @@ def buffer_to_surface(rect: Rect, buffer_width: int, buffer_height: int, transfo
     rect = rect.clip(buffer_width, buffer_height)
     if rect.empty:
         return Rect(0, 0, 0, 0)
+    if (transform == 0 and scale == 1 and viewport.source is None
+            and viewport.destination is None):
+        # The common case, every frame: buffer pixels are surface pixels.
+        return rect.clip(surface_width, surface_height)
     swapped, back_x, back_y = _AXES[transform]
     tw, th = (buffer_height, buffer_width) if swapped else (buffer_width, buffer_height)
     # Buffer pixels -> transformed, unscaled coordinates, per axis.
