@@ -215,3 +215,20 @@ def test_any_sequence_passes_the_daemons_checks_and_releases_only_after_its_ack(
             a.serial for a in areas.let_go_)
     else:
         assert areas.released_ == []
+
+
+def test_a_new_daemon_is_not_sent_a_window_that_has_no_image_yet() -> None:
+    agent, _areas, daemon = connected()
+    shown, waiting = window(), window()
+    agent.window_mapped(shown)
+    agent.window_committed(shown, tree(40, 30), Rect(0, 0, 40, 30))
+    agent.window_mapped(waiting)  # mapped; its first image not drawn yet
+    daemon.take(agent)
+    agent.disconnect()
+    agent.connect(gm.VERSION, gm.Xconf.for_screen(800, 600))
+    again = Daemon()
+    sent = again.take(agent)  # every message passes the daemon's checks
+    assert [m.type.name for m in sent].count("CREATE") == 2  # the barrier and one window
+    agent.window_committed(waiting, tree(20, 10), Rect(0, 0, 20, 10))
+    later = again.take(agent)
+    assert [m.type.name for m in later][:1] == ["CREATE"]

@@ -121,6 +121,10 @@ class DaemonLink:
                     self.checks.check(msg)
                 except codec.ProtocolViolation as exc:
                     # A bug of qubesshm's: the daemon would exit and take every window.
+                    # A window whose CREATE is withheld does not exist for the daemon:
+                    # what follows for it is withheld too.
+                    if isinstance(body, gm.Create):
+                        self.checks.windows.discard(window)
                     self.withheld += 1
                     log.error("not sent to the GUI daemon, which would refuse it (a bug in "
                               "qubesshm): MSG_%s for window %#x: %s", msg.type.name, window, exc)

@@ -71,6 +71,12 @@ class AgentShell:
         self.lifetimes = lifetimes
         self.changed = changed
         self._clients: set[int] = set()
+        # Commits are drawn at most once a refresh: one that arrives is noted here and
+        # drawn (the newest tree, the damage gathered since) when ``render_now`` is
+        # set; a buffer it supersedes meanwhile goes back to the client unread.
+        self.render_now = False
+        self.due: set[ShellWindow] = set()
+        self.render_soon: Callable[[], None] = lambda: None
 
     def _client(self, w: ShellWindow) -> None:
         if w.client not in self._clients:
@@ -91,6 +97,10 @@ class AgentShell:
 
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         self._client(w)
+        if not self.render_now:
+            self.due.add(w)
+            self.render_soon()
+            return False
         before = self.windows.counters.damaged_pixels
         done = self.windows.window_committed(w, tree, geometry)
         if done:
@@ -103,6 +113,7 @@ class AgentShell:
         return done
 
     def window_unmapped(self, w: ShellWindow) -> None:
+        self.due.discard(w)
         self.windows.window_unmapped(w)
         self.changed()
 
@@ -150,6 +161,10 @@ class AgentProcess:
         self.socket_path: Path | None = None
         self.room_warning: str | None = None
         self._room_checked = 0  # the daemon connection whose screen was checked
+        self.shell: AgentShell | None = None
+        self._render_handle: asyncio.TimerHandle | None = None
+        self._last_render = -1e9
+        self._period = 1.0 / 60
 
     @property
     def vchan_path(self) -> Path:
@@ -172,6 +187,9 @@ class AgentProcess:
         self.lifetimes.on_room = self._room
         self.windows = AgentWindows(self.lifetimes, self.clock)
         shell = AgentShell(self.windows, self.ledger, self.lifetimes, self._changed)
+        shell.render_soon = self._render_soon
+        self.shell = shell
+        self._period = 1.0 / opts.refresh
         self.compositor = Compositor(shell, clock=self.clock, refresh=opts.refresh,
                                      screen=(1920, 1080))
         listener = Listener(opts.socket)
@@ -230,12 +248,38 @@ class AgentProcess:
             self.loop.call_soon(self._retry_waiting)
 
     def _retry_waiting(self) -> None:
-        if self.windows is None:
+        if self.windows is not None and self.windows.waiting():
+            self._render_soon()
+
+    def _render_soon(self) -> None:
+        """Draw what waits at the next refresh (at once when the last was a refresh
+        period ago or more)."""
+        if self._render_handle is not None or self.loop is None:
             return
-        for w in self.windows.waiting():
-            if not w.render_pending():
-                break
+        now = self.clock()
+        delay = max(0.0, self._last_render + self._period - now)
+        self._render_handle = self.loop.call_later(delay, self._render)
+
+    def _render(self) -> None:
+        self._render_handle = None
+        self._last_render = self.clock()
+        shell = self.shell
+        assert shell is not None and self.windows is not None
+        shell.render_now = True
+        try:
+            for w in list(shell.due):
+                shell.due.discard(w)
+                w.render_pending()
+            for w in self.windows.waiting():
+                if not w.render_pending():
+                    break  # still no room: the rest neither
+        except Exception:
+            log.exception("internal error drawing windows")
+        finally:
+            shell.render_now = False
         self._changed()
+        if self.server is not None:
+            self.server.service()
 
     def _timers(self) -> None:
         assert self.grants is not None and self.lifetimes is not None
@@ -284,6 +328,8 @@ class AgentProcess:
                 await asyncio.sleep(AWAITING_TICK_INTERVAL)
         if self._tick is not None:
             self._tick.cancel()
+        if self._render_handle is not None:
+            self._render_handle.cancel()
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

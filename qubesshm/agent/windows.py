@@ -160,8 +160,8 @@ class AgentWindows(Generic[A]):
             win.id = self._new_id()
             self._by_id[win.id] = win
             win.shown = False
-            self._introduce(win)
-            if win.area is not None:
+            if win.area is not None:  # the others are introduced at their first image
+                self._introduce(win)
                 self._dump(win)
                 self._show(win)
                 self._emit(win.id, gm.ShmImage(0, 0, win.width, win.height))
