@@ -65,8 +65,12 @@ def test_agent_mode_prints_rates_cpu_and_their_ratios(tmp_path: Path) -> None:
         direct, agent = data[case]["direct"], data[case]["agent"]
         copy = data[case]["plain_copy_ms"]
         assert copy > 0
-        # Every timed frame was one the agent rendered (copied and sent to the emulator).
-        assert agent["frames_rendered"] == [FRAMES], agent
+        # Paced, every timed frame was one the agent drew (copied and sent to the
+        # emulator); unpaced, it drew at most one a refresh, the newest.
+        if "unpaced" in case:
+            assert 1 <= agent["frames_rendered"][0] <= FRAMES, agent
+        else:
+            assert agent["frames_rendered"] == [FRAMES], agent
         for runs in (direct, agent):
             assert len(runs["fps"]) == 1 and runs["fps"][0] > 0, runs
         # The agent copies every frame: it spends CPU on each; so do the emulator and X.

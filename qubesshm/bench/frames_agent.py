@@ -205,13 +205,14 @@ def report(cases: list[Case], results: dict[str, dict[str, PathRuns]],
                   f"{_fmt(_median(r.emulator_ms_per_frame), 3):>15} "
                   f"{_fmt(_median(r.xserver_ms_per_frame), 3):>8}")
     print("unpaced: Weston composites at its own repaint rate and lets the commits in "
-          "between go unread; the agent copies every commit and sends it to the emulator")
+          "between go unread; so does the agent, which draws each window at most once a "
+          "refresh (--refresh) and gives superseded buffers back unread")
     for case in cases:
         agent = results[case.name]["agent"]
         short = [n for n in agent.frames_rendered if n != agent.frames]
         if short:
-            print(f"note: {case.name}: the agent rendered {short} of {agent.frames} frames "
-                  "in some runs")
+            print(f"note: {case.name}: the agent drew {short} of {agent.frames} frames in "
+                  "some runs (the others were superseded before its next refresh)")
     print("\ngoals (agent mode):")
     for case in cases:
         agent, direct = results[case.name]["agent"], results[case.name]["direct"]
