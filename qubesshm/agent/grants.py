@@ -20,6 +20,8 @@ from ..grants.sharing import SharingHalf
 from ..grants.simkernels import KernelDir
 from ..grants.simulated import SimBackend, SimHypervisor
 
+REFRESH_INTERVAL = 1.0  # seconds between the simulated kernel's looks at processes
+
 
 @dataclass(eq=False)
 class AgentGrants:
@@ -33,6 +35,7 @@ class AgentGrants:
     kernel_dir: KernelDir | None = None
     hypercalls: HypercallServer | None = None
     _closed: bool = field(default=False)
+    _refreshed: float = field(default=-1e9)
 
     @property
     def name(self) -> str:
@@ -48,10 +51,16 @@ class AgentGrants:
                 f"{self.hypercalls.path if self.hypercalls is not None else 'nothing'}")
 
     def tick(self) -> None:
-        """Run the simulated kernel's deferred-reclaim timer when due, and look at
-        the processes whose mappings it watches."""
+        """Run the simulated kernel's deferred-reclaim timer when due, and, once a
+        second, look at the processes whose mappings it watches (to drop the watch of
+        one that maps no grant any more: an X server the emulator handed pages to).
+        Agent mode sets no unmap notify, so nothing else waits on that look, which
+        reads each process's whole memory map."""
         if self.hypervisor is not None:
-            self.hypervisor.refresh()
+            now = self.hypervisor.clock()
+            if now - self._refreshed >= REFRESH_INTERVAL:
+                self._refreshed = now
+                self.hypervisor.refresh()
             self.hypervisor.advance()
 
     def next_tick(self) -> float | None:
