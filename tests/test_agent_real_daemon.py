@@ -499,8 +499,14 @@ def test_gtk(session: Session, argv: tuple[str, ...], env: dict[str, str], title
     app = session.app(argv[0], *argv, **env)
     shown = wait_titles(session, [title])
     window = window_titled(shown, title)
-    dumps = [(w, h) for remote, w, h in dumps_read(session.daemon.stderr()) if remote == window]
-    assert dumps and all(w >= 200 and h >= 200 for w, h in dumps), dumps
+
+    def dumps() -> list[tuple[int, int]]:
+        return [(w, h) for remote, w, h in dumps_read(session.daemon.stderr())
+                if remote == window]
+
+    # The daemon logs the title before it reads the dump that follows it.
+    wait_for(lambda: bool(dumps()), f"{title}'s first dump in the daemon's log", session)
+    assert all(w >= 200 and h >= 200 for w, h in dumps()), dumps()
     assert re.search(r"set class hint for window 0x[0-9a-f]+ to \(testvm:\S+, testvm:\S+\)",
                      session.daemon.stderr())
     stop_apps(session, 0, -signal.SIGTERM)

@@ -98,6 +98,7 @@ class AgentShell:
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         self._client(w)
         if not self.render_now:
+            w.coalesce = True
             self.due.add(w)
             self.render_soon()
             return False

@@ -70,6 +70,10 @@ class ShellWindow:
         self.geometry = Rect(0, 0, 0, 0)
         self.offset = (0, 0)
         self.mapped = False
+        # Set by a shell that draws at its own pace: while a commit it refused waits,
+        # later commits are not offered (their damage gathers); it asks for the newest
+        # state with ``render_pending``.
+        self.coalesce = False
         self._render_pending = render_pending
 
     def render_pending(self) -> bool:

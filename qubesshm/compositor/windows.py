@@ -141,6 +141,8 @@ class Window:
         elif not should_map and self.mapped:
             self.unmap()
         elif self.mapped:
+            if self.render_waiting and self.shell_window.coalesce:
+                return  # the shell asks for the newest state when it draws
             if changed or self.geometry() != self.shell_window.geometry:
                 self.offer()
             elif not self.render_waiting:
