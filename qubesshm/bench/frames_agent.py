@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import socket
-import statistics
 import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,16 @@ from pathlib import Path
 
 from ..grants.files import write_output
 from .agent_path import AgentPath, start_agent_path
-from .frames import Case, frame_size, plain_copy_ms, read_result, start_client, tell
+from .frames import (
+    Case,
+    _fmt,
+    _median,
+    frame_size,
+    plain_copy_ms,
+    read_result,
+    start_client,
+    tell,
+)
 from .machine import describe_machine, load_line, weston_version
 from .private_x import private_xvfb, xvfb_command
 from .processes import compositor, cpu_seconds
@@ -165,14 +173,6 @@ def run_agent_frames_bench(args: argparse.Namespace) -> int:
                    for c in cases}}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
