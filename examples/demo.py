@@ -209,6 +209,10 @@ def agent_run(args: argparse.Namespace) -> Outcome:
             env = {k: v for k, v in os.environ.items()
                    if k not in ("WAYLAND_DISPLAY", "WAYLAND_SOCKET")}
             env["DISPLAY"] = xvfb.display
+            if not env.get("XDG_RUNTIME_DIR"):
+                # No session (a fresh machine's root shell): the agent's socket and its
+                # simulated kernel live in this private folder instead.
+                env["XDG_RUNTIME_DIR"] = str(workdir)
             run = subprocess.Popen(
                 [sys.executable, "-m", "qubesshm", "run", "--agent", "--emulator", "--grants",
                  "sim", "--kernel", "both", "--socket", str(socket), "--vchan-dir",

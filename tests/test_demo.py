@@ -477,3 +477,19 @@ def test_the_demo_runs_both_clients_prints_the_report_and_saves_the_figure(
     # Outside the windows found, the root (or a churn window the finder did not count).
     assert (screen[~inside].max(axis=1) == 0).mean() > 0.5
     colours_drawn(demo_figure, agent_figure, windows)
+
+
+def test_the_demo_runs_with_no_session_as_on_a_fresh_machine(tmp_path: Path) -> None:
+    """The README's main command in a root shell of a fresh machine: no
+    $XDG_RUNTIME_DIR, no compositor, no display. Both parts still run."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WAYLAND_DISPLAY", "WAYLAND_SOCKET", "XDG_RUNTIME_DIR", "DISPLAY")}
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--seconds", "2", "--windows", "3", "--screenshot",
+         str(tmp_path / "demo.png")], env=env, capture_output=True, text=True,
+        timeout=240, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo: qubesshm run exited with status 0" in result.stdout
+    assert "demo: qubesshm run --agent exited with status 0" in result.stdout, (
+        result.stdout + result.stderr)
+    assert (tmp_path / "demo-agent.png").exists()
