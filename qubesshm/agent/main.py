@@ -165,15 +165,11 @@ def run_command(args: argparse.Namespace, cmd: list[str]) -> int:
 
 async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: list[str],
                        loop_name: str) -> int:
-    import json
     import logging
     import os
     import subprocess
-    from pathlib import Path
 
-    from ..commands.run import CANNOT_START, _exited, run_child
-    from ..grants.files import write_output
-    from ..report import build_report, format_report, kernels_for
+    from ..commands.run import CANNOT_START, _exited, report_at_exit, run_child
 
     log = logging.getLogger("qubesshm.agent")
     process = await start_process(options)
@@ -220,15 +216,6 @@ async def _run_command(args: argparse.Namespace, options: AgentOptions, cmd: lis
         if final and not args.quiet:
             print(f"qubesshm: {agent_summary(final)}", file=sys.stderr)
     status = status if status >= 0 else 128 - status
-    if final and (not args.quiet or args.report_json):
-        report = build_report(final, kernels_for(args.kernel or "both"), args.late_timeout)
-        if not args.quiet:
-            print(format_report(report), file=sys.stderr)
-        if args.report_json:
-            try:
-                write_output(Path(args.report_json), json.dumps(report, indent=2) + "\n")
-            except OSError as exc:
-                print(f"qubesshm run: cannot write the report to {args.report_json}: "
-                      f"{exc.strerror or exc}", file=sys.stderr)
-                return status or 1
+    if final and not report_at_exit(args, final):
+        return status or 1
     return status

@@ -12,11 +12,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..grants.files import write_output
 from ..grants.halves import GrantHalves
 from ..relay.control import snapshot
-from ..relay.server import ProxyServer, RelayOptions
+from ..relay.server import RelayOptions
 from ..report import KERNEL_CHOICES, build_report, format_report, kernels_for
 from ..wire.protocol import ProtocolTable
 from . import common, proxy
@@ -84,13 +85,12 @@ def main(args: argparse.Namespace) -> int:
     return proxy.run_proxy(args, _run)
 
 
-def _report(args: argparse.Namespace, server: ProxyServer, grants: GrantHalves) -> bool:
-    """Print the run's report (unless ``--quiet``) and write ``--report-json``; False if
-    that file could not be written."""
+def report_at_exit(args: argparse.Namespace, stats: dict[str, Any]) -> bool:
+    """Print the report of a run whose final counters are ``stats`` (unless
+    ``--quiet``) and write ``--report-json``; False if that file could not be written."""
     if args.quiet and not args.report_json:
         return True
-    report = build_report(snapshot(server.ledger, grants, server.lifetimes),
-                          kernels_for(args.kernel), args.late_timeout)
+    report = build_report(stats, kernels_for(args.kernel), args.late_timeout)
     if not args.quiet:
         print(format_report(report), file=sys.stderr)
     if args.report_json:
@@ -197,7 +197,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
         server.close()
         if not args.quiet:
             proxy.summary(server, grants)
-        written = _report(args, server, grants)
+        written = report_at_exit(args, snapshot(server.ledger, grants, server.lifetimes))
     # Shells report a death by signal N as 128+N.
     status = status if status >= 0 else 128 - status
     if server.ended_count:
