@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -118,6 +119,31 @@ def tell(proc: subprocess.Popen[str]) -> None:
     proc.stdin.flush()
 
 
+T = TypeVar("T")
+
+
+def timed_run(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
+              sample: Callable[[], T]) -> tuple[dict[str, Any], T, T]:
+    """One timed run of ``frames_client``: warmed up, ``sample()`` taken, its timed
+    frames, ``sample()`` again; the client's figures and both samples."""
+    proc = start_client(display, env, case, args)
+    try:
+        read_result(proc)  # warmed up: the output buffers exist
+        before = sample()
+        tell(proc)
+        result = read_result(proc)
+        after = sample()
+        tell(proc)
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"frames_client exited with {proc.returncode}: {err.strip()}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return result, before, after
+
+
 def _counters(proxy_socket: Path | None) -> tuple[int, int]:
     if proxy_socket is None:
         return 0, 0
@@ -127,23 +153,12 @@ def _counters(proxy_socket: Path | None) -> tuple[int, int]:
 
 def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
              relay_pids: list[int], proxy_socket: Path | None, runs: Runs) -> None:
-    proc = start_client(display, env, case, args)
-    try:
-        read_result(proc)  # warmed up: the output buffers exist
-        cpu_before = cpu_seconds(relay_pids)
-        copied_before, damaged_before = _counters(proxy_socket)
-        tell(proc)
-        result = read_result(proc)
-        cpu = cpu_seconds(relay_pids) - cpu_before
-        copied_after, damaged_after = _counters(proxy_socket)
-        tell(proc)
-        _, err = proc.communicate(timeout=30)
-        if proc.returncode != 0:
-            raise RuntimeError(f"frames_client exited with {proc.returncode}: {err.strip()}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    result, before, after = timed_run(
+        display, env, case, args,
+        lambda: (cpu_seconds(relay_pids), *_counters(proxy_socket)))
+    cpu_before, copied_before, damaged_before = before
+    cpu_after, copied_after, damaged_after = after
+    cpu = cpu_after - cpu_before
     frames = result["frames"]
     runs.fps.append(frames / result["seconds"])
     runs.damaged_bytes_per_frame = result["bytes_damaged"] / frames

@@ -36,9 +36,7 @@ from .frames import (
     _median,
     frame_size,
     plain_copy_ms,
-    read_result,
-    start_client,
-    tell,
+    timed_run,
 )
 from .machine import describe_machine, load_line, weston_version
 from .private_x import private_xvfb, xvfb_command
@@ -97,24 +95,10 @@ def _rendered(path: Route) -> int:
 
 def run_once(path: Route, env: dict[str, str], case: Case, args: argparse.Namespace,
              runs: PathRuns) -> None:
-    proc = start_client(path.display, env, case, args)
-    try:
-        read_result(proc)  # warmed up
-        pids = (path.compositor_pid, path.emulator_pid, path.xserver_pid)
-        before = [_cpu(pid) for pid in pids]
-        rendered_before = _rendered(path)
-        tell(proc)
-        result = read_result(proc)
-        after = [_cpu(pid) for pid in pids]
-        rendered = _rendered(path) - rendered_before
-        tell(proc)
-        _, err = proc.communicate(timeout=30)
-        if proc.returncode != 0:
-            raise RuntimeError(f"frames_client exited with {proc.returncode}: {err.strip()}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    pids = (path.compositor_pid, path.emulator_pid, path.xserver_pid)
+    result, (before, rendered_before), (after, rendered_after) = timed_run(
+        path.display, env, case, args, lambda: ([_cpu(pid) for pid in pids], _rendered(path)))
+    rendered = rendered_after - rendered_before
     frames = int(result["frames"])
     runs.frames = frames
     runs.fps.append(frames / float(result["seconds"]))
