@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..grants.params import KERNELS
-from ..relay.control import StatsError, read_stats
+from .agent_path import start_agent_path
 from .private_x import PrivateX, private_xvfb
-from .processes import exited, last_line, process, wait_for_socket
+from .processes import last_line
 
-AGENT_DOMID = 1  # the VM's domain; the emulator is the GUI domain
-GUI_DOMID = 0
 SCREEN = (1920, 1080)  # the daemon's screen, as big as the other policies' Weston
 KERNEL = KERNELS["qubes"]  # the agent's simulated kernel: a Qubes VM's parameters
 BARRIER_PAGES = 1  # the area of the agent's barrier window (never mapped on screen)
-CONNECT_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -59,58 +53,14 @@ def emulator_options(args: argparse.Namespace) -> list[str]:
 
 def start_agent(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
                 args: argparse.Namespace) -> AgentUnderTest:
-    """Xvfb, the agent and the emulator, all ending with ``stack`` (the agent first, so
-    that the emulator sees it hang up and lets go of every dump, as it does in use).
-    Returns once the emulator is connected; a process that fails is a ``RuntimeError``
-    with the last line it wrote."""
+    """Xvfb, the agent and the emulator (``agent_path``), all ending with ``stack``;
+    returns once the emulator is connected."""
     x = stack.enter_context(private_xvfb(*SCREEN))
-    vchan_dir = workdir / "vchan"
-    vchan_dir.mkdir(mode=0o700)
-    socket = workdir / "qubesshm-agent"
-    base = {k: v for k, v in env.items()
-            if k not in ("VCHAN_DOMAIN", "VCHAN_SOCKET_DIR", "WAYLAND_DISPLAY",
-                         "WAYLAND_SOCKET")}
-    agent_log = workdir / "agent.log"
-    agent = stack.enter_context(process(
-        [sys.executable, "-m", "qubesshm", "agent", "--socket", str(socket),
-         "--vchan", "socket", "--vchan-dir", str(vchan_dir), "--domid", str(AGENT_DOMID),
-         "--gui-domid", str(GUI_DOMID), "--grants", "sim", "--kernel", KERNEL.name,
-         "--late-timeout", f"{args.late_timeout:g}"], base, agent_log))
-    wait_for_socket(socket, agent, "qubesshm agent", agent_log)
-    emulator_log = workdir / "emulator.log"
-    emulator = stack.enter_context(process(
-        [sys.executable, "-m", "qubesshm", "guid-emulator", "--domid", str(AGENT_DOMID),
-         "--display", x.display, *emulator_options(args)],
-        dict(base, VCHAN_SOCKET_DIR=str(vchan_dir), VCHAN_DOMAIN=str(GUI_DOMID),
-             DISPLAY=x.display), emulator_log))
-    # Unwound first: the agent ends before the emulator is told to.
-    stack.callback(_stop, agent)
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while not _connected(socket):
-        for proc, what, log in ((agent, "qubesshm agent", agent_log),
-                                (emulator, "qubesshm guid-emulator", emulator_log)):
-            if proc.poll() is not None:
-                raise RuntimeError(exited(what, proc, log))
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"qubesshm guid-emulator did not connect to the agent within "
-                               f"{CONNECT_TIMEOUT:g} s (its log: {emulator_log})")
-        time.sleep(0.05)
-    return AgentUnderTest(socket, x, agent_log)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        # If it lingers, the process() context kills it.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-
-
-def _connected(socket: Path) -> bool:
-    try:
-        return bool(read_stats(str(socket))["daemon"]["connected"])
-    except (StatsError, KeyError):
-        return False
+    path = start_agent_path(
+        stack, env, workdir, x.display,
+        agent_args=["--kernel", KERNEL.name, "--late-timeout", f"{args.late_timeout:g}"],
+        emulator_args=emulator_options(args))
+    return AgentUnderTest(path.socket, x, path.agent_log)
 
 
 def window_pages(stats: dict[str, Any]) -> int:
