@@ -10,9 +10,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qubesshm.agent.windows import PAGE_SIZE, AgentWindows
+from qubesshm.agent.windows import AgentWindows
 from qubesshm.compositor.scene import BufferView, SceneNode, SurfaceState
 from qubesshm.compositor.shell import ShellWindow, WindowKind
+from qubesshm.grants.api import PAGE_SIZE
 from qubesshm.guiproto import messages as gm
 from qubesshm.guiproto.checks import DaemonChecks, daemon_replies
 from qubesshm.pixels.formats import XRGB8888

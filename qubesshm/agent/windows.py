@@ -31,6 +31,7 @@ from typing import Generic, Protocol, TypeVar
 
 from ..compositor.scene import SceneNode
 from ..compositor.shell import ShellWindow, WindowKind
+from ..grants.agentareas import image_pages, image_size
 from ..grants.lifetimes import GrantLimit, NoRoom
 from ..guiproto import messages as gm
 from ..pixels.region import Rect
@@ -39,7 +40,6 @@ from .acks import AckOrder
 
 log = logging.getLogger("qubesshm.agent")
 
-PAGE_SIZE = 4096
 BARRIER_WINDOW = 1  # the one-page window whose dumps are ACK barriers; never mapped
 FIRST_WINDOW = 2
 CASCADE_STEP = 32  # pixels between toplevels placed one after another
@@ -94,10 +94,6 @@ class GuiWindow(Generic[A]):
     area: A | None = None
     image: WindowImage = field(default_factory=lambda: WindowImage(0, 0))
     shown: bool = False  # MAP sent
-
-    @property
-    def rect(self) -> Rect:
-        return Rect(self.x, self.y, self.width, self.height)
 
 
 @dataclass
@@ -244,7 +240,7 @@ class AgentWindows(Generic[A]):
         resized = win.area is None or (width, height) != (win.width, win.height)
         if resized:
             try:
-                area = self.areas.take(w.client, width * height * 4)
+                area = self.areas.take(w.client, image_size(width, height))
             except NoRoom:
                 self._waiting.add(w)
                 self.counters.renders_waiting += 1
@@ -359,7 +355,7 @@ class AgentWindows(Generic[A]):
 
     def _dump(self, win: GuiWindow[A]) -> None:
         assert win.area is not None
-        pages = -(-win.width * win.height * 4 // PAGE_SIZE)
+        pages = image_pages(image_size(win.width, win.height))
         self._emit(win.id, gm.WindowDump(win.width, win.height, win.area.refs[:pages]))
         if self.connected:
             self.counters.dumps += 1
@@ -367,7 +363,7 @@ class AgentWindows(Generic[A]):
 
     def _send_barrier(self) -> None:
         if self._barrier is None:
-            self._barrier = self.areas.take(0, PAGE_SIZE)
+            self._barrier = self.areas.take(0, image_size(1, 1))
         self._emit(BARRIER_WINDOW, gm.WindowDump(1, 1, self._barrier.refs[:1]))
         self.counters.barriers += 1
         self.acks.dump_sent(self.clock())
