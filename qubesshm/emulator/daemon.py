@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from qubesshm.guiproto import codec, handshake
 from qubesshm.guiproto import messages as gm
 from qubesshm.guiproto.checks import DaemonChecks
+from qubesshm.pixels.region import Rect as Rect  # the rectangles of its actions
 
 log = logging.getLogger("qubesshm.emulator")
 
@@ -63,14 +64,6 @@ STATE_DEMANDS_ATTENTION = "_NET_WM_STATE_DEMANDS_ATTENTION"
 
 
 # -- values shared with the X side --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rect:
-    x: int
-    y: int
-    width: int
-    height: int
 
 
 @dataclass(frozen=True, slots=True)

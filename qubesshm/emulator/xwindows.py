@@ -29,7 +29,8 @@ import xcffib
 import xcffib.shm
 import xcffib.xproto as xp
 
-from qubesshm.emulator.daemon import Rect, SizeHints, x_geometry
+from qubesshm.emulator.daemon import SizeHints, x_geometry
+from qubesshm.pixels.region import Rect
 
 log = logging.getLogger("qubesshm.emulator")
 
