@@ -18,20 +18,18 @@ the pieces of that part that are not about the picture:
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import select
 import shutil
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from qubesshm.bench import private_x
+from qubesshm.bench.private_x import PrivateX
 
 RGB = npt.NDArray[np.uint8]
 
@@ -46,58 +44,25 @@ class XvfbMissing(Exception):
     """No Xvfb to start: the message is one line saying what to install."""
 
 
-@dataclass(frozen=True)
-class PrivateXvfb:
-    display: str  # ":N"
-    process: subprocess.Popen[bytes]
+PrivateXvfb = PrivateX  # ``display`` (":N") and ``process``
 
 
 @contextlib.contextmanager
 def private_xvfb(size: tuple[int, int] = SCREEN_SIZE, binary: str = "Xvfb",
                  timeout: float = XVFB_START_TIMEOUT) -> Iterator[PrivateXvfb]:
-    """An Xvfb of ``size`` on a free display number (it picks one and says which, on a
-    pipe: ``-displayfd``), terminated when the block ends."""
+    """An Xvfb of ``size`` on a free display number (``qubesshm.bench.private_x``),
+    ended when the block ends; ``XvfbMissing`` when there is none to start."""
     path = shutil.which(binary)
     if path is None:
         raise XvfbMissing(f"{binary} is not installed (Debian/Ubuntu: apt-get install xvfb; "
                           ".ci/install installs it)")
-    read, write = os.pipe()
-    try:
-        process = subprocess.Popen(
-            [path, "-displayfd", str(write), "-screen", "0", f"{size[0]}x{size[1]}x24",
-             "-nolisten", "tcp"], pass_fds=(write,), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finally:
-        os.close(write)
-    try:
-        number = _read_display(read, timeout)
-        if number is None:
-            raise XvfbMissing(f"{path} exited or said no display number within {timeout:g} s "
-                              "(try running it by hand: Xvfb -displayfd 1)")
-        yield PrivateXvfb(f":{number}", process)
-    finally:
-        os.close(read)
-        process.terminate()
+    with contextlib.ExitStack() as stack:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _read_display(fd: int, timeout: float) -> int | None:
-    """The display number Xvfb writes on ``fd`` (a line), or None if it exits first."""
-    deadline = time.monotonic() + timeout
-    said = b""
-    while not said.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 16)
-        if not chunk:
-            return None
-        said += chunk
-    return int(said)
+            xvfb = stack.enter_context(
+                private_x.private_xvfb(*size, command=path, timeout=timeout))
+        except RuntimeError as exc:
+            raise XvfbMissing(f"{path} did not start: {exc}") from exc
+        yield xvfb
 
 
 def grab_screen(display: str) -> RGB:

@@ -3,7 +3,8 @@
 ``private_xvfb(width, height)`` starts ``Xvfb`` with one ``width`` x ``height``
 screen of depth 24, lets it choose a free display number (``-displayfd``), and
 yields that display (``":N"``); the server ends with the context. A missing
-``Xvfb`` is one clear ``RuntimeError``, raised before anything starts.
+``Xvfb`` is one clear ``RuntimeError``, raised before anything starts. The demo
+starts its X screen here too, with its own words for a missing one.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ START_TIMEOUT = 20.0
 @dataclass(frozen=True)
 class PrivateX:
     display: str  # ":N"
-    pid: int
+    process: subprocess.Popen[bytes]
     width: int
     height: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def describe(self) -> str:
         return f"a private Xvfb on {self.display} ({self.width}x{self.height}x24)"
@@ -40,13 +45,13 @@ def xvfb_command() -> str:
     return path
 
 
-def _display_number(read: int, proc: subprocess.Popen[bytes]) -> int:
-    deadline = time.monotonic() + START_TIMEOUT
+def _display_number(read: int, proc: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
     text = b""
     while not text.endswith(b"\n"):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RuntimeError(f"Xvfb did not name its display within {START_TIMEOUT:g} s")
+            raise RuntimeError(f"Xvfb did not name its display within {timeout:g} s")
         ready, _, _ = select.select([read], [], [], remaining)
         if not ready:
             continue
@@ -60,8 +65,12 @@ def _display_number(read: int, proc: subprocess.Popen[bytes]) -> int:
 
 
 @contextlib.contextmanager
-def private_xvfb(width: int, height: int) -> Iterator[PrivateX]:
-    command = xvfb_command()
+def private_xvfb(width: int, height: int, *, command: str | None = None,
+                 timeout: float = START_TIMEOUT) -> Iterator[PrivateX]:
+    """``command`` (default: ``xvfb_command()``) as a private X server; one that exits
+    or names no display within ``timeout`` s is a ``RuntimeError``."""
+    if command is None:
+        command = xvfb_command()
     read, write = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -75,8 +84,8 @@ def private_xvfb(width: int, height: int) -> Iterator[PrivateX]:
         os.close(write)
     try:
         with os.fdopen(read, "rb", buffering=0):
-            number = _display_number(read, proc)
-        yield PrivateX(f":{number}", proc.pid, width, height)
+            number = _display_number(read, proc, timeout)
+        yield PrivateX(f":{number}", proc, width, height)
     finally:
         if proc.poll() is None:
             proc.terminate()
