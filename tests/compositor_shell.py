@@ -112,6 +112,7 @@ class RecordingShell:
     commits: list[Commit] = field(default_factory=list)
     mapped: dict[int, ShellWindow] = field(default_factory=dict)
     origins: dict[int, tuple[int, int]] = field(default_factory=dict)
+    cursors: list[tuple[int, str | None]] = field(default_factory=list)  # (window id, shape)
     # What window_committed answers (False: the agent is busy).
     render_result: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -153,6 +154,27 @@ class RecordingShell:
     def parent_changed(self, w: ShellWindow) -> None:
         with self.lock:
             self.calls.append(("parent", w))
+
+    def cursor_changed(self, w: ShellWindow, shape: str | None) -> None:
+        with self.lock:
+            self.calls.append(("cursor", w))
+            self.cursors.append((w.id, shape))
+
+    def fullscreen_requested(self, w: ShellWindow, on: bool) -> None:
+        with self.lock:
+            self.calls.append(("fullscreen" if on else "unfullscreen", w))
+
+    def maximize_requested(self, w: ShellWindow, on: bool) -> None:
+        with self.lock:
+            self.calls.append(("maximize" if on else "unmaximize", w))
+
+    def minimize_requested(self, w: ShellWindow) -> None:
+        with self.lock:
+            self.calls.append(("minimize", w))
+
+    def interactive_requested(self, w: ShellWindow, what: str) -> None:
+        with self.lock:
+            self.calls.append((what, w))
 
     def screen(self) -> Rect:
         return self.screen_rect

@@ -138,6 +138,21 @@ class AgentShell:
     def window_origin(self, w: ShellWindow) -> tuple[int, int] | None:
         return self.windows.window_origin(w)
 
+    def cursor_changed(self, w: ShellWindow, shape: str | None) -> None:
+        pass  # TODO(issue 17): MSG_CURSOR
+
+    def fullscreen_requested(self, w: ShellWindow, on: bool) -> None:
+        pass  # TODO(issue 17): WINDOW_FLAGS
+
+    def maximize_requested(self, w: ShellWindow, on: bool) -> None:
+        pass  # TODO(issue 17)
+
+    def minimize_requested(self, w: ShellWindow) -> None:
+        pass  # TODO(issue 17): WINDOW_FLAGS
+
+    def interactive_requested(self, w: ShellWindow, what: str) -> None:
+        pass  # TODO(issue 17): no protocol message
+
 
 class AgentProcess:
     """Everything ``qubesshm agent`` runs; ``start`` inside the loop, ``close`` at exit."""

@@ -119,3 +119,24 @@ class Shell(Protocol):
     def window_origin(self, w: ShellWindow) -> tuple[int, int] | None:
         """Where the mapped window ``w``'s geometry is on the screen; None if unknown."""
         ...
+
+    # -- what a client asks of its windows beyond their pixels --------------------------
+
+    def cursor_changed(self, w: ShellWindow, shape: str | None) -> None:
+        """The pointer over ``w`` should look like ``shape``: a ``wp_cursor_shape_v1``
+        shape name in CSS spelling ("default", "text", "pointer", "ew-resize", ...),
+        "default" for a client's own cursor image (which cannot be named), None for a
+        hidden cursor."""
+
+    def fullscreen_requested(self, w: ShellWindow, on: bool) -> None:
+        """The toplevel asked to be made fullscreen (``on``) or no longer."""
+
+    def maximize_requested(self, w: ShellWindow, on: bool) -> None:
+        """The toplevel asked to be maximized (``on``) or no longer."""
+
+    def minimize_requested(self, w: ShellWindow) -> None:
+        """The toplevel asked to be minimized."""
+
+    def interactive_requested(self, w: ShellWindow, what: str) -> None:
+        """The toplevel asked for an interactive ``what`` ("move", "resize" or
+        "window menu"), which the shell may not be able to give."""
