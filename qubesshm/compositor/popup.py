@@ -3,9 +3,15 @@
 The place is computed in screen coordinates (``positioner.place`` against the
 agent's screen, the parent's window geometry put where the agent shows it) and
 sent relative to the parent's window geometry; it becomes the window's
-``popup_place`` at the commit that acknowledges it. With no seat, no grab can be
-granted: a popup asking for one is dismissed at once, as the protocol says a
-denied grab is. A popup whose parent unmaps is dismissed too.
+``popup_place`` at the commit that acknowledges it. A popup whose parent unmaps
+is dismissed.
+
+``grab`` asks the seat (``Seat.grab_popup``): granted for the serial of a recent
+press sent to the client, on a popup whose parent is the topmost grabbing popup
+(or, first in a chain, not a popup); a denied grab dismisses the popup at once,
+as the protocol says. Grabbing popups form the seat's chain: keyboard focus goes
+to its topmost mapped one, and only the topmost may be destroyed
+(``xdg_wm_base.not_the_topmost_popup``) until the compositor dismisses them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from ..wire.codec import ArgValue, WireError
 from .positioner import Positioner, place
 from .shell import WindowKind
 from .windows import Window
-from .xdg import ALREADY_CONSTRUCTED, INVALID_POPUP_PARENT, ROLE, XdgSurface, complete_positioner
+from .xdg import (
+    ALREADY_CONSTRUCTED,
+    INVALID_POPUP_PARENT,
+    NOT_THE_TOPMOST_POPUP,
+    ROLE,
+    XdgSurface,
+    complete_positioner,
+)
 
 if TYPE_CHECKING:
     from .client import ClientCore, Handler
@@ -86,11 +99,21 @@ class Popup(Window):
         self.dismissed = True
         self.compositor.dismiss_popups_of(self)
         self.client.send(self.id, "popup_done")
+        self.compositor.seat.popup_gone(self)
         self.unmap()
+
+    def map(self) -> None:
+        super().map()
+        if self.mapped:
+            self.compositor.seat.popup_mapped(self)
 
     def unmapped(self) -> None:
         self.xdg.reset()
         self.compositor.dismiss_popups_of(self)
+        self.compositor.seat.window_unmapped(self)
+
+    def retired(self) -> None:
+        self.compositor.seat.popup_gone(self)
 
 
 
@@ -124,17 +147,28 @@ def get_popup(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
 
 def destroy_popup(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
                   fds: list[int]) -> None:
-    client.resource(obj.id, Popup).retire()
+    popup = client.resource(obj.id, Popup)
+    seat = client.compositor.seat
+    if seat.in_chain(popup) and not seat.is_topmost_grab(popup):
+        raise WireError(f"xdg_popup@{obj.id} destroyed while a popup it grabbed for is "
+                        "still open above it", NOT_THE_TOPMOST_POPUP, popup.xdg.base.id)
+    popup.retire()
 
 
 def grab(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
          fds: list[int]) -> None:
     popup = client.resource(obj.id, Popup)
+    serial = args[1]
+    assert isinstance(serial, int)
     if popup.xdg.initial_commit_done or popup.mapped:
         raise WireError(f"xdg_popup@{obj.id}.grab after its initial commit", INVALID_GRAB,
                         obj.id)
-    # No seat exists yet, so no serial can be a valid input event's: the grab is denied.
-    popup.dismiss()
+    parent = popup.parent
+    if isinstance(parent, Popup) and parent.dismissed:
+        popup.dismiss()  # the protocol: a dismissed grabbing parent, a dismissed child
+        return
+    if popup.dismissed or not client.compositor.seat.grab_popup(popup, serial):
+        popup.dismiss()
 
 
 def reposition(client: ClientCore, obj: WaylandObject, args: list[ArgValue],

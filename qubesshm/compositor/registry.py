@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 
 Bind = Callable[["ClientCore", int, int], None]
 
-# What qubesshm implements of each global it offers. wl_seat and
-# wl_data_device_manager are not offered yet (input is the next issue's).
+# What qubesshm implements of each global it offers.
 IMPLEMENTED_VERSIONS: dict[str, int] = {
     "wl_compositor": 6,
     "wl_subcompositor": 1,
@@ -31,6 +30,12 @@ IMPLEMENTED_VERSIONS: dict[str, int] = {
     "xdg_wm_base": 6,
     "wp_viewporter": 1,
     "zxdg_decoration_manager_v1": 1,
+    "wl_seat": 8,
+}
+# Globals offered only when the loaded protocol set has their XML (Debian 12's
+# wayland-protocols 1.31 lacks cursor-shape-v1; a protocol directory may add it).
+OPTIONAL_VERSIONS: dict[str, int] = {
+    "wp_cursor_shape_manager_v1": 1,
 }
 
 
@@ -45,7 +50,7 @@ class Global:
 def make_globals(protocol: ProtocolTable, binds: dict[str, Bind]) -> list[Global]:
     """The globals, numbered from 1, at the versions both sides know."""
     out: list[Global] = []
-    for interface, ours in IMPLEMENTED_VERSIONS.items():
+    for interface, ours in (IMPLEMENTED_VERSIONS | OPTIONAL_VERSIONS).items():
         spec = protocol.get(interface)
         if spec is None:
             continue
