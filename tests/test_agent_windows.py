@@ -5,12 +5,18 @@ released only by the ACK of a dump sent after it was let go."""
 from __future__ import annotations
 
 import mmap
+import struct
+from collections.abc import Callable
 
 import numpy as np
+import pytest
+from compositor_wire import App, CoreClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qubesshm.agent.cursors import SHAPE_GLYPHS, cursor_message
 from qubesshm.agent.windows import AgentWindows
+from qubesshm.compositor.core import Compositor
 from qubesshm.compositor.scene import BufferView, SceneNode, SurfaceState
 from qubesshm.compositor.shell import ShellWindow, WindowKind
 from qubesshm.grants.api import PAGE_SIZE
@@ -233,3 +239,263 @@ def test_a_new_daemon_is_not_sent_a_window_that_has_no_image_yet() -> None:
     agent.window_committed(waiting, tree(20, 10), Rect(0, 0, 20, 10))
     later = again.take(agent)
     assert [m.type.name for m in later][:1] == ["CREATE"]
+
+
+# -- window management with the real compositor: dom0 <-> the client's toplevel ----------
+
+class WmWorld:
+    """The agent's windows as the shell of a real (sans-IO) compositor, a raw client of
+    it, and the daemon's checks on everything sent."""
+
+    def __init__(self, version: int = gm.VERSION) -> None:
+        self.areas = FakeAreas()
+        self.agent: AgentWindows[FakeArea] = AgentWindows(self.areas, clock=lambda: 0.0)
+        self.comp = Compositor(self.agent, clock=lambda: 1000.0, screen=(1280, 1024))
+        self.agent.wm = self.comp
+        self.agent.connect(version, gm.Xconf.for_screen(1280, 1024))
+        self.daemon = Daemon(version)
+        self.daemon.take(self.agent)  # the barrier window
+        self.app = App(CoreClient(self.comp))
+
+    def toplevel(self, size: tuple[int, int] = (200, 100),
+                 before: Callable[[int], None] | None = None) -> tuple[int, int, int, ShellWindow]:
+        surface, xdg, top = self.app.toplevel("managed")
+        if before is not None:
+            before(top)
+        self.app.show(surface, self.app.buffer(solid(*size)))
+        self.app.c.roundtrip()
+        w = next(w for w in self.comp.windows() if w.mapped and w.title == "managed")
+        return surface, xdg, top, w
+
+    def configures(self, top: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """The xdg_toplevel.configure events the client got since last asked."""
+        out = []
+        for event in self.app.c.take("xdg_toplevel", "configure", top):
+            width, height, states = event.args
+            assert isinstance(width, int) and isinstance(height, int)
+            assert isinstance(states, bytes)
+            out.append((width, height, struct.unpack(f"={len(states) // 4}I", states)))
+        return out
+
+    def from_daemon(self, window: int, body: gm.Body) -> list[gm.Message]:
+        self.agent.on_message(gm.Message.of(window, body))
+        self.app.c.receive(0)
+        return self.daemon.take(self.agent)
+
+
+def solid(width: int, height: int) -> np.ndarray:
+    return np.full((height, width), 0xFF204060, dtype=np.uint32)
+
+
+def test_a_daemon_configure_is_echoed_then_configures_the_toplevel_whose_next_buffer_is_a_new_area(
+        ) -> None:
+    world = WmWorld()
+    surface, xdg, top, _w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.configures(top)
+    # The user resized the window in dom0.
+    sent = world.from_daemon(2, gm.Configure(50, 60, 300, 150))
+    assert [m.body for m in sent] == [gm.Configure(50, 60, 300, 150, 0)]
+    assert world.configures(top) == [(300, 150, ())]
+    world.app.ack(xdg)
+    world.app.show(surface, world.app.buffer(solid(300, 150)))
+    world.app.c.roundtrip()
+    sent = world.daemon.take(world.agent)
+    assert [m.type.name for m in sent] == ["WINDOW_DUMP", "CONFIGURE", "SHMIMAGE"]
+    dump, configure = sent[0].body, sent[1].body
+    assert isinstance(dump, gm.WindowDump) and (dump.width, dump.height) == (300, 150)
+    assert configure == gm.Configure(50, 60, 300, 150, 0)
+    # A move alone is echoed and leaves the client's size alone.
+    sent = world.from_daemon(2, gm.Configure(10, 20, 300, 150))
+    assert [m.body for m in sent] == [gm.Configure(10, 20, 300, 150, 0)]
+    assert world.configures(top) == []
+    assert world.agent.window_origin(_w) == (10, 20)
+
+
+def test_a_move_of_a_window_whose_client_chose_its_size_sends_it_no_configure() -> None:
+    world = WmWorld()
+    _surface, _xdg, top, _w = world.toplevel((120, 80))
+    world.daemon.take(world.agent)
+    world.configures(top)
+    sent = world.from_daemon(2, gm.Configure(300, 200, 120, 80))
+    assert [m.body for m in sent] == [gm.Configure(300, 200, 120, 80, 0)]
+    assert world.configures(top) == []
+
+
+def test_close_from_dom0_closes_the_toplevel_and_dismisses_a_popup() -> None:
+    world = WmWorld()
+    _surface, xdg, top, _w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.from_daemon(2, gm.Close())
+    assert world.app.c.take("xdg_toplevel", "close", top)
+    positioner = world.app.c.create(world.app.wm_base, "create_positioner", "xdg_positioner")
+    world.app.c.request(positioner, "set_size", 50, 40)
+    world.app.c.request(positioner, "set_anchor_rect", 0, 0, 10, 10)
+    popup_surface = world.app.surface()
+    popup_xdg = world.app.c.create(world.app.wm_base, "get_xdg_surface", "xdg_surface",
+                                   popup_surface)
+    popup = world.app.c.create(popup_xdg, "get_popup", "xdg_popup", xdg, positioner)
+    world.app.c.request(popup_surface, "commit")
+    world.app.c.roundtrip()
+    world.app.ack(popup_xdg)
+    world.app.show(popup_surface, world.app.buffer(solid(50, 40)))
+    world.app.c.roundtrip()
+    created = [m for m in world.daemon.take(world.agent) if m.type == gm.MsgType.CREATE]
+    assert len(created) == 1
+    world.from_daemon(created[0].window, gm.Close())
+    assert world.app.c.take("xdg_popup", "popup_done", popup)
+
+
+def test_fullscreen_from_dom0_and_back_are_the_toplevels_states_with_the_daemons_size() -> None:
+    world = WmWorld()
+    _surface, _xdg, top, _w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.configures(top)
+    world.from_daemon(2, gm.Configure(0, 0, 1280, 1024))
+    world.from_daemon(2, gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0))
+    assert world.configures(top) == [(1280, 1024, ()), (1280, 1024, (2,))]
+    world.from_daemon(2, gm.WindowFlags(0, gm.WINDOW_FLAG_FULLSCREEN))
+    world.from_daemon(2, gm.Configure(40, 40, 200, 100))
+    assert world.configures(top) == [(1280, 1024, ()), (200, 100, ())]
+    # Minimized in dom0: suspended (from xdg_wm_base 6, where the protocols know it), and
+    # back.
+    world.from_daemon(2, gm.WindowFlags(gm.WINDOW_FLAG_MINIMIZE, 0))
+    world.from_daemon(2, gm.WindowFlags(0, gm.WINDOW_FLAG_MINIMIZE))
+    spec = world.comp.protocol.get("xdg_wm_base")
+    assert spec is not None
+    suspended = (9,) if spec.version >= 6 else ()
+    assert world.configures(top) == [(200, 100, suspended), (200, 100, ())]
+    assert world.daemon.sent[-1].body == gm.Configure(40, 40, 200, 100, 0)  # only echoes
+
+
+def test_a_clients_fullscreen_and_minimize_go_to_the_daemon_and_maximize_is_declined() -> None:
+    world = WmWorld()
+    _surface, _xdg, top, _w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.configures(top)
+    world.app.c.request(top, "set_fullscreen", None)
+    world.app.c.roundtrip()
+    assert [m.body for m in world.daemon.take(world.agent)] == [
+        gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0)]
+    assert world.configures(top) == [(0, 0, ())]  # answered: the daemon decides
+    world.app.c.request(top, "unset_fullscreen")
+    world.app.c.request(top, "set_minimized")
+    world.app.c.roundtrip()
+    assert [m.body for m in world.daemon.take(world.agent)] == [
+        gm.WindowFlags(0, gm.WINDOW_FLAG_FULLSCREEN), gm.WindowFlags(gm.WINDOW_FLAG_MINIMIZE, 0)]
+    world.configures(top)
+    world.app.c.request(top, "set_maximized")
+    world.app.c.roundtrip()
+    assert world.configures(top) == [(0, 0, ())]  # not maximized
+    assert world.daemon.take(world.agent) == []
+
+
+def test_a_fullscreen_asked_before_the_first_buffer_goes_to_the_daemon_before_map() -> None:
+    world = WmWorld()
+
+    def ask(top: int) -> None:
+        world.app.c.request(top, "set_fullscreen", None)
+
+    world.toplevel(before=ask)
+    kinds = [(m.type.name, m.body) for m in world.daemon.take(world.agent)]
+    names = [k for k, _ in kinds]
+    assert names.index("WINDOW_FLAGS") < names.index("MAP")
+    assert ("WINDOW_FLAGS", gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0)) in kinds
+
+
+def test_wm_capabilities_offer_fullscreen_and_minimize_only() -> None:
+    world = WmWorld()
+    surface = world.app.surface()
+    xdg = world.app.c.create(world.app.wm_base, "get_xdg_surface", "xdg_surface", surface)
+    top = world.app.c.create(xdg, "get_toplevel", "xdg_toplevel")
+    world.app.c.request(surface, "commit")
+    world.app.c.roundtrip()
+    (event,) = world.app.c.take("xdg_toplevel", "wm_capabilities", top)
+    assert event.args == (struct.pack("=2I", 3, 4),)  # fullscreen, minimize
+
+
+@pytest.mark.parametrize(("shape", "cursor"), [
+    ("text", gm.CURSOR_X11 + 152), ("pointer", gm.CURSOR_X11 + 60),
+    ("ew-resize", gm.CURSOR_X11 + 108), ("nw-resize", gm.CURSOR_X11 + 134),
+    ("progress", gm.CURSOR_X11 + 150), ("zoom-in", gm.CURSOR_DEFAULT),
+    ("default", gm.CURSOR_DEFAULT), (None, gm.CURSOR_DEFAULT)])
+def test_cursor_shapes_become_x_cursor_font_glyphs_the_daemon_accepts(
+        shape: str | None, cursor: int) -> None:
+    world = WmWorld()
+    _surface, _xdg, _top, w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.agent.cursor_changed(w, "crosshair")  # something else first
+    world.agent.cursor_changed(w, shape)
+    sent = world.daemon.take(world.agent)
+    assert sent[0].body == gm.Cursor(gm.CURSOR_X11 + 30)
+    expected = [] if cursor == gm.CURSOR_X11 + 30 else [gm.Cursor(cursor)]
+    assert [m.body for m in sent[1:]] == expected
+
+
+def test_every_shape_maps_to_a_glyph_of_the_x_cursor_font() -> None:
+    for shape in SHAPE_GLYPHS:
+        value = cursor_message(shape).cursor
+        assert gm.CURSOR_X11 <= value < gm.CURSOR_X11_MAX and (value - gm.CURSOR_X11) % 2 == 0
+
+
+def test_a_new_daemon_gets_the_cursor_and_fullscreen_state_before_map() -> None:
+    world = WmWorld()
+    _surface, _xdg, _top, w = world.toplevel()
+    world.daemon.take(world.agent)
+    world.from_daemon(2, gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0))
+    world.agent.cursor_changed(w, "text")
+    world.agent.disconnect()
+    world.agent.connect(gm.VERSION, gm.Xconf.for_screen(800, 600))
+    again = Daemon()
+    kinds = [(m.type.name, m.body) for m in again.take(world.agent)]
+    names = [k for k, _ in kinds]
+    assert ("WINDOW_FLAGS", gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0)) in kinds
+    assert ("CURSOR", gm.Cursor(gm.CURSOR_X11 + 152)) in kinds
+    assert names.index("WINDOW_FLAGS") < names.index("MAP")
+
+
+managed_steps = st.lists(st.tuples(
+    st.sampled_from(["commit", "unmap", "ack", "configure", "close", "flags", "cursor",
+                     "fullscreen", "minimize", "maximize"]),
+    st.integers(0, 2), st.integers(1, 40)), max_size=30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(managed_steps)
+def test_any_window_management_sequence_passes_the_daemons_checks(
+        script: list[tuple[str, int, int]]) -> None:
+    world = WmWorld()
+    app = world.app
+    windows: dict[int, tuple[int, int, int]] = {}
+    for op, n, size in script:
+        if op == "commit":
+            if n not in windows:
+                windows[n] = app.toplevel(f"w{n}")
+            surface, xdg, _top = windows[n]
+            if app.c.take("xdg_surface", "configure", xdg):
+                pass
+            app.show(surface, app.buffer(solid(size, size + 1)))
+        elif op == "unmap" and n in windows:
+            surface, xdg, top = windows.pop(n)
+            app.c.destroy(top)
+            app.c.destroy(xdg)
+            app.c.destroy(surface)
+        elif op == "ack":
+            world.daemon.answer(world.agent, 1)
+        elif op in ("configure", "close", "flags"):
+            body: gm.Body = (gm.Configure(size, -size, size * 3, size * 2) if op == "configure"
+                             else gm.Close() if op == "close"
+                             else gm.WindowFlags(size & 5, ~size & 5 & ~(size & 5)))
+            world.agent.on_message(gm.Message.of(2 + n, body))
+        elif op == "cursor":
+            for w in world.comp.windows():
+                world.agent.cursor_changed(w, ["text", None, "wait", "bogus"][size % 4])
+        elif n in windows:
+            top = windows[n][2]
+            request = {"fullscreen": "set_fullscreen" if size % 2 else "unset_fullscreen",
+                       "minimize": "set_minimized",
+                       "maximize": "set_maximized" if size % 2 else "unset_maximized"}[op]
+            app.c.request(top, request, *((None,) if request == "set_fullscreen" else ()))
+        app.c.roundtrip()
+        world.daemon.take(world.agent)  # raises what the daemon would refuse
+    assert not app.c.closed()

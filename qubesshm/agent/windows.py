@@ -14,6 +14,17 @@ new area, one ``WINDOW_DUMP`` and a ``CONFIGURE``; going away, ``UNMAP`` and
 ``DESTROY``. Window ids are never reused on one connection, so a late
 ``DESTROY`` echo can never name a newer window.
 
+Window management goes both ways through the injected ``WindowManager`` (the
+compositor): the daemon's ``CONFIGURE`` (the user moved or resized the window
+in dom0) is echoed, which the daemon waits for, and a new size becomes an
+``xdg_toplevel.configure``; the client's next buffer brings the new area.
+``CLOSE`` asks the client to close. ``WINDOW_FLAGS`` from the daemon set the
+toplevel's fullscreen state, and minimized as suspended. A client's fullscreen
+and minimize requests go to the daemon as ``WINDOW_FLAGS`` (the daemon and
+dom0's window manager decide, and answer as above); maximize, which the
+protocol cannot carry, and interactive move, resize and window menu are
+declined. Cursor shapes go out as ``MSG_CURSOR`` (``cursors``).
+
 An area stops being current on its window's next dump, ``UNMAP`` or
 ``DESTROY``; it is released by the rule of ``acks.AckOrder`` (a one-page barrier
 window, created and never mapped, gives an ACK when nothing else would), and
@@ -25,18 +36,20 @@ from __future__ import annotations
 
 import logging
 import mmap
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from ..compositor.scene import SceneNode
-from ..compositor.shell import ShellWindow, WindowKind
+from ..compositor.shell import ShellWindow, ToplevelState, WindowKind
 from ..grants.agentareas import image_pages, image_size
 from ..grants.lifetimes import GrantLimit, NoRoom
 from ..guiproto import messages as gm
 from ..pixels.region import Rect
 from ..windows.render import WindowImage
 from .acks import AckOrder
+from .cursors import cursor_message
 
 log = logging.getLogger("qubesshm.agent")
 
@@ -57,6 +70,25 @@ class AreaLike(Protocol):
 
 
 A = TypeVar("A", bound=AreaLike)
+
+
+class WindowManager(Protocol):
+    """What the agent asks of the compositor's windows (``Compositor`` is one)."""
+
+    def set_states(self, w: ShellWindow, *, add: Iterable[int] = (),
+                   remove: Iterable[int] = (), size: tuple[int, int] | None = None,
+                   force: bool = False) -> bool:
+        """Configure toplevel ``w`` again with these state changes and size (its
+        last ones otherwise); sent if anything changed or ``force``. False: ``w``
+        is no live toplevel."""
+        ...
+
+    def toplevel_configured(self, w: ShellWindow) -> tuple[int, int, frozenset[int]] | None:
+        """The size and states ``w`` was last configured with."""
+        ...
+
+    def close(self, w: ShellWindow) -> None:
+        """Ask the client to close ``w`` (a popup is dismissed)."""
 
 
 class Areas(Protocol[A]):
@@ -94,6 +126,8 @@ class GuiWindow(Generic[A]):
     area: A | None = None
     image: WindowImage = field(default_factory=lambda: WindowImage(0, 0))
     shown: bool = False  # MAP sent
+    cursor: gm.Cursor = field(default_factory=lambda: gm.Cursor(gm.CURSOR_DEFAULT))
+    flags: int = 0  # WINDOW_FLAGS the daemon last said are set
 
 
 @dataclass
@@ -120,9 +154,11 @@ def _text(value: str, size: int) -> bytes:
 class AgentWindows(Generic[A]):
     """The window-manager state of the agent for one compositor."""
 
-    def __init__(self, areas: Areas[A], clock: Callable[[], float]) -> None:
+    def __init__(self, areas: Areas[A], clock: Callable[[], float],
+                 wm: WindowManager | None = None) -> None:
         self.areas = areas
         self.clock = clock
+        self.wm = wm  # set before any daemon message or request arrives
         self.outbox: list[tuple[int, gm.Body]] = []
         self.counters = WindowCounters()
         self.screen_rect = Rect(0, 0, 1920, 1080)
@@ -134,6 +170,10 @@ class AgentWindows(Generic[A]):
         self._cascade = 0
         self._barrier: A | None = None
         self._waiting: set[ShellWindow] = set()  # commits not rendered for want of room
+        # WINDOW_FLAGS a client asked for before its window reached the daemon: sent
+        # before its MAP, as the X agent sends a window's state.
+        self._asked: weakref.WeakKeyDictionary[ShellWindow, int] = (
+            weakref.WeakKeyDictionary())
 
     # -- the daemon's connection ---------------------------------------------------
 
@@ -163,8 +203,10 @@ class AgentWindows(Generic[A]):
                 self._emit(win.id, gm.ShmImage(0, 0, win.width, win.height))
 
     def disconnect(self) -> None:
-        """The daemon went away: nothing let go will be acknowledged."""
+        """The daemon went away: nothing let go will be acknowledged, nothing unsent
+        is for the next one."""
         self.version = 0
+        self.outbox.clear()
         if self.acks.reset(acks=True):
             self.areas.all_late()
 
@@ -179,15 +221,27 @@ class AgentWindows(Generic[A]):
                 self.areas.confirm_released(area)
         elif msg.type == gm.MsgType.CONFIGURE:
             self._daemon_configure(msg)
+        elif msg.type == gm.MsgType.CLOSE:
+            win = self._by_id.get(msg.window)
+            if win is not None and self.wm is not None:
+                self.wm.close(win.shell)
+        elif msg.type == gm.MsgType.WINDOW_FLAGS:
+            self._daemon_flags(msg)
         elif msg.type == gm.MsgType.DESTROY:
             log.debug("the daemon echoed DESTROY of window %#x", msg.window)
+        elif msg.type == gm.MsgType.MAP:
+            # The daemon's MSG_MAP (dom0 mapped it, e.g. restored from minimized)
+            # asks the X agent to map the window; ours is mapped already.
+            log.debug("the daemon mapped window %#x", msg.window)
         else:
-            log.debug("ignored %s for window %#x (input arrives in a later version)",
+            log.debug("MSG_%s for window %#x is not about windows: ignored",
                       msg.type.name, msg.window)
 
     def _daemon_configure(self, msg: gm.Message) -> None:
         """The user moved or resized a window in dom0: echo it, as the daemon holds
-        back its further configures until the agent does."""
+        back its further configures until the agent does (vmside moves and resizes
+        its X window, whose ConfigureNotify is the echo); a new size is the
+        toplevel's configure, and its next buffer the new area."""
         body = msg.body
         assert isinstance(body, gm.Configure)
         win = self._by_id.get(msg.window)
@@ -196,6 +250,46 @@ class AgentWindows(Generic[A]):
         win.x, win.y = body.x, body.y
         self._emit(win.id, gm.Configure(body.x, body.y, body.width, body.height,
                                         int(win.override_redirect)))
+        w = win.shell
+        if w.kind is not WindowKind.TOPLEVEL or self.wm is None:
+            return
+        size = (min(body.width, gm.MAX_WINDOW_WIDTH), min(body.height, gm.MAX_WINDOW_HEIGHT))
+        if size[0] <= 0 or size[1] <= 0:
+            return
+        configured = self.wm.toplevel_configured(w)
+        if size == (win.width, win.height) and (configured is None or configured[:2] == (0, 0)):
+            return  # a move: the client keeps the size it chose
+        self.wm.set_states(w, size=size)
+
+    def _daemon_flags(self, msg: gm.Message) -> None:
+        """dom0 changed the window's state: fullscreen is the toplevel's state (its
+        size comes in the daemon's CONFIGURE), minimized is suspended (not drawn)."""
+        body = msg.body
+        assert isinstance(body, gm.WindowFlags)
+        win = self._by_id.get(msg.window)
+        if win is None:
+            return
+        win.flags = (win.flags | body.flags_set) & ~body.flags_unset
+        add: list[int] = []
+        remove: list[int] = []
+        for flag, state in ((gm.WINDOW_FLAG_FULLSCREEN, ToplevelState.FULLSCREEN),
+                            (gm.WINDOW_FLAG_MINIMIZE, ToplevelState.SUSPENDED)):
+            if body.flags_set & flag:
+                add.append(state)
+            elif body.flags_unset & flag:
+                remove.append(state)
+        if (add or remove) and self.wm is not None:
+            self.wm.set_states(win.shell, add=add, remove=remove)
+
+    def send(self, window: int, body: gm.Body) -> None:
+        """Send a message of the agent's other parts (clipboard) in order with the
+        windows' (nothing while no daemon is connected)."""
+        self._emit(window, body)
+
+    def window_by_id(self, window: int) -> ShellWindow | None:
+        """The window the daemon knows as ``window``."""
+        win = self._by_id.get(window)
+        return None if win is None else win.shell
 
     @property
     def barrier_due(self) -> bool:
@@ -295,6 +389,9 @@ class AgentWindows(Generic[A]):
             self.areas.let_go(win.area, recycle=True)
             win.area = None
 
+    def client_gone(self, client: int) -> None:
+        """Its windows were unmapped before this; nothing more to tell the daemon."""
+
     def title_changed(self, w: ShellWindow) -> None:
         win = self._windows.get(w)
         if win is not None and win.area is not None:
@@ -312,6 +409,52 @@ class AgentWindows(Generic[A]):
     def parent_changed(self, w: ShellWindow) -> None:
         """The daemon reads transient_for only at MAP; a later parent waits for the
         next map."""
+
+    def cursor_changed(self, w: ShellWindow, shape: str | None) -> None:
+        win = self._windows.get(w)
+        if win is None:
+            return
+        cursor = cursor_message(shape)
+        if cursor != win.cursor:
+            win.cursor = cursor
+            if win.shown:
+                self._emit(win.id, cursor)
+
+    def fullscreen_requested(self, w: ShellWindow, on: bool) -> None:
+        """To the daemon, which decides with dom0's window manager (and may make it a
+        maximize, answered as fullscreen); the client's answer now is its current
+        state, the daemon's comes as WINDOW_FLAGS and CONFIGURE."""
+        self._ask(w, gm.WINDOW_FLAG_FULLSCREEN, on)
+        if self.wm is not None:
+            self.wm.set_states(w, force=True)
+
+    def maximize_requested(self, w: ShellWindow, on: bool) -> None:
+        """The protocol has no maximize: declined (the current state is the
+        answer); dom0's maximize arrives as a plain resize."""
+        if self.wm is not None:
+            self.wm.set_states(w, force=True)
+
+    def minimize_requested(self, w: ShellWindow) -> None:
+        self._ask(w, gm.WINDOW_FLAG_MINIMIZE, True)
+
+    def interactive_requested(self, w: ShellWindow, what: str) -> None:
+        """No message asks the daemon for an interactive move, resize or window
+        menu: the user has dom0's frame for those."""
+        log.debug("%r asked for an interactive %s, which the GUI protocol cannot carry",
+                  w, what)
+
+    def _ask(self, w: ShellWindow, flag: int, on: bool) -> None:
+        win = self._windows.get(w)
+        if win is not None and win.shown:
+            if flag == gm.WINDOW_FLAG_MINIMIZE and not on:
+                return  # the daemon takes minimize only as set
+            self._emit(win.id, gm.WindowFlags(flag, 0) if on else gm.WindowFlags(0, flag))
+            return
+        # Not on the daemon yet: sent before its MAP (minimize there means nothing).
+        if flag == gm.WINDOW_FLAG_MINIMIZE:
+            return
+        asked = self._asked.get(w, 0)
+        self._asked[w] = asked | flag if on else asked & ~flag
 
     def shown(self) -> list[GuiWindow[A]]:
         """The windows the daemon has been given an image of."""
@@ -348,6 +491,15 @@ class AgentWindows(Generic[A]):
                 self._emit(win.id, self._hints(w))
 
     def _show(self, win: GuiWindow[A]) -> None:
+        w = win.shell
+        flags = self._asked.pop(w, 0)
+        configured = self.wm.toplevel_configured(w) if self.wm is not None else None
+        if configured is not None and ToplevelState.FULLSCREEN in configured[2]:
+            flags |= gm.WINDOW_FLAG_FULLSCREEN  # a new daemon: as it was
+        if flags and w.kind is WindowKind.TOPLEVEL:
+            self._emit(win.id, gm.WindowFlags(flags, 0))
+        if win.cursor.cursor != gm.CURSOR_DEFAULT:
+            self._emit(win.id, win.cursor)
         parent = self._windows.get(win.shell.parent) if win.shell.parent else None
         self._emit(win.id, gm.Map(parent.id if parent is not None else 0,
                                   int(win.override_redirect)))

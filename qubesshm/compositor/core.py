@@ -19,14 +19,10 @@ from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode
 from ..wire.protocol import ProtocolTable, load_protocols
 from . import (
     commits,
-    cursor,
     decoration,
-    keyboard,
     output,
-    pointer,
     popup,
     registry,
-    seat,
     shm,
     subsurfaces,
     surfaces,
@@ -36,7 +32,6 @@ from . import (
 )
 from .client import ClientCore, Handler
 from .frames import FramePacer, timestamp_ms
-from .keymap import Keymap
 from .output import Output
 from .popup import Popup
 from .shell import Shell, ShellWindow
@@ -53,7 +48,7 @@ DEFAULT_SCREEN = (1920, 1080)
 def _handlers() -> dict[tuple[str, str], Handler]:
     merged: dict[tuple[str, str], Handler] = {}
     for module in (registry, surfaces, commits, subsurfaces, shm, output, xdg, toplevel,
-                   popup, viewporter, decoration, seat, keyboard, pointer, cursor):
+                   popup, viewporter, decoration):
         table: dict[tuple[str, str], Handler] = module.HANDLERS
         overlap = merged.keys() & table.keys()
         assert not overlap, f"requests handled twice: {overlap}"
@@ -67,8 +62,7 @@ class Compositor:
     def __init__(self, shell: Shell, *, protocol: ProtocolTable | None = None,
                  clock: Callable[[], float] = time.monotonic, refresh: float = 60.0,
                  screen: tuple[int, int] = DEFAULT_SCREEN, ping_timeout: float | None = None,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 keymap: Keymap | None = None) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.protocol = protocol if protocol is not None else load_protocols()
         self.shell = shell
         self.clock = clock
@@ -78,12 +72,10 @@ class Compositor:
         self.max_message_size = max_message_size
         self.serial = 0
         self.handlers = _handlers()
-        self.seat = seat.Seat(self, keymap)
         binds: dict[str, registry.Bind] = {
             "wl_shm": shm.bind_shm,
             "wl_output": self.outputs.bind,
             "xdg_wm_base": xdg.bind_wm_base,
-            "wl_seat": self.seat.bind,
         }
         self.globals = registry.make_globals(self.protocol, binds)
         self.clients: set[ClientCore] = set()
@@ -128,7 +120,6 @@ class Compositor:
                 with self.shell_call():
                     self.shell.window_unmapped(window.shell_window)
         client.windows.clear()
-        self.seat.client_gone(client)
         self.frames.forget(client)
         self.wm_bases = {b for b in self.wm_bases if b.client is not client}
         self.outputs.client_gone(client)
@@ -148,17 +139,11 @@ class Compositor:
 
     def window_retired(self, window: Window) -> None:
         self._windows.pop(window.shell_window.id, None)
-        self.seat.window_unmapped(window)
 
     def surface_committed(self, surface: Surface, changed: bool) -> None:
         window = window_of(surface)
         if window is not None and window.alive:
-            was_mapped = window.mapped
             window.committed(root=surface is window.surface, changed=changed)
-            if was_mapped and not window.mapped:
-                self.seat.window_unmapped(window)
-        else:
-            self.seat.surface_committed(surface)
 
     def tree_changed(self, parent: Surface, left: Surface | None = None) -> None:
         """A subsurface left ``parent``'s tree at once (not at a commit)."""
@@ -168,7 +153,6 @@ class Compositor:
 
     def surface_destroyed(self, surface: Surface) -> None:
         client = surface.client
-        self.seat.surface_destroyed(surface)
         viewporter.surface_destroyed(client, surface)
         sub = surface.subsurface
         if sub is not None:
@@ -289,3 +273,25 @@ class Compositor:
         """Every live window, mapped or not."""
         return [w.shell_window for w in self._windows.values() if w.alive]
 
+    def toplevel_configured(self, w: ShellWindow) -> tuple[int, int, frozenset[int]] | None:
+        """The size and states a live toplevel was last configured with (None for
+        anything else)."""
+        window = self._window(w)
+        return window.current() if isinstance(window, Toplevel) else None
+
+    def set_states(self, w: ShellWindow, *, add: Iterable[int] = (),
+                   remove: Iterable[int] = (), size: tuple[int, int] | None = None,
+                   force: bool = False) -> bool:
+        """Configure a toplevel again with ``add`` and without ``remove`` among its
+        states, at ``size`` (else its last one): sent when something changed, or when
+        ``force`` (an answer the client waits for). False if ``w`` is no live toplevel."""
+        current = self.toplevel_configured(w)
+        if current is None:
+            return False
+        width, height, states = current
+        new_states = (states | frozenset(int(s) for s in add)) - frozenset(
+            int(s) for s in remove)
+        new_size = size if size is not None else (width, height)
+        if force or new_size != (width, height) or new_states != states:
+            self.configure(w, new_size[0], new_size[1], sorted(new_states))
+        return True

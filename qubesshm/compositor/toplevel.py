@@ -2,10 +2,12 @@
 
 The initial commit is answered with the screen as bounds, the (empty) window
 manager capabilities and a 0x0 configure (the client picks its size); later
-configures come from the agent (``Compositor.configure``). Title, app id and
-parent change at once; size limits with the next commit. Requests that need a
-seat or a window manager decision (move, resize, maximize, ...) are accepted
-and do nothing yet.
+configures come from the agent (``Compositor.configure``, ``set_states``), and
+the toplevel remembers the size and states of the last one. Title, app id and
+parent change at once; size limits with the next commit. What only a window
+manager can grant goes to the agent's ``Shell``: fullscreen, maximize and
+minimize requests, and interactive move, resize and window menu (with the
+serial's checks left to the agent, which has no way to give them anyway).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ INVALID_SIZE = 2
 RESIZE_EDGES = frozenset({0, 1, 2, 4, 5, 6, 8, 9, 10})
 # zxdg_toplevel_decoration_v1.error.orphaned (decoration imports this module)
 DECORATION_ORPHANED = 2
-# Window manager capabilities offered: none yet (input and window management are
-# the next issue's).
-WM_CAPABILITIES: tuple[int, ...] = ()
+# xdg_toplevel.wm_capabilities offered: fullscreen and minimize, which the GUI daemon
+# carries (MSG_WINDOW_FLAGS); not maximize nor a window menu, which it does not.
+WM_CAPABILITY_FULLSCREEN = 3
+WM_CAPABILITY_MINIMIZE = 4
+WM_CAPABILITIES: tuple[int, ...] = (WM_CAPABILITY_FULLSCREEN, WM_CAPABILITY_MINIMIZE)
 # The xdg_wm_base version that introduced each state.
 _STATE_SINCE = {ToplevelState.TILED_LEFT: 2, ToplevelState.TILED_RIGHT: 2,
                 ToplevelState.TILED_TOP: 2, ToplevelState.TILED_BOTTOM: 2,
@@ -51,6 +55,10 @@ class Toplevel(Window):
         self.pending_max: tuple[int, int] | None = None
         self.decoration: Decoration | None = None
         self.last_configure: tuple[int, int, tuple[int, ...]] = (0, 0, ())
+        # What the agent last asked (states unfiltered by the client's version), for
+        # changes of one state keeping the others and the size.
+        self.size = (0, 0)
+        self.states: frozenset[int] = frozenset()
 
     # -- configure -------------------------------------------------------------
 
@@ -58,7 +66,9 @@ class Toplevel(Window):
         """One configure sequence: bounds, toplevel, decoration, then the serial."""
         client = self.client
         version = client.version(self.id)
-        kept = tuple(int(s) for s in states
+        wanted = tuple(dict.fromkeys(int(s) for s in states))
+        self.size, self.states = (width, height), frozenset(wanted)
+        kept = tuple(s for s in wanted
                      if s in _KNOWN_STATES and _STATE_SINCE.get(ToplevelState(s), 1) <= version)
         self.last_configure = (width, height, kept)
         screen = self.compositor.screen_size
@@ -67,6 +77,14 @@ class Toplevel(Window):
         if self.decoration is not None:
             self.decoration.send_mode()
         self.xdg.configure((width, height, kept))
+
+    def current(self) -> tuple[int, int, frozenset[int]]:
+        """The size and states the client was (or, before its initial commit, will
+        be) configured with."""
+        if not self.xdg.initial_commit_done:
+            width, height, states = self.last_configure
+            return width, height, frozenset(states)
+        return self.size[0], self.size[1], self.states
 
     def initial_configure(self) -> None:
         self.client.send(self.id, "wm_capabilities",
@@ -231,11 +249,53 @@ def resize(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
     if edges not in RESIZE_EDGES:
         raise WireError(f"resize edge {edges} is not an xdg_toplevel.resize_edge",
                         INVALID_RESIZE_EDGE, obj.id)
+    _hook(client, obj, "interactive_requested", "resize")
 
 
-def _accepted(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-              fds: list[int]) -> None:
-    """A window management request: accepted, nothing done yet."""
+def _hook(client: ClientCore, obj: WaylandObject, call: str, *args: object) -> None:
+    """A window management request, for the agent's ``Shell`` (mapped or not: a
+    request before the first commit is meant for the initial configure)."""
+    toplevel = client.resource(obj.id, Toplevel)
+    if not toplevel.alive:
+        return
+    compositor = client.compositor
+    with compositor.shell_call():
+        getattr(compositor.shell, call)(toplevel.shell_window, *args)
+
+
+def set_fullscreen(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                   fds: list[int]) -> None:
+    _hook(client, obj, "fullscreen_requested", True)  # the output asked for is advice
+
+
+def unset_fullscreen(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                     fds: list[int]) -> None:
+    _hook(client, obj, "fullscreen_requested", False)
+
+
+def set_maximized(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                  fds: list[int]) -> None:
+    _hook(client, obj, "maximize_requested", True)
+
+
+def unset_maximized(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                    fds: list[int]) -> None:
+    _hook(client, obj, "maximize_requested", False)
+
+
+def set_minimized(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                  fds: list[int]) -> None:
+    _hook(client, obj, "minimize_requested")
+
+
+def move(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+         fds: list[int]) -> None:
+    _hook(client, obj, "interactive_requested", "move")
+
+
+def show_window_menu(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                     fds: list[int]) -> None:
+    _hook(client, obj, "interactive_requested", "window menu")
 
 
 HANDLERS: dict[tuple[str, str], Handler] = {
@@ -247,11 +307,11 @@ HANDLERS: dict[tuple[str, str], Handler] = {
     ("xdg_toplevel", "set_min_size"): set_min_size,
     ("xdg_toplevel", "set_max_size"): set_max_size,
     ("xdg_toplevel", "resize"): resize,
-    ("xdg_toplevel", "show_window_menu"): _accepted,
-    ("xdg_toplevel", "move"): _accepted,
-    ("xdg_toplevel", "set_maximized"): _accepted,
-    ("xdg_toplevel", "unset_maximized"): _accepted,
-    ("xdg_toplevel", "set_fullscreen"): _accepted,
-    ("xdg_toplevel", "unset_fullscreen"): _accepted,
-    ("xdg_toplevel", "set_minimized"): _accepted,
+    ("xdg_toplevel", "show_window_menu"): show_window_menu,
+    ("xdg_toplevel", "move"): move,
+    ("xdg_toplevel", "set_maximized"): set_maximized,
+    ("xdg_toplevel", "unset_maximized"): unset_maximized,
+    ("xdg_toplevel", "set_fullscreen"): set_fullscreen,
+    ("xdg_toplevel", "unset_fullscreen"): unset_fullscreen,
+    ("xdg_toplevel", "set_minimized"): set_minimized,
 }
