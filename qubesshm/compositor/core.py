@@ -19,10 +19,14 @@ from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode
 from ..wire.protocol import ProtocolTable, load_protocols
 from . import (
     commits,
+    cursor,
     decoration,
+    keyboard,
     output,
+    pointer,
     popup,
     registry,
+    seat,
     shm,
     subsurfaces,
     surfaces,
@@ -32,6 +36,7 @@ from . import (
 )
 from .client import ClientCore, Handler
 from .frames import FramePacer, timestamp_ms
+from .keymap import Keymap
 from .output import Output
 from .popup import Popup
 from .shell import Shell, ShellWindow
@@ -48,7 +53,7 @@ DEFAULT_SCREEN = (1920, 1080)
 def _handlers() -> dict[tuple[str, str], Handler]:
     merged: dict[tuple[str, str], Handler] = {}
     for module in (registry, surfaces, commits, subsurfaces, shm, output, xdg, toplevel,
-                   popup, viewporter, decoration):
+                   popup, viewporter, decoration, seat, keyboard, pointer, cursor):
         table: dict[tuple[str, str], Handler] = module.HANDLERS
         overlap = merged.keys() & table.keys()
         assert not overlap, f"requests handled twice: {overlap}"
@@ -62,7 +67,8 @@ class Compositor:
     def __init__(self, shell: Shell, *, protocol: ProtocolTable | None = None,
                  clock: Callable[[], float] = time.monotonic, refresh: float = 60.0,
                  screen: tuple[int, int] = DEFAULT_SCREEN, ping_timeout: float | None = None,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 keymap: Keymap | None = None) -> None:
         self.protocol = protocol if protocol is not None else load_protocols()
         self.shell = shell
         self.clock = clock
@@ -72,10 +78,12 @@ class Compositor:
         self.max_message_size = max_message_size
         self.serial = 0
         self.handlers = _handlers()
+        self.seat = seat.Seat(self, keymap)
         binds: dict[str, registry.Bind] = {
             "wl_shm": shm.bind_shm,
             "wl_output": self.outputs.bind,
             "xdg_wm_base": xdg.bind_wm_base,
+            "wl_seat": self.seat.bind,
         }
         self.globals = registry.make_globals(self.protocol, binds)
         self.clients: set[ClientCore] = set()
@@ -120,6 +128,7 @@ class Compositor:
                 with self.shell_call():
                     self.shell.window_unmapped(window.shell_window)
         client.windows.clear()
+        self.seat.client_gone(client)
         self.frames.forget(client)
         self.wm_bases = {b for b in self.wm_bases if b.client is not client}
         self.outputs.client_gone(client)
@@ -139,11 +148,17 @@ class Compositor:
 
     def window_retired(self, window: Window) -> None:
         self._windows.pop(window.shell_window.id, None)
+        self.seat.window_unmapped(window)
 
     def surface_committed(self, surface: Surface, changed: bool) -> None:
         window = window_of(surface)
         if window is not None and window.alive:
+            was_mapped = window.mapped
             window.committed(root=surface is window.surface, changed=changed)
+            if was_mapped and not window.mapped:
+                self.seat.window_unmapped(window)
+        else:
+            self.seat.surface_committed(surface)
 
     def tree_changed(self, parent: Surface, left: Surface | None = None) -> None:
         """A subsurface left ``parent``'s tree at once (not at a commit)."""
@@ -153,6 +168,7 @@ class Compositor:
 
     def surface_destroyed(self, surface: Surface) -> None:
         client = surface.client
+        self.seat.surface_destroyed(surface)
         viewporter.surface_destroyed(client, surface)
         sub = surface.subsurface
         if sub is not None:
