@@ -20,11 +20,13 @@ from ..wire.protocol import ProtocolTable, load_protocols
 from . import (
     commits,
     cursor,
+    datadevice,
     decoration,
     keyboard,
     output,
     pointer,
     popup,
+    primaryselection,
     registry,
     seat,
     shm,
@@ -39,9 +41,11 @@ from .frames import FramePacer, timestamp_ms
 from .keymap import Keymap
 from .output import Output
 from .popup import Popup
+from .selection import Selection
 from .shell import Shell, ShellWindow
 from .surfaces import Surface
 from .toplevel import Toplevel
+from .transfers import Transfers
 from .windows import Window, window_of
 from .xdg import UNRESPONSIVE, WmBase
 
@@ -53,7 +57,8 @@ DEFAULT_SCREEN = (1920, 1080)
 def _handlers() -> dict[tuple[str, str], Handler]:
     merged: dict[tuple[str, str], Handler] = {}
     for module in (registry, surfaces, commits, subsurfaces, shm, output, xdg, toplevel,
-                   popup, viewporter, decoration, seat, keyboard, pointer, cursor):
+                   popup, viewporter, decoration, datadevice, primaryselection, seat, keyboard,
+                   pointer, cursor):
         table: dict[tuple[str, str], Handler] = module.HANDLERS
         overlap = merged.keys() & table.keys()
         assert not overlap, f"requests handled twice: {overlap}"
@@ -95,6 +100,9 @@ class Compositor:
         self._windows: dict[int, Window] = {}
         self._shell_depth = 0
         self._faults: list[tuple[ClientCore, int, ErrorCode | int, str]] = []
+        # Pipe writes for the I/O layer, and the clipboard and primary selection.
+        self.transfers = Transfers(self._wake)
+        self.selection = Selection(self, self.transfers)
 
     @property
     def screen_size(self) -> tuple[int, int]:
@@ -132,6 +140,7 @@ class Compositor:
         self.frames.forget(client)
         self.wm_bases = {b for b in self.wm_bases if b.client is not client}
         self.outputs.client_gone(client)
+        self.selection.client_gone(client)
         shm.close_client_pools(client)
         self._faults = [f for f in self._faults if f[0] is not client]
         with self.shell_call():
@@ -288,6 +297,7 @@ class Compositor:
     def windows(self) -> list[ShellWindow]:
         """Every live window, mapped or not."""
         return [w.shell_window for w in self._windows.values() if w.alive]
+
 
     def toplevel_configured(self, w: ShellWindow) -> tuple[int, int, frozenset[int]] | None:
         """The size and states a live toplevel was last configured with (None for

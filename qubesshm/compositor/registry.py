@@ -30,6 +30,8 @@ IMPLEMENTED_VERSIONS: dict[str, int] = {
     "xdg_wm_base": 6,
     "wp_viewporter": 1,
     "zxdg_decoration_manager_v1": 1,
+    "wl_data_device_manager": 3,
+    "zwp_primary_selection_device_manager_v1": 1,
     "wl_seat": 8,
 }
 # Globals offered only when the loaded protocol set has their XML (Debian 12's

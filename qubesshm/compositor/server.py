@@ -6,13 +6,20 @@ reads each client with ``recvmsg`` (bytes and SCM_RIGHTS fds) into its
 ``ClientCore``, writes what it queued with ``sendmsg``, and runs
 ``Compositor.tick`` when the clock says frame callbacks are due. A client that
 stops reading is no longer read from once a backlog builds, and dropped once
-the backlog is absurd; nothing one client does stalls the others.
+the backlog is absurd; nothing one client does stalls the others. The pipe
+writes the compositor owes (``Compositor.transfers``: the text of a selection
+it owns) are written non-blocking as the pipes take them, each closed when
+written, when its reader is gone, or at its deadline (``transfer_timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import socket
 import struct
 import time
@@ -23,6 +30,7 @@ from ..relay.transport import FdsTruncated, PeerClosed, Transport
 from ..wire.codec import ErrorCode
 from .client import ClientCore
 from .core import Compositor
+from .transfers import TRANSFER_TIMEOUT
 
 log = logging.getLogger("qubesshm.compositor")
 
@@ -138,14 +146,79 @@ class Connection:
         self.server.connections.pop(self.core, None)
 
 
+class PipeWrite:
+    """One transfer: ``data`` into the pipe ``fd``, then close it (or at ``deadline``)."""
+
+    def __init__(self, server: CompositorServer, fd: int, data: bytes) -> None:
+        self.server = server
+        self.fd = fd
+        self.data = memoryview(data)
+        self.watching = False
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, timeout: float) -> None:
+        try:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            log.debug("a transfer's fd is unusable: %s", exc)
+            self.finish()
+            return
+        self.write()
+        if not self.done:
+            loop = self.server.loop
+            self.timer = loop.call_later(timeout, self.expired)
+            loop.add_writer(self.fd, self.write)
+            self.watching = True
+
+    def write(self) -> None:
+        while self.data and not self.done:
+            try:
+                written = os.write(self.fd, self.data[:256 * 1024])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:
+                    log.debug("a transfer failed: %s", exc)
+                break
+            self.data = self.data[written:]
+        self.finish()
+
+    def expired(self) -> None:
+        self.timer = None
+        if not self.done:
+            log.info("a client did not read a transfer (%d bytes left) in time; closed it",
+                     len(self.data))
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.watching:
+            self.server.loop.remove_writer(self.fd)
+            self.watching = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.server.transfers.discard(self)
+
+
 class CompositorServer:
     """Serves ``compositor`` on ``listener`` from the running asyncio loop."""
 
     def __init__(self, compositor: Compositor, listener: Listener, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 transfer_timeout: float = TRANSFER_TIMEOUT) -> None:
         self.compositor = compositor
         self.listener = listener
         self.clock = clock
+        # How long a pipe write may take before its fd is closed anyway.
+        self.transfer_timeout = transfer_timeout
+        self.transfers: set[PipeWrite] = set()
         self.loop = asyncio.get_running_loop()
         self.connections: dict[ClientCore, Connection] = {}
         self._service_soon = False
@@ -185,6 +258,10 @@ class CompositorServer:
         if self.closed:
             return
         compositor = self.compositor
+        for fd, data in compositor.transfers.take():
+            transfer = PipeWrite(self, fd, data)
+            self.transfers.add(transfer)
+            transfer.start(self.transfer_timeout)
         while compositor.dirty:
             core = compositor.dirty.pop()
             connection = self.connections.get(core)
@@ -225,6 +302,9 @@ class CompositorServer:
         self.loop.remove_reader(self.listener.fileno())
         for connection in list(self.connections.values()):
             connection.end()
+        for transfer in list(self.transfers):
+            transfer.finish()
+        self.compositor.transfers.close()
         self.listener.close()
         if self.compositor.wake == self._wake:
             self.compositor.wake = None
