@@ -529,3 +529,95 @@ def test_destroying_a_grabbing_popup_below_the_topmost_is_an_error(
     menu.role.destroy()
     assert client.broken()
 
+
+
+def test_a_menu_opened_by_a_press_takes_the_release(served: RunningCompositor,
+                                                    client: SeatClient) -> None:
+    """Press, drag onto the menu, release: the menu's surface gets the release (the
+    popup grab replaces the implicit one), though X reports the drag to the window
+    the press was in."""
+    top, w = mapped(served, client, "press-drag", (200, 150))
+    on_seat(served, lambda s: s.pointer_motion(w, 10.0, 10.0, 1))
+    serial = on_seat(served, lambda s: s.pointer_button(w, 10.0, 10.0, BTN_RIGHT, True, 2))
+    assert isinstance(serial, int)
+    menu = grabbing_popup(client, top, serial, "menu")  # at (10, 10) on the screen
+    shell_window(served, 1)
+    client.take()
+    on_seat(served, lambda s: s.pointer_motion(w, 30.0, 25.0, 3))
+    client.wait_for("ptr.enter")
+    events = pointer_events(client)
+    assert [n for n, _ in events] == ["ptr.leave", "ptr.enter", "ptr.frame"]
+    assert events[0][1][1] is top.surface
+    assert events[1][1][1:] == (menu.surface, 20.0, 15.0)
+    on_seat(served, lambda s: s.pointer_button(w, 30.0, 25.0, BTN_RIGHT, False, 4))
+    client.wait_for("ptr.button")
+    assert pointer_events(client)[0][1][1:] == (4, BTN_RIGHT, 0)
+    # Off every surface of the client's: the pointer leaves, the menu stays.
+    on_seat(served, lambda s: s.pointer_motion(w, 500.0, 500.0, 5))
+    client.wait_for("ptr.leave")
+    assert not menu.popup_done
+
+
+CURSOR_SHAPE_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<protocol name="cursor_shape_v1">
+  <interface name="wp_cursor_shape_manager_v1" version="1">
+    <request name="destroy" type="destructor"/>
+    <request name="get_pointer">
+      <arg name="cursor_shape_device" type="new_id" interface="wp_cursor_shape_device_v1"/>
+      <arg name="pointer" type="object" interface="wl_pointer"/>
+    </request>
+    <request name="get_tablet_tool_v2">
+      <arg name="cursor_shape_device" type="new_id" interface="wp_cursor_shape_device_v1"/>
+      <arg name="tablet_tool" type="object" interface="zwp_tablet_tool_v2"/>
+    </request>
+  </interface>
+  <interface name="wp_cursor_shape_device_v1" version="1">
+    <enum name="error">
+      <entry name="invalid_shape" value="1"/>
+    </enum>
+    <request name="destroy" type="destructor"/>
+    <request name="set_shape">
+      <arg name="serial" type="uint"/>
+      <arg name="shape" type="uint"/>
+    </request>
+  </interface>
+</protocol>
+"""
+
+
+def test_cursor_shapes_when_the_protocol_is_loaded(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    from pywayland.protocol.cursor_shape_v1 import WpCursorShapeManagerV1
+
+    from qubesshm.compositor import core
+    from qubesshm.wire.protocol import load_protocols
+
+    (tmp_path / "cursor-shape-v1.xml").write_text(CURSOR_SHAPE_XML)
+    monkeypatch.setattr(core, "load_protocols", lambda: load_protocols([tmp_path]))
+    runtime = Path(tempfile.mkdtemp(prefix="qss-"))
+    served = RunningCompositor(runtime)
+    c = SeatClient(served.path)
+    try:
+        assert c.globals["wp_cursor_shape_manager_v1"][1] == 1
+        manager = c.bind(WpCursorShapeManagerV1, 1)
+        device = manager.get_pointer(c.pointer)
+        _, w = mapped(served, c, "shapes")
+        on_seat(served, lambda s: s.pointer_motion(w, 5.0, 5.0, 1))
+        serial = c.wait_for("ptr.enter")[0][0]
+        device.set_shape(serial, 9)  # text
+        device.set_shape(serial + 100, 4)  # not the enter's serial: ignored
+        device.set_shape(serial, 29)  # nwse_resize
+        c.roundtrip()
+        assert served.shell.read(lambda s: list(s.cursors)) == [(w.id, "text"),
+                                                                (w.id, "nwse-resize")]
+        device.set_shape(serial, 99)
+        assert c.broken()
+    finally:
+        c.disconnect()
+        served.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_cursor_shape_global_is_not_offered_without_its_xml(client: SeatClient) -> None:
+    assert "wp_cursor_shape_manager_v1" not in client.globals
+    assert client.globals["wl_seat"][1] == 8

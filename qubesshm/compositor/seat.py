@@ -150,7 +150,7 @@ class Seat:
                 self.grab.motion(hit[0], hit[1], hit[2], time_ms)
             return
         focus = self.pointer.focus
-        if self.pointer.buttons and focus is not None:
+        if self.pointer.buttons and focus is not None and not self._chain_of(window):
             sx, sy = self._local(window, rx, ry, focus)
             self.pointer.motion_to(sx, sy, time_ms)
             return
@@ -403,7 +403,8 @@ class Seat:
             listener(client)
 
     def _repick(self, window: Window, rx: float, ry: float, time_ms: int | None) -> None:
-        hit = picking.pick(window.surface, rx, ry)
+        hit = (self._client_pick(window, rx, ry, popups_first=True) if self._chain_of(window)
+               else picking.pick(window.surface, rx, ry))
         if hit is None:
             self.pointer.set_focus(None)
             return
@@ -412,6 +413,12 @@ class Seat:
             self.pointer.motion_to(sx, sy, time_ms)
         else:
             self.pointer.set_focus(surface, sx, sy)
+
+    def _chain_of(self, window: Window) -> bool:
+        """Whether ``window``'s client holds the popup grab: the pointer then goes to
+        whichever of its surfaces is under it, held buttons or not (the popup grab
+        replaces the implicit one, so that a menu opened by a press takes the release)."""
+        return bool(self.popup_chain) and self.popup_chain[0].client is window.client
 
     def _local(self, window: Window, rx: float, ry: float,
                surface: Surface) -> tuple[float, float]:
@@ -430,27 +437,35 @@ class Seat:
         return rx - origin[0], ry - origin[1]
 
     def _grab_pick(self, window: Window, rx: float, ry: float) -> Hit | None:
-        """The surface under the pointer during a grab: in ``window``, else in another
-        mapped window of the same client under that screen point (popups first)."""
-        hit = picking.pick(window.surface, rx, ry)
-        if hit is not None:
-            return hit
-        shell = self.compositor.shell
-        here = shell.window_origin(window.shell_window)
-        if here is None:
-            return None
-        g = window.shell_window.geometry
-        px, py = here[0] + rx - g.x, here[1] + ry - g.y
+        """The surface under the pointer during a grab (a drag): ``window``'s, else one
+        of the same client's other windows under that screen point."""
+        return self._client_pick(window, rx, ry, popups_first=False)
+
+    def _client_pick(self, window: Window, rx: float, ry: float, *,
+                     popups_first: bool) -> Hit | None:
+        """The surface under root point (rx, ry) of ``window`` among the mapped windows
+        of its client, placed on the screen by ``Shell.window_origin``: popups (the
+        newest first) before or after ``window`` itself, then its other windows."""
         from .popup import Popup
 
-        others = [o for o in window.client.windows if o is not window and o.mapped]
-        others.sort(key=lambda o: not isinstance(o, Popup))
-        for other in others:
-            there = shell.window_origin(other.shell_window)
-            if there is None:
-                continue
-            og = other.shell_window.geometry
-            hit = picking.pick(other.surface, px - there[0] + og.x, py - there[1] + og.y)
+        shell = self.compositor.shell
+        popups = [o for o in reversed(window.client.windows)
+                  if isinstance(o, Popup) and o.mapped and o is not window]
+        rest = [o for o in window.client.windows
+                if not isinstance(o, Popup) and o.mapped and o is not window]
+        order = [*popups, window, *rest] if popups_first else [window, *popups, *rest]
+        here = shell.window_origin(window.shell_window)
+        g = window.shell_window.geometry
+        for other in order:
+            if other is window:
+                hit = picking.pick(window.surface, rx, ry)
+            else:
+                there = shell.window_origin(other.shell_window)
+                if here is None or there is None:
+                    continue
+                og = other.shell_window.geometry
+                hit = picking.pick(other.surface, here[0] + rx - g.x - there[0] + og.x,
+                                   here[1] + ry - g.y - there[1] + og.y)
             if hit is not None:
                 return hit
         return None
