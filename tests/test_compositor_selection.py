@@ -33,8 +33,10 @@ from pywayland.protocol.wp_primary_selection_unstable_v1 import (
 from qubesshm.compositor.client import ClientCore
 from qubesshm.compositor.selection import TEXT_MIMES, best_text_mime
 from qubesshm.compositor.shell import ShellWindow
+from qubesshm.compositor.transfers import MAX_PER_READER
 
 BTN_LEFT = 0x110
+BTN_RIGHT = 0x111
 COPY, MOVE, ASK = 1, 2, 4
 # Text with more than ASCII in it, as a clipboard carries.
 TEXT = "Grüße, 世界 — qubes\n".encode() * 200
@@ -459,7 +461,12 @@ def test_drag_and_drop_inside_one_client(
     served.call(lambda: seat.pointer_motion(w, 40.0, 25.0, 1003))
     a.wait(lambda: any(name == "motion" for name, _ in a.dnd), "motion")
     assert [args[1:] for name, args in a.dnd if name == "motion"] == [(40.0, 25.0)]
-    served.call(lambda: seat.pointer_button(w, 40.0, 25.0, BTN_LEFT, False, 1004))
+    # Another button's click meanwhile drops nothing: the drop is the last release's.
+    served.call(lambda: seat.pointer_button(w, 40.0, 25.0, BTN_RIGHT, True, 1004))
+    served.call(lambda: seat.pointer_button(w, 40.0, 25.0, BTN_RIGHT, False, 1005))
+    a.roundtrip()
+    assert not source.drop_performed and not source.cancelled
+    served.call(lambda: seat.pointer_button(w, 40.0, 25.0, BTN_LEFT, False, 1006))
     a.wait(lambda: source.drop_performed, "the drop")
     assert [name for name, _ in a.dnd] == ["enter", "motion", "drop", "leave"]
     assert a.receive(offer, "text/plain;charset=utf-8") == b"dragged words"
@@ -494,9 +501,60 @@ def test_start_drag_needs_a_press_serial(
     source = a.source(b"x", ("text/plain",), actions=COPY)
     a.device.start_drag(source.proxy, a.window.surface, None, a.enter_serials[-1])
     a.wait(lambda: source.cancelled, "the refused drag's source to be cancelled")
-    served.call(lambda: served.compositor.seat.pointer_motion(a.shell_window, 5.0, 5.0, 1))
+    seat, w = served.compositor.seat, a.shell_window
+    served.call(lambda: seat.pointer_motion(w, 5.0, 5.0, 1))
     a.roundtrip()
     assert a.dnd == []
+    # A press's serial, but the button is up again: no drag either.
+    served.call(lambda: seat.pointer_button(w, 5.0, 5.0, BTN_LEFT, True, 2))
+    served.call(lambda: seat.pointer_button(w, 5.0, 5.0, BTN_LEFT, False, 3))
+    a.wait(lambda: a.press_serials, "the press")
+    late = a.source(b"x", ("text/plain",), actions=COPY)
+    a.device.start_drag(late.proxy, a.window.surface, None, a.press_serials[-1])
+    a.wait(lambda: late.cancelled, "the late drag's source to be cancelled")
+    served.call(lambda: seat.pointer_motion(w, 6.0, 6.0, 4))
+    a.roundtrip()
+    assert a.dnd == []
+
+
+def test_drag_and_drop_between_windows_of_one_client(
+        served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
+    a = clients("a")
+    second = a.c.toplevel("a's second window")
+    a.c.show(second.surface, a.c.buffer(solid(120, 80, 0xFF996633)))
+    a.roundtrip()
+    w2: ShellWindow = wait_until(lambda: next(
+        (w for w in served.shell.mapped_windows() if w.title == "a's second window"), None),
+        "the second window")
+    w = a.shell_window
+    with served.shell.lock:
+        served.shell.origins[w.id] = (100, 100)
+        served.shell.origins[w2.id] = (400, 300)
+    seat = served.compositor.seat
+    served.call(lambda: seat.pointer_motion(w, 10.0, 10.0, 1000))
+    served.call(lambda: seat.pointer_button(w, 10.0, 10.0, BTN_LEFT, True, 1001))
+    a.wait(lambda: a.press_serials, "the press")
+    source = a.source(b"across windows", ("text/plain;charset=utf-8",), actions=COPY)
+    a.device.start_drag(source.proxy, a.window.surface, None, a.press_serials[-1])
+    a.roundtrip()
+    served.call(lambda: seat.pointer_motion(w, 20.0, 20.0, 1002))
+    a.wait(lambda: a.dnd, "the drag to enter the first window")
+    # X keeps reporting the pointer relative to the window pressed in: (330, 220) there
+    # is (30, 20) in the second window on the screen.
+    served.call(lambda: seat.pointer_motion(w, 330.0, 220.0, 1003))
+    a.wait(lambda: [n for n, _ in a.dnd].count("enter") == 2, "the drag to enter the second")
+    enter = [args for name, args in a.dnd if name == "enter"][-1]
+    assert enter[1] is second.surface and (enter[2], enter[3]) == (30.0, 20.0)
+    offer_proxy = enter[4]
+    offer_proxy.set_actions(COPY, COPY)
+    offer_proxy.accept(enter[0], "text/plain;charset=utf-8")
+    a.wait(lambda: source.actions and source.targets, "the second window to accept")
+    served.call(lambda: seat.pointer_button(w, 330.0, 220.0, BTN_LEFT, False, 1004))
+    a.wait(lambda: source.drop_performed, "the drop")
+    assert [n for n, _ in a.dnd] == ["enter", "leave", "enter", "drop", "leave"]
+    assert a.receive(a.offers[offer_proxy], "text/plain;charset=utf-8") == b"across windows"
+    offer_proxy.finish()
+    a.wait(lambda: source.finished, "dnd_finished")
 
 
 # -- protocol errors ------------------------------------------------------------------------
@@ -639,6 +697,38 @@ def test_no_fd_is_left_open_by_transfers(
     server = served.server
     assert server is not None
     wait_until(lambda: served.call(lambda: len(server.transfers)) == 0, "the transfers")
+    assert open_fds() <= before
+
+
+def test_a_client_has_a_bounded_number_of_transfers_open(
+        served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
+    a = clients("a")
+    focus(served, a)
+    server = served.server
+    assert server is not None
+    served.call(lambda: served.compositor.selection.own_text(b"y" * (1 << 20)))
+    a.wait(lambda: a.selections and a.selections[-1] is not None, "the offer")
+    offer = a.selections[-1]
+    assert offer is not None
+    before = open_fds()
+    reads = []
+    for _ in range(MAX_PER_READER + 4):
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        offer.proxy.receive("text/plain", write_end)
+        os.close(write_end)
+        reads.append(read_end)
+    a.roundtrip()
+    wait_until(lambda: served.call(lambda: len(server.transfers)) == MAX_PER_READER,
+               "the transfers allowed")
+    poller = select.poll()
+    for fd in reads:
+        poller.register(fd, select.POLLIN)
+    wait_until(lambda: sum(1 for _, ev in poller.poll(0) if ev & select.POLLHUP) == 4,
+               "the refused ones closed")
+    for fd in reads:
+        os.close(fd)
+    wait_until(lambda: served.call(lambda: len(server.transfers)) == 0, "every pipe closed")
+    assert served.call(lambda: served.compositor.transfers.open_for(a.core)) == 0
     assert open_fds() <= before
 
 

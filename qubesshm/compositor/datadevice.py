@@ -31,6 +31,7 @@ from .surfaces import Surface
 
 if TYPE_CHECKING:
     from .client import ClientCore, Handler
+    from .seat import Seat
     from .selection import Selection
 
 log = logging.getLogger("qubesshm.compositor")
@@ -149,6 +150,8 @@ class Drag:
     def button(self, button: int, pressed: bool, time_ms: int) -> None:
         if self.ended or pressed:
             return
+        if self._seat().pointer.buttons:
+            return  # the drop comes with the last button's release
         target, source = self.target, self.source
         if target is not None:
             if source is None:
@@ -230,9 +233,12 @@ class Drag:
                 self.source.drag_offer = None
         if self.dnd.drag is self:
             self.dnd.drag = None
-        seat = getattr(self.dnd.selection.compositor, "seat", None)
-        if seat is not None:
+        seat = self._seat()
+        if seat.grab is self:
             seat.end_grab()
+
+    def _seat(self) -> Seat:
+        return self.dnd.selection.compositor.seat
 
     def gone(self, client: ClientCore) -> None:
         """A client went away: the drag ends if it was the dragging one."""
@@ -418,6 +424,22 @@ def _use(device_id: int, source: ClientSource) -> None:
     source.used = True
 
 
+def _drag_refusal(client: ClientCore, seat: Seat, serial: int,
+                  origin: Surface) -> str | None:
+    """Why a drag may not start (None: it may): as wlroots checks its pointer grab
+    serial, a press of this client's with the button still held on its surface."""
+    if client.compositor.selection.dnd.drag is not None:
+        return "a drag is on"
+    if not origin.alive:
+        return "the origin surface is gone"
+    if not seat.serial_is_press(client, serial):
+        return f"serial {serial} is not a recent press of the client's"
+    focus = seat.pointer.focus
+    if not seat.pointer.buttons or focus is None or focus.client is not client:
+        return "the client does not hold the pointer with a button down"
+    return None
+
+
 def start_drag(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
                fds: list[int]) -> None:
     source_id, origin_id, icon_id, serial = args
@@ -434,11 +456,10 @@ def start_drag(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
     if source is not None:
         _use(obj.id, source)
     selection = _selection(client)
-    seat = getattr(client.compositor, "seat", None)
-    if (seat is None or selection.dnd.drag is not None
-            or not seat.serial_is_press(client, serial) or not origin.alive):
-        log.debug("%s: start_drag refused (serial %d is not a press of its own, or a "
-                  "drag is on)", client, serial)
+    seat = client.compositor.seat
+    why = _drag_refusal(client, seat, serial, origin)
+    if why is not None:
+        log.debug("%s: start_drag refused: %s", client, why)
         if source is not None:
             source.cancel()
         return

@@ -82,8 +82,9 @@ class Source:
                             ErrorCode.NO_MEMORY)
         self.mimes.append(mime)
 
-    def send(self, mime: str, fd: int) -> None:
-        """Write the data as ``mime`` into ``fd`` (taking it), then close it."""
+    def send(self, mime: str, fd: int, reader: ClientCore | None = None) -> None:
+        """Write the data as ``mime`` into ``fd`` (taking it), then close it; ``reader``
+        is the client that asked (None: the agent)."""
         close_fd(fd)
 
     def cancel(self) -> None:
@@ -117,7 +118,7 @@ class ClientSource(Source):
     def client(self) -> ClientCore | None:
         return self.owner
 
-    def send(self, mime: str, fd: int) -> None:
+    def send(self, mime: str, fd: int, reader: ClientCore | None = None) -> None:
         if not self.alive or not self.owner.send(self.id, "send", mime, fd):
             close_fd(fd)
 
@@ -135,8 +136,8 @@ class TextSource(Source):
         self.transfers = transfers
         self.mimes = list(TEXT_MIMES)
 
-    def send(self, mime: str, fd: int) -> None:
-        self.transfers.queue(fd, self.data)
+    def send(self, mime: str, fd: int, reader: ClientCore | None = None) -> None:
+        self.transfers.queue(fd, self.data, reader)
 
 
 class Offer:
@@ -153,7 +154,7 @@ class Offer:
         if source is None or not source.alive:
             close_fd(fd)
         else:
-            source.send(mime, fd)
+            source.send(mime, fd, self.client)
 
 
 class Device:
@@ -289,22 +290,10 @@ class Selection:
         from .datadevice import DataDevices  # (it builds on this module)
 
         self.dnd = DataDevices(self)
-        self._listening = False
-        self.listen()
-
-    def listen(self) -> None:
-        """Hear the seat's keyboard focus changes (once the seat exists)."""
-        seat = getattr(self.compositor, "seat", None)
-        if seat is not None and not self._listening:
-            seat.focus_listeners.append(self.focus_changed)
-            self._listening = True
+        compositor.seat.focus_listeners.append(self.focus_changed)
 
     def focused_client(self) -> ClientCore | None:
-        seat = getattr(self.compositor, "seat", None)
-        if seat is None:
-            return None
-        client: ClientCore | None = seat.keyboard_client
-        return client
+        return self.compositor.seat.keyboard_client
 
     def slot(self, primary: bool) -> SelectionSlot:
         return self.primary if primary else self.clipboard

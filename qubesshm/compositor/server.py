@@ -202,6 +202,7 @@ class PipeWrite:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.server.compositor.transfers.finished(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.server.transfers.discard(self)
