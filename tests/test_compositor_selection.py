@@ -574,13 +574,26 @@ def protocol_error(served: RunningCompositor, client: SelectionClient) -> tuple[
     return served.call(find)
 
 
-def test_a_source_may_be_used_once(
+def test_the_same_source_set_again_stays_the_selection(
+        served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
+    # GTK 3 does this: no used_source error (nor is the source cancelled).
+    a = clients("a")
+    focus(served, a)
+    source = a.source(b"again", ("text/plain",))
+    a.copy(source)
+    a.copy(source)
+    a.roundtrip()
+    assert not source.cancelled and not a.c.broken()
+    assert read_text(served, a) == b"again"
+
+
+def test_a_used_source_cannot_be_dragged(
         served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
     a = clients("a")
     focus(served, a)
     source = a.source(b"x", ("text/plain",))
     a.copy(source)
-    a.device.set_selection(source.proxy, a.enter_serials[-1])
+    a.device.start_drag(source.proxy, a.window.surface, None, a.enter_serials[-1])
     assert protocol_error(served, a) == ("wl_data_device", 1)  # used_source
 
 

@@ -16,7 +16,9 @@ accepted a type and an action was chosen, else cancels the source. The drag
 icon takes the ``wl_data_device`` icon role; Qubes has no way to show it.
 Requests and errors follow wayland.xml (``role``, ``used_source``,
 ``invalid_finish``, ``invalid_action_mask``, ``invalid_action``,
-``invalid_offer``, ``invalid_source``).
+``invalid_offer``, ``invalid_source``), but a source set as the selection again
+is no error (GTK 3 does it; weston and wlroots let it): ``used_source`` is for
+a source given to ``start_drag`` after any use, or used after a drag.
 """
 
 from __future__ import annotations
@@ -418,12 +420,6 @@ def offer_destroy(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
 # -- wl_data_device -------------------------------------------------------------------
 
 
-def _use(device_id: int, source: ClientSource) -> None:
-    if source.used:
-        raise WireError(f"{source} was already used", USED_SOURCE, device_id)
-    source.used = True
-
-
 def _drag_refusal(client: ClientCore, seat: Seat, serial: int,
                   origin: Surface) -> str | None:
     """Why a drag may not start (None: it may): as wlroots checks its pointer grab
@@ -454,7 +450,9 @@ def start_drag(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
         if icon.role not in (None, ICON_ROLE):
             raise WireError(f"{icon} already has the role {icon.role}", ROLE, obj.id)
     if source is not None:
-        _use(obj.id, source)
+        if source.used:
+            raise WireError(f"{source} was already used", USED_SOURCE, obj.id)
+        source.used = source.dragged = True
     selection = _selection(client)
     seat = client.compositor.seat
     why = _drag_refusal(client, seat, serial, origin)
@@ -480,7 +478,10 @@ def set_selection(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
         if source.actions_set:
             raise WireError(f"{source} has drag-and-drop actions: it cannot be a selection",
                             SOURCE_INVALID_SOURCE, source.id)
-        _use(obj.id, source)
+        if source.dragged:
+            raise WireError(f"{source} was used for a drag", USED_SOURCE, obj.id)
+        # GTK 3 sets the same source again (wlroots and weston let it): no error.
+        source.used = True
     _selection(client).clipboard.request(client, source, serial)
 
 

@@ -102,7 +102,8 @@ class ClientSource(Source):
         super().__init__()
         self.owner = client
         self.id = object_id
-        self.used = False  # given to set_selection or start_drag (only once may it be)
+        self.used = False  # given to set_selection or start_drag
+        self.dragged = False  # given to start_drag (it may not be used again)
         # Drag and drop (wl_data_source v3).
         self.actions = 0
         self.actions_set = False
