@@ -54,6 +54,16 @@ def private_env(tmp_path: Path, **extra: str) -> dict[str, str]:
      "a GUI daemon on real Xen cannot map the simulated grant layer's pages"),
     (["agent", "--vchan", "xen", "--grants", "xen", "--vchan-dir", "/tmp"],
      "--vchan-dir is for the socket vchan"),
+    (["agent", "--domid", "3", "--keyboard-layout", "xx"],
+     "--keyboard-layout xx: keyboard layout 'xx' does not compile"),
+    (["agent", "--domid", "3", "--keyboard-layout", "us+nosuchvariant"],
+     "variant 'nosuchvariant' does not compile"),
+    (["run", "--agent", "--keyboard-layout", "de++nosuch:option", "--", "true"],
+     "options 'nosuch:option'"),
+    (["run", "--agent", "--keyboard-layout", "de+nodeadkeys+ctrl:nocaps+more", "--", "true"],
+     "more than three '+' fields"),
+    (["run", "--keyboard-layout", "de", "--", "true"],
+     "--keyboard-layout is an agent mode option: add --agent"),
 ])
 def test_agent_usage_mistakes_are_one_line_before_anything_starts(
         tmp_path: Path, args: list[str], why: str) -> None:
@@ -62,6 +72,15 @@ def test_agent_usage_mistakes_are_one_line_before_anything_starts(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and why in lines[0], result.stderr
     assert not list((tmp_path / "run").iterdir())  # nothing was started
+
+
+def test_a_bad_keyboard_layout_says_how_to_give_one(tmp_path: Path) -> None:
+    result = qubesshm("agent", "--domid", "3", "--keyboard-layout", "qq",
+                      env=private_env(tmp_path))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("qubesshm agent: --keyboard-layout qq: ")
+    assert "LAYOUT[+VARIANT[+OPTIONS]]" in line and "e.g. de or fr+azerty" in line
 
 
 def test_run_emulator_without_a_display_is_refused(tmp_path: Path) -> None:
@@ -156,3 +175,41 @@ def test_limits_too_small_for_a_screen_sized_window_are_said_once_the_daemon_con
     raised = qubesshm("run", "--agent", "--emulator", "--kernel", "stock", "--quiet",
                       "--gntalloc-limit", "100000", "--", "true", env=env, timeout=90)
     assert raised.returncode == 0 and "gntalloc limit" not in raised.stderr, raised.stderr
+
+
+KEYMAP_PROBE = """
+import mmap, os, sys
+from pywayland.client.display import Display
+from pywayland.protocol.wayland import WlSeat
+display = Display()
+display.connect()
+registry = display.get_registry()
+found = {}
+registry.dispatcher["global"] = lambda r, name, iface, version: found.setdefault(iface, name)
+display.roundtrip()
+seat = registry.bind(found["wl_seat"], WlSeat, 1)
+keyboard = seat.get_keyboard()
+text = []
+def keymap(_, fmt, fd, size):
+    with mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+        text.append(bytes(m[:size]))
+    os.close(fd)
+keyboard.dispatcher["keymap"] = keymap
+display.roundtrip()
+display.roundtrip()
+from xkbcommon import xkb
+state = xkb.Context().keymap_new_from_buffer(text[0].rstrip(b"\\0")).state_new()
+# X key codes 52, 29 and 20: z, y and minus on a US keyboard
+open(sys.argv[1], "w").write("".join(state.key_get_string(c) for c in (52, 29, 20)))
+display.disconnect()
+"""
+
+
+def test_the_keyboard_layout_is_the_keymap_apps_get(tmp_path: Path, display: str) -> None:
+    env = private_env(tmp_path, DISPLAY=display)
+    out = tmp_path / "symbols.txt"
+    result = qubesshm("run", "--agent", "--emulator", "--quiet", "--keyboard-layout",
+                      "de+nodeadkeys", "--", sys.executable, "-c", KEYMAP_PROBE, str(out),
+                      env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "yzß"  # German: z and y swapped, sharp s

@@ -3,7 +3,8 @@
 Thin I/O over ``guiproto`` and ``AgentWindows``: one daemon at a time on the
 vchan (a daemon that restarts connects again and is shown every window), the
 handshake first (a daemon older than 1.4 is refused with a line saying so),
-then the daemon's messages decoded into ``AgentWindows.on_message`` and the
+then the daemon's messages decoded and dispatched (to ``AgentWindows.on_message``
+unless told otherwise), and the
 agent's messages encoded out of its outbox whenever ``flush`` is called.
 A daemon that breaks the protocol is hung up on, with one line naming what it
 sent; the agent carries on waiting for the next one.
@@ -32,10 +33,15 @@ class DaemonLink:
     """Serves daemons on ``listener``, one after another, for ``windows``."""
 
     def __init__(self, listener: VchanListener, windows: AgentWindows[Any],
-                 after_messages: Callable[[], None] = lambda: None) -> None:
+                 after_messages: Callable[[], None] = lambda: None,
+                 dispatch: Callable[[gm.Message], None] | None = None,
+                 disconnected: Callable[[], None] = lambda: None) -> None:
         self.listener = listener
         self.windows = windows
         self.after_messages = after_messages
+        # Where each message of the daemon goes (the windows, by default).
+        self.dispatch = dispatch if dispatch is not None else windows.on_message
+        self.disconnected = disconnected
         self.stream: VchanStream | None = None
         self.connections = 0
         self.refused: list[str] = []  # why daemons were hung up on, newest last
@@ -57,6 +63,7 @@ class DaemonLink:
                     self.stream = None
                     self.connected.clear()
                     self.windows.disconnect()
+                    self.disconnected()
 
     async def _serve(self, stream: VchanStream) -> None:
         handshake = AgentHandshake(gm.VERSION)
@@ -84,7 +91,7 @@ class DaemonLink:
         while True:
             try:
                 for msg in decoder.feed(pending):
-                    self.windows.on_message(msg)
+                    self.dispatch(msg)
             except (codec.ProtocolViolation, AckOutOfOrder) as exc:
                 self._refuse(f"the GUI daemon broke the protocol: {exc}", error=True)
                 return

@@ -27,7 +27,8 @@ def agent_options(args: argparse.Namespace, vchan: str) -> AgentOptions:
                         vchan_dir=args.vchan_dir or default_socket_dir(),
                         domid=args.domid, gui_domid=args.gui_domid, refresh=args.refresh,
                         grants=grants, kernel=kernel, policy=policy,
-                        gntalloc_limit=getattr(args, "gntalloc_limit", None))
+                        gntalloc_limit=getattr(args, "gntalloc_limit", None),
+                        keyboard_layout=getattr(args, "keyboard_layout", None) or "us")
 
 
 def where(process: AgentProcess, loop_name: str) -> str:

@@ -4,8 +4,11 @@ Thin I/O: wires the Wayland compositor (``compositor``) to the agent's windows
 (``windows.AgentWindows``, its ``Shell``), those to the grant lifetimes of agent
 mode (``grants.agentareas``) and to the GUI daemon (``link.DaemonLink``), and
 runs their timers on the asyncio loop: frame callbacks, late releases and
-deferred batches, the simulated kernel's reclaim tick. ``NAME.stats`` serves the
-counters as ``qubesshm stats`` reads them.
+deferred batches, the simulated kernel's reclaim tick. The daemon's input goes
+to the compositor's seat (``input.AgentInput``), its clipboard messages to
+``clipboard.AgentClipboard``, whose reads of a selection's pipe run here,
+non-blocking and bounded in time. ``NAME.stats`` serves the counters as
+``qubesshm stats`` reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compositor.core import Compositor
+from ..compositor.keymap import Keymap
 from ..compositor.scene import SceneNode
 from ..compositor.server import CompositorServer
 from ..compositor.shell import ShellWindow
@@ -27,13 +32,16 @@ from ..grants.agentareas import AgentArea, AgentLifetimes, image_pages, image_si
 from ..grants.ledger import GrantLedger
 from ..grants.lifetimes import LifetimePolicy
 from ..grants.params import Kernel
+from ..guiproto import messages as gm
 from ..pixels.region import Rect
 from ..relay.control import ControlSocket, snapshot, stats_path
 from ..relay.listener import Listener
 from ..vchan.address import socket_path
 from ..vchan.socketvchan import serve_socket
 from ..vchan.stream import VchanListener
+from .clipboard import CLIPBOARD_MESSAGES, AgentClipboard, ClipboardRead
 from .grants import AgentGrants, open_agent_grants
+from .input import INPUT_MESSAGES, AgentInput
 from .link import DaemonLink
 from .windows import AgentWindows
 
@@ -58,6 +66,7 @@ class AgentOptions:
     kernel: Kernel | None = None
     policy: LifetimePolicy | None = None
     gntalloc_limit: int | None = None
+    keyboard_layout: str = "us"  # Qubes' layout+variant+options
 
 
 class AgentShell:
@@ -77,6 +86,7 @@ class AgentShell:
         self.render_now = False
         self.due: set[ShellWindow] = set()
         self.render_soon: Callable[[], None] = lambda: None
+        self.input: AgentInput | None = None
 
     def _client(self, w: ShellWindow) -> None:
         if w.client not in self._clients:
@@ -116,6 +126,8 @@ class AgentShell:
     def window_unmapped(self, w: ShellWindow) -> None:
         self.due.discard(w)
         self.windows.window_unmapped(w)
+        if self.input is not None:
+            self.input.window_gone(w)
         self.changed()
 
     def title_changed(self, w: ShellWindow) -> None:
@@ -139,19 +151,75 @@ class AgentShell:
         return self.windows.window_origin(w)
 
     def cursor_changed(self, w: ShellWindow, shape: str | None) -> None:
-        pass  # TODO(issue 17): MSG_CURSOR
+        self.windows.cursor_changed(w, shape)
+        self.changed()
 
     def fullscreen_requested(self, w: ShellWindow, on: bool) -> None:
-        pass  # TODO(issue 17): WINDOW_FLAGS
+        self.windows.fullscreen_requested(w, on)
+        self.changed()
 
     def maximize_requested(self, w: ShellWindow, on: bool) -> None:
-        pass  # TODO(issue 17)
+        self.windows.maximize_requested(w, on)
 
     def minimize_requested(self, w: ShellWindow) -> None:
-        pass  # TODO(issue 17): WINDOW_FLAGS
+        self.windows.minimize_requested(w)
+        self.changed()
 
     def interactive_requested(self, w: ShellWindow, what: str) -> None:
-        pass  # TODO(issue 17): no protocol message
+        self.windows.interactive_requested(w, what)
+
+
+class ClipboardPipes:
+    """The I/O of ``AgentClipboard``'s reads: each selection pipe read on the loop as
+    it becomes readable, stopped (and closed) when the clipboard is done with it or
+    at its deadline; ``done`` is called when a read ended (an answer to send)."""
+
+    def __init__(self, clipboard: AgentClipboard, loop: asyncio.AbstractEventLoop,
+                 clock: Callable[[], float], done: Callable[[], None]) -> None:
+        self.clipboard = clipboard
+        self.loop = loop
+        self.clock = clock
+        self.done = done
+        self.reads: dict[ClipboardRead, asyncio.TimerHandle] = {}
+
+    def service(self) -> None:
+        """Start the reads the clipboard asked for; stop those it is done with."""
+        for read in self.clipboard.take_started():
+            delay = max(0.0, read.deadline - self.clock())
+            self.reads[read] = self.loop.call_later(delay, self._expired, read)
+            self.loop.add_reader(read.fd, self._readable, read)
+        for read in [r for r in self.reads if r.done]:
+            self._stop(read)
+
+    def close(self) -> None:
+        for read in list(self.reads):
+            self._stop(read)
+
+    def _readable(self, read: ClipboardRead) -> None:
+        try:
+            chunk = os.read(read.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("reading the clipboard's text failed: %s", exc.strerror or exc)
+            chunk = b""
+        if not self.clipboard.feed(read, chunk):
+            self._stop(read)
+            self.done()
+
+    def _expired(self, read: ClipboardRead) -> None:
+        self.clipboard.expire(read)
+        self._stop(read)
+        self.done()
+
+    def _stop(self, read: ClipboardRead) -> None:
+        handle = self.reads.pop(read, None)
+        if handle is None:
+            return
+        handle.cancel()
+        self.loop.remove_reader(read.fd)
+        with contextlib.suppress(OSError):
+            os.close(read.fd)
 
 
 class AgentProcess:
@@ -178,6 +246,9 @@ class AgentProcess:
         self.room_warning: str | None = None
         self._room_checked = 0  # the daemon connection whose screen was checked
         self.shell: AgentShell | None = None
+        self.input: AgentInput | None = None
+        self.clipboard: AgentClipboard | None = None
+        self.pipes: ClipboardPipes | None = None
         self._render_handle: asyncio.TimerHandle | None = None
         self._last_render = -1e9
         self._period = 1.0 / 60
@@ -207,7 +278,16 @@ class AgentProcess:
         self.shell = shell
         self._period = 1.0 / opts.refresh
         self.compositor = Compositor(shell, clock=self.clock, refresh=opts.refresh,
-                                     screen=(1920, 1080))
+                                     screen=(1920, 1080),
+                                     keymap=Keymap.parse(opts.keyboard_layout))
+        self.windows.wm = self.compositor
+        self.input = AgentInput(self.compositor.seat, self.compositor,
+                                self.windows.window_by_id, self.clock)
+        shell.input = self.input
+        windows = self.windows
+        self.clipboard = AgentClipboard(self.compositor.selection, windows.send,
+                                        lambda: windows.version, self.clock)
+        self.pipes = ClipboardPipes(self.clipboard, self.loop, self.clock, self._changed)
         listener = Listener(opts.socket)
         self.socket_path = listener.path
         if self.grants.kernel_dir is not None:
@@ -220,7 +300,8 @@ class AgentProcess:
             self.vchan = serve_xen(opts.gui_domid, GUI_PORT)
         else:
             self.vchan = await serve_socket(self.vchan_path)
-        self.link = DaemonLink(self.vchan, self.windows, after_messages=self._daemon_spoke)
+        self.link = DaemonLink(self.vchan, self.windows, after_messages=self._daemon_spoke,
+                               dispatch=self._daemon_message, disconnected=self._daemon_gone)
         self._link_task = self.loop.create_task(self.link.run())
         self._tick = self.loop.call_later(TICK_INTERVAL, self._timers)
 
@@ -234,9 +315,26 @@ class AgentProcess:
         if self.link is not None:
             self.link.flush()
 
+    def _daemon_message(self, msg: gm.Message) -> None:
+        assert self.windows is not None
+        if msg.type in INPUT_MESSAGES:
+            if self.input is not None:
+                self.input.on_message(msg)
+        elif msg.type in CLIPBOARD_MESSAGES:
+            if self.clipboard is not None:
+                self.clipboard.on_message(msg)
+        else:
+            self.windows.on_message(msg)
+
+    def _daemon_gone(self) -> None:
+        if self.input is not None:
+            self.input.reset()
+
     def _daemon_spoke(self) -> None:
         """A screen size may have come with a new daemon."""
         assert self.windows is not None and self.compositor is not None
+        if self.pipes is not None:
+            self.pipes.service()
         screen = self.windows.screen_rect
         if (screen.width, screen.height) != self.compositor.screen_size:
             self.compositor.set_screen(screen.width, screen.height)
@@ -344,6 +442,8 @@ class AgentProcess:
                 await asyncio.sleep(AWAITING_TICK_INTERVAL)
         if self._tick is not None:
             self._tick.cancel()
+        if self.pipes is not None:
+            self.pipes.close()
         if self._render_handle is not None:
             self._render_handle.cancel()
         if self._link_task is not None:

@@ -56,6 +56,10 @@ def add_agent_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--refresh", type=options.refresh_rate, default=60.0, metavar="HZ",
                         help="frame callbacks of mapped windows per second, and the "
                         "output's refresh rate (default %(default)s)")
+    parser.add_argument("--keyboard-layout", metavar="LAYOUT[+VARIANT[+OPTIONS]]",
+                        help="the keyboard the apps get, as the qube's keyboard_layout "
+                        "property names it (e.g. de, fr+azerty, us++compose:ralt; "
+                        "default us)")
 
 
 def vchan_choice(args: argparse.Namespace) -> str:
@@ -83,6 +87,16 @@ def check_agent(args: argparse.Namespace, command: str) -> str | None:
             args.gui_domid = default_gui_domid()
         except VchanError as exc:
             return f"qubesshm {command}: {exc}"
+    layout = getattr(args, "keyboard_layout", None)
+    if layout is not None:
+        from ..compositor.keymap import Keymap, KeymapError
+
+        try:
+            Keymap.parse(layout).close()
+        except KeymapError as exc:
+            return (f"qubesshm {command}: --keyboard-layout {layout}: {exc}; give "
+                    "LAYOUT[+VARIANT[+OPTIONS]] with names xkeyboard-config knows (see "
+                    "localectl list-x11-keymap-layouts), e.g. de or fr+azerty")
     vchan = vchan_choice(args)
     from ..grants.select import choose
 

@@ -69,7 +69,8 @@ def check(args: argparse.Namespace) -> str | None:
     for option, given in (("--vchan", args.vchan != "auto"), ("--vchan-dir", args.vchan_dir),
                           ("--domid", args.domid is not None),
                           ("--gui-domid", args.gui_domid is not None),
-                          ("--refresh", args.refresh != 60.0)):
+                          ("--refresh", args.refresh != 60.0),
+                          ("--keyboard-layout", args.keyboard_layout is not None)):
         if given:
             return f"qubesshm run: {option} is an agent mode option: add --agent"
     return common.check_grants(args, NAME)
