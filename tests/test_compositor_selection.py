@@ -494,6 +494,27 @@ def test_a_drop_nobody_accepts_cancels_the_source(
     assert [name for name, _ in a.dnd] == ["enter", "leave"]
 
 
+def test_a_source_destroyed_mid_drag_ends_it(
+        served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
+    a = clients("a")
+    w = a.shell_window
+    seat = served.compositor.seat
+    served.call(lambda: seat.pointer_motion(w, 10.0, 10.0, 1000))
+    served.call(lambda: seat.pointer_button(w, 10.0, 10.0, BTN_LEFT, True, 1001))
+    a.wait(lambda: a.press_serials, "the press")
+    source = a.source(b"x", ("text/plain",), actions=COPY)
+    a.device.start_drag(source.proxy, a.window.surface, None, a.press_serials[-1])
+    a.roundtrip()
+    served.call(lambda: seat.pointer_motion(w, 12.0, 12.0, 1002))
+    a.wait(lambda: a.dnd, "the drag to enter")
+    source.proxy.destroy()
+    a.wait(lambda: [n for n, _ in a.dnd] == ["enter", "leave"], "the drag's leave")
+    assert served.call(lambda: seat.grab) is None
+    served.call(lambda: seat.pointer_button(w, 12.0, 12.0, BTN_LEFT, False, 1003))
+    a.roundtrip()
+    assert [n for n, _ in a.dnd] == ["enter", "leave"]
+
+
 def test_start_drag_needs_a_press_serial(
         served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
     a = clients("a")

@@ -155,6 +155,8 @@ class Drag:
         if self._seat().pointer.buttons:
             return  # the drop comes with the last button's release
         target, source = self.target, self.source
+        if self.focus is not None and not self.focus.alive:
+            target = None  # its surface went since the last motion
         if target is not None:
             if source is None:
                 target.client.send(target.id, "drop")

@@ -255,7 +255,12 @@ class SelectionSlot:
         if source is None or not source.alive:
             client.send(device.id, "selection", None)
             return
-        offer_id = client.new_server_object(self.offer_interface, client.version(device.id))
+        try:
+            offer_id = client.new_server_object(self.offer_interface,
+                                                client.version(device.id))
+        except WireError as err:  # (no server id left) outside any request of its
+            client.post_error(err.object_id, err.code, err.message)
+            return
         client.resources[offer_id] = Offer(client, offer_id, source)
         client.send(device.id, "data_offer", offer_id)
         for mime in source.mimes:
