@@ -621,3 +621,190 @@ def test_cursor_shapes_when_the_protocol_is_loaded(monkeypatch: pytest.MonkeyPat
 def test_the_cursor_shape_global_is_not_offered_without_its_xml(client: SeatClient) -> None:
     assert "wp_cursor_shape_manager_v1" not in client.globals
     assert client.globals["wl_seat"][1] == 8
+
+
+def test_stacking_decides_who_takes_the_pointer(served: RunningCompositor,
+                                                client: SeatClient) -> None:
+    """Top down: a subsurface above its parent, the parent, one below it; a subsurface
+    without a buffer (and so its children) takes nothing."""
+    window = client.toplevel("stacking")
+    root = window.surface
+    below, above, hidden, grandchild = (client.compositor.create_surface() for _ in range(4))
+    subs = {}
+    for surface, parent, position in ((below, root, (-10, 0)), (above, root, (30, 0)),
+                                      (hidden, root, (0, 40)), (grandchild, hidden, (0, 0))):
+        subs[surface] = client.subcompositor.get_subsurface(surface, parent)
+        subs[surface].set_position(*position)
+        subs[surface].set_desync()
+    subs[below].place_below(root)
+    for surface in (below, above, grandchild):
+        client.show(surface, client.buffer(solid(40, 20, 0xFF00FF00)))
+    client.show(root, client.buffer(solid(60, 60, 0xFF0000FF)))
+    client.roundtrip()
+    w = wait_until(lambda: next((s for s in served.shell.mapped_windows()
+                                 if s.title == "stacking" and s.geometry.width == 80), None),
+                   "the stacking window")
+    assert (w.geometry.x, w.geometry.y) == (-10, 0)
+
+    current: list[Any] = [None]
+    for t, ((x, y), expected) in enumerate(cases_of(root, below, above).items()):
+        def move(seat: Seat, x: float = x, y: float = y, t: int = t) -> None:
+            seat.pointer_motion(w, x + 10, y, t)
+
+        on_seat(served, move)
+        client.roundtrip()
+        for name, args in pointer_events(client):
+            if name == "ptr.enter":
+                current[0] = (args[1], args[2], args[3])
+            elif name == "ptr.motion":
+                current[0] = (current[0][0], args[1], args[2])
+            elif name == "ptr.leave":
+                current[0] = None
+        assert current[0] == expected, (x, y)
+
+
+def cases_of(root: Any, below: Any, above: Any) -> dict[tuple[float, float], Any]:
+    return {(5.0, 5.0): (root, 5.0, 5.0),  # the root covers the one below it
+            (-5.0, 5.0): (below, 5.0, 5.0),
+            (35.0, 5.0): (above, 5.0, 5.0),  # above the root
+            (65.0, 5.0): (above, 35.0, 5.0),
+            (5.0, 45.0): (root, 5.0, 45.0),  # the hidden one's child: not shown
+            (5.0, 65.0): None}
+
+
+# -- focus and the objects' lives ---------------------------------------------------
+
+
+def test_devices_made_after_focus_get_enter_at_once(served: RunningCompositor) -> None:
+    c = SeatClient(served.path, keyboard=False, pointer=False)
+    try:
+        window, w = mapped(served, c, "late")
+        on_seat(served, lambda s: s.keyboard_focus(w, pressed=[KEY_LEFTSHIFT]))
+        on_seat(served, lambda s: s.pointer_motion(w, 7.0, 8.0, 1))
+        c.roundtrip()
+        assert c.events == []
+        c.keyboard = c.make_keyboard()
+        c.pointer = c.make_pointer()
+        c.roundtrip()
+        assert c.names() == ["kb.keymap", "kb.repeat_info", "kb.enter", "kb.modifiers",
+                             "ptr.enter", "ptr.frame"]
+        kb_enter = c.take("kb.enter")[0][1]
+        assert kb_enter[1] is window.surface and keys_of(kb_enter[2]) == [KEY_LEFTSHIFT]
+        assert c.take("ptr.enter")[0][1][1:] == (window.surface, 7.0, 8.0)
+    finally:
+        c.disconnect()
+
+
+def test_an_unmapped_window_loses_the_focus(served: RunningCompositor,
+                                            client: SeatClient) -> None:
+    window, w = mapped(served, client, "unmapping")
+    on_seat(served, lambda s: s.keyboard_focus(w))
+    on_seat(served, lambda s: s.pointer_motion(w, 5.0, 5.0, 1))
+    client.wait_for("ptr.enter")
+    client.take()
+    client.show(window.surface, None)
+    client.roundtrip()
+    client.wait_for("kb.leave")
+    client.wait_for("ptr.leave")
+    assert on_seat(served, lambda s: (s.keyboard.focus, s.pointer.focus)) == (None, None)
+    on_seat(served, lambda s: s.key(KEY_A, True, 2))
+    client.roundtrip()
+    assert client.names("kb.key") == []
+
+
+def test_a_destroyed_pointer_focus_gets_no_leave(served: RunningCompositor,
+                                                 client: SeatClient) -> None:
+    window, child, w = subsurface_scene(served, client)
+    on_seat(served, lambda s: s.pointer_motion(w, 15.0, 35.0, 1))
+    assert client.wait_for("ptr.enter")[0][1] is child
+    client.take()
+    child.destroy()  # its wl_subsurface goes inert
+    client.roundtrip()
+    assert on_seat(served, lambda s: s.pointer.focus) is None
+    assert client.names("ptr.") == []
+    on_seat(served, lambda s: s.pointer_motion(w, 16.0, 36.0, 2))
+    assert client.wait_for("ptr.enter")[0][1:] == (window.surface, 26.0, 41.0)
+
+
+def test_a_retired_window_loses_the_focus_and_listeners_hear(served: RunningCompositor,
+                                                             client: SeatClient) -> None:
+    other: SeatClient | None = SeatClient(served.path)
+    assert other is not None
+    try:
+        window, w = mapped(served, client, "going")
+        heard: list[object] = []
+        on_seat(served, lambda s: s.focus_listeners.append(heard.append))
+        on_seat(served, lambda s: s.keyboard_focus(w))
+        client.wait_for("kb.enter")
+        client.take()
+        window.role.destroy()
+        client.roundtrip()
+        assert client.take("kb.leave")[0][1][1] is window.surface
+        assert on_seat(served, lambda s: s.keyboard.focus) is None
+        assert heard[-1] is None
+        on_seat(served, lambda s: s.key(KEY_A, True, 2))
+        client.roundtrip()
+        assert client.names("kb.") == []
+        _, w2 = mapped(served, other, "staying")
+        on_seat(served, lambda s: s.keyboard_focus(w2))
+        other.wait_for("kb.enter")
+        on_seat(served, lambda s: s.key(KEY_Z, True, 3))
+        assert other.wait_for("kb.key")[0][2:] == (KEY_Z, 1)
+        assert on_seat(served, lambda s: s.keyboard_client is not None)
+        assert heard[-1] is not None
+        # The focused client going: the listeners hear of no focus.
+        other.disconnect()
+        other = None
+        wait_until(lambda: heard[-1] is None, "the listeners to hear the client went")
+    finally:
+        if other is not None:
+            other.disconnect()
+
+
+def test_touch_is_a_missing_capability(client: SeatClient) -> None:
+    client.seat.get_touch()
+    assert client.broken()
+
+
+def test_a_cursor_surface_may_have_no_other_role(served: RunningCompositor,
+                                                 client: SeatClient) -> None:
+    window, w = mapped(served, client, "roles")
+    on_seat(served, lambda s: s.pointer_motion(w, 5.0, 5.0, 1))
+    serial = client.wait_for("ptr.enter")[0][0]
+    client.pointer.set_cursor(serial, window.surface, 0, 0)
+    assert client.broken()
+
+
+def test_an_old_keyboard_gets_no_repeat_info(served: RunningCompositor) -> None:
+    c = SeatClient(served.path, seat_version=1)
+    try:
+        assert c.names("kb.") == ["kb.keymap"]
+        assert c.seat_names == []  # wl_seat.name is version 2's
+        assert c.seat_caps == [3]
+    finally:
+        c.disconnect()
+
+
+def test_focus_moving_away_from_a_menu_goes_straight_to_the_new_window(
+        served: RunningCompositor, client: SeatClient) -> None:
+    other = SeatClient(served.path)
+    try:
+        top, w = mapped(served, client, "menu owner", (200, 150))
+        _, w2 = mapped(served, other, "next")
+        on_seat(served, lambda s: s.keyboard_focus(w))
+        on_seat(served, lambda s: s.pointer_motion(w, 15.0, 15.0, 1))
+        serial = on_seat(served, lambda s: s.pointer_button(w, 15.0, 15.0, BTN_LEFT, True, 2))
+        assert isinstance(serial, int)
+        menu = grabbing_popup(client, top, serial, "menu")
+        client.wait(lambda: "kb.enter" in client.names() and
+                    client.take("kb.enter")[-1][1][1] is menu.surface, "focus on the menu")
+        client.take()
+        on_seat(served, lambda s: s.keyboard_focus(w2))
+        other.wait_for("kb.enter")
+        client.wait(lambda: menu.popup_done, "the menu's popup_done")
+        client.roundtrip()
+        kb = client.take("kb.")
+        assert [n for n, _ in kb] == ["kb.leave"]
+        assert kb[0][1][1] is menu.surface
+    finally:
+        other.disconnect()

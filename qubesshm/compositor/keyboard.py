@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 KEYMAP_FORMAT_XKB_V1 = 1
 KEY_RELEASED = 0
 KEY_PRESSED = 1
-# Characters per second and milliseconds before the first repeat: X's default rate,
-# a delay a little shorter than X's 660 ms.
+# Characters per second, and milliseconds before the first repeat: what tinywl (wlroots'
+# reference compositor) and sway send by default; X's own default is 25/s after 660 ms.
 REPEAT_RATE = 25
 REPEAT_DELAY = 600
 

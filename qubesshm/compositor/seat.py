@@ -109,10 +109,12 @@ class Seat:
         """Keyboard focus to ``w`` (its topmost grabbing popup's surface, if it has
         one), or to nothing; ``pressed`` are the evdev codes held as focus arrives."""
         window = self._window(w) if w is not None else None
-        if self.popup_chain and (window is None or not self._in_chain_family(window)):
-            self.dismiss_popup_chain()
-        self.focus_window = window
+        leaving_chain = bool(self.popup_chain) and (window is None
+                                                    or not self._in_chain_family(window))
         self.keyboard.reset(tuple(int(code) for code in pressed))
+        self.focus_window = window
+        if leaving_chain:
+            self.dismiss_popup_chain()  # focus goes straight to ``window``
         target = self._keyboard_target()
         if target is self.keyboard.focus:
             self.keyboard.resend_state()
@@ -162,8 +164,8 @@ class Seat:
         focus = self.pointer.focus
         if self._last_pointer is not None and self._last_pointer[0] is window:
             self._last_pointer = None
-        if focus is None or (window is not None and window_of(focus) is not window
-                             and not self.pointer.buttons):
+        if focus is None or window is None or (window_of(focus) is not window
+                                               and not self.pointer.buttons):
             return
         if self.pointer.buttons or self.grab is not None:
             self._pointer_outside = True
@@ -183,6 +185,11 @@ class Seat:
             elif not pressed and button in buttons:
                 buttons.remove(button)
             self.grab.button(button, pressed, time_ms)
+            return None
+        if window is None and not self.pointer.buttons:
+            # A press on a window that is gone: nobody's, but it ends a popup grab.
+            if pressed and self.popup_chain:
+                self.dismiss_popup_chain()
             return None
         if pressed and window is not None:
             if not self.pointer.buttons:
