@@ -71,8 +71,15 @@ def test_globals_are_offered_at_the_versions_both_the_xml_and_qubesshm_know(
     app = world.app()
     offered = {name: version for name, (_, version) in app.c.globals.items()}
     for interface, ours in IMPLEMENTED_VERSIONS.items():
+        if interface not in world.comp.protocol:
+            # Implemented, but its XML is not in the bundled set (cursor-shape-v1 is
+            # newer than Debian 12's wayland-protocols): not offered.
+            assert interface not in offered
+            continue
         assert offered[interface] == min(ours, world.comp.protocol[interface].version)
-    assert "wl_seat" not in offered and "wl_data_device_manager" not in offered
+    for needed in ("wl_seat", "wl_data_device_manager",
+                   "zwp_primary_selection_device_manager_v1"):
+        assert needed in offered
     names = sorted(n for n, _ in app.c.globals.values())
     assert names == list(range(1, len(names) + 1))
 
