@@ -104,11 +104,10 @@ class Keymap:
         """Qubes' keyboard layout string: ``layout[+variant[+options]]``, as the
         ``/keyboard-layout`` QubesDB entry and ``qubes.SetKeyboardLayout`` carry it (the
         agent's qubes-keymap script cuts fields 1, 2 and 3 at ``+``); empty means ``us``."""
-        fields = (spec.strip() + "++").split("+")
-        if len([f for f in spec.split("+")]) > 3:
+        if spec.count("+") > 2:
             raise KeymapError(f"keyboard layout {spec!r} has more than three '+' fields "
                               "(layout+variant+options)")
-        layout, variant, options = fields[0], fields[1], fields[2]
+        layout, variant, options = (spec.strip() + "++").split("+")[:3]
         return cls.from_names(layout or "us", variant, options)
 
     def fd(self) -> int:
