@@ -202,6 +202,32 @@ def test_keypresses_type_text_and_a_repeated_press_is_left_to_the_client(
     assert times == sorted(times) and abs(times[-1] - int(served.now * 1000)) <= 2
 
 
+def test_caps_lock_follows_the_state_dom0_sends_with_each_key(served: AgentServed,
+                                                             client: SeatClient) -> None:
+    _window, wid = shown(served, client, "caps")
+    served.send(0, gm.KeymapNotify(bytes(32)))
+    served.send(wid, gm.Focus(FOCUS_IN, NORMAL, 3))
+    client.wait_for("kb.enter")
+    client.take()
+    lock = 2  # X's LockMask: Caps Lock is on in dom0
+    for x_code, kind, state in ((X_A, KEY_PRESS, lock), (X_A, KEY_RELEASE, lock),
+                                (X_B, KEY_PRESS, lock), (X_B, KEY_RELEASE, lock),
+                                (X_A, KEY_PRESS, 0), (X_A, KEY_RELEASE, 0)):
+        served.send(wid, gm.Keypress(kind, 5, 5, state, x_code))
+    client.wait_for("kb.key", 10)
+    client.roundtrip()
+    keys = [(args[2], args[3]) for name, args in client.events if name == "kb.key"]
+    caps = [(58, 1), (58, 0)]
+    assert keys == [*caps, (KEY_A, 1), (KEY_A, 0), (KEY_B, 1), (KEY_B, 0),
+                    *caps, (KEY_A, 1), (KEY_A, 0)]
+    assert typed(client) == "ABa"
+    # Num Lock on in dom0 (Mod2Mask): the keypad's 1 is a 1, not End.
+    client.take()
+    served.send(wid, gm.Keypress(KEY_PRESS, 5, 5, 0x10, 87))
+    client.wait_for("kb.key", 3)
+    assert typed(client) == "1"
+
+
 def test_keymap_notify_while_focused_releases_keys_let_go_elsewhere(
         served: AgentServed, client: SeatClient) -> None:
     _window, wid = shown(served, client, "keymap")

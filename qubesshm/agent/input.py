@@ -9,7 +9,12 @@ today's X agent (qubes-gui-agent-linux ``vmside.c``):
 - ``KEYPRESS``: X key code - 8 is the evdev code (Xorg's evdev offset); the
   window is not looked at (keys go to the focused window, as there). A press of
   a key already down (the daemon's autorepeat) is dropped: Wayland clients repeat
-  keys themselves (``repeat_info``).
+  keys themselves (``repeat_info``). Caps Lock and Num Lock follow dom0's: when
+  the event's state (dom0's modifiers) and the seat's locked modifiers disagree
+  on Lock or Mod2, a Caps Lock or Num Lock press and release comes first, as
+  vmside syncs them (its default syncs Lock; Num Lock too here, as the seat
+  starts each focus with no lock on, where vmside's X server keeps its own).
+  dom0's other modifiers arrive as their own keys.
 - ``BUTTON``: X buttons 1, 2, 3, 8, 9 are ``BTN_LEFT``, ``BTN_MIDDLE``,
   ``BTN_RIGHT``, ``BTN_SIDE``, ``BTN_EXTRA``; 4/5 are one wheel step up/down,
   6/7 left/right (their releases carry nothing); at the message's window
@@ -51,6 +56,11 @@ FOCUS_OUT = 10
 NOTIFY_NORMAL = 0
 NOTIFY_GRAB = 1
 NOTIFY_UNGRAB = 2
+KEY_CAPSLOCK = 58
+KEY_NUMLOCK = 69
+# X's LockMask and Mod2Mask (Num Lock), the same bits in an evdev keymap's modifiers,
+# and the key that toggles each.
+LOCKS = ((1 << 1, KEY_CAPSLOCK), (1 << 4, KEY_NUMLOCK))
 
 EVDEV_OFFSET = 8  # X key code = evdev code + 8
 # linux/input-event-codes.h
@@ -70,8 +80,22 @@ INPUT_MESSAGES = frozenset({gm.MsgType.KEYPRESS, gm.MsgType.BUTTON, gm.MsgType.M
                             gm.MsgType.CROSSING, gm.MsgType.FOCUS, gm.MsgType.KEYMAP_NOTIFY})
 
 
+class _KeyState(Protocol):
+    def modifiers(self) -> tuple[int, int, int, int]:
+        """Depressed, latched and locked modifiers, and the group."""
+        ...
+
+
+class _Keyboard(Protocol):
+    @property
+    def state(self) -> _KeyState: ...
+
+
 class Seat(Protocol):
     """What the agent calls on the compositor's seat (``compositor.seat``)."""
+
+    @property
+    def keyboard(self) -> _Keyboard: ...
 
     def keyboard_focus(self, w: ShellWindow | None, pressed: Iterable[int] = ()) -> None: ...
 
@@ -151,6 +175,7 @@ class AgentInput:
         if body.type == KEY_PRESS:
             if code in self.pressed:
                 return  # autorepeat: the client repeats by itself
+            self._sync_locks(code, body.state)
             self.pressed.add(code)
             self.seat.key(code, True, self._now())
         elif body.type == KEY_RELEASE:
@@ -158,6 +183,16 @@ class AgentInput:
                 return  # pressed before the window had focus: the client never saw it
             self.pressed.discard(code)
             self.seat.key(code, False, self._now())
+
+    def _sync_locks(self, code: int, state: int) -> None:
+        """Before key ``code``: toggle the locks dom0's ``state`` has and the seat not
+        (or the other way round); not before the lock key itself, which toggles."""
+        locked = self.seat.keyboard.state.modifiers()[2]
+        for mask, lock_key in LOCKS:
+            if (state ^ locked) & mask and code != lock_key and lock_key not in self.pressed:
+                now = self._now()
+                self.seat.key(lock_key, True, now)
+                self.seat.key(lock_key, False, now)
 
     def _keymap_notify(self, bitmap: bytes) -> None:
         keys = pressed_keys(bitmap)
