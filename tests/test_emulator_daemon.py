@@ -1,4 +1,5 @@
-"""The emulator's sans-IO model of qubes-guid: handshake, checks, dumps, ACK order, geometry.
+"""The emulator's sans-IO model of qubes-guid: handshake, checks, dumps, ACK order, geometry,
+input and the clipboard keys.
 
 Every expectation here is a fact read in the real daemon's ``gui-daemon/xside.c``: what
 it answers, what it lets go of and when, what ends it.
@@ -6,6 +7,7 @@ it answers, what it lets go of and when, what ends it.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qubesshm.emulator import daemon as dm
+from qubesshm.emulator import events as ev
+from qubesshm.emulator.clipboard import Metadata
 from qubesshm.guiproto import codec
 from qubesshm.guiproto import messages as gm
 
@@ -578,3 +582,194 @@ ACK = gm.MsgType.WINDOW_DUMP_ACK
 def _type(send: dm.Send) -> int | None:
     """The message type of a Send after the handshake (each is one whole message)."""
     return int.from_bytes(send.data[:4], "little") if len(send.data) >= 12 else None
+
+
+# -- input: what the daemon sends for each X event (process_xevent_*) ----------------------------
+
+KEYMAP = bytes(range(32))
+C_KEY, V_KEY = 54, 55  # XKeysymToKeycode(XK_c), (XK_v) on a us keyboard
+CTRL_SHIFT = ev.CONTROL_MASK | ev.SHIFT_MASK
+
+
+def header(mtype: int, window: int, body: bytes) -> bytes:
+    """A message as the daemon writes it, packed here field by field (not by the codec)."""
+    return struct.pack("<III", mtype, window, len(body)) + body
+
+
+def wire(actions: Sequence[dm.Action]) -> bytes:
+    return b"".join(a.data for a in of(dm.Send, actions))
+
+
+def typing() -> Run:
+    run = start()
+    shown(run, 7, x=100, y=50, w=200, h=100)
+    run.daemon.keyboard_mapped(C_KEY, V_KEY)
+    return run
+
+
+def test_keys_are_sent_with_the_x_events_fields() -> None:
+    run = typing()
+    press = run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 12, -3, 0x11, 38, 5000), 0.0)
+    assert press == [dm.SetUserTime(7, 5000),
+                     dm.Send(header(124, 7, struct.pack("<IiiII", 2, 12, -3, 0x11, 38)))]
+    release = run.daemon.x_input(ev.Key(7, ev.KEY_RELEASE, 12, 4, 1, 38, 5001), 0.0)
+    assert wire(release) == header(124, 7, struct.pack("<IiiII", 3, 12, 4, 1, 38))
+    # No filter: the same press twice (X's auto-repeat) is sent twice.
+    again = [run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 0, 0, 0, 38, t), 0.0) for t in (1, 2)]
+    assert [wire(a) for a in again] == [header(124, 7, struct.pack("<IiiII", 2, 0, 0, 0, 38))] * 2
+
+
+def test_buttons_motion_and_close() -> None:
+    run = typing()
+    assert run.daemon.x_input(ev.Button(7, ev.BUTTON_PRESS, 5, 6, 0x10, 3, 77), 0.0) == [
+        dm.SetUserTime(7, 77), dm.Send(header(125, 7, struct.pack("<IiiII", 4, 5, 6, 0x10, 3)))]
+    assert wire(run.daemon.x_input(ev.Button(7, ev.BUTTON_RELEASE, -5, 6, 0x410, 3, 78),
+                                   0.0)) == header(125, 7, struct.pack("<IiiII", 5, -5, 6,
+                                                                        0x410, 3))
+    assert run.daemon.x_input(ev.Motion(7, 199, 99, 0x100, 0), 0.0) == [
+        dm.Send(header(126, 7, struct.pack("<iiII", 199, 99, 0x100, 0)))]
+    assert run.daemon.x_input(ev.DeleteRequest(7), 0.0) == [dm.Send(header(137, 7, b""))]
+
+
+def test_an_enter_first_says_which_keys_are_down_a_leave_does_not() -> None:
+    run = typing()
+    enter = run.daemon.x_input(ev.Crossing(7, ev.ENTER_NOTIFY, 1, 2, 0, 0, 3, 1, KEYMAP), 0.0)
+    assert wire(enter) == (header(142, 0, KEYMAP)
+                           + header(127, 7, struct.pack("<IiiIIII", 7, 1, 2, 0, 0, 3, 1)))
+    leave = run.daemon.x_input(ev.Crossing(7, ev.LEAVE_NOTIFY, -1, 2, 4, 1, 0, 0, KEYMAP), 0.0)
+    assert wire(leave) == header(127, 7, struct.pack("<IiiIIII", 8, -1, 2, 4, 1, 0, 0))
+    assert [m.type for m in run.sent(enter + leave)] == [
+        gm.MsgType.KEYMAP_NOTIFY, gm.MsgType.CROSSING, gm.MsgType.CROSSING]
+
+
+@pytest.mark.parametrize(("mode", "sent"), [(ev.NOTIFY_NORMAL, True), (ev.NOTIFY_GRAB, False),
+                                            (ev.NOTIFY_UNGRAB, False),
+                                            (ev.NOTIFY_WHILE_GRABBED, True)])
+def test_focus_changes_but_not_grabs_are_sent_as_normal(mode: int, sent: bool) -> None:
+    run = typing()
+    focus_in = run.daemon.x_input(ev.Focus(7, ev.FOCUS_IN, mode, 3, KEYMAP), 0.0)
+    focus_out = run.daemon.x_input(ev.Focus(7, ev.FOCUS_OUT, mode, 4, KEYMAP), 0.0)
+    if not sent:
+        assert focus_in == focus_out == []
+        return
+    assert wire(focus_in) == header(142, 0, KEYMAP) + header(128, 7, struct.pack("<III",
+                                                                               9, 0, 3))
+    assert wire(focus_out) == header(128, 7, struct.pack("<III", 10, 0, 4))
+
+
+def test_input_of_windows_not_the_daemons_is_dropped() -> None:
+    run = typing()
+    assert run.daemon.x_input(ev.Key(8, ev.KEY_PRESS, 0, 0, 0, 38, 1), 0.0) == []
+    assert run.daemon.x_input(ev.Motion(8, 0, 0, 0, 0), 0.0) == []
+    run.send(7, gm.Destroy())
+    assert run.daemon.x_input(ev.DeleteRequest(7), 0.0) == []
+
+
+def test_input_waits_behind_a_delayed_ack() -> None:
+    run = start(ack_delay=0.5)
+    shown(run, 1)
+    run.send(1, dump_body())
+    assert run.sent(run.daemon.x_input(ev.Motion(1, 3, 4, 0, 0), 0.1)) == []
+    run.now = 0.5
+    assert [m.type for m in run.sent(run.tick())] == [gm.MsgType.WINDOW_DUMP_ACK,
+                                                      gm.MsgType.MOTION]
+
+
+def test_wm_state_changes_become_window_flags() -> None:
+    run = typing()
+    states = dm.STATE_FULLSCREEN, dm.STATE_DEMANDS_ATTENTION
+    assert wire(run.daemon.x_input(ev.WmStateChanged(7, states), 0.0)) == header(
+        145, 7, struct.pack("<II", 3, 0))
+    assert run.daemon.x_input(ev.WmStateChanged(7, states), 0.0) == []  # no change
+    assert wire(run.daemon.x_input(ev.WmStateChanged(7, (dm.STATE_HIDDEN, "_NET_WM_STATE_X")),
+                                   0.0)) == header(145, 7, struct.pack("<II", 4, 3))
+    assert wire(run.daemon.x_input(ev.WmStateChanged(7, None), 0.0)) == header(
+        145, 7, struct.pack("<II", 0, 4))
+    run.send(2, gm.Create(0, 0, 8, 8))  # not mapped: not told
+    assert run.daemon.x_input(ev.WmStateChanged(2, states), 0.0) == []
+
+
+def test_a_maximize_asked_for_a_fullscreen_is_told_as_fullscreen() -> None:
+    run = typing()
+    run.send(7, gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0))  # without allow_fullscreen
+    both = (dm.STATE_MAXIMIZED_VERT, dm.STATE_MAXIMIZED_HORZ)
+    assert run.sent(run.daemon.x_input(ev.WmStateChanged(7, both), 0.0)) == [
+        gm.Message.of(7, gm.WindowFlags(gm.WINDOW_FLAG_FULLSCREEN, 0))]
+    # one of the two gone: out of the emulated fullscreen, and it stays out
+    assert run.sent(run.daemon.x_input(ev.WmStateChanged(7, both[:1]), 0.0)) == [
+        gm.Message.of(7, gm.WindowFlags(0, gm.WINDOW_FLAG_FULLSCREEN))]
+    assert run.daemon.x_input(ev.WmStateChanged(7, both), 0.0) == []
+
+
+def test_a_window_someone_else_maps_is_told_or_unmapped_again() -> None:
+    run = start()
+    run.send(3, gm.Create(0, 0, 8, 8))
+    assert wire(run.daemon.x_input(ev.MapNotified(3, True, True), 0.0)) == header(
+        132, 3, struct.pack("<II", 0, 1))
+    assert run.daemon.x_input(ev.MapNotified(3, False, False), 0.0) == [dm.UnmapWindow(3)]
+    run.send(3, gm.Map(0, 0))
+    assert run.daemon.x_input(ev.MapNotified(3, False, True), 0.0) == []  # its own map
+
+
+# -- the clipboard keys -------------------------------------------------------------------------
+
+
+def test_ctrl_shift_c_asks_the_agent_and_neither_key_event_is_forwarded() -> None:
+    run = typing()
+    shift = run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 1, 1, ev.CONTROL_MASK, 50, 10), 0.0)
+    assert [m.body for m in run.sent(shift)] == [gm.Keypress(2, 1, 1, ev.CONTROL_MASK, 50)]
+    # Num Lock (Mod2) and Caps Lock do not count; the release is swallowed too.
+    copy = run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 1, 1,
+                                     CTRL_SHIFT | ev.MOD2_MASK | ev.LOCK_MASK, C_KEY, 11), 0.0)
+    assert copy == [dm.SetUserTime(7, 11), dm.Send(header(139, 7, b""))]
+    assert run.daemon.x_input(ev.Key(7, ev.KEY_RELEASE, 1, 1, CTRL_SHIFT, C_KEY, 12), 0.0) == [
+        dm.SetUserTime(7, 12)]
+    # With Alt as well it is an ordinary key.
+    alt = run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 1, 1, CTRL_SHIFT | ev.MOD1_MASK, C_KEY,
+                                    13), 0.0)
+    assert [m.type for m in run.sent(alt)] == [gm.MsgType.KEYPRESS]
+
+
+def test_the_agents_clipboard_data_is_kept_only_when_asked_for() -> None:
+    run = typing()
+    assert run.send(7, gm.ClipboardData(b"unasked")) == []
+    run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 0, 0, CTRL_SHIFT, C_KEY, 4242), 0.0)
+    stored = run.send(7, gm.ClipboardData(b"text"))
+    assert stored == [dm.ClipboardStore(b"text", Metadata(
+        vmname="vm", xevent_timestamp=4242, copy_action=True, sent_size=4,
+        buffer_size=gm.DEFAULT_CLIPBOARD_BUFFER_SIZE, protocol_version_xside=gm.VERSION,
+        protocol_version_vmside=gm.VERSION))]
+    run.daemon.clipboard_stored()
+    assert run.send(7, gm.ClipboardData(b"again")) == []
+
+
+def test_empty_or_too_long_clipboard_data_empties_the_clipboard() -> None:
+    run = typing()
+    run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 0, 0, CTRL_SHIFT, C_KEY, 9), 0.0)
+    [empty] = run.send(7, gm.ClipboardData(b""))
+    assert isinstance(empty, dm.ClipboardClear)
+    assert (empty.metadata.successful, empty.metadata.copy_action) == (True, True)
+    [long] = run.send(7, gm.ClipboardData(b"x" * (gm.DEFAULT_CLIPBOARD_BUFFER_SIZE + 1)))
+    assert isinstance(long, dm.ClipboardClear)
+    assert (long.metadata.successful, long.metadata.oversized_request) == (False, True)
+    assert long.metadata.sent_size == gm.DEFAULT_CLIPBOARD_BUFFER_SIZE + 1
+
+
+def test_ctrl_shift_v_pastes_what_the_clipboard_gives() -> None:
+    run = typing()
+    [paste] = [a for a in run.daemon.x_input(ev.Key(7, ev.KEY_PRESS, 0, 0, CTRL_SHIFT, V_KEY,
+                                                    300), 0.0)
+               if not isinstance(a, dm.SetUserTime)]
+    assert isinstance(paste, dm.ClipboardPaste)
+    assert (paste.window, paste.time, paste.metadata.paste_action) == (7, 300, True)
+    assert run.daemon.x_input(ev.Key(7, ev.KEY_RELEASE, 0, 0, CTRL_SHIFT, V_KEY, 301), 0.0) == [
+        dm.SetUserTime(7, 301)]
+    assert run.daemon.clipboard_paste(7, b"hello", 0.0) == [
+        dm.Send(header(140, 7, b"hello"))]
+    assert run.daemon.clipboard_paste(7, b"", 0.0) == []  # nothing to paste: nothing sent
+
+
+def test_odd_cursor_glyphs_are_the_default_cursor() -> None:
+    run = typing()
+    assert run.send(7, gm.Cursor(gm.CURSOR_X11 + 152)) == [dm.SetCursor(7, 152)]
+    assert run.send(7, gm.Cursor(gm.CURSOR_X11 + 69)) == [dm.SetCursor(7, None)]

@@ -128,6 +128,10 @@ class World:
     vchan_dir: Path
     server: HypercallServer | None = None
 
+    @property
+    def clipboard(self) -> Path:
+        return self.top / "clip"
+
     def env(self, display: str | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if k not in ("VCHAN_DOMAIN", "DISPLAY", "QUBESSHM_SIM_ROOT")}
@@ -146,6 +150,13 @@ class World:
 
 @pytest.fixture
 def world() -> Iterator[World]:
+    with new_world() as found:
+        yield found
+
+
+@contextlib.contextmanager
+def new_world() -> Iterator[World]:
+    """A simulated kernel hosting the agent's domain, and a vchan directory."""
     top = Path(tempfile.mkdtemp(prefix="emu", dir="/tmp"))  # short: socket paths
     base = top / "sim"
     kernel = KernelDir.create(base)
@@ -155,12 +166,17 @@ def world() -> Iterator[World]:
     vchan_dir = top / "vchan"
     vchan_dir.mkdir(mode=0o700)
     found = World(top, base, kernel, hv, vm, clock, vchan_dir)
-    yield found
-    if found.server is not None:
-        found.server.close()
-    vm.close()
-    kernel.close()
-    shutil.rmtree(top, ignore_errors=True)
+    try:
+        yield found
+    finally:
+        if found.server is not None:
+            found.server.close()
+        vm.close()
+        kernel.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+CLIPBOARD_LINE = "qubesshm guid-emulator: clipboard: "  # the line it says at start
 
 
 @dataclass
@@ -169,6 +185,11 @@ class Emulator:
     log: Path
 
     def output(self) -> str:
+        """What it said, but the line naming its clipboard file."""
+        return "".join(line for line in self.everything().splitlines(keepends=True)
+                       if not line.startswith(CLIPBOARD_LINE))
+
+    def everything(self) -> str:
         return self.log.read_text(errors="replace")
 
     async def exited(self) -> int:
@@ -191,6 +212,10 @@ class Emulator:
 
 
 def start_emulator(world: World, display: str | None, *args: str) -> Emulator:
+    """The emulator for ``world``'s agent, its clipboard in ``world.clipboard`` unless
+    ``args`` say otherwise."""
+    if "--clipboard-dir" not in args:
+        args = (*args, "--clipboard-dir", str(world.clipboard))
     log = world.top / f"emulator.{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from qubesshm.guiproto import messages as gm
 from qubesshm.options import non_negative_seconds, whole
@@ -58,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-shm", action="store_true",
         help="put dumps with PutImage from the emulator's own mapping, even where the X "
              "server offers MIT-SHM")
+    parser.add_argument(
+        "--clipboard-dir", type=Path, default=None, metavar="DIR",
+        help="the global clipboard's directory: qubes-guid's qubes-clipboard.bin (with "
+             ".source, .xevent, .metadata) kept there, filled by Ctrl+Shift+C in a VM window "
+             "and pasted by Ctrl+Shift+V; made (mode 0700) if missing, refused unless yours "
+             "and private (default $XDG_RUNTIME_DIR/qubesshm-clipboard)")
     parser.add_argument(
         "--on-verify", choices=("exit", "ignore"), default="exit",
         help="what a message failing one of qubes-guid's 'Verify' checks does (qubes-guid "

@@ -26,6 +26,11 @@ What it reproduces, from the daemon's source (facts, not code):
   go too; ``DESTROY`` writes its echo (1.5+) right after, with no sync. ``SHMIMAGE`` and
   Expose put the rectangle, clipped to the dump, on screen.
 
+- Input (``x_input``): what the daemon's ``process_xevent_*`` write for X events on its
+  windows, field for field (see ``x_input``); the clipboard keys (Ctrl+Shift+C: the
+  agent is asked for its clipboard; Ctrl+Shift+V: the clipboard file's text is sent);
+  the agent's ``CLIPBOARD_DATA`` kept only when asked for, as ``ClipboardStore``.
+
 What the emulator adds: ``hold`` keeps a let-go dump mapped that many seconds longer
 (a slow daemon: its ACKs, which mean that the X server let go of every dump let go
 before, wait as long, and whatever it writes after them); ``ack_delay`` holds each
@@ -41,8 +46,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from qubesshm.emulator import events as ev
+from qubesshm.emulator.clipboard import Metadata
 from qubesshm.guiproto import codec, handshake
 from qubesshm.guiproto import messages as gm
 from qubesshm.guiproto.checks import DaemonChecks
@@ -61,6 +69,16 @@ STATE_FULLSCREEN = "_NET_WM_STATE_FULLSCREEN"
 STATE_MAXIMIZED_VERT = "_NET_WM_STATE_MAXIMIZED_VERT"
 STATE_MAXIMIZED_HORZ = "_NET_WM_STATE_MAXIMIZED_HORZ"
 STATE_DEMANDS_ATTENTION = "_NET_WM_STATE_DEMANDS_ATTENTION"
+STATE_HIDDEN = "_NET_WM_STATE_HIDDEN"
+WM_STATES = (STATE_FULLSCREEN, STATE_MAXIMIZED_VERT, STATE_MAXIMIZED_HORZ,
+             STATE_DEMANDS_ATTENTION, STATE_HIDDEN)
+
+# The clipboard keys: the modifiers the daemon compares (Num Lock, Mod2, and Caps Lock
+# are left out), and its default sequences, Ctrl+Shift+C and Ctrl+Shift+V.
+SPECIAL_KEYS_MASK = (ev.MOD1_MASK | ev.MOD3_MASK | ev.MOD4_MASK | ev.SHIFT_MASK
+                     | ev.CONTROL_MASK)
+COPY_MASK = PASTE_MASK = ev.CONTROL_MASK | ev.SHIFT_MASK
+COPY_KEYSYM, PASTE_KEYSYM = 0x63, 0x76  # XK_c, XK_v
 
 
 # -- values shared with the X side --------------------------------------------------------
@@ -125,6 +143,9 @@ class Settings:
     # emulator (True), or log it and drop the message as qubes-guid does when the user
     # lets the VM go on.
     verify_exits: bool = True
+    # The VM's clipboard limit (guid.conf's clipboard_buffer_size): longer data from the
+    # agent empties the clipboard instead.
+    clipboard_buffer_size: int = gm.DEFAULT_CLIPBOARD_BUFFER_SIZE
 
 
 # -- actions --------------------------------------------------------------------------------
@@ -285,6 +306,40 @@ class Fill:
 
 
 @dataclass(frozen=True, slots=True)
+class SetUserTime:
+    """``_NET_WM_USER_TIME`` of the window: the X time of the user's last key or button."""
+
+    window: int
+    time: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardStore:
+    """Keep the agent's clipboard text (the copy's X time is in ``metadata``); the
+    executor tells ``clipboard_stored`` unless the clipboard discarded it."""
+
+    data: bytes
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardClear:
+    """Empty the clipboard, recording ``metadata``."""
+
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class ClipboardPaste:
+    """Take the clipboard's text for a paste at X time ``time`` into ``window``, and hand
+    it to ``clipboard_paste``."""
+
+    window: int
+    time: int
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
 class Exit:
     """The daemon ends with ``status``; ``message`` is its line on stderr (or empty)."""
 
@@ -295,7 +350,7 @@ class Exit:
 Action = (Send | MapDump | Detach | Unmap | CreateWindow | DestroyWindow | MapWindow
           | UnmapWindow | MoveResize | SetOverrideRedirect | SetName | SetClass | SetSizeHints
           | SetTransientFor | SetWmState | RequestWmState | Iconify | SetCursor | Put | Frame
-          | Fill | Exit)
+          | Fill | SetUserTime | ClipboardStore | ClipboardClear | ClipboardPaste | Exit)
 
 
 class Fault(Exception):
@@ -368,6 +423,10 @@ class GuiDaemon:
         self._outbox: deque[tuple[float, bytes, int | None]] = deque()  # due, bytes, ACK window
         self._letting_go: deque[tuple[float, int]] = deque()  # not before, dump id
         self._dumps: dict[int, _Dump] = {}  # every dump still mapped (current or let go)
+        self._copy_keycode = 0  # XKeysymToKeycode of the clipboard keys (0: none)
+        self._paste_keycode = 0
+        self._clipboard_requested = False
+        self._clipboard_time = 0  # the X time of the last copy
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -466,6 +525,164 @@ class GuiDaemon:
             times.append(self._outbox[0][0])
         return min(times) if times else None
 
+    # -- input from the X server ---------------------------------------------------------
+
+    def keyboard_mapped(self, copy_keycode: int, paste_keycode: int) -> None:
+        """The key codes of the clipboard keys' keysyms in the X server's mapping now."""
+        self._copy_keycode, self._paste_keycode = copy_keycode, paste_keycode
+
+    def x_input(self, event: ev.Input, now: float) -> list[Action]:
+        """An input event on one of the windows: what the daemon sends the agent.
+
+        Events of X windows that are not the daemon's are dropped
+        (``CHECK_NONMANAGED_WINDOW``); nothing else is filtered by window kind
+        (override-redirect windows get input as others) or by repetition (X's
+        auto-repeat presses reach the agent as X reports them)."""
+        actions: list[Action] = []
+        window = self._windows.get(event.window)
+        if window is None or self.finished is not None or self.version is None:
+            return actions
+        match event:
+            case ev.Key():
+                self._key(window, event, now, actions)
+            case ev.Button():
+                # process_xevent_button (a docked window would take the focus too; the
+                # emulator has no tray, so docked windows never show)
+                actions.append(SetUserTime(window.id, event.time))
+                self._send(now, window.id, gm.Button(event.type, event.x, event.y, event.state,
+                                                     event.button))
+            case ev.Motion():
+                self._send(now, window.id, gm.Motion(event.x, event.y, event.state,
+                                                     event.is_hint))
+            case ev.Crossing():
+                # process_xevent_crossing: an enter first says which keys are down
+                if event.type == ev.ENTER_NOTIFY:
+                    self._send(now, 0, gm.KeymapNotify(event.keys))
+                self._send(now, window.id, gm.Crossing(event.type, event.x, event.y,
+                                                       event.state, event.mode, event.detail,
+                                                       event.focus))
+            case ev.Focus():
+                # process_xevent_focus: grabs (a window manager's task switcher) are not
+                # the VM's business; WhileGrabbed is told as Normal.
+                if event.mode not in (ev.NOTIFY_NORMAL, ev.NOTIFY_WHILE_GRABBED):
+                    return actions
+                if event.type == ev.FOCUS_IN:
+                    self._send(now, 0, gm.KeymapNotify(event.keys))
+                self._send(now, window.id, gm.Focus(event.type, ev.NOTIFY_NORMAL,
+                                                    event.detail))
+            case ev.DeleteRequest():
+                self._send(now, window.id, gm.Close())  # process_xevent_close
+            case ev.WmStateChanged():
+                self._wm_state(window, event.states, now)
+            case ev.MapNotified():
+                self._map_notified(window, event, now, actions)
+        self._flush(now, actions)
+        return actions
+
+    def _send(self, now: float, window: int, body: gm.Body) -> None:
+        """One message to the agent, behind whatever is waiting (one stream)."""
+        self._queue(now, codec.encode(window, body))
+
+    def _key(self, window: _Window, event: ev.Key, now: float, actions: list[Action]) -> None:
+        """process_xevent_keypress with is_special_keypress: the clipboard keys' press
+        does the clipboard's work and neither it nor its release reaches the agent."""
+        actions.append(SetUserTime(window.id, event.time))
+        modifiers = event.state & SPECIAL_KEYS_MASK
+        if modifiers == COPY_MASK and event.keycode == self._copy_keycode:
+            if event.type == ev.KEY_PRESS:
+                self._clipboard_time = event.time
+                self._clipboard_requested = True
+                self._send(now, window.id, gm.ClipboardReq())
+            return
+        if modifiers == PASTE_MASK and event.keycode == self._paste_keycode:
+            if event.type == ev.KEY_PRESS:
+                actions.append(ClipboardPaste(window.id, event.time,
+                                              self._clipboard_metadata(paste_action=True)))
+            return
+        self._send(now, window.id, gm.Keypress(event.type, event.x, event.y, event.state,
+                                               event.keycode))
+
+    def _wm_state(self, window: _Window, states: tuple[str, ...] | None, now: float) -> None:
+        """process_xevent_propertynotify of _NET_WM_STATE on a mapped window: the flags
+        that changed, as WINDOW_FLAGS; a maximize the daemon asked for in place of a
+        fullscreen counts as fullscreen."""
+        if not window.is_mapped:
+            return
+        flags = 0
+        if states is not None:
+            names = set(states)
+            if STATE_FULLSCREEN in names:
+                flags |= gm.WINDOW_FLAG_FULLSCREEN
+            if STATE_DEMANDS_ATTENTION in names:
+                flags |= gm.WINDOW_FLAG_DEMANDS_ATTENTION
+            if STATE_HIDDEN in names:
+                flags |= gm.WINDOW_FLAG_MINIMIZE
+            if flags & gm.WINDOW_FLAG_FULLSCREEN:
+                window.fullscreen_maximize_requested = False
+            if window.fullscreen_maximize_requested:
+                if {STATE_MAXIMIZED_VERT, STATE_MAXIMIZED_HORZ} <= names:
+                    flags |= gm.WINDOW_FLAG_FULLSCREEN
+                else:
+                    window.fullscreen_maximize_requested = False
+        if flags == window.flags_set:
+            return
+        self._send(now, window.id, gm.WindowFlags(flags & ~window.flags_set,
+                                                  ~flags & window.flags_set & 0xFFFFFFFF))
+        window.flags_set = flags
+
+    def _map_notified(self, window: _Window, event: ev.MapNotified, now: float,
+                      actions: list[Action]) -> None:
+        """process_xevent_mapnotify: someone else mapped a window the VM has not (a
+        window manager): undone if it is not viewable, else the agent is told MAP."""
+        if window.is_mapped:
+            return
+        if not event.viewable and not window.is_docked:
+            actions.append(UnmapWindow(window.id))
+            return
+        # The daemon leaves transient_for unset (whatever its stack held): 0 here.
+        self._send(now, window.id, gm.Map(0, int(event.override_redirect)))
+
+    # -- the clipboard -------------------------------------------------------------------
+
+    def _clipboard_metadata(self, **values: Any) -> Metadata:
+        assert self.version is not None
+        base = Metadata(vmname=self.settings.vm_name, xevent_timestamp=self._clipboard_time,
+                        buffer_size=self.settings.clipboard_buffer_size,
+                        protocol_version_xside=self.settings.version,
+                        protocol_version_vmside=self.version)
+        return replace(base, **values)
+
+    def _clipboard_data(self, body: gm.ClipboardData, actions: list[Action]) -> None:
+        """handle_clipboard_data (its length already checked by the decoder)."""
+        size = len(body.data)
+        if not self._clipboard_requested:
+            log.warning("received clipboard data when not requested")
+            return
+        if size > self.settings.clipboard_buffer_size:
+            log.info("clipboard data len %d exceeds VM's allowed!", size)
+            actions.append(ClipboardClear(self._clipboard_metadata(
+                copy_action=True, sent_size=size, oversized_request=True)))
+            return
+        if size == 0:  # the VM's clipboard is empty
+            actions.append(ClipboardClear(self._clipboard_metadata(
+                copy_action=True, successful=True)))
+            return
+        actions.append(ClipboardStore(body.data, self._clipboard_metadata(
+            copy_action=True, sent_size=size)))
+
+    def clipboard_stored(self) -> None:
+        """The clipboard kept the agent's text (or failed writing it): the request is
+        answered. (Data it discarded, empty or too long leaves the request open.)"""
+        self._clipboard_requested = False
+
+    def clipboard_paste(self, window: int, data: bytes, now: float) -> list[Action]:
+        """The clipboard's text for a paste into ``window``: sent unless empty."""
+        actions: list[Action] = []
+        if data and self.finished is None and window in self._windows:
+            self._send(now, window, gm.ClipboardData(data))
+            self._flush(now, actions)
+        return actions
+
     def hang_up(self) -> list[Action]:
         """The agent went away: every dump is let go and unmapped; the daemon ends (0)."""
         actions: list[Action] = []
@@ -514,7 +731,7 @@ class GuiDaemon:
         self.counters.messages += 1
         body = message.body
         if isinstance(body, gm.ClipboardData):
-            log.info("received clipboard data when not requested")
+            self._clipboard_data(body, actions)
             return
         if isinstance(body, gm.Create):
             self._create(message.window, body, actions)
@@ -910,8 +1127,11 @@ def _hints(body: gm.WindowHints) -> SizeHints:
 
 
 def _cursor(cursor: int) -> int | None:
-    """The X cursor font glyph of a (checked) cursor id; None for the default."""
-    return cursor & ~gm.CURSOR_X11 if cursor & gm.CURSOR_X11 else None
+    """The X cursor font glyph of a (checked) cursor id; None for the default. The
+    daemon makes a font cursor of each even glyph (the font's cursor shapes; each odd
+    one is the mask of the shape before it) and uses None, the default, for the odd."""
+    glyph = cursor & ~gm.CURSOR_X11 if cursor & gm.CURSOR_X11 else None
+    return glyph if glyph is not None and glyph % 2 == 0 else None
 
 
 def _utf8_length(data: bytes, at: int) -> int:

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,7 +35,10 @@ from pathlib import Path
 import xcffib
 
 from qubesshm.emulator import daemon as dm
-from qubesshm.emulator.xwindows import Configured, Exposed, XDisplayError, XWindows
+from qubesshm.emulator import events as ev
+from qubesshm.emulator.clipboard import ClipboardDir
+from qubesshm.emulator.xwindows import XDisplayError, XWindows
+from qubesshm.grants.files import UnsafeDirectory
 from qubesshm.grants.hypercalls import ForeignKernelError, ForeignMapper, ForeignMapping
 from qubesshm.guiproto import messages as gm
 from qubesshm.vchan.address import GUI_PORT, default_socket_dir, own_domid_from_env, socket_path
@@ -61,24 +65,30 @@ class Options:
     socket_dir: Path | None = None
     use_shm: bool = True
     verify_exits: bool = True
+    clipboard_dir: Path | None = None  # None: $XDG_RUNTIME_DIR/qubesshm-clipboard
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         return cls(domid=args.domid, hold=args.hold, ack_delay=args.ack_delay,
                    version=args.version, display=args.display, name=args.name,
-                   use_shm=not args.no_shm, verify_exits=args.on_verify == "exit")
+                   use_shm=not args.no_shm, verify_exits=args.on_verify == "exit",
+                   clipboard_dir=args.clipboard_dir)
 
 
 class Executor:
     """Carries out the model's actions against the X server, the mapper and the vchan."""
 
     def __init__(self, options: Options, x: XWindows, mapper: ForeignMapper,
-                 write: Callable[[bytes], None], vm_name: str) -> None:
+                 write: Callable[[bytes], None], vm_name: str, model: dm.GuiDaemon,
+                 clipboard: ClipboardDir | None, clock: Callable[[], float]) -> None:
         self.options = options
         self.x = x
         self.mapper = mapper
         self.write = write
         self.vm_name = vm_name
+        self.model = model  # told what the clipboard did, for what follows
+        self.clipboard = clipboard
+        self.clock = clock
         self.mappings: dict[int, ForeignMapping] = {}
         self.x_watched = False
         self._unsynced_detach = False
@@ -159,8 +169,34 @@ class Executor:
                 x.frame(window, width, height, border)
             case dm.Fill(window, width, height):
                 x.fill(window, width, height)
+            case dm.SetUserTime(window, time):
+                x.set_user_time(window, time)
+            case dm.ClipboardStore() | dm.ClipboardClear() | dm.ClipboardPaste():
+                self._clipboard(action)
             case dm.Exit():
                 self.exit = action
+
+    def _clipboard(self, action: dm.ClipboardStore | dm.ClipboardClear | dm.ClipboardPaste
+                   ) -> None:
+        """The clipboard files; a file the daemon cannot write ends it (exit 1)."""
+        if self.clipboard is None:
+            if isinstance(action, dm.ClipboardStore):
+                log.warning("no clipboard directory: the VM's clipboard text is dropped")
+            return
+        try:
+            match action:
+                case dm.ClipboardStore(data, metadata):
+                    if self.clipboard.store(data, metadata):
+                        self.model.clipboard_stored()
+                case dm.ClipboardClear(metadata):
+                    self.clipboard.clear(metadata)
+                case dm.ClipboardPaste(window, time, metadata):
+                    data = self.clipboard.take(time, metadata)
+                    for sent in self.model.clipboard_paste(window, data, self.clock()):
+                        self._apply(sent)
+        except OSError as exc:
+            self.exit = dm.Exit(1, f"cannot use the clipboard files in {self.clipboard.path}: "
+                                   f"{exc.strerror or exc}")
 
     def _map_dump(self, action: dm.MapDump) -> None:
         """gntdev map of the refs, read-only, then the fd to the X server (which syncs)."""
@@ -194,7 +230,8 @@ class Emulator:
     """One run: the agent's stream in, the model's actions out, until an Exit."""
 
     def __init__(self, options: Options, x: XWindows, mapper: ForeignMapper,
-                 stream: SocketStream, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 stream: SocketStream, clipboard: ClipboardDir | None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
         self.x = x
         self.stream = stream
@@ -207,7 +244,10 @@ class Emulator:
                              dm.Rect(work.x, work.y, work.width, work.height)),
             version=options.version, hold=options.hold, ack_delay=options.ack_delay,
             vm_name=vm_name, domid=options.domid, verify_exits=options.verify_exits))
-        self.executor = Executor(options, x, mapper, stream.write, vm_name)
+        mapped = x.keyboard_mapping()
+        self.model.keyboard_mapped(mapped.copy_keycode, mapped.paste_keycode)
+        self.executor = Executor(options, x, mapper, stream.write, vm_name, self.model,
+                                 clipboard, clock)
         self._done: asyncio.Future[dm.Exit] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -281,14 +321,20 @@ class Emulator:
         while self._done is not None and not self._done.done():
             events = self.x.events()
             if not events:
+                self.x.flush()  # what reading them sent (a ping's answer)
                 return
             for event in events:
                 now = self.clock()
-                if isinstance(event, Exposed):
-                    actions = self.model.expose(event.window, event.rect, now)
-                else:
-                    assert isinstance(event, Configured)
-                    actions = self.model.configured(event.window, event.rect, now)
+                match event:
+                    case ev.Exposed(window, rect):
+                        actions = self.model.expose(window, rect, now)
+                    case ev.Configured(window, rect):
+                        actions = self.model.configured(window, rect, now)
+                    case ev.KeyboardMapped(copy_keycode, paste_keycode):
+                        self.model.keyboard_mapped(copy_keycode, paste_keycode)
+                        continue
+                    case _:
+                        actions = self.model.x_input(event, now)
                 self.executor.apply(actions)
                 if self.executor.exit is not None:
                     return
@@ -342,12 +388,31 @@ async def _main(options: Options) -> int:
     return result.status
 
 
+def open_clipboard(path: Path | None) -> ClipboardDir | None:
+    """The clipboard directory, said on stderr (one line). A ``--clipboard-dir`` that is
+    not private is an ``EmulatorError``; with none and no ``$XDG_RUNTIME_DIR`` the
+    emulator goes on without a clipboard, and says so."""
+    if path is None and not os.environ.get("XDG_RUNTIME_DIR"):
+        print(f"{PROG}: no clipboard: $XDG_RUNTIME_DIR is not set and no --clipboard-dir "
+              "was given (Ctrl+Shift+C and Ctrl+Shift+V are still taken, to no effect)",
+              file=sys.stderr, flush=True)
+        return None
+    try:
+        clipboard = ClipboardDir.open(path)
+    except (UnsafeDirectory, OSError) as exc:
+        raise EmulatorError(f"no clipboard directory: {exc}") from exc
+    print(f"{PROG}: clipboard: {clipboard.file} (Ctrl+Shift+C copies the VM's, "
+          "Ctrl+Shift+V pastes it into the VM)", file=sys.stderr, flush=True)
+    return clipboard
+
+
 async def _connect_and_run(options: Options) -> dm.Exit:
     try:
         x = XWindows(options.display, use_shm=options.use_shm)
     except XDisplayError as exc:
         raise EmulatorError(str(exc)) from exc
     try:
+        clipboard = open_clipboard(options.clipboard_dir)
         own = own_domid_from_env()
         directory = options.socket_dir or default_socket_dir()
         path = socket_path(directory, options.domid, own, GUI_PORT)
@@ -356,7 +421,7 @@ async def _connect_and_run(options: Options) -> dm.Exit:
         try:
             mapper = _connect_mapper(own, options.domid)
             try:
-                emulator = Emulator(options, x, mapper, stream)
+                emulator = Emulator(options, x, mapper, stream, clipboard)
                 return await emulator.run()
             finally:
                 mapper.close()

@@ -2,8 +2,12 @@
 
 ``XWindows`` owns the X connection. It carries out what the daemon model asks of the
 X server (create, map, move, name a window; attach a dump; put a rectangle of it on
-screen) and turns the X events it reads back (Expose, ConfigureNotify) into plain
-values for the model. A dump's pages reach the X server as qubes-guid hands them
+screen) and turns the X events it reads back into the plain values of ``events.py``
+for the model: Expose, ConfigureNotify, and the input qubes-guid selects on its
+windows (keys, buttons, motion, enter/leave, focus, ``WM_DELETE_WINDOW``,
+``_NET_WM_STATE`` changes, MapNotify), with the key bitmap read at an enter or a focus
+in, as the daemon reads it. It answers a window manager's ``_NET_WM_PING`` itself, as
+the daemon does (no protocol involved). A dump's pages reach the X server as qubes-guid hands them
 over: MIT-SHM ``AttachFd`` of the read-only fd, so that the X server itself maps the
 pages, where the server offers MIT-SHM 1.2 and ``libxcb-shm`` is loadable; otherwise
 the emulator maps the fd read-only itself and sends the pixels with ``PutImage``.
@@ -29,7 +33,9 @@ import xcffib
 import xcffib.shm
 import xcffib.xproto as xp
 
-from qubesshm.emulator.daemon import SizeHints, x_geometry
+from qubesshm.emulator import events as ev
+from qubesshm.emulator.daemon import COPY_KEYSYM, PASTE_KEYSYM, WM_STATES, SizeHints, x_geometry
+from qubesshm.emulator.events import Configured, Exposed, XEvent
 from qubesshm.pixels.region import Rect
 
 log = logging.getLogger("qubesshm.emulator")
@@ -44,6 +50,15 @@ _PUT_IMAGE_OPCODE = 72
 _PUT_IMAGE_HEADER = 24  # bytes of a core PutImage request before its data
 _NO_SEGMENT = 0
 _CLIENT_MESSAGE = 33  # the core event code of ClientMessage
+_MAPPING_KEYBOARD = 1  # MappingNotify's request for a new keyboard mapping
+_PROPERTY_NEW_VALUE = 0
+_IS_VIEWABLE = 2  # GetWindowAttributes' map_state
+# What qubes-guid selects on each of its windows (mkwindow).
+WINDOW_EVENTS = (xp.EventMask.Exposure | xp.EventMask.KeyPress | xp.EventMask.KeyRelease
+                 | xp.EventMask.ButtonPress | xp.EventMask.ButtonRelease
+                 | xp.EventMask.PointerMotion | xp.EventMask.EnterWindow
+                 | xp.EventMask.LeaveWindow | xp.EventMask.FocusChange
+                 | xp.EventMask.StructureNotify | xp.EventMask.PropertyChange)
 
 
 class XDisplayError(Exception):
@@ -58,25 +73,6 @@ class ScreenInfo:
     height: int
     depth: int
     work_area: Rect  # _NET_WORKAREA of the current desktop, or the whole root window
-
-
-@dataclass(frozen=True, slots=True)
-class Exposed:
-    """An Expose event on a GUI window (window coordinates)."""
-
-    window: int
-    rect: Rect
-
-
-@dataclass(frozen=True, slots=True)
-class Configured:
-    """A ConfigureNotify of a GUI window, in root coordinates."""
-
-    window: int
-    rect: Rect
-
-
-XEvent = Exposed | Configured
 
 
 class _XcbShm:
@@ -158,6 +154,7 @@ class XWindows:
                                 "GUI daemon needs 24-bit colour with 32 bits per pixel "
                                 "(Xvfb -screen 0 WxHx24)")
         self._atoms: dict[str, int] = {}
+        self._atom_names: dict[int, str] = {}
         self._windows: dict[int, int] = {}  # VM window id -> X window
         self._by_xid: dict[int, int] = {}  # X window -> VM window id
         self._reparented: set[int] = set()  # X windows a window manager framed
@@ -178,6 +175,9 @@ class XWindows:
         self.screen = ScreenInfo(screen.width_in_pixels, screen.height_in_pixels,
                                  screen.root_depth, self.work_area(
                                      screen.width_in_pixels, screen.height_in_pixels))
+        for name in (*WM_STATES, "WM_DELETE_WINDOW", "_NET_WM_PING", "WM_PROTOCOLS",
+                     "_NET_WM_USER_TIME", "_NET_WM_STATE"):
+            self.atom(name)  # known by number when the X server names them in events
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -229,6 +229,7 @@ class XWindows:
             data = name.encode()
             found = int(self.conn.core.InternAtom(False, len(data), data).reply().atom)
             self._atoms[name] = found
+            self._atom_names[found] = name
         return found
 
     def work_area(self, root_width: int, root_height: int) -> Rect:
@@ -310,7 +311,111 @@ class XWindows:
                     return None
                 x, y = where.dst_x, where.dst_y
             return Configured(window, Rect(x, y, event.width, event.height))
+        if isinstance(event, xp.MappingNotifyEvent):
+            return self.keyboard_mapping() if event.request == _MAPPING_KEYBOARD else None
+        if isinstance(event, xp.ClientMessageEvent):
+            return self._client_message_event(event)
+        return self._input(event)
+
+    def _input(self, event: Any) -> ev.Input | None:
+        """Input on one of our windows (the event window: ours have no children)."""
+        code = event.response_type & 0x7F
+        if isinstance(event, xp.KeyPressEvent | xp.KeyReleaseEvent):
+            window = self._by_xid.get(event.event)
+            if window is None:
+                return None
+            return ev.Key(window, code, event.event_x, event.event_y, event.state,
+                          event.detail, event.time)
+        if isinstance(event, xp.ButtonPressEvent | xp.ButtonReleaseEvent):
+            window = self._by_xid.get(event.event)
+            if window is None:
+                return None
+            return ev.Button(window, code, event.event_x, event.event_y, event.state,
+                             event.detail, event.time)
+        if isinstance(event, xp.MotionNotifyEvent):
+            window = self._by_xid.get(event.event)
+            if window is None:
+                return None
+            return ev.Motion(window, event.event_x, event.event_y, event.state, event.detail)
+        if isinstance(event, xp.EnterNotifyEvent | xp.LeaveNotifyEvent):
+            window = self._by_xid.get(event.event)
+            if window is None:
+                return None
+            keys = self._keymap() if code == ev.ENTER_NOTIFY else bytes(ev.KEYMAP_BYTES)
+            return ev.Crossing(window, code, event.event_x, event.event_y, event.state,
+                               event.mode, event.detail, event.same_screen_focus & 1, keys)
+        if isinstance(event, xp.FocusInEvent | xp.FocusOutEvent):
+            window = self._by_xid.get(event.event)
+            if window is None:
+                return None
+            keys = self._keymap() if code == ev.FOCUS_IN else bytes(ev.KEYMAP_BYTES)
+            return ev.Focus(window, code, event.mode, event.detail, keys)
+        if isinstance(event, xp.PropertyNotifyEvent):
+            window = self._by_xid.get(event.window)
+            if window is None or event.atom != self.atom("_NET_WM_STATE"):
+                return None
+            if event.state != _PROPERTY_NEW_VALUE:
+                return ev.WmStateChanged(window, None)
+            return ev.WmStateChanged(window, self._wm_states(event.window))
+        if isinstance(event, xp.MapNotifyEvent):
+            window = self._by_xid.get(event.window)
+            if window is None or event.event != event.window:
+                return None
+            try:
+                state = self.conn.core.GetWindowAttributes(event.window).reply().map_state
+            except xcffib.XcffibException:
+                return None  # gone meanwhile
+            return ev.MapNotified(window, bool(event.override_redirect), state == _IS_VIEWABLE)
         return None
+
+    def _client_message_event(self, event: Any) -> ev.DeleteRequest | None:
+        """``WM_DELETE_WINDOW`` (the daemon reads the first long whatever the message's
+        type); ``_NET_WM_PING`` answered to the root window, as the daemon does."""
+        first = int(event.data.data32[0])
+        if first == self.atom("WM_DELETE_WINDOW"):
+            window = self._by_xid.get(event.window)
+            return ev.DeleteRequest(window) if window is not None else None
+        if first == self.atom("_NET_WM_PING"):
+            words = [int(v) for v in event.data.data32]
+            answer = struct.pack("=BBHII5I", _CLIENT_MESSAGE, event.format, 0, self.root,
+                                 event.type, *words)
+            mask = xp.EventMask.SubstructureNotify | xp.EventMask.SubstructureRedirect
+            self.conn.core.SendEvent(False, self.root, mask, answer)
+        return None
+
+    def _keymap(self) -> bytes:
+        """XQueryKeymap: one bit per key code, set for the keys down now."""
+        return bytes(self.conn.core.QueryKeymap().reply().keys)
+
+    def _wm_states(self, xid: int) -> tuple[str, ...]:
+        try:
+            reply = self.conn.core.GetProperty(False, xid, self.atom("_NET_WM_STATE"),
+                                               xp.Atom.ATOM, 0, 1024).reply()
+        except xcffib.XcffibException:
+            return ()
+        if reply.format != 32:
+            return ()
+        atoms = struct.unpack(f"={reply.value_len}I", reply.value.buf())
+        return tuple(self._atom_names[a] for a in atoms if a in self._atom_names)
+
+    def keyboard_mapping(self) -> ev.KeyboardMapped:
+        """The clipboard keys' key codes as ``XKeysymToKeycode`` finds them: the first key
+        code listing the keysym, trying each key's first keysym, then each one's
+        second, and so on."""
+        setup = self.conn.get_setup()
+        first, last = setup.min_keycode, setup.max_keycode
+        reply = self.conn.core.GetKeyboardMapping(first, last - first + 1).reply()
+        per = reply.keysyms_per_keycode
+        keysyms = list(reply.keysyms)
+
+        def keycode(keysym: int) -> int:
+            for column in range(per):
+                for index in range(len(keysyms) // per if per else 0):
+                    if keysyms[index * per + column] == keysym:
+                        return int(first + index)
+            return 0
+
+        return ev.KeyboardMapped(keycode(COPY_KEYSYM), keycode(PASTE_KEYSYM))
 
     # -- windows ----------------------------------------------------------------------------
 
@@ -322,7 +427,7 @@ class XWindows:
                vm_name: str) -> int:
         xid = self.conn.generate_id()
         mask = xp.CW.BackPixel | xp.CW.OverrideRedirect | xp.CW.EventMask
-        events = xp.EventMask.Exposure | xp.EventMask.StructureNotify
+        events = WINDOW_EVENTS
         # X refuses an empty window; the daemon's would fail and every later request on
         # it with it. One pixel keeps the emulator's windows alive instead.
         where = x_geometry(rect)
@@ -338,6 +443,8 @@ class XWindows:
         self._set_text(xid, "_QUBES_VMNAME", "STRING", vm_name.encode())
         self._set_cardinals(xid, "_QUBES_VMWINDOWID", "WINDOW", [window])
         self._set_cardinals(xid, "_NET_WM_PID", "CARDINAL", [os.getpid()])
+        self._set_cardinals(xid, "WM_PROTOCOLS", "ATOM",
+                            [self.atom("WM_DELETE_WINDOW"), self.atom("_NET_WM_PING")])
         return int(xid)
 
     def destroy(self, window: int) -> None:
@@ -411,6 +518,12 @@ class XWindows:
                             self.atom(type_name), *data)
         mask = xp.EventMask.SubstructureNotify | xp.EventMask.SubstructureRedirect
         self.conn.core.SendEvent(False, self.root, mask, event)
+
+    def set_user_time(self, window: int, time: int) -> None:
+        """``_NET_WM_USER_TIME``: when the user last pressed a key or button there."""
+        xid = self._windows.get(window)
+        if xid is not None:
+            self._set_cardinals(xid, "_NET_WM_USER_TIME", "CARDINAL", [time])
 
     def set_cursor(self, window: int, glyph: int | None) -> None:
         """A cursor of the X cursor font (``XC_*``), or the parent's with None."""
