@@ -1,4 +1,4 @@
-"""``qubesshm bench relay|frames|churn``: the proxy measured against baselines."""
+"""``qubesshm bench relay|frames|churn|input``: qubesshm measured against baselines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..bench.churn import run_churn_bench
 from . import common
 
 NAME = "bench"
-HELP = "measure the proxy against baselines"
+HELP = "measure qubesshm against baselines"
 
 
 def _add_bench_upstream(parser: argparse.ArgumentParser) -> None:
@@ -112,10 +112,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     churn.add_argument("--plot", type=options.output_file, metavar="FILE",
                        help="plot live grants and deferred backlog over time (PNG; with the "
                        "agent policy also the ACKs the GUI daemon owes)")
+    keys = common.add_subcommand(
+        bench_sub, "input",
+        help="key press latency, XTest to the client's wl_keyboard.key: through qubesshm "
+        "agent + qubesshm guid-emulator against Weston's x11 backend (each on a private "
+        "Xvfb; needs Xvfb and weston)")
+    keys.add_argument("--presses", type=options.positive, default=50,
+                      help="key presses per path (default %(default)s)")
+    keys.add_argument("--gap", type=options.non_negative_seconds, default=0.02, metavar="S",
+                      help="pause after each round of presses (default %(default)s)")
+    keys.add_argument("--timeout", type=options.seconds, default=5.0, metavar="S",
+                      help="how long a press may take to reach the client before that path "
+                      "counts it missing (default %(default)s)")
+    keys.add_argument("--json", type=options.output_file, metavar="FILE",
+                      help="also write every latency here")
 
 
 def check(args: argparse.Namespace) -> str | None:
-    if args.animations is not None and args.upstream is not None:
+    if getattr(args, "animations", None) is not None and args.upstream is not None:
         raise common.UsageError(
             "--animations sets up the Weston the benchmark starts; the compositor given "
             "with --upstream runs as it was started")
@@ -132,6 +146,9 @@ def main(args: argparse.Namespace) -> int:
             return run_frames_bench(args)
         if args.bench == "churn":
             return run_churn_bench(args)
+        if args.bench == "input":
+            from ..bench.input import run_input_bench
+            return run_input_bench(args)
         from ..bench.relay import run_relay_bench
         return run_relay_bench(args)
     except (RuntimeError, OSError) as exc:
