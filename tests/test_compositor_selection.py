@@ -776,3 +776,27 @@ def test_a_gone_owner_leaves_no_selection(
     a.disconnect()
     b.wait(lambda: b.selections[-1] is None, "the selection cleared")
     assert read_text(served, None) is None
+
+
+def test_a_drag_icons_buffer_and_frame_callbacks_are_done_with_at_once(
+        served: RunningCompositor, clients: Callable[[str], SelectionClient]) -> None:
+    # Nothing can show a drag icon (it does not cross to dom0): like a cursor image, its
+    # buffer goes back and its frame callbacks run, so a client animating it never stalls.
+    a = clients("a")
+    w = a.shell_window
+    seat = served.compositor.seat
+    served.call(lambda: seat.pointer_motion(w, 10.0, 10.0, 1000))
+    served.call(lambda: seat.pointer_button(w, 10.0, 10.0, BTN_LEFT, True, 1001))
+    a.wait(lambda: a.press_serials, "the press")
+    source = a.source(b"x", ("text/plain",), actions=COPY)
+    icon = a.c.compositor.create_surface()
+    a.device.start_drag(source.proxy, a.window.surface, icon, a.press_serials[-1])
+
+    def draw(frame: int) -> None:
+        buffer = a.c.buffer(solid(16, 16, 0xFF000000 + frame))
+        done = a.c.show(icon, buffer, frame=True)
+        a.wait(lambda: bool(done) and buffer.released, f"icon frame {frame} done")
+
+    for frame in range(3):
+        draw(frame)
+    assert not a.c.broken()

@@ -331,7 +331,11 @@ class Seat:
         self._focus_changed()
 
     def surface_committed(self, surface: Surface) -> None:
-        if surface.role == "cursor":
+        from .datadevice import ICON_ROLE
+
+        if surface.role in ("cursor", ICON_ROLE):
+            # Shown by nothing (a cursor image or drag icon cannot cross to dom0): its
+            # buffer and frame callbacks are done with at once.
             from .cursor import cursor_committed
 
             cursor_committed(surface)
