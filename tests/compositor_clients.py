@@ -69,6 +69,7 @@ class PyClient:
 
     def __init__(self, path: Path, *, timeout: float = 20.0) -> None:
         self.timeout = timeout
+        self._callbacks: set[Any] = set()  # frame callbacks not done yet
         self.display = Display(str(path))
         self.display.connect()
         self.globals: dict[str, tuple[int, int]] = {}
@@ -169,7 +170,14 @@ class PyClient:
             surface.attach(None, 0, 0)
         if frame:
             callback = surface.frame()
-            callback.dispatcher["done"] = lambda cb, time_ms: done.append(time_ms)
+            # Kept until done: a pywayland proxy that is collected gets no more events.
+            self._callbacks.add(callback)
+
+            def on_done(cb: Any, time_ms: int) -> None:
+                done.append(time_ms)
+                self._callbacks.discard(cb)
+
+            callback.dispatcher["done"] = on_done
         surface.commit()
         return done
 

@@ -792,11 +792,9 @@ def test_a_drag_icons_buffer_and_frame_callbacks_are_done_with_at_once(
     icon = a.c.compositor.create_surface()
     a.device.start_drag(source.proxy, a.window.surface, icon, a.press_serials[-1])
 
-    def draw(frame: int) -> None:
-        buffer = a.c.buffer(solid(16, 16, 0xFF000000 + frame))
+    buffers = [a.c.buffer(solid(16, 16, 0xFF000000 + n)) for n in range(3)]
+    for n, buffer in enumerate(buffers):
         done = a.c.show(icon, buffer, frame=True)
-        a.wait(lambda: bool(done) and buffer.released, f"icon frame {frame} done")
-
-    for frame in range(3):
-        draw(frame)
+        a.wait(lambda: bool(done) and buffer.released,  # noqa: B023 (waited on at once)
+               f"icon frame {n} done")
     assert not a.c.broken()
