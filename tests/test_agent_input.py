@@ -312,6 +312,22 @@ def test_crossing_and_motion_are_at_window_geometry_coordinates(
     assert [n for n, _ in pointer(client)].count("leave") == 1
 
 
+def test_a_daemon_gone_takes_keyboard_focus_and_the_pointer_away(
+        served: AgentServed, client: SeatClient) -> None:
+    window, wid = shown(served, client, "gone")
+    served.send(0, gm.KeymapNotify(keymap_bits(X_A)))
+    served.send(wid, gm.Focus(FOCUS_IN, NORMAL, 3))
+    served.send(wid, gm.Motion(10, 10, 0, 0))
+    client.wait_for("ptr.enter")
+    client.wait_for("kb.enter")
+    client.take()
+    served.call(served.input.reset)
+    client.wait_for("kb.leave")
+    client.wait_for("ptr.leave")
+    client.wait(lambda: ACTIVATED not in toplevel_states(window)[-1], "deactivated")
+    assert served.call(lambda: served.input.pressed) == set()
+
+
 @pytest.mark.parametrize(("x_button", "code"), [(1, 0x110), (2, 0x112), (3, 0x111),
                                                 (8, 0x113), (9, 0x114)])
 def test_x_buttons_are_linux_buttons(served: AgentServed, client: SeatClient, x_button: int,

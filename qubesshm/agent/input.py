@@ -131,21 +131,27 @@ class AgentInput:
         self.clock = clock
         self.focused: ShellWindow | None = None
         self.pressed: set[int] = set()  # evdev codes down, as the seat was told
+        self.pointed: ShellWindow | None = None  # where the daemon last said the pointer is
         self._keymap: list[int] = []  # the last KEYMAP_NOTIFY's keys
 
     def _now(self) -> int:
         return timestamp_ms(self.clock())
 
     def reset(self) -> None:
-        """The daemon went away: no window has focus or keys held any more."""
+        """The daemon went away: no window has focus, keys held or the pointer any more."""
         self._unfocus()
         self._keymap = []
+        if self.pointed is not None:
+            self.seat.pointer_leave(self.pointed)
+            self.pointed = None
 
     def window_gone(self, w: ShellWindow) -> None:
         """``w`` unmapped (the seat forgets its own focus)."""
         if self.focused is w:
             self.focused = None
             self.pressed.clear()
+        if self.pointed is w:
+            self.pointed = None
 
     def on_message(self, msg: gm.Message) -> None:
         body = msg.body
@@ -160,6 +166,7 @@ class AgentInput:
             if w is None:
                 return  # a window gone meanwhile (or the ACK barrier's)
             if isinstance(body, gm.Motion):
+                self.pointed = w
                 self.seat.pointer_motion(w, body.x, body.y, self._now())
             elif isinstance(body, gm.Button):
                 self._button(w, body)
@@ -249,6 +256,9 @@ class AgentInput:
         if body.mode != NOTIFY_NORMAL:
             return  # the crossings of a grab in dom0, as vmside ignores them
         if body.type == ENTER_NOTIFY:
+            self.pointed = w
             self.seat.pointer_motion(w, body.x, body.y, self._now())
         elif body.type == LEAVE_NOTIFY:
+            if self.pointed is w:
+                self.pointed = None
             self.seat.pointer_leave(w)
