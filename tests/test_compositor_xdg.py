@@ -7,13 +7,13 @@ each xdg protocol error with its object and code.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 import pytest
 from compositor_wire import App, CoreClient
 from test_compositor_core import World, error_of, pixels
 
-from qubesshm.compositor.popup import grab
 from qubesshm.compositor.shell import WindowKind
 from qubesshm.pixels.region import Rect
 
@@ -59,7 +59,8 @@ def test_the_initial_configure_sequence(world: World) -> None:
     app.c.roundtrip()
     events = [(e.interface, e.name, e.args) for e in app.c.take()]
     assert events == [
-        ("xdg_toplevel", "wm_capabilities", (b"",)),
+        # fullscreen (3) and minimize (4): what the GUI protocol carries to dom0
+        ("xdg_toplevel", "wm_capabilities", (struct.pack("=2I", 3, 4),)),
         ("xdg_toplevel", "configure_bounds", (1920, 1080)),
         ("xdg_toplevel", "configure", (0, 0, b"")),
         ("xdg_surface", "configure", (world.comp.serial,)),
@@ -378,20 +379,17 @@ def test_reposition_sends_repositioned_then_a_new_place(world: World) -> None:
     assert w.popup_place == Rect(1, 1, 50, 40)
 
 
-def test_a_grab_is_denied_without_a_seat_and_the_popup_dismissed(world: World) -> None:
+def test_a_grab_without_a_press_serial_is_denied_and_the_popup_dismissed(
+        world: World) -> None:
     app = world.app()
     _, parent_xdg, _ = mapped_toplevel(world, app, "parent", (200, 100))
+    seat = app.c.bind("wl_seat")
     surface = app.surface()
     xdg = app.c.create(app.wm_base, "get_xdg_surface", "xdg_surface", surface)
     popup = app.c.create(xdg, "get_popup", "xdg_popup", parent_xdg, complete_positioner(app))
-    # No wl_seat exists for a client to name, so the request cannot be sent: call
-    # its handler as the dispatcher would, with the seat it could never have.
-    assert isinstance(app.c, CoreClient)
-    core = app.c.core
-    obj = core.objects.live(popup)
-    assert obj is not None
-    grab(core, obj, [None, 0], [])
-    app.c.receive(0)
+    # No button or key was ever pressed for this client: no serial can be a press's.
+    app.c.request(popup, "grab", seat, world.comp.serial)
+    app.c.roundtrip()
     assert app.c.take("xdg_popup", "popup_done", popup)
     app.c.request(surface, "commit")
     app.c.roundtrip()
