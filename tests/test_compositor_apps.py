@@ -195,15 +195,22 @@ def test_gtk_maps_a_window_of_the_right_title_and_size(
     wait_until(lambda: served.shell.mapped_windows() == [], "the window to go")
 
 
-def test_foot_needs_a_data_device_manager(served: RunningCompositor) -> None:
-    """foot refuses to start without wl_data_device_manager, which comes with input in
-    the next issue; until then it must exit cleanly, not hang or crash qubesshm."""
+def test_foot_maps_its_window_and_closes_when_asked(served: RunningCompositor) -> None:
+    """foot requires wl_seat and wl_data_device_manager at start (it exits without
+    them): it maps a terminal, and ends cleanly when the agent closes it (it hangs up
+    on its shell and exits with the shell's status)."""
     if shutil.which("foot") is None:
-        pytest.skip("foot is not installed")
-    app = App(served, "foot")
+        pytest.fail("foot is not installed (.ci/install installs it)")
+    app = App(served, "foot", "--", "sh", "-c", "echo ready; exec cat")
     try:
-        assert app.wait_exit() != 0
-        assert "wl_data_device_manager" in app.output()
+        commit = wait_until(lambda: served.shell.last_commit("foot"), "foot's window")
+        assert commit.window.kind == "toplevel" and commit.window.app_id == "foot"
+        assert commit.geometry.width > 100 and commit.geometry.height > 50
+        window = commit.window
+        served.call(lambda: served.compositor.close(window))
+        # foot ends its shell (SIGHUP) and exits with a status of its shell's: not a
+        # crash, and its own goodbye.
+        assert app.wait_exit() >= 0 and "goodbye" in app.output(), app.output()
     finally:
         app.stop()
     wait_until(lambda: served.client_count() == 0, "foot's connection to close")
