@@ -125,8 +125,14 @@ class Session:
         assert not self.agent.problems(), self.agent.problems()
 
     def app(self, argv: list[str], **env: str) -> Proc:
+        """``argv`` on the agent. gtk3-demo shows its main window (titled "Application
+        Class", 800 wide) beside the demo run: it is waited for too, so that it is not
+        mapped over the window under test later."""
         proc = start_client(self.agent, argv, **env)
         self.apps.append(proc)
+        if Path(argv[0]).name == "gtk3-demo" and any(a.startswith("--run") for a in argv):
+            self.window(proc, name=b"Application Class",
+                        pick=lambda w: self.screen.geometry(w.xid)[2] >= 800)
         return proc
 
     def window(self, proc: Proc, *, name: bytes | None = None,
@@ -149,7 +155,11 @@ class Session:
                      self.screen.geometry(w.xid)) for w in self.screen.windows()])
 
     def focus(self, window: XWindow) -> None:
-        """The X input focus to ``window``, as a window manager gives it on a click."""
+        """``window`` raised and given the X input focus, as a window manager does on a
+        click (raised: pixels read back and clicks are the window's own, not those of
+        another app window the emulator placed over it)."""
+        self.conn.core.ConfigureWindow(window.xid, xp.ConfigWindow.StackMode,
+                                       [xp.StackMode.Above])
         self.conn.core.SetInputFocus(xp.InputFocus.PointerRoot, window.xid,
                                      xp.Time.CurrentTime)
         xinput.sync(self.conn)
@@ -367,8 +377,8 @@ def test_typing_into_a_gtk_entry_and_copying_it_to_dom0(
     session = start_session()
     app = session.app([need(program), run], **env)
     window = session.window(app, name=name)
-    wait_until(lambda: session.drawn(window), "the entry demo's drawing")
     session.focus(window)  # the (first) entry has GTK's focus in its window
+    wait_until(lambda: session.drawn(window), "the entry demo's drawing")
     text = "Typed in GTK: Zy & QUBES 42!"
     xinput.type_text(session.conn, text)
     session.copy_to_dom0(window, text.encode())
@@ -381,8 +391,8 @@ def test_typing_into_qt5_and_copying_it_to_dom0(start_session: StartSession) -> 
     app = session.app([program], QT_QPA_PLATFORM="wayland")
     window = session.window(app, pick=lambda w: session.screen.prop(w.xid, "WM_NAME")
                             not in (None, b""))
-    wait_until(lambda: session.drawn(window), "the Qt window's drawing")
     session.focus(window)  # the text edit has Qt's focus in its window
+    wait_until(lambda: session.drawn(window), "the Qt window's drawing")
     text = "Typed in Qt: Zy & QUBES 42!"
     xinput.type_text(session.conn, text)
     session.copy_to_dom0(window, text.encode())
@@ -612,10 +622,10 @@ def test_a_menu_opens_placed_and_closes_on_a_click_outside(start_session: StartS
         return width < 500 and not session.screen.override_redirect(window.xid)
 
     window = session.window(app, name=name, pick=small)
+    session.focus(window)
     wait_until(lambda: session.drawn(window), "the app's drawing")
     x, y, width, height = session.screen.geometry(window.xid)
     before = {w.xid for w in session.screen.windows()}
-    session.focus(window)
     item = (x + item_x, y + item_y)
     xinput.click(session.conn, *item)
     opened_at = time.monotonic()
@@ -763,8 +773,8 @@ def test_text_from_dom0_pastes_into_gtk3_and_back(start_session: StartSession) -
     session = start_session()
     app = session.app([demo, "--run=entry_buffer"])
     window = session.window(app, name=b"Entry Buffer")
-    wait_until(lambda: session.drawn(window), "the entry demo's drawing")
     session.focus(window)
+    wait_until(lambda: session.drawn(window), "the entry demo's drawing")
     # Typed first, then the paste at the cursor: only GTK's own copy of its entry can
     # hold both (the agent's selection from dom0 holds only the pasted part).
     xinput.type_text(session.conn, "GTK says: ")
