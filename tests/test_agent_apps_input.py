@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import shutil
 import signal
 import struct
@@ -704,7 +705,49 @@ def test_resizing_foot_redraws_it_at_the_new_size(start_session: StartSession) -
     session.check_healthy()
 
 
-@pytest.mark.parametrize("app_name", ["input-client", "calculator", "gtk4-demo", "gtk3-demo"])
+# Apps whose main window a resize test drives: (argv, env, WM_NAME).
+RESIZE_APPS = {
+    "gtk3-demo": (["gtk3-demo"], {}, b"Application Class"),
+    "gtk4-demo": (["gtk4-demo"], {"GSK_RENDERER": "cairo"}, b"GTK Demo"),
+    "qt5": ([str(QT_APPLICATION)], {"QT_QPA_PLATFORM": "wayland"}, None),
+}
+
+
+@pytest.mark.parametrize("which", list(RESIZE_APPS))
+def test_resizing_the_x_window_resizes_each_app(start_session: StartSession,
+                                                 which: str) -> None:
+    # The app itself says what size it drew (its own protocol log: the window geometry it
+    # sets with the commit of the new size), and the X window shows a dump of that size:
+    # its bottom row and right column are the app's, not the emulator's white.
+    argv, env, name = RESIZE_APPS[which]
+    argv = [need(argv[0]), *argv[1:]]
+    session = start_session()
+    app = session.app(argv, WAYLAND_DEBUG="client", **env)
+    window = session.window(app, name=name, pick=None if name is not None else
+                            lambda w: session.screen.prop(w.xid, "WM_NAME") not in (None, b""))
+    wait_until(lambda: session.drawn(window), f"{which}'s drawing")
+    _, _, width, height = session.screen.geometry(window.xid)
+    new = (width + 120, height + 64)
+    session.conn.core.ConfigureWindow(window.xid, xp.ConfigWindow.Width | xp.ConfigWindow.Height,
+                                      list(new))
+    xinput.sync(session.conn)
+    geometry = re.compile(rf"set_window_geometry\(-?\d+, -?\d+, {new[0]}, {new[1]}\)")
+    wait_until(lambda: geometry.search(app.output()) is not None,
+               f"{which} to set a {new[0]}x{new[1]} window geometry",
+               detail=lambda: re.findall(r"set_window_geometry\([^)]*\)", app.output())[-3:])
+
+    def drawn_to_the_edges() -> bool:
+        got = session.pixels(window)
+        return bool(got.shape == (new[1], new[0])
+                    and (got[-1, :] & 0xFFFFFF != 0xFFFFFF).any()
+                    and (got[:, -1] & 0xFFFFFF != 0xFFFFFF).any())
+
+    wait_until(drawn_to_the_edges, f"{which} shown at {new[0]}x{new[1]}")
+    session.check_healthy()
+
+
+@pytest.mark.parametrize("app_name",
+                         ["input-client", "calculator", "gtk4-demo", "gtk3-demo", "foot"])
 def test_closing_the_x_window_ends_the_app_cleanly(start_session: StartSession,
                                                    app_name: str) -> None:
     session = start_session()
@@ -713,6 +756,13 @@ def test_closing_the_x_window_ends_the_app_cleanly(start_session: StartSession,
         session.close(window)
         client.next("close")
         assert client.process.wait(timeout=60) == 0, client.output()
+    elif app_name == "foot":
+        window = start_foot(session, session.world.top / "work")
+        foot = session.apps[-1]
+        session.close(window)
+        # foot hangs up on its shell and exits with a status of the shell's: its own
+        # goodbye says it ended by itself, not by a crash.
+        assert foot.wait_exit() >= 0 and "goodbye" in foot.output(), foot.output()[-3000:]
     else:
         if app_name == "calculator":
             argv, env, name = [need(CALCULATOR)], {"QT_QPA_PLATFORM": "wayland"}, b"Calculator"
