@@ -91,6 +91,15 @@ def test_run_emulator_without_a_display_is_refused(tmp_path: Path) -> None:
     assert "$DISPLAY is not set" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_emulator_without_a_runtime_directory_names_the_socket(tmp_path: Path) -> None:
+    env = private_env(tmp_path, DISPLAY=":0")
+    env.pop("XDG_RUNTIME_DIR")
+    result = qubesshm("run", "--agent", "--emulator", "--", "true", env=env)
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "XDG_RUNTIME_DIR is not set" in line
+    assert "the socket name 'qubesshm-agent-" in line, line  # not a placeholder's name
+
+
 def test_domain_ids_are_checked_when_parsed(tmp_path: Path) -> None:
     result = qubesshm("agent", "--domid", "40000", env=private_env(tmp_path))
     assert result.returncode == 2 and "--domid: 40000 is not between 0 and 32751" in (

@@ -150,7 +150,7 @@ def run_command(args: argparse.Namespace, cmd: list[str]) -> int:
         args.socket = f"qubesshm-agent-{os.getpid()}"
     private_vchan: Path | None = None
     if args.emulator and args.vchan_dir is None and vchan_choice(args) == "socket":
-        base = runtime_path("x").parent
+        base = runtime_path(args.socket).parent  # where its socket goes
         private_vchan = Path(tempfile.mkdtemp(prefix="qs-vchan-", dir=base))
         args.vchan_dir = private_vchan
     try:
