@@ -166,3 +166,40 @@ def test_no_fd_is_left_behind_by_clients(served: RunningCompositor) -> None:
         c.close()
     wait_until(lambda: served.client_count() == 0, "every client to go")
     assert open_fds() == before
+
+
+def test_a_window_torn_down_by_its_client_wakes_it_with_nothing(
+        served: RunningCompositor) -> None:
+    """What only answers the client's own teardown (its surface leaving the output,
+    the pointer leaving it, each ``delete_id``) is queued, as libwayland-server queues
+    ``delete_id``: written with the next event posted to it, in order, not on its own.
+    Qt 5 can deadlock on exit when bytes arrive while it stops its event threads."""
+    c = SocketClient(str(served.path))
+    app = App(c)
+    output = c.bind("wl_output")
+    seat = c.bind("wl_seat")
+    pointer = c.create(seat, "get_pointer", "wl_pointer")
+    surface, xdg, top = app.toplevel("teardown")
+    app.show(surface, app.buffer(solid(8, 8, 0xFF123456)))
+    c.roundtrip()
+    wait_until(lambda: served.shell.last_commit("teardown"), "the commit")
+    window = served.shell.read(lambda s: s.mapped_windows())[0]
+    served.call(lambda: served.compositor.seat.pointer_motion(window, 2, 2, 0))
+    c.roundtrip()
+    assert c.take("wl_surface", "enter", surface) and c.take("wl_pointer", "enter", pointer)
+    c.take()
+
+    c.destroy(top)
+    c.destroy(xdg)
+    c.destroy(surface)
+    wait_until(lambda: not served.shell.read(lambda s: s.mapped_windows()), "the unmap")
+    assert not c.receive(0.3), [(e.interface, e.name) for e in c.events]
+
+    c.roundtrip()
+    got = [(e.interface, e.name, e.args) for e in c.take()]
+    assert got[:3] == [("wl_surface", "leave", (output,)),
+                       ("wl_pointer", "leave", (got[1][2][0], surface)),
+                       ("wl_pointer", "frame", ())]
+    assert got[3:] == [("wl_display", "delete_id", (object_id,))
+                       for object_id in (top, xdg, surface)]
+    c.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..objects.objectmap import DISPLAY_ID, SERVER_ID_MAX, SERVER_ID_MIN, ObjectMap, WaylandObject
@@ -83,6 +83,7 @@ class ClientCore:
         self._out: list[tuple[bytearray, list[int]]] = []
         self._next_server_id = SERVER_ID_MIN
         self._events: dict[tuple[str, str], MessageSpec | None] = {}
+        self._queueing = 0
         self.closed = False
         self.error: WireError | None = None
         # Called whenever output is queued (the I/O layer flushes it).
@@ -214,13 +215,32 @@ class ClientCore:
         self._queue(data, fds)
         return True
 
-    def _queue(self, data: bytes, fds: list[int]) -> None:
+    def _queue(self, data: bytes, fds: list[int], *, post: bool = False) -> None:
         if fds or not self._out:
             self._out.append((bytearray(data), list(fds)))
         else:
             self._out[-1][0].extend(data)
-        if self.on_output is not None:
+        if self.on_output is not None and (post or not self._queueing):
             self.on_output(self)
+
+    @contextlib.contextmanager
+    def queueing(self) -> Iterator[None]:
+        """Events sent meanwhile are queued, not posted: written with the next posted
+        event, as libwayland-server's ``wl_resource_queue_event``.
+
+        For events that only report what the client's own request did. Qt 5.15's
+        Wayland plugin (Debian 12's 5.15.8 with KDE's patches; Qt 6 alike) deadlocks
+        on exit when bytes arrive while ``~QWaylandDisplay`` stops its two event
+        threads: a read the main thread prepared for the first one is never read
+        nor cancelled when that thread sees ``m_quitting`` first, so the frame-queue
+        thread, woken by the bytes, waits in ``wl_display_read_events`` for it
+        forever. The answers to its last requests (the window's teardown) are the
+        bytes a compositor may send then."""
+        self._queueing += 1
+        try:
+            yield
+        finally:
+            self._queueing -= 1
 
     def take_output(self) -> list[Segment]:
         out = [(bytes(data), fds) for data, fds in self._out]
@@ -273,7 +293,8 @@ class ClientCore:
         self.objects.destroyed(obj, by_compositor=True)
         if object_id < SERVER_ID_MIN:
             self.objects.delete_id(object_id)
-            self.send(DISPLAY_ID, "delete_id", object_id)
+            with self.queueing():  # as libwayland-server does
+                self.send(DISPLAY_ID, "delete_id", object_id)
 
     # -- errors and the end ----------------------------------------------------
 
@@ -285,7 +306,7 @@ class ClientCore:
         spec = self._event_spec("wl_display", "error")
         assert spec is not None
         data, _ = encode_message(DISPLAY_ID, spec, [object_id, int(code), abridge(message)])
-        self._queue(data, [])
+        self._queue(data, [], post=True)
         log.info("%s: protocol error on object %d, code %d: %s", self, object_id, int(code),
                  message)
         self.close()

@@ -350,7 +350,11 @@ class Seat:
             self._last_pointer = None
         focus = self.pointer.focus
         if focus is not None and window_of(focus) is window:
-            self.pointer.set_focus(None)
+            # Queued: it only tells the client what it did (a popup_done is posted
+            # when the compositor did it). The keyboard's leave is posted: a client
+            # repeats a held key until it hears of the leave.
+            with focus.client.queueing():
+                self.pointer.set_focus(None)
             self.pointer.buttons = []
         if self.focus_window is window:
             self.focus_window = None

@@ -167,8 +167,9 @@ class Window:
         w.mapped = False
         self.render_waiting = False
         self._rendered = set()
-        for surface in self._shown:
-            self.compositor.outputs.leave(surface)
+        with self.client.queueing():  # what the client did itself (or a popup_done goes)
+            for surface in self._shown:
+                self.compositor.outputs.leave(surface)
         self._shown = []
         self.compositor.shell.window_unmapped(w)
         self.unmapped()
