@@ -486,3 +486,52 @@ def x_window_names(display: int) -> dict[int, str]:
         return names
     finally:
         conn.disconnect()
+
+
+class XPeer:
+    """Another X client on the daemon's display, doing to the daemon's windows what a
+    window manager and a person do in dom0: map one (in invisible mode the daemon never
+    maps its windows itself, so no pointer can reach them otherwise), move the pointer
+    into it, move or resize it, and read the ``_NET_WM_STATE`` the daemon set on it."""
+
+    def __init__(self, display: int) -> None:
+        import xcffib
+        import xcffib.xproto
+
+        self._xproto = xcffib.xproto
+        self.conn = xcffib.connect(display=f":{display}")
+        self.root = self.conn.get_setup().roots[0].root
+
+    def atom(self, name: str) -> int:
+        atom: int = self.conn.core.InternAtom(False, len(name), name).reply().atom
+        return atom
+
+    def atom_name(self, atom: int) -> str:
+        name: str = self.conn.core.GetAtomName(atom).reply().name.to_string()
+        return name
+
+    def map(self, window: int) -> None:
+        self.conn.core.MapWindowChecked(window).check()
+
+    def viewable(self, window: int) -> bool:
+        state: int = self.conn.core.GetWindowAttributes(window).reply().map_state
+        viewable: int = self._xproto.MapState.Viewable
+        return state == viewable
+
+    def warp(self, window: int, x: int, y: int) -> None:
+        """The pointer to (x, y) of ``window`` (or of the root, ``window`` 0)."""
+        self.conn.core.WarpPointerChecked(0, window or self.root, 0, 0, 0, 0, x, y).check()
+
+    def configure(self, window: int, x: int, y: int, width: int, height: int) -> None:
+        mask = (self._xproto.ConfigWindow.X | self._xproto.ConfigWindow.Y
+                | self._xproto.ConfigWindow.Width | self._xproto.ConfigWindow.Height)
+        self.conn.core.ConfigureWindowChecked(window, mask, [x, y, width, height]).check()
+
+    def net_wm_state(self, window: int) -> list[str]:
+        """The atoms of ``_NET_WM_STATE`` on ``window``, by name ([] when unset)."""
+        reply = self.conn.core.GetProperty(False, window, self.atom("_NET_WM_STATE"),
+                                           self._xproto.Atom.ATOM, 0, 64).reply()
+        return [self.atom_name(a) for a in reply.value.to_atoms()] if reply.value_len else []
+
+    def close(self) -> None:
+        self.conn.disconnect()

@@ -26,6 +26,20 @@ the new one is given every open window (CREATE, dump, MAP, a full image), the cl
 never notice, and it all keeps working. (A daemon older than 1.4 cannot be had from the
 real one, which always answers 1.8: the emulator's tests cover the agent's refusal.)
 
+Window management from the app, which the agent sends of its own accord (issue 17):
+xdg_toplevel.set_fullscreen before the first buffer (WINDOW_FLAGS before MAP), then
+unset_fullscreen, set_fullscreen and set_minimized (one WINDOW_FLAGS each), each seen
+taken in the ``_NET_WM_STATE`` the daemon writes on its X window; a move and resize of the
+daemon's X window by another X client, as dom0's window manager does (the daemon's
+CONFIGURE, the agent's echo, the app's new size as a new dump and CONFIGURE, and a
+second CONFIGURE the daemon sends only because the echo was right); and, with the
+pointer warped into the daemon's window (mapped by that X client: invisible mode never
+maps it), every wp_cursor_shape_v1 shape and wl_pointer.set_cursor with an image and
+with none, each change one MSG_CURSOR the daemon logs as taken, and the cursor sent
+before MAP to a daemon that comes after. Invisible mode checks all of these as on Qubes
+(see the comment above those tests); a malformed one (a wrong length, flags both set and
+unset, a glyph past the font, a wrong echo) fails them, with the daemon's own line.
+
 Run as a script, the module is a Wayland client for the tests (``churn``, ``hold``).
 """
 
@@ -53,6 +67,7 @@ if __name__ != "__main__":
         GuidDaemon,
         RealGuid,
         TapConnection,
+        XPeer,
         created_windows,
         daemon_problems,
         destroyed_windows,
@@ -84,7 +99,8 @@ T = TypeVar("T")
 class Agent:
     """``qubesshm agent`` serving a private runtime dir, the vchan server of ``guid``."""
 
-    def __init__(self, guid: RealGuid, workdir: Path, *extra: str) -> None:
+    def __init__(self, guid: RealGuid, workdir: Path, *extra: str,
+                 command: Sequence[str] = AGENT) -> None:
         # A short directory: Unix socket paths are limited to 107 bytes.
         self.runtime = Path(tempfile.mkdtemp(prefix="h10a-"))
         self.log_path = workdir / "agent.log"
@@ -92,7 +108,7 @@ class Agent:
         self.env["XDG_RUNTIME_DIR"] = str(self.runtime)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [*AGENT, "agent", "--socket", SOCKET, "--vchan", "socket",
+                [*command, "agent", "--socket", SOCKET, "--vchan", "socket",
                  "--vchan-dir", str(guid.sockdir), "--domid", str(guid.domid),
                  "--gui-domid", "0", "-v", *extra],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
@@ -176,10 +192,10 @@ class App:
 class Session:
     """One agent, the daemons that served it (the newest is current), its clients."""
 
-    def __init__(self, guid: RealGuid, workdir: Path) -> None:
+    def __init__(self, guid: RealGuid, workdir: Path, command: Sequence[str] = AGENT) -> None:
         self.guid = guid
         self.workdir = workdir
-        self.agent = Agent(guid, workdir)
+        self.agent = Agent(guid, workdir, command=command)
         self.daemons: list[GuidDaemon] = []
         self.killed: list[GuidDaemon] = []  # by the test: their exit is no failure
         self.apps: list[App] = []
@@ -224,10 +240,16 @@ class Session:
         return connection
 
     def check_alive(self) -> None:
-        """The agent and the current daemon are running (raise with their logs if not)."""
+        """The agent and the current daemon are running, and the agent withheld nothing
+        its own checks found the daemon would refuse (raise with their logs if not)."""
         if self.agent.process.poll() is not None:
             raise AssertionError(f"the agent exited ({self.agent.process.returncode}):\n"
                                  f"{self.agent.log()[-4000:]}")
+        withheld = [line for line in self.agent.log().splitlines()
+                    if "not sent to the GUI daemon" in line]
+        if withheld:
+            raise AssertionError("the agent withheld a message the daemon would refuse:\n"
+                                 + "\n".join(withheld[:10]))
         if self.daemons and self.daemon not in self.killed and not self.daemon.running():
             raise AssertionError(
                 f"qubes-guid exited ({self.daemon.process.returncode}) while the agent "
@@ -322,10 +344,11 @@ def settle(session: Session, open_windows: int = 0) -> dict[str, Any]:
     return wait_for(settled, f"{open_windows} windows and nothing in flight", session)
 
 
-def check_wire(connection: TapConnection, log: str) -> Counter[str]:
+def check_wire(connection: TapConnection, log: str,
+               daemon_sent: frozenset[str] = frozenset()) -> Counter[str]:
     """The wire agrees with the daemon's log: each dump read is on the wire, and ACKed
-    once; each DESTROY echoed; the agent's stream decodes whole. The agent's messages
-    by type."""
+    once; each DESTROY echoed; the agent's stream decodes whole; the daemon sent nothing
+    but ACKs, DESTROY echoes and ``daemon_sent``. The agent's messages by type."""
     sent = connection.agent_messages()
     replies = connection.daemon_messages()
     kinds = Counter(m.type.name for m in sent)
@@ -337,7 +360,7 @@ def check_wire(connection: TapConnection, log: str) -> Counter[str]:
     # so a class is never refused as set too late).
     assert kinds["WMNAME"] == len(re.findall(r"^set title for window ", log, re.M)), kinds
     assert kinds["WMCLASS"] == len(re.findall(r"^set class hint for window ", log, re.M))
-    assert set(answers) <= {"WINDOW_DUMP_ACK", "DESTROY"}, answers
+    assert set(answers) <= {"WINDOW_DUMP_ACK", "DESTROY", *daemon_sent}, answers
     return kinds
 
 
@@ -374,9 +397,11 @@ def check_clean_grants(stats: dict[str, Any]) -> None:
     assert lifetimes["pending_releases"] == 0, lifetimes
 
 
-def finish(session: Session, *, connections: int = 1) -> dict[str, Any]:
+def finish(session: Session, *, connections: int = 1,
+           daemon_sent: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Every client has gone: the whole account, then the agent's exit and the daemon's.
-    The counters before the exit."""
+    The counters before the exit. ``daemon_sent``: kinds of message the daemon may have
+    sent beside ACKs and DESTROY echoes (what X events on its windows made it send)."""
     stats = settle(session)
     daemon = stats["daemon"]
     log = session.daemon.stderr()
@@ -390,7 +415,7 @@ def finish(session: Session, *, connections: int = 1) -> dict[str, Any]:
         f"{stats['grants']}")
     assert stats["clients"] == 0, "the ledger still counts clients that are gone"
     created, destroyed = check_windows(log, 0)
-    kinds = check_wire(session.tap(), log)
+    kinds = check_wire(session.tap(), log, daemon_sent)
     if connections == 1:
         assert stats["lifetimes"]["forced_late"] == 0, stats["lifetimes"]
         assert (created, destroyed) == (daemon["created"], daemon["destroyed"]), daemon
@@ -514,6 +539,314 @@ def test_gtk(session: Session, argv: tuple[str, ...], env: dict[str, str], title
     assert not re.search(r"Lost connection|protocol error|Error (reading|flushing)",
                          app.output(), re.I), app.output()
     finish(session)
+
+
+# -- window management from the app: WINDOW_FLAGS, CURSOR, CONFIGURE echoes ----------------
+#
+# What the agent sends of its own accord besides a window's life, checked by the real
+# daemon. In invisible mode (-I) the daemon handles each of these messages exactly as on
+# Qubes (xside.c at the commit in the tool's SOURCES.txt): ``handle_message`` checks the
+# length of every one (CHECK_LEN) and that its window was created, for every mode;
+# ``handle_cursor`` and ``handle_wmflags`` do not look at ``g->invisible`` at all (the
+# same VERIFY()s, then XDefineCursor, and for a window the daemon has not mapped, which
+# in invisible mode is every window, ``_NET_WM_STATE`` written on its X window);
+# ``handle_configure_from_vm`` neither (the same clamps and VERIFY, then
+# XMoveResizeWindow). Only MAP (``handle_map`` returns after reading it), dumps and
+# images skip their X side there.
+#
+# Input: the daemon sends what X tells it of its windows, and in invisible mode it never
+# maps them, so nothing reaches them by itself. Another X client on its display
+# (``realguid.XPeer``) plays dom0's window manager and user: it maps the daemon's window
+# (the daemon then tells the agent MAP, as when a WM maps it), warps the pointer into it
+# (the daemon sends KEYMAP_NOTIFY, CROSSING and MOTION from the real EnterNotify and
+# MotionNotify) and moves and resizes it (the daemon's CONFIGURE from the real
+# ConfigureNotify). The daemon's events are its own, produced by its own code.
+
+# Upstream's guid.conf (the tool's) leaves allow_fullscreen false: the daemon asks the WM
+# for a maximize in place of a fullscreen (and would answer the WM's maximize as
+# fullscreen, a window it has mapped only).
+FULLSCREEN_ON_X = ["_NET_WM_STATE_MAXIMIZED_VERT", "_NET_WM_STATE_MAXIMIZED_HORZ"]
+
+# The agent with wp_cursor_shape_v1's XML loaded (the compositor offers the global only
+# then; the bundled wayland-protocols 1.31 predates it, and ``qubesshm agent`` has no
+# --protocol-dir): ``qubesshm agent`` itself, in its own process, with the compositor's
+# protocol table loaded as test_compositor_seat loads it.
+AGENT_WITH_XML = """\
+import sys
+from qubesshm.compositor import core
+from qubesshm.wire.protocol import load_protocols
+extra = sys.argv.pop(1)
+core.load_protocols = lambda: load_protocols([extra])
+from qubesshm.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def pumping(session: Session, client: Any, condition: Callable[[], T | None]
+            ) -> Callable[[], T | None]:
+    """``condition``, which first lets the in-test client read its events, and fails at
+    once if the daemon complained (a VERIFY() it failed leaves it running)."""
+    def check() -> T | None:
+        problems = daemon_problems(session.daemon.stderr())
+        if problems:
+            raise AssertionError("qubes-guid complained:\n" + "\n".join(problems[:10]))
+        client.dispatch(0.0)
+        return condition()
+    return check
+
+
+def shown_window(session: Session, client: Any, title: str) -> tuple[int, int]:
+    """``(local X window, agent's window id)`` of the window titled ``title``, once the
+    daemon has read its first dump."""
+    window = window_titled(wait_for(pumping(session, client, lambda: (
+        shown if title in (shown := titles_on_screen(session)).values() else None)),
+        f"the daemon's window titled {title!r}", session), title)
+    wait_for(pumping(session, client, lambda: any(r == window for r, _, _ in
+                                         dumps_read(session.daemon.stderr()))),
+             f"{title}'s first dump in the daemon's log", session)
+    (local,) = [lo for lo, r in created_windows(session.daemon.stderr()) if r == window]
+    return local, window
+
+
+def sent_to(connection: TapConnection, window: int) -> list[gm.Body]:
+    return [m.body for m in connection.agent_messages() if m.window == window]
+
+
+def cursors_logged(log: str) -> list[int]:
+    """The value of each MSG_CURSOR the daemon took (``handle_cursor`` logs it after its
+    checks, before XDefineCursor)."""
+    return [int(v, 16) for v in re.findall(r"^handle_cursor, cursor = 0x([0-9a-f]+)$",
+                                           log, re.M)]
+
+
+def test_fullscreen_and_minimize_reach_the_daemon_as_window_flags(session: Session) -> None:
+    """set_fullscreen before the first buffer goes out as WINDOW_FLAGS before MAP;
+    unset_fullscreen, set_fullscreen and set_minimized of a shown window each as one
+    WINDOW_FLAGS. The daemon takes each (none is refused, it never exits), and shows it
+    took it: the ``_NET_WM_STATE`` it writes on its X window follows every message
+    (fullscreen as maximize, guid.conf's default; minimize writes no state for a window
+    it has not mapped, and drops the fullscreen)."""
+    from compositor_clients import PyClient, gradient
+
+    client = PyClient(session.agent.socket_path, timeout=TIMEOUT)
+    peer = XPeer(session.guid.display)
+    try:
+        top = client.toplevel("h17 flags", before_commit=lambda w: w.role.set_fullscreen(None))
+        client.roundtrip()
+        top.ack_latest()
+        client.show(top.surface, client.buffer(gradient(240, 160)))
+        client.roundtrip()
+        local, window = shown_window(session, client, "h17 flags")
+        steps: list[tuple[str, Callable[[], None], list[str]]] = [
+            ("before the first buffer", lambda: None, FULLSCREEN_ON_X),
+            ("unset_fullscreen", top.role.unset_fullscreen, []),
+            ("set_fullscreen", lambda: top.role.set_fullscreen(None), FULLSCREEN_ON_X),
+            ("set_minimized", top.role.set_minimized, []),
+        ]
+
+        def has_state(state: list[str]) -> Callable[[], bool]:
+            return lambda: peer.net_wm_state(local) == state
+
+        for what, request, state in steps:
+            request()
+            client.roundtrip()
+            top.ack_latest()
+            wait_for(pumping(session, client, has_state(state)),
+                     f"_NET_WM_STATE {state} on the daemon's window after {what}", session)
+        sent = sent_to(session.tap(), window)
+        flags = [b for b in sent if isinstance(b, gm.WindowFlags)]
+        fullscreen, minimize = gm.WINDOW_FLAG_FULLSCREEN, gm.WINDOW_FLAG_MINIMIZE
+        assert flags == [gm.WindowFlags(fullscreen, 0), gm.WindowFlags(0, fullscreen),
+                         gm.WindowFlags(fullscreen, 0), gm.WindowFlags(minimize, 0)], sent
+        kinds = [b.TYPE for b in sent]
+        assert kinds.index(gm.MsgType.WINDOW_DUMP) < kinds.index(gm.MsgType.WINDOW_FLAGS) \
+            < kinds.index(gm.MsgType.MAP), kinds
+        assert session.daemon.running()
+        _close(top)
+        client.roundtrip()
+    finally:
+        peer.close()
+        client.disconnect()
+    finish(session)
+
+
+def test_a_move_and_resize_in_dom0_is_echoed_as_the_daemon_wants(session: Session) -> None:
+    """The daemon's CONFIGURE (its window moved and resized by another X client, as a WM
+    does) is echoed; the app, configured to the new size, draws it, and the new area goes
+    out as WINDOW_DUMP and CONFIGURE. The daemon takes all of it (its own log shows each
+    CONFIGURE of the agent's with the size it expects), and it sends its next CONFIGURE,
+    a move, only because the echo cleared the one it had queued (xside.c sends no other
+    while one is unacknowledged)."""
+    from compositor_clients import PyClient, gradient
+
+    client = PyClient(session.agent.socket_path, timeout=TIMEOUT)
+    peer = XPeer(session.guid.display)
+    try:
+        top = client.toplevel("h17 configure")
+        client.show(top.surface, client.buffer(gradient(200, 150)))
+        client.roundtrip()
+        local, window = shown_window(session, client, "h17 configure")
+        peer.configure(local, 100, 120, 320, 200)
+        wait_for(pumping(session, client, lambda: (320, 200) in top.configures),
+                 "the app to be configured to dom0's size", session)
+        top.ack_latest()
+        client.show(top.surface, client.buffer(gradient(320, 200, 5)))
+        client.roundtrip()
+        wait_for(pumping(session, client, lambda: (window, 320, 200) in
+                         dumps_read(session.daemon.stderr())),
+                 "the daemon to read the dump of the new size", session)
+        peer.configure(local, 140, 90, 320, 200)
+        echo = gm.Configure(140, 90, 320, 200, 0)
+        wait_for(pumping(session, client, lambda: echo in sent_to(session.tap(), window)),
+                 "the echo of the daemon's second CONFIGURE (a move)", session)
+        connection = session.tap()
+        asked = [m.body for m in connection.daemon_messages()
+                 if m.type == gm.MsgType.CONFIGURE]
+        assert asked == [gm.Configure(100, 120, 320, 200, 0), echo], asked
+        configures = [b for b in sent_to(connection, window) if isinstance(b, gm.Configure)]
+        # The echo, the new area's CONFIGURE, the echo of the move.
+        assert configures == [gm.Configure(100, 120, 320, 200, 0)] * 2 + [echo], configures
+
+        def taken() -> list[tuple[str, ...]]:
+            found: list[tuple[str, ...]] = re.findall(
+                r"^handle_configure_from_vm, local 0x[0-9a-f]+ remote "
+                rf"{window:#x}, (\d+)/(\d+), was (\d+)/(\d+), ovr=0 \(ignored\), "
+                r"xy (-?\d+)/(-?\d+), was (-?\d+)/(-?\d+)$", session.daemon.stderr(), re.M)
+            return found
+
+        # The echo is on the wire; the daemon may not have read it yet.
+        wait_for(pumping(session, client, lambda: len(taken()) >= 3),
+                 "the daemon to take the agent's three CONFIGUREs", session)
+        assert taken() == [("320", "200", "320", "200", "100", "120", "100", "120")] * 2 + [
+            ("320", "200", "320", "200", "140", "90", "140", "90")], taken()
+        assert session.daemon.running()
+        _close(top)
+        client.roundtrip()
+    finally:
+        peer.close()
+        client.disconnect()
+    finish(session, daemon_sent=frozenset({"CONFIGURE"}))
+
+
+@pytest.fixture
+def shapes_session(guid: RealGuid, tmp_path: Path) -> Iterator[Session]:
+    """A session whose agent offers wp_cursor_shape_v1 (its XML loaded)."""
+    from test_compositor_seat import CURSOR_SHAPE_XML
+
+    xml = tmp_path / "xml"
+    xml.mkdir()
+    (xml / "cursor-shape-v1.xml").write_text(CURSOR_SHAPE_XML)
+    running = Session(guid, tmp_path, command=[sys.executable, "-c", AGENT_WITH_XML, str(xml)])
+    try:
+        running.start_daemon()
+        yield running
+    finally:
+        running.close()
+
+
+def test_cursor_shapes_reach_the_daemon_as_msg_cursor(shapes_session: Session) -> None:
+    """With the pointer in the window (the daemon's CROSSING and MOTION from a real
+    pointer warp), every wp_cursor_shape_v1 shape, then set_cursor with a surface of the
+    app's, a shape again, and set_cursor with none (hidden): each change of glyph is one
+    MSG_CURSOR, an X cursor-font glyph or the default, and the daemon takes every one
+    (``handle_cursor`` logs each value after its checks, in the order sent). A daemon
+    that comes after gets the window's cursor before its MAP."""
+    from compositor_clients import PyClient, gradient
+    from pywayland.protocol.cursor_shape_v1 import WpCursorShapeManagerV1
+    from pywayland.protocol.wayland import WlSeat
+
+    from qubesshm.agent.cursors import cursor_message
+    from qubesshm.compositor.cursor import SHAPES
+
+    session = shapes_session
+    client = PyClient(session.agent.socket_path, timeout=TIMEOUT)
+    peer = XPeer(session.guid.display)
+    try:
+        assert "wp_cursor_shape_manager_v1" in client.globals
+        seat = client.bind(WlSeat, 5)
+        capabilities: list[int] = []
+        seat.dispatcher["capabilities"] = lambda _, caps: capabilities.append(caps)
+        client.roundtrip()
+        assert capabilities and capabilities[-1] & WlSeat.capability.pointer.value
+        pointer = seat.get_pointer()
+        enters: list[int] = []
+        pointer.dispatcher["enter"] = lambda _, serial, surface, x, y: enters.append(serial)
+        device = client.bind(WpCursorShapeManagerV1, 1).get_pointer(pointer)
+        top = client.toplevel("h17 cursors")
+        client.show(top.surface, client.buffer(gradient(200, 150)))
+        client.roundtrip()
+        local, window = shown_window(session, client, "h17 cursors")
+        peer.warp(0, 0, 0)
+        peer.map(local)
+        wait_for(lambda: peer.viewable(local), "the daemon's window to be mapped", session)
+        peer.warp(local, 20, 30)
+        wait_for(pumping(session, client, lambda: enters), "the pointer to enter the app's window",
+                 session)
+        serial = enters[-1]
+        text = next(number for number, name in SHAPES.items() if name == "text")
+        expected: list[int] = []
+        current = gm.CURSOR_DEFAULT
+
+        def expect(shape: str | None) -> None:
+            nonlocal current
+            value = cursor_message(shape).cursor
+            if value != current:
+                expected.append(value)
+                current = value
+
+        for number, name in sorted(SHAPES.items()):
+            device.set_shape(serial, number)
+            expect(name)
+        shapes = len(expected)
+        # From a glyph each time, so that each of these is a change: the app's own image
+        # and a hidden cursor are the default cursor.
+        image = client.compositor.create_surface()
+        device.set_shape(serial, text)
+        expect("text")
+        pointer.set_cursor(serial, image, 4, 4)
+        client.show(image, client.buffer(gradient(16, 16, 9)))
+        expect("default")
+        device.set_shape(serial, text)
+        expect("text")
+        pointer.set_cursor(serial, None, 0, 0)
+        expect(None)
+        device.set_shape(serial, text)
+        expect("text")
+        client.roundtrip()
+        assert shapes >= 20 and gm.CURSOR_DEFAULT in expected[:shapes], expected
+        glyph = cursor_message("text").cursor
+        assert expected[shapes:] == [glyph, gm.CURSOR_DEFAULT] * 2 + [glyph], expected
+        wait_for(pumping(session, client, lambda: len(cursors_logged(session.daemon.stderr()))
+                         >= len(expected)),
+                 f"the daemon to take {len(expected)} MSG_CURSOR", session)
+        assert cursors_logged(session.daemon.stderr()) == expected
+        sent = [b.cursor for b in sent_to(session.tap(), window) if isinstance(b, gm.Cursor)]
+        assert sent == expected
+        assert session.daemon.running()
+        first = session.daemon
+        # A new daemon: the window's cursor (text) before its MAP.
+        session.kill_daemon()
+        wait_for(lambda: not session.daemon_state()["connected"],
+                 "the agent to see the daemon go", session)
+        session.start_daemon()
+        local, window = shown_window(session, client, "h17 cursors")
+        wait_for(pumping(session, client, lambda: cursors_logged(session.daemon.stderr())),
+                 "the new daemon to take the window's cursor", session)
+        assert cursors_logged(session.daemon.stderr()) == [expected[-1]]
+        kinds = wait_for(lambda: (k if gm.MsgType.MAP in (k := [
+            b.TYPE for b in sent_to(session.tap(), window)]) else None),
+            "the window's MAP to the new daemon", session)
+        assert kinds.index(gm.MsgType.WINDOW_DUMP) < kinds.index(gm.MsgType.CURSOR) \
+            < kinds.index(gm.MsgType.MAP), kinds
+        assert daemon_problems(first.stderr()) == []
+        _close(top)
+        image.destroy()
+        client.roundtrip()
+    finally:
+        peer.close()
+        client.disconnect()
+    finish(session, connections=2,
+           daemon_sent=frozenset({"MAP", "KEYMAP_NOTIFY", "CROSSING", "MOTION"}))
 
 
 # -- the scenario client: every route to the screen, at once ------------------------------
