@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..objects.objectmap import WaylandObject
 from ..wire.codec import ArgValue
+from .devices import DeviceObjects
 from .keymap import Keymap, KeyState, Modifiers
 
 if TYPE_CHECKING:
@@ -40,21 +41,20 @@ class KeyboardResource:
         self.keyboard = keyboard
 
 
-class Keyboard:
+class Keyboard(DeviceObjects):
     """The seat's one keyboard, and every client's ``wl_keyboard`` objects of it."""
 
     def __init__(self, keymap: Keymap) -> None:
         self.keymap = keymap
         self.state: KeyState = keymap.state()
-        self.focus: Surface | None = None
-        self.resources: dict[ClientCore, list[int]] = {}
+        super().__init__()
         self._sent_mods: Modifiers = self.state.modifiers()
 
     # -- objects ---------------------------------------------------------------
 
     def add(self, client: ClientCore, object_id: int) -> None:
         client.resources[object_id] = KeyboardResource(self)
-        self.resources.setdefault(client, []).append(object_id)
+        self.track(client, object_id)
         self._send_keymap(client, object_id)
         client.send(object_id, "repeat_info", REPEAT_RATE, REPEAT_DELAY)
         focus = self.focus
@@ -68,25 +68,6 @@ class Keyboard:
         if not client.send(object_id, "keymap", KEYMAP_FORMAT_XKB_V1, fd, self.keymap.size):
             os.close(fd)
 
-    def remove(self, client: ClientCore, object_id: int) -> None:
-        ids = self.resources.get(client)
-        if ids is not None and object_id in ids:
-            ids.remove(object_id)
-            if not ids:
-                del self.resources[client]
-
-    def live(self, client: ClientCore) -> list[int]:
-        return [i for i in self.resources.get(client, ()) if client.alive(i)]
-
-    def client_gone(self, client: ClientCore) -> None:
-        self.resources.pop(client, None)
-        if self.focus is not None and self.focus.client is client:
-            self.focus = None
-
-    def surface_destroyed(self, surface: Surface) -> None:
-        """The focused surface is gone: no leave (its object is gone too)."""
-        if self.focus is surface:
-            self.focus = None
 
     # -- state -----------------------------------------------------------------
 

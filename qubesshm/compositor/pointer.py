@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..objects.objectmap import WaylandObject
 from ..wire.codec import ArgValue, Fixed
+from .devices import DeviceObjects
 
 if TYPE_CHECKING:
     from .client import ClientCore, Handler
@@ -39,13 +40,12 @@ class PointerResource:
         self.pointer = pointer
 
 
-class Pointer:
+class Pointer(DeviceObjects):
     """The seat's one pointer, and every client's ``wl_pointer`` objects of it."""
 
     def __init__(self) -> None:
-        self.focus: Surface | None = None
+        super().__init__()
         self.position = (0.0, 0.0)  # in the focused surface's coordinates
-        self.resources: dict[ClientCore, list[int]] = {}
         self.enter_serials: dict[ClientCore, int] = {}
         self.buttons: list[int] = []  # held down, in the order pressed
 
@@ -53,7 +53,7 @@ class Pointer:
 
     def add(self, client: ClientCore, object_id: int) -> None:
         client.resources[object_id] = PointerResource(self)
-        self.resources.setdefault(client, []).append(object_id)
+        self.track(client, object_id)
         focus = self.focus
         if focus is not None and focus.client is client and focus.alive:
             serial = self.enter_serials.get(client)
@@ -64,27 +64,13 @@ class Pointer:
                         fixed(self.position[1]))
             client.send(object_id, "frame")
 
-    def remove(self, client: ClientCore, object_id: int) -> None:
-        ids = self.resources.get(client)
-        if ids is not None and object_id in ids:
-            ids.remove(object_id)
-            if not ids:
-                del self.resources[client]
-
-    def live(self, client: ClientCore) -> list[int]:
-        return [i for i in self.resources.get(client, ()) if client.alive(i)]
-
     def client_gone(self, client: ClientCore) -> None:
-        self.resources.pop(client, None)
         self.enter_serials.pop(client, None)
-        if self.focus is not None and self.focus.client is client:
-            self.focus = None
-            self.buttons = []
+        super().client_gone(client)
 
-    def surface_destroyed(self, surface: Surface) -> None:
-        if self.focus is surface:
-            self.focus = None
-            self.buttons = []
+    def lose_focus(self) -> None:
+        self.focus = None
+        self.buttons = []
 
     def _usable(self) -> Surface | None:
         focus = self.focus
