@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,11 @@ def test_usage_mistakes(tmp_path: Path, args: list[str], why: str) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert why in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_clients_log_gives_toplevel_states_as_numbers() -> None:
+    from qubesshm.bench.input_client import xdg_states
+
+    # activated (4) and fullscreen (2), as the compositor sends them: native u32s
+    assert xdg_states(struct.pack("=2I", 4, 2)) == [4, 2]
+    assert xdg_states(None) == [] and xdg_states(b"") == []

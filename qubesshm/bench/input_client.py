@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import select
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,12 @@ SEAT_VERSION = 8  # axis_value120
 XKB_V1 = 1
 Rect = tuple[int, int, int, int]
 
+
+
+def xdg_states(states: Any) -> list[int]:
+    """``xdg_toplevel.configure``'s states: an array of native-endian u32 values."""
+    data = bytes(states) if states is not None else b""
+    return [value for (value,) in struct.iter_unpack("=I", data[: len(data) // 4 * 4])]
 
 class InputClientError(RuntimeError):
     pass
@@ -208,7 +215,7 @@ class InputClient:
     def _on_toplevel_configure(self, _: Any, width: int, height: int, states: Any) -> None:
         self.pending_size = (width, height)
         emit("configure", width=width, height=height,
-             states=list(bytes(states)) if states is not None else [])
+             states=xdg_states(states))
 
     def _on_xdg_configure(self, xdg_surface: Any, serial: int) -> None:
         xdg_surface.ack_configure(serial)
