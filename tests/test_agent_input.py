@@ -180,6 +180,23 @@ def test_focus_in_gives_keyboard_focus_with_the_held_keys_and_the_activated_stat
     client.wait(lambda: ACTIVATED not in toplevel_states(window)[-1], "activated taken away")
 
 
+def test_a_window_mapped_again_is_not_activated_until_focused_again(
+        served: AgentServed, client: SeatClient) -> None:
+    window, wid = shown(served, client, "again")
+    served.send(0, gm.KeymapNotify(bytes(32)))
+    served.send(wid, gm.Focus(FOCUS_IN, NORMAL, 3))
+    client.wait(lambda: bool(toplevel_states(window)) and ACTIVATED in toplevel_states(
+        window)[-1], "the activated state")
+    # The client unmaps its window (a null buffer), then maps it again: a new initial
+    # commit, answered with a configure. Its focus went with the unmap; so did activated.
+    client.show(window.surface, None)
+    client.roundtrip()
+    seen = len(toplevel_states(window))
+    window.surface.commit()
+    client.wait(lambda: len(toplevel_states(window)) > seen, "the new initial configure")
+    assert ACTIVATED not in toplevel_states(window)[-1]
+
+
 def test_keypresses_type_text_and_a_repeated_press_is_left_to_the_client(
         served: AgentServed, client: SeatClient) -> None:
     _window, wid = shown(served, client, "typing")

@@ -119,6 +119,12 @@ class Toplevel(Window):
         self.shell_window.parent = None if parent is None else parent.shell_window
 
     def unmapped(self) -> None:
+        # Keyboard focus went with the window (the seat's); so does the activated state,
+        # which the next map's initial configure would otherwise repeat.
+        activated = int(ToplevelState.ACTIVATED)
+        self.states = self.states - {activated}
+        width, height, kept = self.last_configure
+        self.last_configure = (width, height, tuple(s for s in kept if s != activated))
         self.xdg.reset()
         self.compositor.dismiss_popups_of(self)
         refresh_parents(self.client)
