@@ -1,8 +1,9 @@
 """The compositor served from a thread of the test process, for real clients.
 
-``RunningCompositor`` owns an asyncio loop in a thread with a
-``CompositorServer`` on a fresh socket and a ``RecordingShell``; clients (apps
-started as processes, or pywayland in the test itself) connect to ``path``.
+``ServedCompositor`` owns an asyncio loop in a thread with a
+``CompositorServer`` on a fresh socket; ``RunningCompositor`` is one whose shell
+is a ``RecordingShell``; ``serving`` runs either in a fresh directory. Clients
+(apps started as processes, or pywayland in the test itself) connect to ``path``.
 ``call`` runs a function in the server's thread (the compositor is not
 thread-safe), as the agent would call it.
 """
@@ -10,9 +11,12 @@ thread-safe), as the agent would call it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
@@ -26,17 +30,15 @@ from qubesshm.relay.listener import Listener
 T = TypeVar("T")
 
 
-class RunningCompositor:
-    def __init__(self, runtime_dir: Path, *, name: str = "qs-compositor",
-                 shell: RecordingShell | None = None, refresh: float = 60.0,
-                 screen: tuple[int, int] = (1920, 1080),
-                 ping_timeout: float | None = None) -> None:
+class ServedCompositor:
+    """``compositor`` serving ``runtime_dir/name`` from an asyncio loop in a thread of
+    its own."""
+
+    def __init__(self, compositor: Compositor, runtime_dir: Path, name: str) -> None:
+        self.compositor = compositor
         self.runtime_dir = runtime_dir
         self.name = name
         self.path = runtime_dir / name
-        self.shell = shell if shell is not None else RecordingShell()
-        self.compositor = Compositor(self.shell, refresh=refresh, screen=screen,
-                                     ping_timeout=ping_timeout)
         self.loop = asyncio.new_event_loop()
         self.server: CompositorServer | None = None
         self.error: BaseException | None = None
@@ -98,3 +100,33 @@ class RunningCompositor:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(20)
             self.loop.close()
+
+
+class RunningCompositor(ServedCompositor):
+    """A compositor whose shell is a ``RecordingShell``, served from a thread."""
+
+    def __init__(self, runtime_dir: Path, *, name: str = "qs-compositor",
+                 shell: RecordingShell | None = None, refresh: float = 60.0,
+                 screen: tuple[int, int] = (1920, 1080),
+                 ping_timeout: float | None = None) -> None:
+        self.shell = shell if shell is not None else RecordingShell()
+        super().__init__(Compositor(self.shell, refresh=refresh, screen=screen,
+                                    ping_timeout=ping_timeout), runtime_dir, name)
+
+
+S = TypeVar("S", bound=ServedCompositor)
+
+
+@contextlib.contextmanager
+def serving(make: Callable[[Path], S]) -> Iterator[S]:
+    """``make(runtime_dir)`` in a fresh directory of a short path (a Unix socket's path
+    holds 107 bytes at most), stopped and the directory removed afterwards."""
+    runtime = Path(tempfile.mkdtemp(prefix="qsc-"))
+    try:
+        running = make(runtime)
+        try:
+            yield running
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

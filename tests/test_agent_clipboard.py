@@ -12,15 +12,12 @@ empty; the daemon's text is offered to the focused client to paste.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from compositor_server import RunningCompositor
+from compositor_server import RunningCompositor, serving
 from compositor_shell import wait_until
 from test_compositor_selection import SelectionClient, focus
 
@@ -88,13 +85,8 @@ class DaemonSide:
 
 @pytest.fixture
 def served() -> Iterator[RunningCompositor]:
-    runtime = Path(tempfile.mkdtemp(prefix="qsac-"))
-    running = RunningCompositor(runtime)
-    try:
+    with serving(RunningCompositor) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,18 +8,14 @@ and xdg_toplevel receive is checked event by event.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import struct
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from compositor_clients import PyWindow, solid
+from compositor_server import ServedCompositor, serving
 from compositor_shell import wait_until
 from seat_clients import SeatClient, keys_of
 from test_agent_windows import FakeArea, FakeAreas
@@ -28,11 +24,7 @@ from test_compositor_seat import typed
 from qubesshm.agent.input import AgentInput, pressed_keys
 from qubesshm.agent.windows import AgentWindows
 from qubesshm.compositor.core import Compositor
-from qubesshm.compositor.server import CompositorServer
 from qubesshm.guiproto import messages as gm
-from qubesshm.relay.listener import Listener
-
-T = TypeVar("T")
 
 # X events and modes (X11/X.h), as the daemon copies them into its messages.
 KEY_PRESS, KEY_RELEASE, BUTTON_PRESS, BUTTON_RELEASE = 2, 3, 4, 5
@@ -51,49 +43,19 @@ def keymap_bits(*x_codes: int) -> bytes:
     return bytes(bits)
 
 
-class AgentServed:
+class AgentServed(ServedCompositor):
     """A compositor whose shell is the agent's windows, served from a thread, and the
     agent's input; ``send`` gives them a daemon message in that thread."""
 
     def __init__(self, runtime: Path) -> None:
-        self.path = runtime / "qs-agent-input"
         self.now = 100.0
         self.agent: AgentWindows[FakeArea] = AgentWindows(FakeAreas(), clock=lambda: self.now)
-        self.comp = Compositor(self.agent, clock=lambda: self.now, screen=(1280, 1024))
-        self.agent.wm = self.comp
+        comp = Compositor(self.agent, clock=lambda: self.now, screen=(1280, 1024))
+        self.agent.wm = comp
         self.agent.connect(gm.VERSION, gm.Xconf.for_screen(1280, 1024))
-        self.input = AgentInput(self.comp.seat, self.comp, self.agent.window_by_id,
+        self.input = AgentInput(comp.seat, comp, self.agent.window_by_id,
                                 clock=lambda: self.now)
-        self.loop = asyncio.new_event_loop()
-        self.server: CompositorServer | None = None
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(20), "the compositor's thread did not start"
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> None:
-            self.server = CompositorServer(self.comp, Listener(str(self.path)))
-
-        self.loop.run_until_complete(start())
-        ready.set()
-        self.loop.run_forever()
-
-    def call(self, fn: Callable[[], T]) -> T:
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-            if self.server is not None:
-                self.server.service()
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(20)
+        super().__init__(comp, runtime, "qs-agent-input")
 
     def send(self, window: int, body: gm.Body, *, advance: float = 0.001) -> None:
         def deliver() -> None:
@@ -110,23 +72,11 @@ class AgentServed:
 
         return wait_until(lambda: self.call(find), f"{title!r} shown to the daemon")
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.call(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(20)
-        self.loop.close()
-
 
 @pytest.fixture
 def served() -> Iterator[AgentServed]:
-    runtime = Path(tempfile.mkdtemp(prefix="qsai-"))
-    running = AgentServed(runtime)
-    try:
+    with serving(AgentServed) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from compositor_server import RunningCompositor
+from compositor_server import RunningCompositor, serving
 from compositor_shell import Commit, rgb, wait_until
 from screenshots import example
 
@@ -32,14 +32,8 @@ sc = example("scenario_client")
 
 @pytest.fixture
 def served() -> Iterator[RunningCompositor]:
-    # A short directory: Unix socket paths are limited to 107 bytes.
-    runtime = Path(tempfile.mkdtemp(prefix="qsc-"))
-    running = RunningCompositor(runtime)
-    try:
+    with serving(RunningCompositor) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 class App:

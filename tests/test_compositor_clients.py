@@ -8,16 +8,13 @@ positioner, and a protocol error that ends one client while another goes on.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from compositor_clients import ARGB8888, PyBuffer, PyClient, gradient, solid
-from compositor_server import RunningCompositor
+from compositor_server import RunningCompositor, serving
 from compositor_shell import Commit, rgb, wait_until
 from pywayland.protocol.xdg_shell import XdgPositioner
 
@@ -29,13 +26,8 @@ RED, GREEN, BLUE, GREY = 0xFFFF0000, 0xFF00FF00, 0xFF0000FF, 0xFF808080
 
 @pytest.fixture
 def served() -> Iterator[RunningCompositor]:
-    runtime = Path(tempfile.mkdtemp(prefix="qsc-"))
-    running = RunningCompositor(runtime)
-    try:
+    with serving(RunningCompositor) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

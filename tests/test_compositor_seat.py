@@ -8,15 +8,13 @@ state built from the keymap it was sent and the modifiers it was told.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from compositor_clients import PyWindow, solid
-from compositor_server import RunningCompositor
+from compositor_server import RunningCompositor, serving
 from compositor_shell import wait_until
 from pywayland.protocol.xdg_shell import XdgPositioner
 from seat_clients import EXPECTED_SEALS, SeatClient, keys_of
@@ -35,13 +33,8 @@ SHIFT_MASK = 1
 
 @pytest.fixture
 def served() -> Iterator[RunningCompositor]:
-    runtime = Path(tempfile.mkdtemp(prefix="qss-"))
-    running = RunningCompositor(runtime)
-    try:
+    with serving(RunningCompositor) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture
@@ -594,28 +587,25 @@ def test_cursor_shapes_when_the_protocol_is_loaded(monkeypatch: pytest.MonkeyPat
 
     (tmp_path / "cursor-shape-v1.xml").write_text(CURSOR_SHAPE_XML)
     monkeypatch.setattr(core, "load_protocols", lambda: load_protocols([tmp_path]))
-    runtime = Path(tempfile.mkdtemp(prefix="qss-"))
-    served = RunningCompositor(runtime)
-    c = SeatClient(served.path)
-    try:
-        assert c.globals["wp_cursor_shape_manager_v1"][1] == 1
-        manager = c.bind(WpCursorShapeManagerV1, 1)
-        device = manager.get_pointer(c.pointer)
-        _, w = mapped(served, c, "shapes")
-        on_seat(served, lambda s: s.pointer_motion(w, 5.0, 5.0, 1))
-        serial = c.wait_for("ptr.enter")[0][0]
-        device.set_shape(serial, 9)  # text
-        device.set_shape(serial + 100, 4)  # not the enter's serial: ignored
-        device.set_shape(serial, 29)  # nwse_resize
-        c.roundtrip()
-        assert served.shell.read(lambda s: list(s.cursors)) == [(w.id, "text"),
-                                                                (w.id, "nwse-resize")]
-        device.set_shape(serial, 99)
-        assert c.broken()
-    finally:
-        c.disconnect()
-        served.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
+    with serving(RunningCompositor) as served:
+        c = SeatClient(served.path)
+        try:
+            assert c.globals["wp_cursor_shape_manager_v1"][1] == 1
+            manager = c.bind(WpCursorShapeManagerV1, 1)
+            device = manager.get_pointer(c.pointer)
+            _, w = mapped(served, c, "shapes")
+            on_seat(served, lambda s: s.pointer_motion(w, 5.0, 5.0, 1))
+            serial = c.wait_for("ptr.enter")[0][0]
+            device.set_shape(serial, 9)  # text
+            device.set_shape(serial + 100, 4)  # not the enter's serial: ignored
+            device.set_shape(serial, 29)  # nwse_resize
+            c.roundtrip()
+            assert served.shell.read(lambda s: list(s.cursors)) == [(w.id, "text"),
+                                                                    (w.id, "nwse-resize")]
+            device.set_shape(serial, 99)
+            assert c.broken()
+        finally:
+            c.disconnect()
 
 
 def test_the_cursor_shape_global_is_not_offered_without_its_xml(client: SeatClient) -> None:

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from compositor_clients import PyClient, solid
-from compositor_server import RunningCompositor
+from compositor_server import RunningCompositor, serving
 from compositor_shell import wait_until
 from pywayland.protocol.wayland import WlDataDeviceManager, WlSeat
 from pywayland.protocol.wp_primary_selection_unstable_v1 import (
@@ -44,13 +41,8 @@ TEXT = "Grüße, 世界 — qubes\n".encode() * 200
 
 @pytest.fixture
 def served() -> Iterator[RunningCompositor]:
-    runtime = Path(tempfile.mkdtemp(prefix="qsc-"))
-    running = RunningCompositor(runtime)
-    try:
+    with serving(RunningCompositor) as running:
         yield running
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def open_fds() -> set[int]:
