@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING
 
 from ..objects.objectmap import WaylandObject
 from ..wire.codec import ArgValue, Fixed, WireError
-from .selection import ClientSource, Device, Offer, close_fd
+from .selection import (
+    ClientSource,
+    Device,
+    Offer,
+    add_device,
+    device_release,
+    offer_receive,
+    source_offer,
+)
 from .surfaces import Surface
 
 if TYPE_CHECKING:
@@ -289,20 +297,10 @@ def get_data_device(client: ClientCore, obj: WaylandObject, args: list[ArgValue]
                     fds: list[int]) -> None:
     new_id = args[0]
     assert isinstance(new_id, int)
-    slot = _selection(client).clipboard
-    device = Device(client, new_id, slot)
-    client.resources[new_id] = device
-    slot.add_device(device)
+    add_device(client, new_id, _selection(client).clipboard)
 
 
 # -- wl_data_source -------------------------------------------------------------------
-
-
-def source_offer(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                 fds: list[int]) -> None:
-    mime = args[0]
-    assert isinstance(mime, str)
-    client.resource(obj.id, ClientSource).add_mime(mime)
 
 
 def source_set_actions(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
@@ -352,18 +350,6 @@ def offer_accept(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
     source = offer.drag_source
     source.owner.send(source.id, "target", mime)
     source.accepted = mime is not None
-
-
-def offer_receive(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                  fds: list[int]) -> None:
-    mime, fd = args
-    assert isinstance(mime, str) and isinstance(fd, int)
-    fds.remove(fd)
-    offer = client.resources.get(obj.id)
-    if not isinstance(offer, Offer):
-        close_fd(fd)
-        return
-    offer.receive(mime, fd)
 
 
 def offer_finish(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
@@ -485,12 +471,6 @@ def set_selection(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
         # GTK 3 sets the same source again (wlroots and weston let it): no error.
         source.used = True
     _selection(client).clipboard.request(client, source, serial)
-
-
-def device_release(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                   fds: list[int]) -> None:
-    device = client.resource(obj.id, Device)
-    device.slot.remove_device(device)
 
 
 HANDLERS: dict[tuple[str, str], Handler] = {

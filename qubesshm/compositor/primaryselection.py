@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..objects.objectmap import WaylandObject
 from ..wire.codec import ArgValue
-from .selection import ClientSource, Device, Offer, close_fd
+from .selection import ClientSource, add_device, device_release, offer_receive, source_offer
 
 if TYPE_CHECKING:
     from .client import ClientCore, Handler
@@ -34,17 +34,7 @@ def get_device(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
                fds: list[int]) -> None:
     new_id = args[0]
     assert isinstance(new_id, int)
-    slot = client.compositor.selection.primary
-    device = Device(client, new_id, slot)
-    client.resources[new_id] = device
-    slot.add_device(device)
-
-
-def source_offer(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                 fds: list[int]) -> None:
-    mime = args[0]
-    assert isinstance(mime, str)
-    client.resource(obj.id, PrimarySource).add_mime(mime)
+    add_device(client, new_id, client.compositor.selection.primary)
 
 
 def source_destroy(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
@@ -52,18 +42,6 @@ def source_destroy(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
     source = client.resource(obj.id, PrimarySource)
     source.alive = False
     client.compositor.selection.primary.source_gone(source)
-
-
-def offer_receive(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                  fds: list[int]) -> None:
-    mime, fd = args
-    assert isinstance(mime, str) and isinstance(fd, int)
-    fds.remove(fd)
-    offer = client.resources.get(obj.id)
-    if isinstance(offer, Offer):
-        offer.receive(mime, fd)
-    else:
-        close_fd(fd)
 
 
 def set_selection(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
@@ -77,12 +55,6 @@ def set_selection(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
     client.compositor.selection.primary.request(client, source, serial)
 
 
-def device_destroy(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
-                   fds: list[int]) -> None:
-    device = client.resource(obj.id, Device)
-    device.slot.remove_device(device)
-
-
 HANDLERS: dict[tuple[str, str], Handler] = {
     ("zwp_primary_selection_device_manager_v1", "create_source"): create_source,
     ("zwp_primary_selection_device_manager_v1", "get_device"): get_device,
@@ -90,5 +62,5 @@ HANDLERS: dict[tuple[str, str], Handler] = {
     ("zwp_primary_selection_source_v1", "destroy"): source_destroy,
     ("zwp_primary_selection_offer_v1", "receive"): offer_receive,
     ("zwp_primary_selection_device_v1", "set_selection"): set_selection,
-    ("zwp_primary_selection_device_v1", "destroy"): device_destroy,
+    ("zwp_primary_selection_device_v1", "destroy"): device_release,
 }

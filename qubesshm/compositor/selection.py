@@ -26,7 +26,8 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..wire.codec import ErrorCode, WireError
+from ..objects.objectmap import WaylandObject
+from ..wire.codec import ArgValue, ErrorCode, WireError
 
 if TYPE_CHECKING:
     from .client import ClientCore
@@ -337,3 +338,38 @@ class Selection:
             return None
         client = source.client
         return 0 if client is None else client.number
+
+
+# -- requests both protocols handle alike ------------------------------------------------
+
+
+def add_device(client: ClientCore, object_id: int, slot: SelectionSlot) -> None:
+    """A new device object of ``client`` for ``slot`` (the clipboard or the primary)."""
+    device = Device(client, object_id, slot)
+    client.resources[object_id] = device
+    slot.add_device(device)
+
+
+def source_offer(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                 fds: list[int]) -> None:
+    mime = args[0]
+    assert isinstance(mime, str)
+    client.resource(obj.id, ClientSource).add_mime(mime)
+
+
+def offer_receive(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                  fds: list[int]) -> None:
+    mime, fd = args
+    assert isinstance(mime, str) and isinstance(fd, int)
+    fds.remove(fd)
+    offer = client.resources.get(obj.id)
+    if isinstance(offer, Offer):
+        offer.receive(mime, fd)
+    else:
+        close_fd(fd)
+
+
+def device_release(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
+                   fds: list[int]) -> None:
+    device = client.resource(obj.id, Device)
+    device.slot.remove_device(device)
