@@ -26,7 +26,8 @@ window manager would, and reads the results back from the apps themselves:
   ends the app with status 0;
 - the clipboard both ways: text put in the emulator's clipboard and pasted with
   Ctrl+Shift+V then the app's paste key reaches the app; text copied in the app
-  reaches the emulator's clipboard file with Ctrl+Shift+C.
+  reaches the emulator's clipboard file with Ctrl+Shift+C; the same with a pywayland
+  client's own data source and offer.
 
 Every step waits on a condition (a file's content, an event line, pixels), never
 on time alone. A missing app is a skip that names it.
@@ -37,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
+import select
 import shutil
 import signal
 import struct
@@ -70,7 +73,9 @@ from agent_world import (
     start_emulator,
     wait_until,
 )
+from compositor_clients import PyClient, solid
 from numpy.typing import NDArray
+from pywayland.protocol.wayland import WlDataDeviceManager, WlSeat
 
 from qubesshm.bench import input_client
 
@@ -310,10 +315,6 @@ class InputClient:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-
-
-def solid(width: int, height: int, colour: int) -> NDArray[np.uint32]:
-    return np.full((height, width), colour, dtype=np.uint32)
 
 
 # -- typing: foot ------------------------------------------------------------------------------
@@ -839,3 +840,157 @@ def test_text_from_dom0_pastes_into_gtk3_and_back(start_session: StartSession) -
                detail=lambda: password_dots(session, window))
     session.copy_to_dom0(window, b"GTK says: from dom0")
     session.check_healthy()
+
+
+# -- a test client through every kind of input, and the clipboard with a pywayland client ----
+
+
+def test_typing_clicking_scrolling_resizing_and_closing_from_x(
+        start_session: StartSession) -> None:
+    session = start_session()
+    client = InputClient(session, "--size", "200x150", "--title", "e2e-input")
+    session.apps.append(Proc("input client", client.process, client.log))
+    window = wait_until(lambda: session.screen.find(name=b"e2e-input"), "the client's window",
+                        detail=client.output)
+    wait_until(lambda: session.screen.viewable(window.xid), "the window mapped")
+    x, y, width, height = session.screen.geometry(window.xid)
+    assert (width, height) == (200, 150)
+    conn = session.conn
+    session.focus(window)
+    client.next("kb_enter")
+    xinput.type_text(conn, "Zy!\n")
+    wait_until(lambda: "".join(e.get("utf8", "") for e in client.events()
+                               if e["ev"] == "key" and e["state"] == 1) == "Zy!\r",
+               "the typed text")
+    xinput.click(conn, x + 30, y + 40, 3)
+    xinput.scroll(conn, x + 30, y + 40, 1)
+    wait_until(lambda: [e for e in client.events() if e["ev"] == "axis"], "the wheel step")
+    got = client.events()
+    buttons = [(e["button"], e["state"], e["x"], e["y"]) for e in got if e["ev"] == "button"]
+    assert buttons == [(BTN_RIGHT, 1, 30.0, 40.0), (BTN_RIGHT, 0, 30.0, 40.0)]
+    axes = [(e["axis"], e["value"]) for e in got if e["ev"] == "axis"]
+    assert axes == [(0, 15.0)]
+    # A resize in dom0 (here: straight on the X window, as a window manager would).
+    conn.core.ConfigureWindow(window.xid, xp.ConfigWindow.Width | xp.ConfigWindow.Height,
+                              [260, 170])
+    conn.flush()
+    wait_until(lambda: [e for e in client.events() if e["ev"] == "drawn"
+                        and (e["width"], e["height"]) == (260, 170)], "the app's next frame")
+    assert session.screen.geometry(window.xid)[2:] == (260, 170)
+    # Closing it (WM_DELETE_WINDOW, as dom0's window manager sends) ends the app cleanly.
+    session.close(window)
+    assert client.process.wait(timeout=60) == 0
+    assert any(e["ev"] == "close" for e in client.events())
+
+
+class Copier:
+    """A pywayland client of the agent (in the test's process: the agent is another
+    one) with a window and a data device: copies a text, and reads what is pasted."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.c = PyClient(agent.socket_path)
+        self.seat = self.c.bind(WlSeat, 5)
+        self.keyboard = self.seat.get_keyboard()
+        self.enters: list[int] = []
+
+        def enter(_: Any, serial: int, surface: Any, keys: Any) -> None:
+            self.enters.append(serial)
+
+        def keymap(_: Any, fmt: int, fd: int, size: int) -> None:
+            os.close(fd)
+
+        self.keyboard.dispatcher["enter"] = enter
+        self.keyboard.dispatcher["keymap"] = keymap
+        self.manager = self.c.bind(WlDataDeviceManager, 3)
+        self.device = self.manager.get_data_device(self.seat)
+        self.mimes: dict[Any, list[str]] = {}
+        self.selections: list[Any] = []
+
+        def data_offer(_: Any, offer: Any) -> None:
+            mimes: list[str] = []
+            self.mimes[offer] = mimes
+
+            def on_offer(_: Any, mime: str) -> None:
+                mimes.append(mime)
+
+            offer.dispatcher["offer"] = on_offer
+
+        def selection(_: Any, offer: Any) -> None:
+            self.selections.append(offer)
+
+        self.device.dispatcher["data_offer"] = data_offer
+        self.device.dispatcher["selection"] = selection
+        self.window = self.c.toplevel("e2e-clipboard")
+        self.c.show(self.window.surface, self.c.buffer(solid(120, 80, 0xFF208040)))
+        self.c.roundtrip()
+        self.sent = 0
+
+    def copy(self, data: bytes) -> None:
+        source = self.manager.create_data_source()
+
+        def send(_: Any, mime: str, fd: int) -> None:
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            self.sent += 1
+
+        def cancelled(_: Any) -> None:
+            pass
+
+        source.dispatcher["send"] = send
+        source.dispatcher["cancelled"] = cancelled
+        source.offer("text/plain;charset=utf-8")
+        self.device.set_selection(source, self.enters[-1])
+        self.c.roundtrip()
+        self.source = source
+
+    def paste(self, offer: Any) -> bytes:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        offer.receive("text/plain;charset=utf-8", write_end)
+        os.close(write_end)
+        self.c.display.flush()
+        out = bytearray()
+        try:
+            while True:
+                ready, _, _ = select.select([read_end], [], [], 10)
+                assert ready, "no EOF of the pasted text"
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    return bytes(out)
+                out += chunk
+        finally:
+            os.close(read_end)
+
+
+CLIPBOARD_TEXT = "Grüße aus der VM — 世界\n"
+
+
+def test_text_copied_both_ways_through_the_emulators_clipboard(
+        start_session: StartSession) -> None:
+    session = start_session()
+    app = Copier(session.agent)
+    try:
+        window = wait_until(lambda: session.screen.find(name=b"e2e-clipboard"), "the window")
+        wait_until(lambda: session.screen.viewable(window.xid), "the window mapped")
+        x, y, _w, _h = session.screen.geometry(window.xid)
+        session.focus(window)
+        app.c.wait(lambda: bool(app.enters), "keyboard focus")
+        app.copy(CLIPBOARD_TEXT.encode())
+        conn = session.conn
+        xinput.move(conn, x + 5, y + 5)
+        xinput.chord(conn, "Control_L", "Shift_L", "c")  # copy to the global clipboard
+        app.c.wait(lambda: session.clipboard() == CLIPBOARD_TEXT.encode(),
+                   "the VM's text in dom0's clipboard file")
+        assert app.sent == 1
+        # dom0's text pasted into the VM (Ctrl+Shift+V): offered to the focused client.
+        session.put_clipboard("aus dom0 ✓".encode())
+        seen = len(app.selections)
+        xinput.chord(conn, "Control_L", "Shift_L", "v")
+        app.c.wait(lambda: len(app.selections) > seen and app.selections[-1] is not None,
+                   "the pasted selection offer")
+        offer = app.selections[-1]
+        assert "text/plain;charset=utf-8" in app.mimes[offer]
+        assert app.paste(offer) == "aus dom0 ✓".encode()
+    finally:
+        app.c.disconnect()
