@@ -32,8 +32,11 @@ from hypothesis import strategies as st
 from qubesshm.grants.api import PAGE_SIZE, Unshared
 from qubesshm.grants.hypercalls import (
     MAX_FRAME,
+    NOTIFY_CLEAR_BYTE,
+    NOTIFY_SEND_EVENT,
     ForeignKernelError,
     HypercallServer,
+    HypercallSession,
     Op,
     connect_foreign,
     encode_request,
@@ -41,7 +44,7 @@ from qubesshm.grants.hypercalls import (
     serve_hypercalls,
 )
 from qubesshm.grants.simkernels import HYPERCALL_SOCKET, KernelDir, running_kernels
-from qubesshm.grants.simulated import SimBackend, SimHypervisor
+from qubesshm.grants.simulated import SimBackend, SimHypervisor, _Port
 
 REPO = Path(__file__).resolve().parent.parent
 VM, GUI = 1, 0
@@ -638,3 +641,294 @@ def test_an_asyncio_loop_drives_the_server(world: World) -> None:
     assert hello == struct.pack("<II", 4, 0) and mapped == 1
     assert holds(world) == 0
     assert world.vm.unshare(area) is Unshared.ENDED
+
+
+# -- event channels and unmap notifies, sans-IO (HypercallSession) ----------------------------
+
+
+@dataclass
+class SansIO:
+    """A hypervisor whose view of processes' mmaps the test sets (``maps``), the VM's
+    backend on it, and the VM's port left unbound for the GUI domain."""
+
+    hv: SimHypervisor
+    vm: SimBackend
+    vm_port: int
+    maps: dict[int, set[tuple[int, int]]]
+
+
+@pytest.fixture
+def sansio(tmp_path: Path) -> Iterator[SansIO]:
+    maps: dict[int, set[tuple[int, int]]] = {}
+    hv = SimHypervisor(tmp_path, clock=Clock(), maps_reader=lambda pid: set(maps.get(pid, ())))
+    vm = SimBackend(hv, VM)
+    yield SansIO(hv, vm, vm.bind_unbound_port(GUI), maps)
+    vm.close()
+
+
+class Session:
+    """A ``HypercallSession`` driven with request bytes, as the server would."""
+
+    def __init__(self, hv: SimHypervisor, pid: int | None = None, domid: int = GUI) -> None:
+        self.session = HypercallSession(hv, pid)
+        self.fds: list[int] = []
+        if domid >= 0:
+            assert self.call(Op.HELLO, struct.pack("<I", domid)) == (0, b"")
+
+    def call(self, op: int, body: bytes = b"") -> tuple[int, bytes]:
+        reply = self.session.handle(struct.pack("<I", op) + body)
+        if reply.fd is not None:
+            self.fds.append(reply.fd)
+        (length,) = struct.unpack_from("<I", reply.data)
+        assert length == len(reply.data) - 4
+        (status,) = struct.unpack_from("<I", reply.data, 4)
+        return status, reply.data[8:]
+
+    def status(self, op: int, body: bytes = b"") -> int:
+        return self.call(op, body)[0]
+
+    def bind(self, remote_port: int, remote_domid: int = VM) -> int:
+        status, body = self.call(Op.BIND_INTERDOMAIN, struct.pack("<II", remote_domid,
+                                                                  remote_port))
+        assert status == 0, body
+        (port,) = struct.unpack("<I", body)
+        return int(port)
+
+    def map(self, refs: tuple[int, ...], writable: bool = True) -> int:
+        status, body = self.call(Op.MAP, struct.pack("<IB", VM, int(writable))
+                                 + struct.pack(f"<{len(refs)}I", *refs))
+        assert status == 0, body
+        return int(struct.unpack("<QQ", body)[0])
+
+    def set_notify(self, mapping: int, flags: int, offset: int = 0, port: int = 0) -> int:
+        return self.status(Op.SET_NOTIFY, struct.pack("<QIII", mapping, flags, offset, port))
+
+    def close(self) -> None:
+        self.session.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+BOTH = NOTIFY_CLEAR_BYTE | NOTIFY_SEND_EVENT
+
+
+def holds_of(hv: SimHypervisor) -> int:
+    return sum(entry.holds for entry in hv._entries.values())
+
+
+def port_of(hv: SimHypervisor, domid: int, port: int) -> _Port | None:
+    return hv._ports.get((domid, port))
+
+
+def fired(vm: SimBackend) -> list[int]:
+    """The VM's ports that fired, if its event fd says any did; unmasked again."""
+    ready, _, _ = select.select([vm.event_fd()], [], [], 0)
+    ports = vm.fired_ports() if ready else []
+    vm.unmask(ports)
+    return ports
+
+
+def test_a_session_binds_to_the_vms_unbound_port_notifies_and_unbinds(sansio: SansIO) -> None:
+    host = Session(sansio.hv)
+    port = host.bind(sansio.vm_port)
+    assert host.session.ports == {port}
+    ours, theirs = port_of(sansio.hv, GUI, port), port_of(sansio.hv, VM, sansio.vm_port)
+    assert ours is not None and theirs is not None and ours.remote is theirs
+    assert host.call(Op.NOTIFY, struct.pack("<I", port)) == (0, b"")
+    assert fired(sansio.vm) == [sansio.vm_port]
+    assert host.call(Op.UNBIND, struct.pack("<I", port)) == (0, b"")
+    assert port_of(sansio.hv, GUI, port) is None and theirs.remote is None
+    assert host.status(Op.NOTIFY, struct.pack("<I", port)) == errno.ENOTCONN
+    assert host.status(Op.UNBIND, struct.pack("<I", port)) == errno.ENOTCONN
+    assert host.session.ports == set()
+    host.close()
+
+
+def test_event_channel_requests_are_checked(sansio: SansIO) -> None:
+    bare = Session(sansio.hv, domid=-1)
+    for op in (Op.BIND_INTERDOMAIN, Op.UNBIND, Op.SET_NOTIFY, Op.NOTIFY):
+        assert bare.status(op, bytes(24)) == errno.EPROTO
+    host, other = Session(sansio.hv), Session(sansio.hv)
+    bind = Op.BIND_INTERDOMAIN
+    for body in (b"", bytes(4), bytes(12)):
+        assert host.status(bind, body) == errno.EINVAL
+    for body in (b"", bytes(3), bytes(8)):
+        assert host.status(Op.UNBIND, body) == errno.EINVAL
+        assert host.status(Op.NOTIFY, body) == errno.EINVAL
+    assert host.status(bind, struct.pack("<II", 0x7FF0, sansio.vm_port)) == errno.EINVAL
+    assert host.status(bind, struct.pack("<II", VM, 99)) == errno.EINVAL  # no such port
+    assert host.status(bind, struct.pack("<II", 2, sansio.vm_port)) == errno.EINVAL
+    for_domain_2 = sansio.vm.bind_unbound_port(2)
+    status, text = host.call(bind, struct.pack("<II", VM, for_domain_2))
+    assert status == errno.EINVAL and b"not an unbound port for domain 0" in text
+    port = host.bind(sansio.vm_port)
+    # Bound already: no second connection to it.
+    assert other.status(bind, struct.pack("<II", VM, sansio.vm_port)) == errno.EINVAL
+    # Another connection's port (of the same domain) is not this one's to use.
+    others = other.bind(sansio.vm.bind_unbound_port(GUI))
+    assert others != port
+    for op in (Op.UNBIND, Op.NOTIFY):
+        assert other.status(op, struct.pack("<I", port)) == errno.ENOTCONN
+        assert host.status(op, struct.pack("<I", others)) == errno.ENOTCONN
+    assert port_of(sansio.hv, GUI, port) is not None
+    for session in (bare, host, other):
+        session.close()
+    assert port_of(sansio.hv, GUI, port) is None and port_of(sansio.hv, GUI, others) is None
+
+
+def test_set_notify_requests_are_checked_and_a_refused_one_changes_nothing(
+        sansio: SansIO) -> None:
+    area = sansio.vm.share(GUI, 2)
+    read_only = sansio.vm.share(GUI, 1, writable=False)
+    host, other = Session(sansio.hv), Session(sansio.hv)
+    port = host.bind(sansio.vm_port)
+    others = other.bind(sansio.vm.bind_unbound_port(GUI))
+    mapping = host.map(area.refs)
+    frozen = host.map(read_only.refs, writable=False)
+    assert host.set_notify(mapping, BOTH, 2 * PAGE_SIZE - 1, port) == 0
+    last = 2 * PAGE_SIZE - 1
+    for body in (b"", bytes(19), bytes(21)):
+        assert host.status(Op.SET_NOTIFY, body) == errno.EINVAL
+    refused = [
+        (99, NOTIFY_CLEAR_BYTE, 0, 0),  # no such mapping
+        (mapping, 4, 0, 0),  # unknown flags
+        (mapping, 0x80000000 | NOTIFY_CLEAR_BYTE, 0, 0),
+        (mapping, NOTIFY_CLEAR_BYTE, 2 * PAGE_SIZE, 0),  # outside the mapping
+        (mapping, NOTIFY_CLEAR_BYTE, 0xFFFFFFFF, 0),
+        (mapping, NOTIFY_SEND_EVENT, 5, port),  # a byte without its flag
+        (mapping, NOTIFY_CLEAR_BYTE, 0, port),  # a port without its flag
+        (mapping, NOTIFY_SEND_EVENT, 0, others),  # another connection's
+        (mapping, NOTIFY_SEND_EVENT, 0, 77),  # no port
+        (frozen, NOTIFY_CLEAR_BYTE, 0, 0),  # gntdev: a read-only mapping clears no byte
+    ]
+    for mapping_id, flags, offset, notify_port in refused:
+        assert host.set_notify(mapping_id, flags, offset, notify_port) == errno.EINVAL, \
+            (mapping_id, flags, offset, notify_port)
+    # Another connection can neither see this one's mapping nor use its port.
+    assert other.set_notify(mapping, NOTIFY_CLEAR_BYTE, 0) == errno.EINVAL
+    other_mapping = other.map(area.refs)
+    assert other.set_notify(other_mapping, NOTIFY_SEND_EVENT, 0, port) == errno.EINVAL
+    # A read-only mapping may still signal.
+    assert host.set_notify(frozen, NOTIFY_SEND_EVENT, 0, port) == 0
+    assert host.set_notify(frozen, 0) == 0
+    held = port_of(sansio.hv, GUI, port)
+    assert held is not None and held.holds == 1
+    # The first notify is still the one armed.
+    area.memory[last] = 1
+    other.close()
+    assert host.status(Op.UNMAP, struct.pack("<Q", mapping)) == 0
+    assert area.memory[last] == 0 and fired(sansio.vm) == [sansio.vm_port]
+    assert held.holds == 0
+    # Gone: nothing to arm.
+    assert host.set_notify(mapping, NOTIFY_CLEAR_BYTE, 0) == errno.EINVAL
+    host.close()
+    assert sansio.vm.unshare(area) is Unshared.ENDED
+    assert sansio.vm.unshare(read_only) is Unshared.ENDED
+
+
+def test_unbinding_an_armed_port_keeps_it_until_the_notify_is_sent(sansio: SansIO) -> None:
+    area = sansio.vm.share(GUI, 1)
+    area.memory[7] = 1
+    host = Session(sansio.hv)
+    port = host.bind(sansio.vm_port)
+    mapping = host.map(area.refs)
+    assert host.set_notify(mapping, BOTH, 7, port) == 0
+    assert host.call(Op.UNBIND, struct.pack("<I", port)) == (0, b"")
+    # Closing, as evtchn_get keeps it: no longer the connection's, still connected.
+    held = port_of(sansio.hv, GUI, port)
+    assert held is not None and held.closing and held.holds == 1
+    assert held.remote is port_of(sansio.hv, VM, sansio.vm_port)
+    assert host.status(Op.NOTIFY, struct.pack("<I", port)) == errno.ENOTCONN
+    assert host.set_notify(mapping, NOTIFY_SEND_EVENT, 0, port) == errno.EINVAL
+    assert fired(sansio.vm) == []
+    assert host.status(Op.UNMAP, struct.pack("<Q", mapping)) == 0
+    assert fired(sansio.vm) == [sansio.vm_port] and area.memory[7] == 0
+    assert port_of(sansio.hv, GUI, port) is None
+    vm_port = port_of(sansio.hv, VM, sansio.vm_port)
+    assert vm_port is not None and vm_port.remote is None
+    host.close()
+    assert sansio.vm.unshare(area) is Unshared.ENDED
+
+
+def test_setting_the_notify_again_replaces_it(sansio: SansIO) -> None:
+    second_vm_port = sansio.vm.bind_unbound_port(GUI)
+    area = sansio.vm.share(GUI, 2)
+    area.memory[0] = area.memory[PAGE_SIZE] = 1
+    host = Session(sansio.hv)
+    first, second = host.bind(sansio.vm_port), host.bind(second_vm_port)
+    mapping = host.map(area.refs)
+    held_first, held_second = port_of(sansio.hv, GUI, first), port_of(sansio.hv, GUI, second)
+    assert held_first is not None and held_second is not None
+    assert host.set_notify(mapping, BOTH, 0, first) == 0
+    assert host.set_notify(mapping, BOTH, 0, first) == 0  # the same port: held once
+    assert held_first.holds == 1
+    assert host.set_notify(mapping, BOTH, PAGE_SIZE, second) == 0
+    assert (held_first.holds, held_second.holds) == (0, 1)
+    # The replaced port is free: unbinding it closes it at once.
+    assert host.status(Op.UNBIND, struct.pack("<I", first)) == 0
+    assert port_of(sansio.hv, GUI, first) is None
+    assert host.status(Op.UNMAP, struct.pack("<Q", mapping)) == 0
+    assert fired(sansio.vm) == [second_vm_port]
+    assert (area.memory[0], area.memory[PAGE_SIZE]) == (1, 0)
+    # Flags 0 disarm: nothing happens when the mapping goes.
+    again = host.map(area.refs)
+    assert host.set_notify(again, BOTH, 0, second) == 0
+    assert host.set_notify(again, 0) == 0
+    assert held_second.holds == 0
+    assert host.status(Op.UNMAP, struct.pack("<Q", again)) == 0
+    assert fired(sansio.vm) == [] and area.memory[0] == 1
+    host.close()
+    assert sansio.vm.unshare(area) is Unshared.ENDED
+
+
+def test_closing_a_session_fires_its_due_notifies_then_unbinds(sansio: SansIO) -> None:
+    spare_vm_port = sansio.vm.bind_unbound_port(GUI)
+    first, second = sansio.vm.share(GUI, 1), sansio.vm.share(GUI, 3)
+    first.memory[10] = second.memory[3 * PAGE_SIZE - 1] = 1
+    host = Session(sansio.hv)
+    port, spare = host.bind(sansio.vm_port), host.bind(spare_vm_port)
+    one, two = host.map(first.refs), host.map(second.refs)
+    assert host.set_notify(one, BOTH, 10, port) == 0
+    assert host.set_notify(two, BOTH, 3 * PAGE_SIZE - 1, port) == 0
+    assert port_of(sansio.hv, GUI, spare) is not None
+    host.close()
+    assert first.memory[10] == 0 and second.memory[3 * PAGE_SIZE - 1] == 0
+    # Both reached the VM: the second waited (pending) while the port was masked.
+    assert fired(sansio.vm) == [sansio.vm_port]
+    assert fired(sansio.vm) == [sansio.vm_port]
+    assert [key for key in sansio.hv._ports if key[0] == GUI] == []
+    for vm_port in (sansio.vm_port, spare_vm_port):
+        local = port_of(sansio.hv, VM, vm_port)
+        assert local is not None and local.remote is None
+    assert sansio.hv._mappings == []
+    assert host.session.handle(struct.pack("<I", Op.NOTIFY)).data[4:8] == \
+        struct.pack("<I", errno.EBADF)
+    assert sansio.vm.unshare(first) is Unshared.ENDED
+    assert sansio.vm.unshare(second) is Unshared.ENDED
+
+
+def test_a_notify_waiting_on_a_process_keeps_its_port_past_the_session(sansio: SansIO) -> None:
+    """The connection's process still has the pages mmapped when the connection closes:
+    the mapping lasts until it munmaps, and the notify's port until the notify is sent."""
+    area = sansio.vm.share(GUI, 1)
+    area.memory[0] = 1
+    host = Session(sansio.hv, pid=4242)
+    assert sansio.hv.watched == {4242}
+    port = host.bind(sansio.vm_port)
+    mapping = host.map(area.refs)
+    st = os.fstat(host.fds[0])
+    sansio.maps[4242] = {(st.st_dev, st.st_ino)}  # the process mmaps the fd
+    assert host.set_notify(mapping, BOTH, 0, port) == 0
+    host.close()
+    held = port_of(sansio.hv, GUI, port)
+    assert held is not None and held.closing and held.holds == 1
+    sansio.hv.refresh()
+    assert fired(sansio.vm) == [] and area.memory[0] == 1
+    assert holds_of(sansio.hv) == 0 and len(sansio.hv._mappings) == 1
+    sansio.maps.clear()  # it munmapped
+    sansio.hv.refresh()
+    assert fired(sansio.vm) == [sansio.vm_port] and area.memory[0] == 0
+    assert port_of(sansio.hv, GUI, port) is None and sansio.hv.watched == frozenset()
+    assert sansio.hv._mappings == []
+    assert sansio.vm.unshare(area) is Unshared.ENDED

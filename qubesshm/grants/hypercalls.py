@@ -11,11 +11,18 @@ Requests and replies are length-prefixed frames on a stream socket, one request
 at a time: ``hello`` (the mapper's domain id, once, first), ``map`` (granter,
 refs, writable) answered with the pages' fd by ``SCM_RIGHTS`` (opened read-only
 unless writable, so the mapper cannot write through it), ``unmap`` (a mapping
-id) and ``watch`` (a pid). A foreign mapping counts in the hypervisor exactly as
-``SimBackend.map`` does (a hold per grant, the grantee check), so ending a grant
-the foreign domain still maps defers. A connection that closes, however its
-process ends, unmaps everything it mapped (what its processes still have
-mmapped stays mapped until they munmap it or exit, as with gntdev).
+id) and ``watch`` (a pid); and for the host half of a split proxy, event channels
+as ``/dev/xen/evtchn`` has them (``bind_interdomain`` to a port the granter left
+unbound, ``unbind``, ``notify``) and ``set_notify``, gntdev's
+``IOCTL_GNTDEV_SET_UNMAP_NOTIFY`` on a mapping: clear a byte and/or signal a port
+of this connection's once the mapping is gone. A foreign mapping counts in the
+hypervisor exactly as ``SimBackend.map`` does (a hold per grant, the grantee
+check), so ending a grant the foreign domain still maps defers, and its notify
+holds its port as ``SimBackend.set_map_notify`` does (the kernel's ``evtchn_get``):
+unbinding that port only closes it once the notify has been sent. A connection
+that closes, however its process ends, unmaps everything it mapped (what its
+processes still have mmapped stays mapped until they munmap it or exit, as with
+gntdev; notifies fire as each mapping goes), then unbinds its ports.
 
 Decisions:
 - On Xen a gntdev mapping outlives the unmap ioctl while the pages are mmapped.
@@ -33,6 +40,12 @@ Decisions:
 - A malformed request gets an error reply (an errno and a line); a frame longer
   than any request, or a client that does not read its replies, is dropped.
   Neither changes anything but that client's own mappings.
+- ``set_notify`` names a mapping by its id (each has an fd of its own, where
+  gntdev takes a byte index into one fd's mappings) and is stricter than gntdev
+  where gntdev ignores input: a byte offset or port whose flag is not set must be
+  0. As in gntdev, a read-only mapping cannot clear a byte. Ports are the
+  connection's own: unbind and notify answer ``ENOTCONN`` for any other, as evtchn
+  does for a port its fd did not bind.
 - The mapper's domain id is claimed, not proven: the socket is the user's own
   (as the socket vchan's domain ids are).
 - Limits of the simulation: a read-only fd of a memfd can be reopened writable
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -56,7 +70,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple
 
-from .api import PAGE_SIZE
+from .api import PAGE_SIZE, UnmapNotify
 from .files import check_private_dir
 from .mapping import peer_pid
 from .simkernels import HYPERCALL_SOCKET, KernelDir, RunningKernel, running_kernels, sim_base
@@ -72,8 +86,14 @@ _HELLO = struct.Struct("<I")  # mapper domid
 _MAP = struct.Struct("<IB")  # granter domid, writable; then the refs, <I each
 _UNMAP = struct.Struct("<Q")  # mapping id
 _WATCH = struct.Struct("<I")  # pid
+_BIND = struct.Struct("<II")  # remote domid, remote port
+_PORT = struct.Struct("<I")  # a local port: unbind's, notify's, bind_interdomain's reply
+_SET_NOTIFY = struct.Struct("<QIII")  # mapping id, flags, byte offset, port
 _STATUS = struct.Struct("<I")  # 0, or the errno of the failure (a line follows)
 _MAPPED = struct.Struct("<QQ")  # mapping id, size in bytes
+# set_notify's flags, as UNMAP_NOTIFY_CLEAR_BYTE and UNMAP_NOTIFY_SEND_EVENT.
+NOTIFY_CLEAR_BYTE = 1
+NOTIFY_SEND_EVENT = 2
 MAX_FRAME = _OP.size + _MAP.size + 4 * MAX_REFS
 READ_SIZE = 65536
 READS_PER_WAKE = 16  # per connection, so one busy client cannot starve the rest
@@ -84,6 +104,10 @@ class Op(IntEnum):
     MAP = 2
     UNMAP = 3
     WATCH = 4
+    BIND_INTERDOMAIN = 5
+    UNBIND = 6
+    SET_NOTIFY = 7
+    NOTIFY = 8
 
 
 class FrameError(Exception):
@@ -144,6 +168,7 @@ class HypercallSession:
         self.mapper: int | None = None
         self.mappings: dict[int, _Mapping] = {}
         self.watching: list[int] = []
+        self.ports: set[int] = set()  # event channel ports this connection bound
         self._next_id = 1
         self.closed = False
 
@@ -165,6 +190,14 @@ class HypercallSession:
                 return self._unmap(body)
             if op == Op.WATCH:
                 return self._watch(body)
+            if op == Op.BIND_INTERDOMAIN:
+                return self._bind_interdomain(body)
+            if op == Op.UNBIND:
+                return self._unbind(body)
+            if op == Op.SET_NOTIFY:
+                return self._set_notify(body)
+            if op == Op.NOTIFY:
+                return self._notify(body)
         except OSError as exc:
             return _error(exc.errno or errno.EIO, exc.strerror or str(exc))
         return _error(errno.ENOSYS, f"no hypercall {op}")
@@ -227,14 +260,89 @@ class HypercallSession:
         self.watching.append(pid)
         return _ok()
 
+    def _bind_interdomain(self, body: bytes) -> Reply:
+        assert self.mapper is not None
+        if len(body) != _BIND.size:
+            return _error(errno.EINVAL, f"bind_interdomain takes {_BIND.size} bytes, "
+                          f"not {len(body)}")
+        remote_domid, remote_port = _BIND.unpack(body)
+        if remote_domid >= DOMID_FIRST_RESERVED:
+            return _error(errno.EINVAL, f"{remote_domid} is not a domain id")
+        port = self.hv.bind_interdomain(self.mapper, remote_domid, remote_port)
+        self.ports.add(port)
+        return _ok(_PORT.pack(port))
+
+    def _own_port(self, body: bytes, what: str) -> int:
+        """The port a request names, if this connection bound it (else as evtchn says)."""
+        if len(body) != _PORT.size:
+            raise OSError(errno.EINVAL, f"{what} takes {_PORT.size} bytes, not {len(body)}")
+        (port,) = _PORT.unpack(body)
+        if port not in self.ports:
+            raise OSError(errno.ENOTCONN, f"port {port} is not bound on this connection")
+        return int(port)
+
+    def _unbind(self, body: bytes) -> Reply:
+        assert self.mapper is not None
+        port = self._own_port(body, "unbind")
+        # Whatever the hypervisor says, the port is no longer this connection's to use.
+        self.ports.discard(port)
+        self.hv.unbind(self.mapper, port)
+        return _ok()
+
+    def _notify(self, body: bytes) -> Reply:
+        assert self.mapper is not None
+        self.hv.notify(self.mapper, self._own_port(body, "notify"))
+        return _ok()
+
+    def _set_notify(self, body: bytes) -> Reply:
+        """gntdev's IOCTL_GNTDEV_SET_UNMAP_NOTIFY: replaces the mapping's notify, holding
+        the new port before letting go of the old one (it may be the same port)."""
+        assert self.mapper is not None
+        if len(body) != _SET_NOTIFY.size:
+            return _error(errno.EINVAL, f"set_notify takes {_SET_NOTIFY.size} bytes, "
+                          f"not {len(body)}")
+        mapping_id, flags, offset, port = _SET_NOTIFY.unpack(body)
+        mapping = self.mappings.get(mapping_id)
+        if mapping is None:
+            return _error(errno.EINVAL, f"no mapping {mapping_id} on this connection")
+        if flags & ~(NOTIFY_CLEAR_BYTE | NOTIFY_SEND_EVENT):
+            return _error(errno.EINVAL, f"unknown notify flags {flags:#x}")
+        clear, send = flags & NOTIFY_CLEAR_BYTE, flags & NOTIFY_SEND_EVENT
+        size = mapping.area.size
+        if clear and not mapping.area.writable:
+            return _error(errno.EINVAL, "a read-only mapping cannot clear a byte")
+        if clear and offset >= size:
+            return _error(errno.EINVAL, f"notify byte {offset} is outside the {size}-byte "
+                          "mapping")
+        if not clear and offset:
+            return _error(errno.EINVAL, "a byte offset without the clear-byte flag")
+        if send and port not in self.ports:
+            return _error(errno.EINVAL, f"port {port} is not bound on this connection")
+        if not send and port:
+            return _error(errno.EINVAL, "a port without the send-event flag")
+        held = self.hv.hold_port(self.mapper, port) if send else None
+        if mapping.notify_port is not None:
+            self.hv.release_port(mapping.notify_port)
+        mapping.notify_port = held
+        mapping.area.notify = UnmapNotify(offset if clear else None, port if send else None)
+        return _ok()
+
     def close(self) -> None:
-        """The connection is gone: everything it mapped or watched is let go."""
+        """The connection is gone: everything it mapped or watched is let go, then its
+        ports are unbound (a notify that went out with its mapping reached the other
+        end first; one still waiting on a process's mmap keeps its port until sent)."""
         if self.closed:
             return
         self.closed = True
         for mapping in self.mappings.values():
             self.hv.release_mapping(mapping)
         self.mappings.clear()
+        if self.mapper is not None:
+            for port in sorted(self.ports):
+                # Gone already only if the same domain's backend here unbound it.
+                with contextlib.suppress(OSError):
+                    self.hv.unbind(self.mapper, port)
+        self.ports.clear()
         for pid in self.watching:
             self.hv.unwatch_when_unmapped(pid)
         self.watching.clear()
@@ -417,6 +525,7 @@ class ForeignMapper:
         self.what = what or "the simulated hypervisor"
         self._reader = FrameReader()
         self.mappings: dict[int, ForeignMapping] = {}
+        self.ports: set[int] = set()  # event channel ports bound through this connection
         self._call(Op.HELLO, _HELLO.pack(mapper_domid))
 
     def map(self, granter_domid: int, refs: Sequence[int], writable: bool = False
@@ -447,11 +556,44 @@ class ForeignMapper:
         X server given a mapping's fd) until this connection closes."""
         self._call(Op.WATCH, _WATCH.pack(pid))
 
+    def set_notify(self, mapping: ForeignMapping, *, clear_byte: int | None = None,
+                   event_port: int | None = None) -> None:
+        """Once ``mapping`` is gone (unmapped here and munmapped by every watched
+        process), zero its byte at ``clear_byte`` and signal ``event_port`` (a port
+        bound here). Replaces the mapping's previous notify; neither: none."""
+        if mapping.id not in self.mappings:
+            raise OSError(errno.EINVAL, f"mapping {mapping.id} is not mapped here")
+        flags = ((NOTIFY_CLEAR_BYTE if clear_byte is not None else 0)
+                 | (NOTIFY_SEND_EVENT if event_port is not None else 0))
+        self._call(Op.SET_NOTIFY, _pack(_SET_NOTIFY, "set_notify", mapping.id, flags,
+                                        clear_byte or 0, event_port or 0))
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """A local port connected to ``remote_port``, which ``remote_domid`` left unbound
+        for this domain."""
+        reply, _ = self._call(Op.BIND_INTERDOMAIN,
+                              _pack(_BIND, "bind_interdomain", remote_domid, remote_port))
+        if len(reply) != _PORT.size:
+            raise OSError(errno.EPROTO, f"{self.what} sent a malformed bind reply")
+        port = int(_PORT.unpack(reply)[0])
+        self.ports.add(port)
+        return port
+
+    def unbind(self, port: int) -> None:
+        """Close a port bound here; a notify armed on it still goes out first."""
+        self.ports.discard(port)
+        self._call(Op.UNBIND, _pack(_PORT, "unbind", port))
+
+    def notify(self, port: int) -> None:
+        """Signal the other end of a port bound here."""
+        self._call(Op.NOTIFY, _pack(_PORT, "notify", port))
+
     def close(self) -> None:
-        """Every mapping goes with the connection."""
+        """Every mapping and port goes with the connection."""
         for mapping in self.mappings.values():
             os.close(mapping.fd)
         self.mappings.clear()
+        self.ports.clear()
         self.sock.close()
 
     def __enter__(self) -> ForeignMapper:
@@ -494,6 +636,13 @@ class ForeignMapper:
             _close_all(fds)
             raise OSError(status, rest.decode(errors="replace"))
         return rest, fds[0] if fds else None
+
+
+def _pack(layout: struct.Struct, what: str, *values: int) -> bytes:
+    try:
+        return layout.pack(*values)
+    except struct.error as exc:
+        raise OSError(errno.EINVAL, f"{what}: {exc}") from exc
 
 
 def _close_all(fds: list[int]) -> None:
