@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,15 +36,25 @@ class RunningProxy:
         return self.process.returncode
 
 
+def host_command(weston: HeadlessWeston, *extra: str) -> str:
+    """``serve --remote``'s command: the host half, relaying to ``weston``."""
+    return shlex.join([sys.executable, "-m", "qubesshm", "-v", "host", "--upstream",
+                       weston.socket_name, *extra])
+
+
 def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
                 socket_name: str = "qubesshm-test",
                 env: dict[str, str] | None = None,
-                prefix: tuple[str, ...] = ()) -> RunningProxy:
+                prefix: tuple[str, ...] = (), split: bool = False) -> RunningProxy:
+    """``qubesshm serve`` relaying to ``weston``; ``split``: as a split proxy, its host
+    half (``qubesshm host``) started by ``--remote`` over a pipe."""
     env = weston.env() if env is None else env
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    upstream = ["--remote", host_command(weston)] if split else ["--upstream",
+                                                                  weston.socket_name]
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,
-         "--upstream", weston.socket_name, *extra],
+         *upstream, *extra],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()

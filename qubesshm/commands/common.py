@@ -13,7 +13,7 @@ import os
 
 from .. import options
 from ..grants.files import UnsafeDirectory
-from ..grants.halves import GrantHalves, open_halves
+from ..grants.halves import GrantHalves, open_halves, open_vm_half
 from ..grants.params import KERNELS
 from ..grants.select import CHOICES as GRANTS_CHOICES
 from ..grants.select import GrantsChoiceError, choose
@@ -224,13 +224,18 @@ def check_grants(args: argparse.Namespace, command: str) -> str | None:
     return None
 
 
-def open_grants(args: argparse.Namespace) -> GrantHalves:
+def open_grants(args: argparse.Namespace, *, split: bool = False) -> GrantHalves:
     """The grant layer ``--grants`` names (a simulated kernel booted with ``--kernel``'s
     parameters), with ``--gntalloc-limit`` set and ``--sim-watch``'s processes watched.
-    Raises ``CommandError`` when it cannot be had; the caller closes what it returns."""
+    ``split``: only the sharing half (a split proxy's VM side). Raises ``CommandError``
+    when it cannot be had; the caller closes what it returns."""
     kernel = KERNELS["stock" if getattr(args, "kernel", None) == "stock" else "qubes"]
     try:
-        grants = open_halves(choose(args.grants), kernel)
+        if split:
+            choice = choose(args.grants)
+            grants = open_vm_half(choice, vm_domid(choice), kernel)
+        else:
+            grants = open_halves(choose(args.grants), kernel)
     except OSError as exc:
         raise CommandError(f"{exc.strerror or exc}") from exc
     try:
@@ -250,3 +255,56 @@ def open_grants(args: argparse.Namespace) -> GrantHalves:
         raise
     log.info("grant backend: %s", grants.name)
     return grants
+
+
+# --- a split proxy --------------------------------------------------------------------------
+
+def add_remote_options(parser: argparse.ArgumentParser) -> None:
+    """The VM side of a split proxy: how it reaches the host half."""
+    parser.add_argument("--remote", metavar="CMD",
+                        help="split proxy: instead of a compositor socket, start CMD (split "
+                        "as a shell would split it, no shell features) and speak to the "
+                        "host half over its stdin and stdout; in a qube: "
+                        "'qrexec-client-vm GUI_VM qubesshm.Host', off Xen: 'qubesshm host'")
+    parser.add_argument("--remote-socket", metavar="PATH",
+                        help="split proxy: the host half's stream is this Unix socket")
+    parser.add_argument("--remote-timeout", type=options.seconds, default=30.0,
+                        metavar="SECONDS",
+                        help="how long the host half has to answer at start (default 30)")
+
+
+def check_remote(args: argparse.Namespace, command: str) -> str | None:
+    if args.remote and args.remote_socket:
+        return f"qubesshm {command}: give --remote CMD or --remote-socket PATH, not both"
+    if args.remote is not None:
+        import shlex
+
+        try:
+            argv = shlex.split(args.remote)
+        except ValueError as exc:
+            return f"qubesshm {command}: --remote {args.remote!r}: {exc}"
+        if not argv:
+            return f"qubesshm {command}: --remote needs a command"
+    if (args.remote or args.remote_socket) and args.upstream:
+        return (f"qubesshm {command}: --upstream names the compositor of an unsplit proxy; "
+                "with --remote the host half connects to the compositor (qubesshm host "
+                "--upstream NAME)")
+    return None
+
+
+def vm_domid(choice: str) -> int:
+    """This VM's domain id: the simulated kernel's VM, or real Xen's own (xenstore)."""
+    from ..grants.select import SIM_DOMID
+
+    if choice != "xen":
+        return SIM_DOMID
+    import subprocess
+
+    try:
+        out = subprocess.run(["xenstore-read", "domid"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+        return int(out.strip())
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise CommandError(f"cannot learn this VM's domain id (xenstore-read domid: {exc}); "
+                           "a split proxy on Xen needs it for the host to map its grants") \
+            from exc

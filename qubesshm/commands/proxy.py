@@ -9,12 +9,13 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import GrantLedger
 from ..grants.lifetimes import DEFAULT_CLIENT_PAGES, LifetimePolicy, pages_for
 from ..grants.params import KERNELS
+from ..grants.remote import RemoteMappingHalf
 from ..relay.control import ControlSocket, snapshot, stats_path, summary_line
 from ..relay.eventloop import loop_factory
 from ..relay.listener import (
@@ -28,7 +29,10 @@ from ..relay.probe import output_sizes
 from ..relay.server import ProxyServer, RelayOptions
 from ..relay.trace import ProtocolLog
 from ..wire.protocol import ProtocolTable, load_protocols
-from .common import open_grants
+from .common import CommandError, open_grants
+
+if TYPE_CHECKING:
+    from ..stream.vmside import RemoteUpstream
 
 # What a proxy command does once the grant layer is open, on the event loop: given its
 # arguments, the protocols understood, the relay's options, the grants and the loop's name.
@@ -38,9 +42,10 @@ ProxyWork = Callable[[argparse.Namespace, ProtocolTable, RelayOptions, GrantHalv
 
 def run_proxy(args: argparse.Namespace, work: ProxyWork) -> int:
     """Load the protocols, open the grant layer, and run ``work`` on the event loop
-    ``--event-loop`` names; the grants are closed after."""
+    ``--event-loop`` names; the grants are closed after. A split proxy (``--remote``)
+    opens only the sharing half here: the host half maps."""
     protocol = load_protocols(args.protocol_dir)
-    grants = open_grants(args)
+    grants = open_grants(args, split=split(args))
     try:
         relay_options = RelayOptions(max_message_size=args.max_message_size,
                                      stall_timeout=args.stall_timeout,
@@ -50,6 +55,51 @@ def run_proxy(args: argparse.Namespace, work: ProxyWork) -> int:
             return runner.run(work(args, protocol, relay_options, grants, loop_name))
     finally:
         grants.close()
+
+
+def split(args: argparse.Namespace) -> bool:
+    """A split proxy: the compositor is reached through the host half."""
+    return bool(getattr(args, "remote", None) or getattr(args, "remote_socket", None))
+
+
+async def start_any(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
+                    socket_name: str, grants: GrantHalves) -> ProxyServer:
+    """The proxy ``args`` ask for: relaying to a compositor here, or split."""
+    if split(args):
+        return await start_split(args, protocol, options, socket_name, grants)
+    return start(args, protocol, options, socket_name, grants)
+
+
+async def start_split(args: argparse.Namespace, protocol: ProtocolTable,
+                      options: RelayOptions, socket_name: str,
+                      grants: GrantHalves) -> ProxyServer:
+    """A split proxy's VM side: the host half reached and greeted, then the listener."""
+    from ..stream.vmside import RemoteError, RemoteUpstream, reach_host
+
+    loop = asyncio.get_running_loop()
+    if grants.hypercalls is not None:
+        grants.hypercalls.start(loop)
+    try:
+        reached = await reach_host(args.remote, args.remote_socket, grants)
+    except RemoteError as exc:
+        raise CommandError(str(exc)) from exc
+    assert isinstance(grants.mapping, RemoteMappingHalf)
+    remote = RemoteUpstream(loop, reached.read_fd, reached.write_fd, grants.mapping,
+                            grants.sharing.own_domid, what=reached.what,
+                            process=reached.process)
+    try:
+        host = await remote.greeted(args.remote_timeout)
+        grants.sharing.peer_domid = host.domid
+        remote.port = grants.sharing.open_channel()
+        remote.start_channel(remote.port)
+    except (RemoteError, OSError) as exc:
+        await remote.aclose()
+        raise CommandError(f"{exc}") from exc
+    try:
+        return _listen(args, protocol, options, socket_name, grants, None, remote)
+    except BaseException:
+        await remote.aclose()
+        raise
 
 
 def start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
@@ -67,6 +117,12 @@ def start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptio
                            "socket with --upstream or WAYLAND_DISPLAY")
     probe_upstream(upstream)
     check_screen_fits(args, grants, upstream, protocol)
+    return _listen(args, protocol, options, socket_name, grants, upstream, None)
+
+
+def _listen(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptions,
+            socket_name: str, grants: GrantHalves, upstream: Path | None,
+            remote: RemoteUpstream | None) -> ProxyServer:
     listener = Listener(socket_name)
     if grants.kernel_dir is not None:
         grants.kernel_dir.note_socket(listener.path)
@@ -75,9 +131,9 @@ def start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptio
                             late_timeout=args.late_timeout, defer_batch=args.defer_batch,
                             drain_target=args.drain_target,
                             end_at_once=args.reclaim == "at-once", hold=args.sim_hold)
-    server = ProxyServer(protocol, listener, upstream, options=options,
-                         protocol_log=protocol_log, grants=grants, ledger=GrantLedger(),
-                         policy=policy)
+    server = ProxyServer(protocol, listener, upstream or Path("(the host half)"),
+                         options=options, protocol_log=protocol_log, grants=grants,
+                         ledger=GrantLedger(), policy=policy, remote=remote)
     try:
         server.control = ControlSocket(stats_path(listener.path),
                                        lambda: snapshot(server.ledger, grants, server.lifetimes))
@@ -90,6 +146,11 @@ def start(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOptio
 
 
 def where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:
+    if server.remote is not None:
+        return (f"listening on {server.listener.path}, relaying through {server.remote.what} "
+                f"(domain {grants.sharing.peer_domid}), grants: {grants.name} as domain "
+                f"{grants.sharing.own_domid} ({len(server.protocol)} interfaces known), "
+                f"event loop: {loop_name}")
     return (f"listening on {server.listener.path}, relaying to {server.upstream}, grants: "
             f"{grants.name} ({len(server.protocol)} interfaces known), event loop: "
             f"{loop_name}")

@@ -6,6 +6,11 @@ whose deferred-reclaim timer this object drives; it boots with the parameters
 asked for in a directory of its own (``simkernels``), removed when it closes.
 On real Xen one process can only play both roles in a domain that maps its own
 grants, so both halves use the one ``XenBackend`` and grant to ``GUI_DOMID``.
+
+A split proxy's VM side (``open_vm_half``) has only the sharing half here: its
+mapping half is the host, in another domain (``remote.RemoteMappingHalf`` stands
+in for it). Simulated, this process boots the kernel as domain ``VM_DOMID`` and
+serves its hypercalls, through which the host (domain 0, another process) maps.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .api import GrantBackend
+from .hypercalls import HypercallServer, serve_hypercalls
 from .mapping import MappingHalf
 from .params import DEFAULT_KERNEL, Kernel
 from .sharing import SharingHalf
@@ -31,6 +37,8 @@ class GrantHalves:
     hypervisor: SimHypervisor | None = None
     # The simulated kernel's directory, when this process booted it.
     kernel_dir: KernelDir | None = None
+    # The simulated kernel's hypercalls, served to a host half in another process.
+    hypercalls: HypercallServer | None = None
     _watched: set[int] = field(default_factory=set)
 
     @property
@@ -61,8 +69,13 @@ class GrantHalves:
         return None if self.hypervisor is None else self.hypervisor.counters.leaked_count
 
     def close(self) -> None:
+        if self.hypercalls is not None:
+            self.hypercalls.close()
         for backend in self.backends:
             backend.close()
+        close_mapping = getattr(self.mapping, "close", None)
+        if close_mapping is not None:
+            close_mapping()
         if self.kernel_dir is not None:
             self.kernel_dir.close()
 
@@ -92,3 +105,28 @@ def sim_halves(hypervisor: SimHypervisor) -> GrantHalves:
     gui = SimBackend(hypervisor, GUI_DOMID)
     return GrantHalves(SharingHalf(vm, VM_DOMID, GUI_DOMID), MappingHalf(gui), [vm, gui],
                        hypervisor)
+
+
+def open_vm_half(choice: str, domid: int, kernel: Kernel = DEFAULT_KERNEL) -> GrantHalves:
+    """A split proxy's VM side: the sharing half of domain ``domid`` (it grants to the
+    host's domain, set once the host has said it: ``sharing.peer_domid``), with a
+    ``RemoteMappingHalf``. Simulated: a kernel of this process's own hosting
+    ``domid``, serving hypercalls (started with ``hypercalls.start(loop)``)."""
+    from .remote import RemoteMappingHalf
+
+    if choice == "xen":
+        from .xen import XenBackend
+
+        backend = XenBackend()
+        return GrantHalves(SharingHalf(backend, domid, GUI_DOMID), RemoteMappingHalf(),
+                           [backend])
+    directory = KernelDir.create()
+    try:
+        hypervisor = SimHypervisor(directory.root, kernel=kernel)
+        vm = SimBackend(hypervisor, domid)
+        server = serve_hypercalls(directory, hypervisor, domains=[domid])
+    except BaseException:
+        directory.close()
+        raise
+    return GrantHalves(SharingHalf(vm, domid, GUI_DOMID), RemoteMappingHalf(), [vm],
+                       hypervisor, directory, server)

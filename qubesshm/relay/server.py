@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..grants.halves import GrantHalves
 from ..grants.ledger import GrantLedger
@@ -37,7 +39,10 @@ from .session import (
     abridge,
 )
 from .trace import ProtocolLog
-from .transport import FdsTruncated, PeerClosed, Transport
+from .transport import FdRefused, FdsTruncated, Peer, PeerClosed, PeerEnded, Transport
+
+if TYPE_CHECKING:
+    from ..stream.vmside import RemoteUpstream
 
 log = logging.getLogger("qubesshm.relay")
 
@@ -82,12 +87,15 @@ class ClientRelay:
     """One client, its compositor connection and the session between them."""
 
     def __init__(self, server: ProxyServer, number: int, client: socket.socket,
-                 compositor: socket.socket) -> None:
+                 compositor: socket.socket | Peer) -> None:
         self.server = server
         self.number = number
         self.loop = server.loop
         self.client = Transport(client)
-        self.compositor = Transport(compositor)
+        # The compositor's socket, or (split proxy) a connection on the stream to the
+        # host half, which the same calls drive.
+        self.compositor: Peer = (
+            Transport(compositor) if isinstance(compositor, socket.socket) else compositor)
         protocol_log = server.protocol_log
         self._flush_pending = False
         self.session = RelaySession(
@@ -109,12 +117,12 @@ class ClientRelay:
         # Reading the compositor's last words after a write to it failed.
         self._draining = False
         # Peers whose queue is over the high-water mark, and so block reading.
-        self._backed_up: set[Transport] = set()
-        self._reading: set[Transport] = set()
-        self._waiting_to_write: set[Transport] = set()
+        self._backed_up: set[Peer] = set()
+        self._reading: set[Peer] = set()
+        self._waiting_to_write: set[Peer] = set()
         # Set once the session is over but the client still has bytes to read.
         self._finishing: str | None = None
-        self._stall: dict[Transport, asyncio.TimerHandle] = {}
+        self._stall: dict[Peer, asyncio.TimerHandle] = {}
         if self.session.shm is not None:
             self.session.shm.wake = self._wake
         self._update_readers()
@@ -157,12 +165,12 @@ class ClientRelay:
         obj = self.session.objects.get(object_id)
         return f"{obj}" if obj is not None else f"[unknown]@{object_id}"
 
-    def _name(self, transport: Transport) -> str:
+    def _name(self, transport: Peer) -> str:
         return "client" if transport is self.client else "compositor"
 
     # -- reading -------------------------------------------------------------
 
-    def _wanted_readers(self) -> set[Transport]:
+    def _wanted_readers(self) -> set[Peer]:
         if self.closed or self._finishing is not None:
             return set()
         wanted = {self.client, self.compositor}
@@ -183,12 +191,12 @@ class ClientRelay:
         """Register with the selector exactly the transports we may read now."""
         wanted = self._wanted_readers()
         for transport in self._reading - wanted:
-            self.loop.remove_reader(transport.fileno())
+            transport.unwatch_readable(self.loop)
         for transport in wanted - self._reading:
-            self.loop.add_reader(transport.fileno(), self._readable, transport)
+            transport.watch_readable(self.loop, functools.partial(self._readable, transport))
         self._reading = wanted
 
-    def _readable(self, source: Transport) -> None:
+    def _readable(self, source: Peer) -> None:
         try:
             # A libwayland compositor drops a client whose events back up, and requests
             # make events: so while the client is sending faster than one small read
@@ -213,7 +221,7 @@ class ClientRelay:
             self._internal_error()
             return False
 
-    def _pump(self, source: Transport, *, draining: bool = False) -> int:
+    def _pump(self, source: Peer, *, draining: bool = False) -> int:
         """Read once from ``source`` and relay; how many bytes came (0: none, or the
         peer is gone)."""
         if source not in self._reading and not draining:
@@ -221,9 +229,14 @@ class ClientRelay:
         is_client = source is self.client
         try:
             got = source.receive(CLIENT_READ_SIZE if is_client else COMPOSITOR_READ_SIZE)
-        except PeerClosed:
+        except PeerClosed as exc:
             step = self.session.client_eof() if is_client else self.session.compositor_eof()
             self._apply(step)
+            if isinstance(exc, PeerEnded) and exc.reason and not self.closed:
+                # The host half ended the connection for a reason the client must hear.
+                self.server.ended(self.number, exc.reason)
+                self._send(self.client, [(display_error(self.server.protocol, WireError(
+                    f"qubesshm: {exc.reason}", ErrorCode.IMPLEMENTATION)), [])])
             if is_client:
                 self.close("client hung up")
             else:
@@ -265,7 +278,7 @@ class ClientRelay:
 
     # -- writing -------------------------------------------------------------
 
-    def _send(self, dest: Transport, segments: list[Segment]) -> None:
+    def _send(self, dest: Peer, segments: list[Segment]) -> None:
         if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
@@ -278,12 +291,16 @@ class ClientRelay:
         except PeerClosed:
             self._peer_gone(dest)
             return
+        except FdRefused as exc:
+            # A client passed an fd that cannot cross to the GUI domain.
+            self._fail_client(WireError(f"qubesshm: {exc}", ErrorCode.IMPLEMENTATION))
+            return
         if drained and not self._waiting_to_write and not self._backed_up \
                 and self._finishing is None:
             return  # the hot path: everything went, nothing to re-register
         self._after_flush(dest, drained)
 
-    def _writable(self, dest: Transport) -> None:
+    def _writable(self, dest: Peer) -> None:
         before = dest.queued_bytes
         try:
             drained = dest.flush()
@@ -294,7 +311,7 @@ class ClientRelay:
         if not self.closed and dest in self._stall and dest.queued_bytes < before:
             self._arm_stall(dest)  # progress: the peer is slow, not stuck
 
-    def _peer_gone(self, dest: Transport) -> None:
+    def _peer_gone(self, dest: Peer) -> None:
         if dest is self.compositor and self._finishing is None:
             self._drain_compositor()
             self.finish("compositor hung up")
@@ -313,7 +330,7 @@ class ClientRelay:
                     or self._pump(self.compositor, draining=True) == 0):
                 break
 
-    def _after_flush(self, dest: Transport, drained: bool) -> None:
+    def _after_flush(self, dest: Peer, drained: bool) -> None:
         """Follow a send with selector registrations and backpressure."""
         if self.closed:
             return
@@ -321,10 +338,10 @@ class ClientRelay:
         if drained:
             if dest in self._waiting_to_write:
                 self._waiting_to_write.discard(dest)
-                self.loop.remove_writer(dest.fileno())
+                dest.unwatch_writable(self.loop)
         elif dest not in self._waiting_to_write:
             self._waiting_to_write.add(dest)
-            self.loop.add_writer(dest.fileno(), self._writable, dest)
+            dest.watch_writable(self.loop, functools.partial(self._writable, dest))
         if self._finishing is not None:
             if drained:
                 self.close(self._finishing)
@@ -341,17 +358,17 @@ class ClientRelay:
             self._disarm_stall(dest)
             self._update_readers()
 
-    def _arm_stall(self, dest: Transport) -> None:
+    def _arm_stall(self, dest: Peer) -> None:
         self._disarm_stall(dest)
         self._stall[dest] = self.loop.call_later(
             self.server.options.stall_timeout, self._stalled, dest)
 
-    def _disarm_stall(self, dest: Transport) -> None:
+    def _disarm_stall(self, dest: Peer) -> None:
         handle = self._stall.pop(dest, None)
         if handle is not None:
             handle.cancel()
 
-    def _stalled(self, dest: Transport) -> None:
+    def _stalled(self, dest: Peer) -> None:
         self._stall.pop(dest, None)
         reason = (f"{self._name(dest)} stopped reading: {dest.queued_bytes} bytes queued "
                   f"for {self.server.options.stall_timeout:g} s")
@@ -375,7 +392,7 @@ class ClientRelay:
         self._backed_up.clear()
         if self.compositor in self._waiting_to_write:
             self._waiting_to_write.discard(self.compositor)
-            self.loop.remove_writer(self.compositor.fileno())
+            self.compositor.unwatch_writable(self.loop)
         self.compositor.close()
         self._arm_stall(self.client)
         try:
@@ -395,7 +412,7 @@ class ClientRelay:
         self._stall.clear()
         self._update_readers()
         for transport in self._waiting_to_write:
-            self.loop.remove_writer(transport.fileno())
+            transport.unwatch_writable(self.loop)
         self._waiting_to_write.clear()
         self.client.close()
         self.compositor.close()
@@ -471,14 +488,24 @@ class ProxyServer:
         grants: GrantHalves | None = None,
         ledger: GrantLedger | None = None,
         policy: LifetimePolicy | None = None,
+        remote: RemoteUpstream | None = None,
     ) -> None:
         self.protocol = protocol
         # Without grants this is the plain validating relay (the socket-level tests
         # drive it so); qubesshm serve and run always give it grants.
         self.grants = grants
         self.ledger = ledger or GrantLedger()
-        self.lifetimes = (GrantLifetimes(grants, policy, clock=time.monotonic)
-                          if grants is not None else None)
+        # A split proxy: each client's compositor connection is one on this stream to
+        # the host half, which maps the grants; the areas notify on its one port.
+        self.remote = remote
+        self.lifetimes: GrantLifetimes | None = None
+        if grants is not None and remote is not None:
+            from ..grants.remote import RemoteLifetimes
+
+            self.lifetimes = RemoteLifetimes(grants, remote.port, policy,
+                                             clock=time.monotonic)
+        elif grants is not None:
+            self.lifetimes = GrantLifetimes(grants, policy, clock=time.monotonic)
         self.listener = listener
         self.upstream = upstream
         self.options = options or RelayOptions()
@@ -586,6 +613,8 @@ class ProxyServer:
 
     def _start_upstream(self, number: int, client: socket.socket, *,
                         retry: bool = False) -> bool:
+        if self.remote is not None:
+            return self._start_remote(number, client)
         try:
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
@@ -608,6 +637,18 @@ class ProxyServer:
         _name_upstream(upstream, chain, number)
         self._connecting.add(client)
         self._connect(number, client, upstream, self.loop.time() + self.options.connect_timeout)
+        return True
+
+    def _start_remote(self, number: int, client: socket.socket) -> bool:
+        """A split proxy's client: its compositor connection is one on the stream."""
+        assert self.remote is not None
+        if self.remote.ended is not None:
+            self._connecting.add(client)
+            self._refuse_client(number, client, f"the GUI domain's half is gone: "
+                                f"{self.remote.ended}")
+            return True
+        log.info("client#%d: connected (through the stream)", number)
+        self.clients.add(ClientRelay(self, number, client, self.remote.open_channel()))
         return True
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -657,10 +698,13 @@ class ProxyServer:
 
     def _refuse(self, number: int, client: socket.socket, upstream: socket.socket,
                 exc: OSError | None = None, *, reason: str = "") -> None:
-        self._connecting.discard(client)
         upstream.close()
         if exc is not None:
             reason = f"cannot reach the compositor at {self.upstream}: {exc.strerror or exc}"
+        self._refuse_client(number, client, reason)
+
+    def _refuse_client(self, number: int, client: socket.socket, reason: str) -> None:
+        self._connecting.discard(client)
         self.ended(number, reason, level=logging.ERROR)
         message = f"qubesshm: {reason}"
         try:

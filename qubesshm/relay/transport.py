@@ -9,9 +9,12 @@ and closes our copies of fds once the kernel has taken them.
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 # What libwayland puts in one sendmsg; its receive buffers are sized for it.
 MAX_FDS_PER_SENDMSG = 28
@@ -37,6 +40,48 @@ class PeerClosed(Exception):
     """The peer hung up."""
 
 
+class PeerEnded(PeerClosed):
+    """The peer ended the connection for a reason its other end must hear (the host
+    half of a split proxy refusing what the client sent, or gone)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FdRefused(Exception):
+    """An fd that this transport cannot carry; the text names it."""
+
+
+class Peer(Protocol):
+    """What a session's I/O needs of one side's connection: a ``Transport``, or a
+    connection carried on a split proxy's stream."""
+
+    closed: bool
+    queued_fds: int
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+    def receive(self, size: int) -> tuple[bytes, list[int]] | None: ...
+
+    def send(self, segments: list[tuple[bytes, list[int]]]) -> bool: ...
+
+    def flush(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def watch_readable(self, loop: asyncio.AbstractEventLoop,
+                       callback: Callable[[], None]) -> None: ...
+
+    def unwatch_readable(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def watch_writable(self, loop: asyncio.AbstractEventLoop,
+                       callback: Callable[[], None]) -> None: ...
+
+    def unwatch_writable(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+
 class FdsTruncated(Exception):
     """The kernel dropped fds that did not fit the ancillary buffer."""
 
@@ -54,6 +99,22 @@ class Transport:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    # -- readiness: the loop watches the socket ---------------------------------------
+
+    def watch_readable(self, loop: asyncio.AbstractEventLoop,
+                       callback: Callable[[], None]) -> None:
+        loop.add_reader(self.sock.fileno(), callback)
+
+    def unwatch_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.sock.fileno())
+
+    def watch_writable(self, loop: asyncio.AbstractEventLoop,
+                       callback: Callable[[], None]) -> None:
+        loop.add_writer(self.sock.fileno(), callback)
+
+    def unwatch_writable(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_writer(self.sock.fileno())
 
     def receive(self, size: int = RECV_SIZE) -> tuple[bytes, list[int]] | None:
         """Bytes and fds available now; None if nothing is ready; raises PeerClosed at EOF."""
