@@ -75,9 +75,17 @@ def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
 
 
 def serve(weston: HeadlessWeston, tmp_path: Path, env: dict[str, str],
-          *extra: str, prefix: tuple[str, ...] = ()) -> RunningProxy:
+          *extra: str, prefix: tuple[str, ...] = (), split: bool = False) -> RunningProxy:
     return start_proxy(weston, tmp_path / "qubesshm.log", *extra,
-                       socket_name=f"qsl-{os.getpid()}", env=env, prefix=prefix)
+                       socket_name=f"qsl-{os.getpid()}", env=env, prefix=prefix, split=split)
+
+
+@pytest.fixture(params=[False, True], ids=["one-process", "split"])
+def split(request: pytest.FixtureRequest) -> bool:
+    """Run the test on the proxy in one process, and split (serve --remote with its
+    host half in another process): the VM side keeps every rule of the lifetimes."""
+    value: bool = request.param
+    return value
 
 
 @pytest.fixture
@@ -193,13 +201,14 @@ def kernel_params(proxy: RunningProxy) -> ModuleParams:
 
 def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
                stopped: list[RunningProxy], holder: Holder, *extra: str,
-               prefix: tuple[str, ...] = (),
-               read_only_fpi: bool = False) -> tuple[RunningProxy, int, ModuleParams]:
+               prefix: tuple[str, ...] = (), read_only_fpi: bool = False,
+               split: bool = False) -> tuple[RunningProxy, int, ModuleParams]:
     """A proxy whose kernel has free_per_iteration 1 (any backlog raises it), and whose
     only client drew and was killed while ``holder`` maps its pages: (the proxy, the
     pages now late, its kernel's parameters)."""
     proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT, "--sim-watch",
-                  str(holder.process.pid), "--late-timeout", "1", *extra, prefix=prefix)
+                  str(holder.process.pid), "--late-timeout", "1", *extra, prefix=prefix,
+                  split=split)
     stopped.append(proxy)
     # As an administrator would, with sysfs: qubesshm tune on the running kernel.
     tuned = subprocess.run([sys.executable, "-m", "qubesshm", "tune", "--socket",
@@ -225,11 +234,13 @@ def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
 
 def test_late_release_goes_to_deferred_reclaim_and_drains_when_let_go(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
-        stopped: list[RunningProxy]) -> None:
+        stopped: list[RunningProxy], split: bool) -> None:
     holder = Holder()
     try:
-        # Weston lets go at once; the holder does not, so the areas are late.
-        proxy, live, params = late_areas(weston, tmp_path, sim_env, stopped, holder)
+        # Weston lets go at once; the holder does not, so the areas are late. Split,
+        # the deferred list and free_per_iteration are the VM side's (its kernel's).
+        proxy, live, params = late_areas(weston, tmp_path, sim_env, stopped, holder,
+                                         split=split)
         assert live > 0
         life = lifetimes(proxy)
         assert life["late_releases"] >= 1 and life["defer_batches"] >= 1
@@ -285,8 +296,8 @@ def test_a_free_per_iteration_it_may_not_write_is_said_once(
 
 def test_clients_killed_mid_frame_leave_nothing(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
-        stopped: list[RunningProxy]) -> None:
-    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT)
+        stopped: list[RunningProxy], split: bool) -> None:
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT, split=split)
     stopped.append(proxy)
     drawing = [client(proxy, PATTERN, "--frames", "100000", "--damage", "partial",
                       "--width", str(120 + 40 * i), "--height", "90") for i in range(3)]
@@ -329,7 +340,8 @@ def keeps_presenting(proxy: RunningProxy, number: int, frames: int = 10) -> None
 
 
 def test_a_client_over_its_cap_keeps_presenting_beside_one_under_it(
-        desktop_weston: HeadlessWeston, tmp_path: Path, stopped: list[RunningProxy]) -> None:
+        desktop_weston: HeadlessWeston, tmp_path: Path, stopped: list[RunningProxy],
+        split: bool) -> None:
     """The cap is each client's: a 1920x1080 window with room for one and a half
     buffers falls back to one and keeps presenting frames; a small window beside it is
     not held back by it, though both together pass the cap."""
@@ -338,7 +350,7 @@ def test_a_client_over_its_cap_keeps_presenting_beside_one_under_it(
     env = dict(desktop_weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
     one_buffer = -(-(1920 * 1080 * 4 + 1) // 4096)  # 2026 pages with the notify byte
     cap = one_buffer * 3 // 2
-    proxy = serve(desktop_weston, tmp_path, env, "--client-pages", str(cap))
+    proxy = serve(desktop_weston, tmp_path, env, "--client-pages", str(cap), split=split)
     stopped.append(proxy)
     small_ready, big_ready = tmp_path / "small", tmp_path / "big"
     # 1024x600 is 601 pages a buffer; drawing, it keeps two.
@@ -372,9 +384,9 @@ def test_a_client_over_its_cap_keeps_presenting_beside_one_under_it(
 
 def test_gntalloc_limit_refuses_only_a_buffer_that_never_fits(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
-        stopped: list[RunningProxy]) -> None:
+        stopped: list[RunningProxy], split: bool) -> None:
     proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", "700",
-                  "--client-pages", "700")
+                  "--client-pages", "700", split=split)
     stopped.append(proxy)
     first_ready, second_ready = tmp_path / "first", tmp_path / "second"
     first = client(proxy, PATTERN, "--width", "320", "--height", "240", "--seconds", "600",

@@ -8,9 +8,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from .. import options
 from . import common
+
+if TYPE_CHECKING:
+    from ..relay.control import ControlSocket
+    from ..stream.host import HostHalf
 
 NAME = "host"
 HELP = ("the GUI domain's half of a split proxy: map a VM's grants for the compositor "
@@ -29,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and only its grants are mapped (on Xen: give it, e.g. from "
                         "qvm-prefs \"$QREXEC_REMOTE_DOMAIN\" xid; simulated: the VM's "
                         "greeting says it)")
+    parser.add_argument("--stats-socket", metavar="NAME",
+                        help="where qubesshm stats --socket NAME reads this half's counters "
+                        "(a name in $XDG_RUNTIME_DIR, or a path; default qubesshm-host-DOMID "
+                        "with --peer-domid, else qubesshm-host-PID)")
     parser.add_argument("--max-pages", type=options.positive_pages, default=None,
                         metavar="N", help="pages mapped at once for the VM at most "
                         "(default 2097152: 8 GiB); a pool past it ends its connection")
@@ -48,9 +57,12 @@ def main(args: argparse.Namespace) -> int:
     from ..relay.listener import upstream_path
     from .proxy import probe_upstream
 
+    # Its lines share a terminal with the VM side's when serve --remote started it.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("qubesshm host: %(message)s"))
     choice = choose(args.grants)
     if choice == "xen" and args.peer_domid is None:
-        raise common.CommandError("qubesshm host: on Xen give the VM's domain id with "
+        raise common.CommandError("on Xen give the VM's domain id with "
                                   "--peer-domid N: only its grants may be mapped")
     upstream = upstream_path(args.upstream)
     probe_upstream(upstream)
@@ -70,7 +82,7 @@ async def _host(args: argparse.Namespace, choice: str, upstream: os.PathLike[str
     from ..grants.api import GrantBackend
     from ..stream.host import DEFAULT_MAX_PAGES, HostHalf
 
-    own_domid = common.vm_domid(choice) if choice == "xen" else 0
+    own_domid = common.own_xen_domid() if choice == "xen" else 0
 
     def open_backend(vm_domid: int) -> GrantBackend:
         if choice == "xen":
@@ -89,16 +101,38 @@ async def _host(args: argparse.Namespace, choice: str, upstream: os.PathLike[str
                     max_pages=args.max_pages or DEFAULT_MAX_PAGES)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, half.close)
+    control = _stats_socket(args, half)
     log.info("serving the stream on stdin/stdout, compositor %s", upstream)
     try:
         reason = await half.done
     finally:
+        if control is not None:
+            control.close()
         half.close()
         c = half.counters
-        log.info("host: %d connections (%d refused), %d pools mapped, %d unmapped, peak "
+        log.info("%d connections (%d refused), %d pools mapped, %d unmapped, peak "
                  "%d pages", c.connections, c.refused, c.pools_mapped, c.pools_unmapped,
                  c.peak_pages_mapped)
     if reason is not None:
         print(f"qubesshm host: {reason}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _stats_socket(args: argparse.Namespace, half: HostHalf) -> ControlSocket | None:
+    """The stats socket, or None (said in a line) where it cannot be had: the host
+    serves its VM whether or not anyone can read its counters."""
+    from ..relay.control import ControlSocket, stats_path
+    from ..relay.listener import AddressError, runtime_path
+
+    name = args.stats_socket or (f"qubesshm-host-{args.peer_domid}"
+                                 if args.peer_domid is not None else
+                                 f"qubesshm-host-{os.getpid()}")
+    try:
+        path = runtime_path(name)
+        control = ControlSocket(stats_path(path), half.snapshot)
+    except (AddressError, OSError) as exc:
+        log.warning("no stats socket (%s): give a free one with --stats-socket NAME", exc)
+        return None
+    log.info("counters: qubesshm stats --socket %s", path)
+    return control

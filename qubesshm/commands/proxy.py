@@ -93,7 +93,7 @@ async def start_split(args: argparse.Namespace, protocol: ProtocolTable,
         remote.port = grants.sharing.open_channel()
         remote.start_channel(remote.port)
     except (RemoteError, OSError) as exc:
-        await remote.aclose()
+        await remote.aclose(give_up=True)
         raise CommandError(f"{exc}") from exc
     try:
         return _listen(args, protocol, options, socket_name, grants, None, remote)
@@ -135,14 +135,21 @@ def _listen(args: argparse.Namespace, protocol: ProtocolTable, options: RelayOpt
                          options=options, protocol_log=protocol_log, grants=grants,
                          ledger=GrantLedger(), policy=policy, remote=remote)
     try:
-        server.control = ControlSocket(stats_path(listener.path),
-                                       lambda: snapshot(server.ledger, grants, server.lifetimes))
+        server.control = ControlSocket(stats_path(listener.path), lambda: _stats(server))
     except (OSError, AddressError) as exc:
         server.close()
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise AddressError(f"cannot listen for qubesshm stats on "
                            f"{stats_path(listener.path)}: {why}") from exc
     return server
+
+
+def _stats(server: ProxyServer) -> dict[str, Any]:
+    stats = snapshot(server.ledger, server.grants, server.lifetimes)
+    if server.remote is not None:
+        stats["half"] = "vm"
+        stats["stream"] = server.remote.snapshot()
+    return stats
 
 
 def where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .agent import add_agent_options
 
     common.add_relay_options(parser, None)
+    common.add_remote_options(parser)
     agent = parser.add_argument_group(
         "agent mode", "qubesshm as the command's compositor and Qubes GUI agent, its "
         "windows sent to a GUI daemon (as qubesshm agent does)")
@@ -60,12 +61,18 @@ def command(args: argparse.Namespace) -> list[str]:
 def check(args: argparse.Namespace) -> str | None:
     if not command(args):
         return "qubesshm run: give the command after --"
+    if args.agent and (args.remote or args.remote_socket):
+        return ("qubesshm run: --remote splits the proxy; with --agent qubesshm is the "
+                "compositor and its GUI domain is the GUI daemon's: drop one of them")
     if args.agent:
         from ..agent.main import check_run_agent
 
         return check_run_agent(args)
     if args.emulator:
         return "qubesshm run: --emulator goes with --agent (the emulator is a GUI daemon)"
+    mistake = common.check_remote(args, NAME)
+    if mistake:
+        return mistake
     for option, given in (("--vchan", args.vchan != "auto"), ("--vchan-dir", args.vchan_dir),
                           ("--domid", args.domid is not None),
                           ("--gui-domid", args.gui_domid is not None),
@@ -186,7 +193,7 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
                grants: GrantHalves, loop_name: str) -> int:
     cmd = command(args)
     socket_name = args.socket or f"qubesshm-run-{os.getpid()}"
-    server = proxy.start(args, protocol, options, socket_name, grants)
+    server = await proxy.start_any(args, protocol, options, socket_name, grants)
     common.log.info("%s", proxy.where(server, grants, loop_name))
     try:
         status = await run_child(cmd, server.listener.path)
@@ -196,6 +203,8 @@ async def _run(args: argparse.Namespace, protocol: ProtocolTable, options: Relay
         await server.settle(args.late_timeout)
     finally:
         server.close()
+        if server.remote is not None:
+            await server.remote.aclose()
         if not args.quiet:
             proxy.summary(server, grants)
         written = report_at_exit(args, snapshot(server.ledger, grants, server.lifetimes))

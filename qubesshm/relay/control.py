@@ -239,6 +239,8 @@ def format_table(stats: dict[str, Any]) -> str:
     def show(value: object) -> str:
         return "n/a" if value is None else str(value)
 
+    if stats.get("half") == "host":
+        return _host_table(stats, show)
     lines = [f"backend        {show(stats.get('backend'))}",
              f"clients        {stats['clients']}",
              f"commits        {stats['commits']}",
@@ -266,6 +268,10 @@ def format_table(stats: dict[str, Any]) -> str:
     daemon = stats.get("daemon")
     if daemon:
         lines.append("daemon         " + "  ".join(f"{k}={show(v)}" for k, v in daemon.items()))
+    stream = stats.get("stream")
+    if stream:
+        lines.append("stream         " + "  ".join(
+            f"{k}={show(v)}" for k, v in stream.items() if not isinstance(v, dict)))
     if stats["per_client"]:
         lines.append("")
         lines.append(f"{'client':>6} {'commits':>8} {'damaged':>12} {'copied':>12} "
@@ -275,6 +281,20 @@ def format_table(stats: dict[str, Any]) -> str:
                          f"{mib(c['bytes_copied']):>12} {c['grants']['live']:>10} "
                          f"{c['grants']['in_use']:>7} "
                          f"{show(c['release_latency_ms']['p50']):>7}")
+    return "\n".join(lines)
+
+
+def _host_table(stats: dict[str, Any], show: Callable[[object], str]) -> str:
+    """The host half of a split proxy: its connections, mappings and stream."""
+    lines = [f"half           host (of domain {show(stats['vm_domid'])}, protocol "
+             f"{show(stats['version'])}, backend {show(stats['backend'])}, compositor "
+             f"{stats['upstream']})",
+             f"connections    {stats['connections']} (served {stats['connections_served']}, "
+             f"refused {stats['refused']})"]
+    for key in ("pools", "pages", "pipes", "stream"):
+        lines.append(f"{key:<15}" + "  ".join(f"{k}={show(v)}"
+                                             for k, v in stats[key].items()))
+    lines.append(f"files          {stats['files']}")
     return "\n".join(lines)
 
 

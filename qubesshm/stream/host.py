@@ -129,6 +129,29 @@ class HostHalf:
         self.done: asyncio.Future[str | None] = loop.create_future()
         self.link.send_frame(Hello(VERSION, VERSION, own_domid))
 
+    def snapshot(self) -> dict[str, object]:
+        """The host half's counters, as ``qubesshm stats --json`` prints them."""
+        c = self.counters
+        return {
+            "half": "host",
+            "vm_domid": self.peer_domid,
+            "version": self.version,
+            "backend": None if self.backend is None else self.backend.name,
+            "upstream": str(self.upstream),
+            "connections": len(self.connections),
+            "connections_served": c.connections,
+            "refused": c.refused,
+            "pools": {"mapped": sum(len(x.pools) for x in self.connections.values()),
+                      "mapped_total": c.pools_mapped, "unmapped_total": c.pools_unmapped},
+            "pages": {"mapped": c.pages_mapped, "peak_mapped": c.peak_pages_mapped,
+                      "max": self.max_pages},
+            "files": c.files,
+            "pipes": {"live": self.pipes.live, "total": self.pipes.transfers,
+                      "bytes": self.pipes.bytes_relayed},
+            "stream": {"bytes_in": self.link.bytes_in, "bytes_out": self.link.bytes_out,
+                       "frames_in": self.link.frames_in, "queued": self.link.queued},
+        }
+
     # -- frames from the VM side ----------------------------------------------------------
 
     def _frame(self, frame: Frame) -> None:

@@ -296,6 +296,23 @@ class RemoteUpstream:
         self.pools_sent = 0
         self.link.send_frame(Hello(VERSION, VERSION, own_domid))
 
+    def snapshot(self) -> dict[str, object]:
+        """The stream as the VM side sees it, for ``qubesshm stats``."""
+        return {
+            "host": self.what,
+            "host_domid": None if self.host is None else self.host.domid,
+            "version": None if self.host is None else self.host.version,
+            "ended": self.ended,
+            "connections": len(self.channels),
+            "pools_sent": self.pools_sent,
+            "unmaps_sent": self.unmaps_sent,
+            "pipes": {"live": self.pipes.live, "total": self.pipes.transfers,
+                      "bytes": self.pipes.bytes_relayed},
+            "bytes_in": self.link.bytes_in,
+            "bytes_out": self.link.bytes_out,
+            "queued": self.link.queued,
+        }
+
     async def greeted(self, timeout: float) -> HostInfo:
         """Wait for the host's greeting."""
         try:
@@ -402,15 +419,18 @@ class RemoteUpstream:
         if self.on_end is not None:
             self.on_end(self.ended)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, give_up: bool = False) -> None:
         """Stop (the proxy exits): what is queued is written (for a moment), the stream
-        closes, and the host half, when this side started it, is waited for."""
-        if self.ended is None:
+        closes, and the host half, when this side started it, is waited for.
+        ``give_up``: it never answered as it should; it is terminated at once."""
+        if self.ended is None and not give_up:
             await self.link.drain(1.0)
         self.close()
         process = self.process
         if process is None:
             return
+        if give_up and process.poll() is None:
+            process.terminate()
         deadline = self.loop.time() + EXIT_WAIT
         while process.poll() is None and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
