@@ -45,16 +45,19 @@ def host_command(weston: HeadlessWeston, *extra: str) -> str:
 def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
                 socket_name: str = "qubesshm-test",
                 env: dict[str, str] | None = None,
-                prefix: tuple[str, ...] = (), split: bool = False) -> RunningProxy:
+                prefix: tuple[str, ...] = (), split: bool = False,
+                upstream: bool = True) -> RunningProxy:
     """``qubesshm serve`` relaying to ``weston``; ``split``: as a split proxy, its host
-    half (``qubesshm host``) started by ``--remote`` over a pipe."""
+    half (``qubesshm host``) started by ``--remote`` over a pipe; ``upstream=False``:
+    ``extra`` says how to reach the compositor."""
     env = weston.env() if env is None else env
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-    upstream = ["--remote", host_command(weston)] if split else ["--upstream",
-                                                                  weston.socket_name]
+    # The compositor: through the host half (split), at --upstream, or as ``extra`` says.
+    to = (["--remote", host_command(weston)] if split
+          else ["--upstream", weston.socket_name] if upstream else [])
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", "qubesshm", "-v", "serve", "--socket", socket_name,
-         *upstream, *extra],
+         *to, *extra],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()

@@ -10,10 +10,14 @@ half dies, every client told and every grant ended on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,3 +167,115 @@ def test_killing_the_host_ends_every_client_and_leaves_nothing(
     # Nothing of it is left in the GUI domain either: Weston maps no grant page.
     assert not mapped_grants(weston.process.pid)
     assert weston.process.poll() is None
+
+
+def test_remote_socket_reaches_a_host_started_elsewhere(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
+    """``--remote-socket``: the host half is started by whoever accepts the stream
+    (as inetd or systemd socket activation would), and finds the VM's simulated
+    kernel on its own."""
+    path = tmp_path / "host.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    hosts: list[subprocess.Popen[bytes]] = []
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            hosts.append(subprocess.Popen(
+                [sys.executable, "-m", "qubesshm", "-v", "host", "--upstream",
+                 weston.socket_name], stdin=conn.fileno(), stdout=conn.fileno(),
+                env=sim_env))
+
+    acceptor = threading.Thread(target=serve_one)
+    acceptor.start()
+    proxy = start_proxy(weston, tmp_path / "qubesshm.log", "--remote-socket", str(path),
+                        "--gntalloc-limit", BIG_LIMIT, socket_name=f"qsr-{os.getpid()}",
+                        env=sim_env, split=False, upstream=False)
+    try:
+        acceptor.join(timeout=30)
+        problem = run_scenario("static", proxy.env, weston.env(), tmp_path / "shot")
+        assert not problem, problem
+        wait_until(lambda: all_let_go(proxy), "every grant ended")
+    finally:
+        assert proxy.stop() == 0, proxy.log()
+        listener.close()
+    assert hosts and hosts[0].wait(timeout=30) == 0
+    assert "Traceback" not in proxy.log(), proxy.log()
+
+
+def test_killing_the_vm_side_leaves_nothing_in_the_gui_domain(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
+    proxy = start_proxy(weston, tmp_path / "qubesshm.log", "--gntalloc-limit", BIG_LIMIT,
+                        socket_name=f"qsv-{os.getpid()}", env=sim_env, split=True)
+    ready = tmp_path / "ready"
+    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
+                                "--ready-file", str(ready)], env=proxy.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(ready, drawing)
+        assert weston.process is not None
+        wait_until(lambda: bool(mapped_grants(weston.process.pid)), "Weston mapping grants")
+        host = host_pid(proxy)
+        proxy.process.kill()
+        proxy.process.wait()
+        # The host sees the stream end, closes Weston's connections and unmaps all.
+        wait_until(lambda: not os.path.exists(f"/proc/{host}") or _zombie(host),
+                   "the host half exiting")
+        wait_until(lambda: not mapped_grants(weston.process.pid),
+                   "Weston letting go of every grant page")
+        assert weston.process.poll() is None
+    finally:
+        drawing.kill()
+        drawing.communicate()
+    log = proxy.log()
+    assert "qubesshm host: " in log and "Traceback" not in log, log
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_client_that_stops_reading_stops_only_its_own_connection(
+        split: RunningProxy) -> None:
+    """Back-pressure is per connection: a client that sends requests and never reads
+    the events they cause fills its own connection's credit; another client's round
+    trips go on meanwhile."""
+    path = str(Path(split.env["XDG_RUNTIME_DIR"]) / split.socket_name)
+    greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    greedy.connect(path)
+    # Once nothing is taken for a second, it has filled every queue on the way.
+    greedy.settimeout(1.0)
+    sync = struct.Struct("<IHHI")
+    sent = 0
+    # Each sync makes a done and a delete_id (24 bytes of events) that it never reads:
+    # far more than its socket, the VM side's high-water mark and the stream's window.
+    with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+        while sent < 200000:
+            greedy.sendall(b"".join(sync.pack(1, 0, 12, 2 + sent + i) for i in range(1000)))
+            sent += 1000
+    assert sent >= 10000, sent
+    bystander = subprocess.run([sys.executable, "-c", ROUND_TRIPS], env=split.env,
+                               capture_output=True, text=True, timeout=120, check=False)
+    assert bystander.returncode == 0, bystander.stderr
+    assert bystander.stdout.strip() == "200 round trips", bystander.stdout
+    # The greedy client was held back, not dropped: it is still connected.
+    assert stats(split)["clients"] == 1
+    greedy.close()
+    wait_until(lambda: stats(split)["clients"] == 0, "the greedy client's session end")
+
+
+ROUND_TRIPS = """
+from pywayland.client import Display
+display = Display()
+display.connect()
+for _ in range(200):
+    display.roundtrip()
+display.disconnect()
+print("200 round trips")
+"""
