@@ -11,6 +11,7 @@ half dies, every client told and every grant ended on both sides.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -279,3 +280,35 @@ for _ in range(200):
 display.disconnect()
 print("200 round trips")
 """
+
+
+def test_stats_on_each_side_show_their_half(split: RunningProxy, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
+                                "--ready-file", str(ready)], env=split.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(ready, drawing)
+        vm = stats(split)
+        assert vm["half"] == "vm"
+        assert vm["stream"]["pools_sent"] >= 1 and vm["stream"]["bytes_out"] > 0
+        assert vm["stream"]["connections"] == 1
+        line = next(line for line in split.log().splitlines()
+                    if "counters: qubesshm stats --socket " in line)
+        host_socket = line.rsplit(" ", 1)[1]
+        shown = subprocess.run([sys.executable, "-m", "qubesshm", "stats", "--socket",
+                                host_socket, "--json"], env=split.env, capture_output=True,
+                               text=True, timeout=60, check=True)
+        host = json.loads(shown.stdout)
+        assert host["half"] == "host" and host["vm_domid"] == 1
+        assert host["connections"] == 1
+        assert host["pools"]["mapped"] == host["pools"]["mapped_total"] >= 1
+        # The host maps exactly the pages the VM side has live for its buffers.
+        assert host["pages"]["mapped"] == grants(split)["live"]
+        table = subprocess.run([sys.executable, "-m", "qubesshm", "stats", "--socket",
+                                host_socket], env=split.env, capture_output=True, text=True,
+                               timeout=60, check=True).stdout
+        assert table.startswith("half           host (of domain 1"), table
+    finally:
+        drawing.terminate()
+        drawing.communicate(timeout=60)
