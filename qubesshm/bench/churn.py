@@ -15,6 +15,11 @@ for all, so no window is refused):
   windows to ``qubesshm guid-emulator`` as the GUI domain, on a private Xvfb
   (``churn_agent``); its areas are released by the daemon's ACK order.
 
+``--remote`` runs each proxy policy chosen twice: as above, and through the split
+proxy (``serve --remote`` starting ``qubesshm host``, with the same options; the
+row ``POLICY split``), its figures read from the VM side's stats as the unsplit
+proxy's are.
+
 ``--hold S`` makes the GUI domain keep every area mapped S seconds after it is let
 go (the proxy's ``--sim-hold``, the emulator's ``--hold``): the late releases that
 fill the deferred list; ``--ack-delay S`` makes the emulator write its ACKs late.
@@ -51,13 +56,15 @@ from ..grants.files import write_output
 from ..relay.control import StatsError, read_stats
 from . import churn_agent
 from .private_x import xvfb_command
-from .processes import compositor, process, wait_for_socket
+from .processes import compositor, process, report_log, start_split, wait_for_socket
 
 CHURN_CLIENT = Path(__file__).resolve().parents[2] / "examples" / "churn_client.py"
 AGENT = "agent"
 POLICIES = ("kernel-default", "qubes", "notify", "recycle", AGENT, "direct")
 # The policies whose areas go to deferred reclaim only when released late.
 LATE_PATH = ("notify", "recycle", AGENT)
+# A proxy policy through the split proxy (--remote): "recycle split".
+SPLIT_SUFFIX = " split"
 DRAIN_MARGIN = 1.0  # seconds past --late-timeout within which such a backlog is empty
 BIG_LIMIT = str(1 << 30)
 _POLICY_OPTIONS = {
@@ -128,6 +135,34 @@ def _policies(text: str) -> list[str]:
     return chosen
 
 
+def base_policy(name: str) -> str:
+    """The policy a result's name is of: "recycle" for "recycle split"."""
+    return name.removesuffix(SPLIT_SUFFIX)
+
+
+def check_remote(args: argparse.Namespace) -> str | None:
+    """``--remote`` needs a policy that runs qubesshm serve."""
+    try:
+        chosen = _policies(args.policies or ",".join(POLICIES))
+    except ValueError:
+        return None  # said by the run, as without --remote
+    if not any(p in _POLICY_OPTIONS for p in chosen):
+        return ("qubesshm bench churn: --remote runs the proxy policies through the split "
+                f"proxy: choose at least one of {', '.join(_POLICY_OPTIONS)}")
+    return None
+
+
+def _runs(policies: list[str], remote: bool) -> list[str]:
+    """What runs, in order: the baseline first (so that the progress of the others can
+    show the ratio), then each policy, with --remote each proxy policy split after it."""
+    out = []
+    for policy in sorted(policies, key=lambda p: p != "direct"):
+        out.append(policy)
+        if remote and policy in _POLICY_OPTIONS:
+            out.append(policy + SPLIT_SUFFIX)
+    return out
+
+
 def run_churn_bench(args: argparse.Namespace) -> int:
     try:
         policies = _policies(args.policies or ",".join(POLICIES))
@@ -155,9 +190,8 @@ def run_churn_bench(args: argparse.Namespace) -> int:
                 args.upstream, width=1920, height=1080, animations=args.animations != "off"))
         else:
             print("compositor: none (the agent policy serves its client itself)")
-        # The baseline first, so that the progress of the others can show the ratio.
-        for policy in sorted(policies, key=lambda p: p != "direct"):
-            results[policy] = _run_policy(policy, upstream, windows, args)
+        for name in _runs(policies, bool(getattr(args, "remote", False))):
+            results[name] = _run_policy(name, upstream, windows, args)
     set_ratios(results)
     _print_table(results, windows, args)
     if args.json:
@@ -165,6 +199,7 @@ def run_churn_bench(args: argparse.Namespace) -> int:
                                                           "concurrency", "frames", "hold",
                                                           "late_timeout", "ack_delay")},
                 "compositor": compositor_label(args, policies),
+                **({"remote": True} if getattr(args, "remote", False) else {}),
                 "windows": windows,
                 "policies": {name: asdict(r) for name, r in results.items()}}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
@@ -200,9 +235,11 @@ def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
             str(args.frames), "--timeout", str(args.seconds * 3 + 60), "--progress"]
 
 
-def _run_policy(policy: str, upstream: Path | None, windows: int,
+def _run_policy(name: str, upstream: Path | None, windows: int,
                 args: argparse.Namespace) -> PolicyResult:
-    result = PolicyResult(policy)
+    """One row: ``name`` is a policy, or a proxy policy and " split"."""
+    result = PolicyResult(name)
+    policy = base_policy(name)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-churn-")))
         workdir.chmod(0o700)
@@ -220,14 +257,18 @@ def _run_policy(policy: str, upstream: Path | None, windows: int,
             display = upstream
         else:
             assert upstream is not None
-            socket_path = workdir / "qubesshm-churn"
             log = workdir / "serve.log"
-            proc = stack.enter_context(process(
-                [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
-                 "--upstream", str(upstream), "--gntalloc-limit", BIG_LIMIT,
-                 "--sim-hold", str(args.hold), "--late-timeout", f"{args.late_timeout:g}",
-                 *_POLICY_OPTIONS[policy]], env, log))
-            wait_for_socket(socket_path, proc, "qubesshm serve", log)
+            options = ["--gntalloc-limit", BIG_LIMIT, "--sim-hold", str(args.hold),
+                       "--late-timeout", f"{args.late_timeout:g}", *_POLICY_OPTIONS[policy]]
+            if name != policy:
+                stack.callback(report_log, name, log)  # once it has stopped
+                socket_path, _ = start_split(stack, env, workdir, upstream, *options, log=log)
+            else:
+                socket_path = workdir / "qubesshm-churn"
+                proc = stack.enter_context(process(
+                    [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
+                     "--upstream", str(upstream), *options], env, log))
+                wait_for_socket(socket_path, proc, "qubesshm serve", log)
             display = socket_path
         client_env = dict(env, WAYLAND_DISPLAY=str(display))
         start = time.monotonic()
@@ -242,7 +283,7 @@ def _run_policy(policy: str, upstream: Path | None, windows: int,
             stats = _sample(socket_path, start, result)
             if found_fpi is None and stats is not None:
                 found_fpi = stats["lifetimes"]["free_per_iteration"]
-            _progress(policy, start, args, result)
+            _progress(name, start, args, result)
             if time.monotonic() > deadline:
                 behind = True
                 client.terminate()
@@ -279,7 +320,7 @@ def _run_policy(policy: str, upstream: Path | None, windows: int,
             stats = _sample(socket_path, start, result)
             while (time.monotonic() - closed < args.drain_wait
                    and not settled(stats, result, found_fpi)):
-                _progress(policy, start, args, result)
+                _progress(name, start, args, result)
                 time.sleep(SAMPLE_INTERVAL)
                 stats = _sample(socket_path, start, result)
             _finish(result, stats, closed - start, _FREE_PER_ITERATION[policy])
@@ -408,7 +449,8 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
           f"{args.concurrency} open at once, {args.frames} frame(s) each, mappings held "
           f"{args.hold:g} s after let go{acks}, late after {args.late_timeout:g} s; grant "
           "counts in pages (one grant each):")
-    print(f"{'policy':<15} {'win/s':>7} {'x direct':>8} {'grants/win':>10} "
+    width = max([15] + [len(name) for name in results])
+    print(f"{'policy':<{width}} {'win/s':>7} {'x direct':>8} {'grants/win':>10} "
           f"{'from cache':>10} {'peak live':>9} "
           f"{'final live':>10} {'peak deferred':>13} {'final deferred':>14} "
           f"{'drain s':>9} {'leaked':>6} {'peak MiB':>8}")
@@ -418,7 +460,8 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
 
     for r in results.values():
         drain = show(r.drain_seconds, ".1f") + ("~" if r.drain_estimated else "")
-        print(f"{r.policy:<15} {r.windows_per_second:>7.1f} {show(r.ratio_to_direct, '.2f'):>8} "
+        print(f"{r.policy:<{width}} {r.windows_per_second:>7.1f} "
+              f"{show(r.ratio_to_direct, '.2f'):>8} "
               f"{show(r.grants_per_window, '.1f'):>10} {show(r.from_cache, '.0%'):>10} "
               f"{show(r.peak_live):>9} "
               f"{show(r.final_live):>10} {show(r.peak_deferred):>13} "
@@ -463,8 +506,8 @@ def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
             continue  # direct: no grants
         label = r.policy if r.failed is None else f"{r.policy} (stopped after {r.windows} windows)"
         for axes, values in ((live_axes, r.series["live"]), (deferred_axes, r.series["deferred"])):
-            axes.plot(r.series["t"], values, styles.get(r.policy, "-"), label=label,
-                      linewidth=1.6)
+            axes.plot(r.series["t"], values, styles.get(base_policy(r.policy), "-"),
+                      label=label, linewidth=1.6)
     live_axes.set_ylabel("live grant pages")
     deferred_axes.set_ylabel("deferred backlog (pages)")
     for r in acking:

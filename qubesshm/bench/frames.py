@@ -12,6 +12,16 @@ proxy), and, from the proxy's own counters, bytes copied per byte damaged in
 steady state (after ``--warmup`` frames, when the surface's output buffers
 exist). ``--size`` changes the frame size; ``--mode agent`` measures agent mode
 instead (``frames_agent``).
+
+``--remote`` adds the split proxy (*qubesshm split*: ``serve --remote`` starting
+``qubesshm host``) and counts the bytes that cross each path's stream, both ways,
+over the timed frames: the split proxy's between serve and the host half, and
+waypipe's between ``waypipe server`` and ``waypipe client``, each through a
+counting pass-through (``meter``) that both paths then have on their stream (its
+own CPU is left out of theirs). The split stream carries Wayland messages and
+grant references, never pixels; waypipe's carries the damaged pixels. The check
+of the split proxy's goal (bytes per frame at most 1% of waypipe's, full damage)
+is printed.
 """
 
 from __future__ import annotations
@@ -35,16 +45,24 @@ import numpy as np
 
 from ..grants.files import write_output
 from ..relay.control import read_stats
+from .machine import describe_machine, load_line, versions_line
 from .processes import (
     QUBES_GNTALLOC_LIMIT,
+    Meter,
     compositor,
     cpu_seconds,
+    report_log,
     start_qubesshm,
+    start_split,
     start_waypipe,
 )
 
 WIDTH, HEIGHT = 1920, 1080
 DAMAGES = ("full", "static", "moving")
+SPLIT = "qubesshm split"
+# The split proxy's goal: bytes over its stream per frame, full damage, at most this
+# share of waypipe's.
+STREAM_GOAL = 0.01
 
 
 @dataclass
@@ -82,6 +100,9 @@ def check_frames(args: argparse.Namespace) -> str | None:
                 f"{width}x{height} frames: give at most {min(width, height) // 2}")
     if getattr(args, "mode", "proxy") != "agent" and getattr(args, "refresh", None) is not None:
         return "qubesshm bench frames: --refresh is the agent's: add --mode agent"
+    if getattr(args, "mode", "proxy") == "agent" and getattr(args, "remote", False):
+        return ("qubesshm bench frames: --remote measures the split proxy (the proxy mode): "
+                "not with --mode agent")
     return None
 
 
@@ -152,12 +173,17 @@ def _counters(proxy_socket: Path | None) -> tuple[int, int]:
 
 
 def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
-             relay_pids: list[int], proxy_socket: Path | None, runs: Runs) -> None:
+             relay_pids: list[int], proxy_socket: Path | None, runs: Runs,
+             meter: Meter | None = None, stream_bytes: list[float] | None = None) -> None:
+    """One timed run on a path; with ``meter``, the bytes over its stream per frame go to
+    ``stream_bytes`` (and the meter's own CPU is left out of the path's)."""
+    exclude = [meter.pid()] if meter is not None else []
     result, before, after = timed_run(
         display, env, case, args,
-        lambda: (cpu_seconds(relay_pids), *_counters(proxy_socket)))
-    cpu_before, copied_before, damaged_before = before
-    cpu_after, copied_after, damaged_after = after
+        lambda: (cpu_seconds(relay_pids, exclude), *_counters(proxy_socket),
+                 meter.bytes() if meter is not None else 0))
+    cpu_before, copied_before, damaged_before, stream_before = before
+    cpu_after, copied_after, damaged_after, stream_after = after
     cpu = cpu_after - cpu_before
     frames = result["frames"]
     runs.fps.append(frames / result["seconds"])
@@ -167,6 +193,8 @@ def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Name
     if proxy_socket is not None and damaged_after > damaged_before:
         runs.copied_per_damaged.append((copied_after - copied_before)
                                        / (damaged_after - damaged_before))
+    if meter is not None and stream_bytes is not None:
+        stream_bytes.append((stream_after - stream_before) / frames)
 
 
 def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30, *,
@@ -223,35 +251,68 @@ def run_frames_bench(args: argparse.Namespace) -> int:
     width, height = frame_size(args)
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
+    remote = bool(getattr(args, "remote", False))
+    # --remote: bytes over each metered path's stream per frame, by case and path.
+    stream: dict[str, dict[str, list[float]]] = {c.name: {} for c in cases}
+    if remote:
+        print(describe_machine())
     with contextlib.ExitStack() as stack, compositor(
             args.upstream, width=width, height=height,
             animations=args.animations != "off") as upstream:
+        if remote:
+            print(versions_line(args.upstream is None))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         workdir.chmod(0o700)
         env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
         env.pop("QUBESSHM_SIM_ROOT", None)
         paths: dict[str, tuple[Path, list[int]]] = {"direct": (upstream, [])}
-        proxy_socket, proxy_pid = start_qubesshm(
-            stack, env, workdir, upstream, "--gntalloc-limit", str(QUBES_GNTALLOC_LIMIT))
+        # The stats socket of each proxy path, and the meter on each metered stream.
+        stats_of: dict[str, Path] = {}
+        meters: dict[str, Meter] = {}
+        limit = ("--gntalloc-limit", str(QUBES_GNTALLOC_LIMIT))
+        proxy_socket, proxy_pid = start_qubesshm(stack, env, workdir, upstream, *limit)
         paths["qubesshm"] = (proxy_socket, [proxy_pid])
-        waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe)
+        stats_of["qubesshm"] = proxy_socket
+        if remote:
+            log = workdir / "split.log"
+            stack.callback(report_log, SPLIT, log)  # once it has stopped
+            meters[SPLIT] = Meter(workdir / "split.counters")
+            split_socket, split_pid = start_split(stack, env, workdir, upstream, *limit,
+                                                  meter=meters[SPLIT], log=log)
+            paths[SPLIT] = (split_socket, [split_pid])
+            stats_of[SPLIT] = split_socket
+        waypipe_meter = Meter(workdir / "waypipe.counters") if remote else None
+        waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe, waypipe_meter)
         if waypipe is not None:
             paths["waypipe"] = waypipe
+            if waypipe_meter is not None:
+                meters["waypipe"] = waypipe_meter
+        if remote:
+            print(f"{SPLIT}: serve --remote 'qubesshm host', the stream between them through "
+                  "a counting pass-through" + (", as waypipe's between its server and client"
+                                               if "waypipe" in meters else ""))
         for case in cases:
             for _ in range(args.repeats):
                 for name, (display, pids) in paths.items():
                     runs = results[case.name].setdefault(name, Runs())
-                    run_once(display, env, case, args, pids,
-                             proxy_socket if name == "qubesshm" else None, runs)
+                    meter = meters.get(name)
+                    run_once(display, env, case, args, pids, stats_of.get(name), runs, meter,
+                             stream[case.name].setdefault(name, []) if meter else None)
     copies = {}
     for c in cases:
         direct_fps = _median(results[c.name]["direct"].fps)
         interval = 1.0 / direct_fps if c.paced and direct_fps else 0.0
         copies[c.name] = plain_copy_ms(c, args.region, interval, width=width, height=height)
     _report(cases, results, copies, args)
+    if remote:
+        _report_stream(cases, results, stream, args)
+        print(f"\n{load_line()} after the run")
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
                          **{p: asdict(r) for p, r in results[c.name].items()}} for c in cases}
+        if remote:
+            for c in cases:
+                data[c.name]["stream_bytes_per_frame"] = stream[c.name]
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 
@@ -273,7 +334,8 @@ def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict
           "frame callbacks; CPU = user+system time of the relaying processes per frame; "
           "plain copy = numpy copy of the same damaged bytes in this process, one per frame "
           "interval of the direct path for paced cases, back to back for unpaced ones:")
-    print(f"{'case':<18} {'path':<9} {'fps':>8} {'x direct':>9} {'CPU ms/fr':>10} "
+    width = max([9] + [len(name) for runs in results.values() for name in runs])
+    print(f"{'case':<18} {'path':<{width}} {'fps':>8} {'x direct':>9} {'CPU ms/fr':>10} "
           f"{'copy ms':>8} {'CPU/copy':>9} {'copied/damaged':>15}")
     for case in cases:
         runs = results[case.name]
@@ -284,12 +346,19 @@ def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict
             ratio = fps / direct_fps if fps and direct_fps else None
             copy = copies[case.name]
             cpu_copy = cpu / copy if cpu is not None and copy > 0 else None
-            print(f"{case.name:<18} {name:<9} {_fmt(fps, 1):>8} {_fmt(ratio):>9} "
+            print(f"{case.name:<18} {name:<{width}} {_fmt(fps, 1):>8} {_fmt(ratio):>9} "
                   f"{_fmt(cpu, 3):>10} {_fmt(copy, 3):>8} {_fmt(cpu_copy, 1):>9} "
                   f"{_fmt(_median(r.copied_per_damaged)):>15}")
-    print("\ngoals (qubesshm):")
+    for proxy in ("qubesshm", SPLIT):
+        if proxy in results[cases[0].name]:
+            _report_goals(proxy, cases, results, copies)
+
+
+def _report_goals(proxy: str, cases: list[Case], results: dict[str, dict[str, Runs]],
+                  copies: dict[str, float]) -> None:
+    print(f"\ngoals ({proxy}):")
     for case in cases:
-        q, d = results[case.name]["qubesshm"], results[case.name]["direct"]
+        q, d = results[case.name][proxy], results[case.name]["direct"]
         fps_ratio = (_median(q.fps) or 0) / (_median(d.fps) or 1)
         line = f"  {case.name:<18} fps {fps_ratio:.2f}x direct"
         if case.damage == "full":
@@ -301,3 +370,36 @@ def _report(cases: list[Case], results: dict[str, dict[str, Runs]], copies: dict
             line += (f"; bytes copied/damaged {_fmt(_median(q.copied_per_damaged))} "
                      f"(goal <= {goal})")
         print(line)
+
+
+def _report_stream(cases: list[Case], results: dict[str, dict[str, Runs]],
+                   stream: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+    """Bytes over the stream per frame, split proxy and waypipe, and the split proxy's
+    goal with full damage."""
+    width, height = frame_size(args)
+    print(f"\nbytes over the stream per frame, both ways, over the timed frames (median of "
+          f"{args.repeats} runs; {SPLIT}: serve <-> qubesshm host; waypipe: server <-> "
+          "client, --compress none):")
+    print(f"{'case':<18} {'damaged B/fr':>13} {SPLIT + ' B/fr':>20} {'waypipe B/fr':>14} "
+          f"{'split/waypipe':>14}")
+    shares: dict[str, float | None] = {}
+    for case in cases:
+        per_path = stream[case.name]
+        split = _median(per_path.get(SPLIT, []))
+        waypipe = _median(per_path.get("waypipe", []))
+        share = split / waypipe if split is not None and waypipe else None
+        shares[case.name] = share
+        damaged = results[case.name]["direct"].damaged_bytes_per_frame
+        print(f"{case.name:<18} {damaged:>13.0f} {_fmt(split, 1):>20} {_fmt(waypipe, 1):>14} "
+              f"{_fmt(share, 6):>14}")
+    for case in cases:
+        if case.damage != "full":
+            continue
+        share = shares[case.name]
+        if share is None:
+            print(f"goal ({SPLIT}), {case.name}: bytes per {width}x{height} frame over the "
+                  "stream at most 1% of waypipe's: not measured (no waypipe baseline)")
+            continue
+        verdict = "met" if share <= STREAM_GOAL else "NOT met"
+        print(f"goal ({SPLIT}), {case.name}: bytes per {width}x{height} frame over the stream "
+              f"{share:.4%} of waypipe's (goal <= {STREAM_GOAL:.0%}): {verdict}")

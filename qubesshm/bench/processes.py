@@ -2,25 +2,31 @@
 
 Every path a benchmark compares runs over the same compositor in the same run:
 the user's (``--upstream``, or a running one), else a private headless Weston.
-``cpu_seconds`` adds up the scheduler's run time of the relaying processes and
-of their children (waypipe forks one per connection).
+``start_split`` runs the split proxy (``serve --remote`` starting ``qubesshm
+host``), and both it and waypipe can have their stream go through a byte-counting
+``meter``. ``cpu_seconds`` adds up the scheduler's run time of the relaying
+processes and of their children (waypipe forks one per connection; serve starts
+the host half), leaving out a meter's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from ..headless import HeadlessWeston, compositor_is_running
 from ..relay.listener import upstream_path
+from .meter import read_counters
 
 # The gntalloc limit Qubes sets in VMs; Linux's default of 1024 pages is less than
 # one 1920x1080 buffer.
@@ -36,6 +42,31 @@ def last_line(log: Path | None) -> str:
     except OSError:
         return ""
     return next((line for line in reversed(lines) if line), "")
+
+
+def unusual_lines(log: Path, most: int = 5) -> list[str]:
+    """Up to ``most`` lines of ``log`` that warn or tell of an error or a kill (what a
+    process said besides its usual start and summary lines)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    words = ("warning", "error", "traceback", "killed", "exception", "failed", "refused")
+    found = [line.strip() for line in lines
+             if any(word in line.lower() for word in words)
+             and not line.startswith("qubesshm: summary:")]
+    return found[:most]
+
+
+def report_log(what: str, log: Path) -> None:
+    """Print what ``unusual_lines`` finds in ``log``, or that there was nothing."""
+    found = unusual_lines(log)
+    if not found:
+        print(f"{what}: no warnings or errors in its log")
+        return
+    print(f"{what}: its log has warnings or errors; the first {len(found)}:")
+    for line in found:
+        print(f"  {line}")
 
 
 def exited(what: str, proc: subprocess.Popen[bytes], log: Path | None = None) -> str:
@@ -111,9 +142,65 @@ def start_qubesshm(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pa
     return socket_path, proc.pid
 
 
+@dataclass
+class Meter:
+    """A byte-counting pass-through (``qubesshm.bench.meter``) on a path's stream,
+    known by its counters file."""
+
+    counters: Path
+
+    def pid(self) -> int:
+        return read_counters(self.counters)[0]
+
+    def bytes(self) -> int:
+        """Bytes delivered so far, both ways."""
+        _, forward, back = read_counters(self.counters)
+        return forward + back
+
+
+def meter_command(counters: Path, *tail: str) -> list[str]:
+    return [sys.executable, "-m", "qubesshm.bench.meter", "--counters", str(counters), *tail]
+
+
+def split_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a split proxy here: the simulated grant layer of its own (the host
+    half reaches its hypervisor through serve)."""
+    out = dict(env, QUBESSHM_GRANTS="sim")
+    out.pop("QUBESSHM_SIM_ROOT", None)
+    return out
+
+
+def host_command(upstream: Path, meter: Meter | None = None, extra: Sequence[str] = ()) -> str:
+    """``--remote``'s command: ``qubesshm host`` for ``upstream`` with ``extra``, through
+    ``meter`` when given."""
+    host = [sys.executable, "-m", "qubesshm", "host", "--grants", "sim", "--upstream",
+            str(upstream), *extra]
+    if meter is not None:
+        host = meter_command(meter.counters, "--", *host)
+    return shlex.join(host)
+
+
+def start_split(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
+                upstream: Path, *extra: str, meter: Meter | None = None,
+                host_extra: Sequence[str] = (), log: Path | None = None) -> tuple[Path, int]:
+    """A split proxy in ``workdir``: ``qubesshm serve --remote`` (with ``extra``) starting
+    ``qubesshm host`` for ``upstream`` (with ``host_extra``; through ``meter`` when
+    given); its socket and serve's pid (the host half and the meter are its children)."""
+    socket_path = workdir / "qubesshm-split"
+    proc = stack.enter_context(process(
+        [sys.executable, "-m", "qubesshm", "serve", "--grants", "sim", "--socket",
+         str(socket_path), "--remote", host_command(upstream, meter, host_extra), *extra],
+        split_env(env), log))
+    wait_for_socket(socket_path, proc, "qubesshm serve --remote", log)
+    return socket_path, proc.pid
+
+
 def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
-                  upstream: Path, skip: bool) -> tuple[Path, list[int]] | None:
-    """waypipe client + server on this machine, no compression: its display and pids."""
+                  upstream: Path, skip: bool,
+                  meter: Meter | None = None) -> tuple[Path, list[int]] | None:
+    """waypipe client + server on this machine, no compression: its display and pids.
+    With ``meter`` the server connects to the meter, which joins each of its
+    connections to the client's socket."""
     waypipe = shutil.which("waypipe")
     if skip:
         print("waypipe: skipped (--no-waypipe)")
@@ -129,8 +216,16 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
     deadline = time.monotonic() + 20
     while not link.exists() and wp_client.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    server_link = link
+    if meter is not None:
+        server_link = workdir / "waypipe-metered.sock"
+        metering = stack.enter_context(process(meter_command(
+            meter.counters, "--listen", str(server_link), "--connect", str(link)), env))
+        while (not server_link.exists() and metering.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
     wp_server = stack.enter_context(process(
-        [waypipe, "--compress", "none", "--no-gpu", "--socket", str(link),
+        [waypipe, "--compress", "none", "--no-gpu", "--socket", str(server_link),
          "--display", str(display), "server", "--", "sleep", "86400"], env))
     try:
         wait_for_socket(display, wp_server, "waypipe server")
@@ -140,10 +235,11 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
     return display, [wp_client.pid, wp_server.pid]
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
     """CPU time so far of ``pids`` and all their descendants, from the scheduler's
     nanosecond run-time (``/proc/<pid>/task/<tid>/schedstat``): the user+system
-    clock ticks of ``/proc/<pid>/stat`` are 10 ms, coarser than what is measured."""
+    clock ticks of ``/proc/<pid>/stat`` are 10 ms, coarser than what is measured.
+    The processes in ``exclude`` (a meter) are left out, not their descendants."""
     if not pids:
         return 0.0
     parents: dict[int, int] = {}
@@ -159,6 +255,8 @@ def cpu_seconds(pids: list[int]) -> float:
         usage[pid] = usage.get(pid, 0) + ran
     total = 0
     for pid in usage:
+        if pid in exclude:
+            continue
         ancestor = pid
         while ancestor > 1 and ancestor not in pids:
             ancestor = parents.get(ancestor, 0)

@@ -3,9 +3,12 @@
 In one run, over the same compositor, it measures the ``wl_display.sync`` round
 trip and the time to get answers to a burst of small requests on three paths:
 straight to the compositor, through ``qubesshm serve`` and through waypipe
-(``waypipe client`` + ``waypipe server`` on this machine, no compression). The
-paths are measured in interleaved rounds so drift in machine load spreads over
-all of them, and the figures printed are medians with the ratios between paths.
+(``waypipe client`` + ``waypipe server`` on this machine, no compression); with
+``--remote`` also through the split proxy (*qubesshm split*: ``serve --remote``
+starting ``qubesshm host``, the stream between them over the pipes ``--remote``
+makes), with its ratios to waypipe and to the unsplit proxy. The paths are
+measured in interleaved rounds so drift in machine load spreads over all of them,
+and the figures printed are medians with the ratios between paths.
 """
 
 from __future__ import annotations
@@ -25,9 +28,21 @@ from pathlib import Path
 from ..relay.eventloop import loop_factory
 from ..wire.codec import WireReader, encode_message
 from ..wire.protocol import MessageSpec, load_protocols
-from .processes import compositor, cpu_seconds, start_qubesshm, start_waypipe
+from .machine import describe_machine, load_line, versions_line
+from .processes import (
+    compositor,
+    cpu_seconds,
+    report_log,
+    start_qubesshm,
+    start_split,
+    start_waypipe,
+)
 
 _FIRST_ID = 2
+SPLIT = "qubesshm split"
+# What the ratios compare: (ours, theirs), when both ran.
+_COMPARED = (("qubesshm", "waypipe"), (SPLIT, "waypipe"), (SPLIT, "qubesshm"))
+_RATIO_KEYS = ("added round-trip latency", "added burst time", "relay CPU per message")
 
 
 # Round trips per path before moving to the next, so drift hits all paths alike.
@@ -143,8 +158,13 @@ class SyncClient:
 
 def run_relay_bench(args: argparse.Namespace) -> int:
     sync = load_protocols()["wl_display"].requests[0]
+    remote = bool(getattr(args, "remote", False))
+    if remote:
+        print(describe_machine())
     with contextlib.ExitStack() as stack, compositor(
             args.upstream, animations=args.animations != "off") as upstream:
+        if remote:
+            print(versions_line(args.upstream is None))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-bench-")))
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(workdir)
@@ -154,6 +174,17 @@ def run_relay_bench(args: argparse.Namespace) -> int:
                                                  "--event-loop", args.event_loop)
         paths["qubesshm"] = proxy_socket
         relay_pids = {"qubesshm": [proxy_pid]}
+        if remote:
+            log = workdir / "split.log"
+            # Said once the processes have stopped (the log then has their last words).
+            stack.callback(report_log, SPLIT, log)
+            print(f"{SPLIT}: serve --remote 'qubesshm host' (the stream over the pipes to "
+                  "the host half's stdin and stdout, simulated grants), both on the "
+                  f"{loop_factory(args.event_loop)[1]} event loop")
+            loop_option = ("--event-loop", args.event_loop)
+            paths[SPLIT], split_pid = start_split(stack, env, workdir, upstream, *loop_option,
+                                                  host_extra=loop_option, log=log)
+            relay_pids[SPLIT] = [split_pid]
         waypipe = start_waypipe(stack, env, workdir, upstream, args.no_waypipe)
         if waypipe is not None:
             paths["waypipe"], relay_pids["waypipe"] = waypipe
@@ -174,6 +205,8 @@ def run_relay_bench(args: argparse.Namespace) -> int:
                 client.close()
     if len(runs) > 1:
         _report_medians(runs, args)
+    if remote:
+        print(f"\n{load_line()} after the run")
     return 0
 
 
@@ -193,9 +226,11 @@ def _measure(results: dict[str, PathResult], clients: dict[str, SyncClient],
             res.burst_cpu += res.cpu_seconds() - before
 
 
-def _ratios(results: dict[str, PathResult], args: argparse.Namespace) -> dict[str, float]:
-    """qubesshm / waypipe: added latency, added burst time, relay CPU per message."""
-    direct, q, w = results["direct"], results["qubesshm"], results["waypipe"]
+def _ratios(results: dict[str, PathResult], args: argparse.Namespace,
+            ours_name: str = "qubesshm", theirs_name: str = "waypipe") -> dict[str, float]:
+    """``ours_name`` / ``theirs_name`` (qubesshm / waypipe unless given): added latency,
+    added burst time, relay CPU per message."""
+    direct, q, w = results["direct"], results[ours_name], results[theirs_name]
     out = {}
     for key, ours, theirs in (
             ("added round-trip latency", q.rtt() - direct.rtt(), w.rtt() - direct.rtt()),
@@ -208,38 +243,46 @@ def _ratios(results: dict[str, PathResult], args: argparse.Namespace) -> dict[st
 
 def _report(results: dict[str, PathResult], args: argparse.Namespace, title: str) -> None:
     direct = results["direct"]
+    width = max(10, max(len(name) for name in results) + 1)
     print(f"\n{title}: wl_display.sync round trips, {len(direct.round_trips)} per path in "
           f"interleaved blocks of {_BLOCK} (median, p90); bursts of {args.burst} syncs "
           f"(median of {args.bursts}, at most {WINDOW} ahead of their answers); relay CPU = "
           "scheduler run time of the relaying processes per relayed message:")
-    print(f"{'path':<10} {'rtt µs':>9} {'p90 µs':>9} {'added µs':>9} {'burst ms':>9} "
+    print(f"{'path':<{width}} {'rtt µs':>9} {'p90 µs':>9} {'added µs':>9} {'burst ms':>9} "
           f"{'added ms':>9} {'CPU µs/msg':>11}")
     for res in results.values():
         added_rtt = (res.rtt() - direct.rtt()) * 1e6
         added_burst = (res.burst() - direct.burst()) * 1e3
-        print(f"{res.name:<10} {res.rtt() * 1e6:9.1f} {res.rtt_p90() * 1e6:9.1f} "
+        print(f"{res.name:<{width}} {res.rtt() * 1e6:9.1f} {res.rtt_p90() * 1e6:9.1f} "
               f"{added_rtt:9.1f} {res.burst() * 1e3:9.2f} {added_burst:9.2f} "
               f"{_cpu_per_message(res, args):>11}")
-    if "waypipe" in results:
-        ratios = _ratios(results, args)
-        print("qubesshm / waypipe: " + ", ".join(
-            f"{key} {ratios[key]:.2f}" if key in ratios else f"{key} n/a"
-            for key in ("added round-trip latency", "added burst time",
-                        "relay CPU per message")))
+    for ours, theirs in _COMPARED:
+        if ours in results and theirs in results:
+            ratios = _ratios(results, args, ours, theirs)
+            print(f"{ours} / {theirs}: " + ", ".join(
+                f"{key} {ratios[key]:.2f}" if key in ratios else f"{key} n/a"
+                for key in _RATIO_KEYS))
     print(f"round trip through qubesshm / direct: {results['qubesshm'].rtt() / direct.rtt():.2f}x")
+    if SPLIT in results:
+        print(f"round trip through {SPLIT} / direct: "
+              f"{results[SPLIT].rtt() / direct.rtt():.2f}x")
 
 
 def _report_medians(runs: list[dict[str, PathResult]], args: argparse.Namespace) -> None:
     print(f"\nmedians over {len(runs)} runs:")
-    if "waypipe" in runs[0]:
-        per_run = [_ratios(results, args) for results in runs]
-        for key in ("added round-trip latency", "added burst time", "relay CPU per message"):
+    for ours, theirs in _COMPARED:
+        if ours not in runs[0] or theirs not in runs[0]:
+            continue
+        per_run = [_ratios(results, args, ours, theirs) for results in runs]
+        for key in _RATIO_KEYS:
             values = [r[key] for r in per_run if key in r]
             shown = " ".join(f"{v:.2f}" for v in values)
             median = f"{statistics.median(values):.2f}" if values else "n/a"
-            print(f"  qubesshm / waypipe, {key}: {median} (runs: {shown or 'n/a'})")
-    ratios = [results["qubesshm"].rtt() / results["direct"].rtt() for results in runs]
-    print(f"  round trip through qubesshm / direct: {statistics.median(ratios):.2f}x")
+            print(f"  {ours} / {theirs}, {key}: {median} (runs: {shown or 'n/a'})")
+    for name in ("qubesshm", SPLIT):
+        if name in runs[0]:
+            ratios = [results[name].rtt() / results["direct"].rtt() for results in runs]
+            print(f"  round trip through {name} / direct: {statistics.median(ratios):.2f}x")
 
 
 def _cpu(res: PathResult, args: argparse.Namespace) -> float:

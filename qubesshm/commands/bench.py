@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="runs, each printed, then the median of their ratios (default "
                        "%(default)s)")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
+    relay.add_argument("--remote", action="store_true",
+                       help="also the split proxy ('qubesshm split': serve --remote starting "
+                       "qubesshm host, the stream over their pipes), with its ratios to "
+                       "waypipe and to the unsplit proxy")
     common.add_event_loop_option(
         relay, help="the event loop of the qubesshm under test (default %(default)s)")
     frames = common.add_subcommand(
@@ -73,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     frames.add_argument("--refresh", type=options.refresh_rate, default=None, metavar="HZ",
                         help="--mode agent: the agent's frame callbacks per second (default "
                         "60)")
+    frames.add_argument("--remote", action="store_true",
+                        help="also the split proxy ('qubesshm split': serve --remote starting "
+                        "qubesshm host), and the bytes over the stream per frame of it and of "
+                        "waypipe (its client-server socket), each counted by a pass-through "
+                        "on the stream")
     churn = common.add_subcommand(
         bench_sub, "churn",
         help="window churn under each reclaim policy, and through qubesshm agent to the "
@@ -107,6 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     churn.add_argument("--drain-wait", type=options.non_negative_seconds, default=5.0, metavar="S",
                        help="how long to watch the backlog drain after the last close "
                        "before estimating the rest (default %(default)s)")
+    churn.add_argument("--remote", action="store_true",
+                       help="also each proxy policy chosen through the split proxy (serve "
+                       "--remote starting qubesshm host; the row 'POLICY split', its figures "
+                       "from the VM side's stats)")
     churn.add_argument("--json", type=options.output_file, metavar="FILE",
                        help="write the results as JSON")
     churn.add_argument("--plot", type=options.output_file, metavar="FILE",
@@ -136,6 +149,9 @@ def check(args: argparse.Namespace) -> str | None:
     if args.bench == "frames":
         from ..bench.frames import check_frames
         return check_frames(args)
+    if args.bench == "churn" and args.remote:
+        from ..bench.churn import check_remote
+        return check_remote(args)
     return None
 
 
