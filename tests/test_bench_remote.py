@@ -182,14 +182,22 @@ def test_bench_frames_remote_counts_the_bytes_over_each_stream(weston: HeadlessW
         split, waypipe = stream["qubesshm split"][0], stream["waypipe"][0]
         assert split > 0 and waypipe > 0, stream
         # The table shows the JSON's figures.
+        by_serve = data[case]["split_stream_bytes_per_frame_by_serve"][0]
         printed = row(out.split("\nbytes over the stream per frame")[1], f"{case:<18} ")
-        assert printed[:4] == [f"{data[case]['direct']['damaged_bytes_per_frame']:.0f}",
-                               f"{split:.1f}", f"{waypipe:.1f}", f"{split / waypipe:.6f}"]
+        assert printed[:5] == [f"{data[case]['direct']['damaged_bytes_per_frame']:.0f}",
+                               f"{split:.1f}", f"{by_serve:.1f}", f"{waypipe:.1f}",
+                               f"{split / waypipe:.6f}"]
+        # The pass-through counts what serve's own stream counters count (within a frame
+        # or two of messages still on their way when a count was read).
+        assert abs(split - by_serve) * 10 <= split, (case, split, by_serve)
         kind = case.split(",")[0]
         if kind in damaged:
-            # waypipe sends the damaged pixels; the split stream only messages and refs.
-            assert waypipe >= damaged[kind], (case, waypipe)
+            # The split stream carries messages and grant refs, never the pixels.
             assert split < damaged[kind] / 10, (case, split)
+        if kind == "full":
+            # waypipe sends every changed pixel (it diffs: a moving square's old place,
+            # repainted as it was three frames ago, may not count).
+            assert waypipe >= damaged[kind], (case, waypipe)
     for case in ("full, paced", "full, unpaced"):
         stream = data[case]["stream_bytes_per_frame"]
         share = stream["qubesshm split"][0] / stream["waypipe"][0]

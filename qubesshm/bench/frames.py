@@ -165,25 +165,31 @@ def timed_run(display: Path, env: dict[str, str], case: Case, args: argparse.Nam
     return result, before, after
 
 
-def _counters(proxy_socket: Path | None) -> tuple[int, int]:
+def _counters(proxy_socket: Path | None) -> tuple[int, int, int]:
+    """The proxy's bytes copied and damaged, and (a split proxy's VM side) the bytes
+    its stream link read and wrote; zeros without a proxy."""
     if proxy_socket is None:
-        return 0, 0
+        return 0, 0, 0
     stats = read_stats(str(proxy_socket))
-    return int(stats["bytes_copied"]), int(stats["bytes_damaged"])
+    stream = stats.get("stream") or {}
+    return (int(stats["bytes_copied"]), int(stats["bytes_damaged"]),
+            int(stream.get("bytes_in", 0)) + int(stream.get("bytes_out", 0)))
 
 
 def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
              relay_pids: list[int], proxy_socket: Path | None, runs: Runs,
-             meter: Meter | None = None, stream_bytes: list[float] | None = None) -> None:
+             meter: Meter | None = None, stream_bytes: list[float] | None = None,
+             own_count: list[float] | None = None) -> None:
     """One timed run on a path; with ``meter``, the bytes over its stream per frame go to
-    ``stream_bytes`` (and the meter's own CPU is left out of the path's)."""
+    ``stream_bytes`` (and the meter's own CPU is left out of the path's), and a split
+    proxy's own count of them (its stats) to ``own_count``."""
     exclude = [meter.pid()] if meter is not None else []
     result, before, after = timed_run(
         display, env, case, args,
         lambda: (cpu_seconds(relay_pids, exclude), *_counters(proxy_socket),
                  meter.bytes() if meter is not None else 0))
-    cpu_before, copied_before, damaged_before, stream_before = before
-    cpu_after, copied_after, damaged_after, stream_after = after
+    cpu_before, copied_before, damaged_before, own_before, stream_before = before
+    cpu_after, copied_after, damaged_after, own_after, stream_after = after
     cpu = cpu_after - cpu_before
     frames = result["frames"]
     runs.fps.append(frames / result["seconds"])
@@ -195,6 +201,8 @@ def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Name
                                        / (damaged_after - damaged_before))
     if meter is not None and stream_bytes is not None:
         stream_bytes.append((stream_after - stream_before) / frames)
+    if own_count is not None:
+        own_count.append((own_after - own_before) / frames)
 
 
 def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30, *,
@@ -252,8 +260,10 @@ def run_frames_bench(args: argparse.Namespace) -> int:
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
     remote = bool(getattr(args, "remote", False))
-    # --remote: bytes over each metered path's stream per frame, by case and path.
+    # --remote: bytes over each metered path's stream per frame, by case and path, and
+    # the split proxy's own count of its stream's bytes (qubesshm stats), by case.
     stream: dict[str, dict[str, list[float]]] = {c.name: {} for c in cases}
+    own_count: dict[str, list[float]] = {c.name: [] for c in cases}
     if remote:
         print(describe_machine())
     with contextlib.ExitStack() as stack, compositor(
@@ -297,7 +307,8 @@ def run_frames_bench(args: argparse.Namespace) -> int:
                     runs = results[case.name].setdefault(name, Runs())
                     meter = meters.get(name)
                     run_once(display, env, case, args, pids, stats_of.get(name), runs, meter,
-                             stream[case.name].setdefault(name, []) if meter else None)
+                             stream[case.name].setdefault(name, []) if meter else None,
+                             own_count[case.name] if name == SPLIT else None)
     copies = {}
     for c in cases:
         direct_fps = _median(results[c.name]["direct"].fps)
@@ -305,7 +316,7 @@ def run_frames_bench(args: argparse.Namespace) -> int:
         copies[c.name] = plain_copy_ms(c, args.region, interval, width=width, height=height)
     _report(cases, results, copies, args)
     if remote:
-        _report_stream(cases, results, stream, args)
+        _report_stream(cases, results, stream, own_count, args)
         print(f"\n{load_line()} after the run")
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
@@ -313,6 +324,7 @@ def run_frames_bench(args: argparse.Namespace) -> int:
         if remote:
             for c in cases:
                 data[c.name]["stream_bytes_per_frame"] = stream[c.name]
+                data[c.name]["split_stream_bytes_per_frame_by_serve"] = own_count[c.name]
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 
@@ -373,15 +385,17 @@ def _report_goals(proxy: str, cases: list[Case], results: dict[str, dict[str, Ru
 
 
 def _report_stream(cases: list[Case], results: dict[str, dict[str, Runs]],
-                   stream: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+                   stream: dict[str, dict[str, list[float]]], own_count: dict[str, list[float]],
+                   args: argparse.Namespace) -> None:
     """Bytes over the stream per frame, split proxy and waypipe, and the split proxy's
     goal with full damage."""
     width, height = frame_size(args)
     print(f"\nbytes over the stream per frame, both ways, over the timed frames (median of "
-          f"{args.repeats} runs; {SPLIT}: serve <-> qubesshm host; waypipe: server <-> "
+          f"{args.repeats} runs; {SPLIT}: serve <-> qubesshm host, as the pass-through counted "
+          "them and as serve's stream counters (qubesshm stats) did; waypipe: server <-> "
           "client, --compress none):")
-    print(f"{'case':<18} {'damaged B/fr':>13} {SPLIT + ' B/fr':>20} {'waypipe B/fr':>14} "
-          f"{'split/waypipe':>14}")
+    print(f"{'case':<18} {'damaged B/fr':>13} {SPLIT + ' B/fr':>20} {'by serve':>9} "
+          f"{'waypipe B/fr':>14} {'split/waypipe':>14}")
     shares: dict[str, float | None] = {}
     for case in cases:
         per_path = stream[case.name]
@@ -390,8 +404,9 @@ def _report_stream(cases: list[Case], results: dict[str, dict[str, Runs]],
         share = split / waypipe if split is not None and waypipe else None
         shares[case.name] = share
         damaged = results[case.name]["direct"].damaged_bytes_per_frame
-        print(f"{case.name:<18} {damaged:>13.0f} {_fmt(split, 1):>20} {_fmt(waypipe, 1):>14} "
-              f"{_fmt(share, 6):>14}")
+        by_serve = _median(own_count[case.name])
+        print(f"{case.name:<18} {damaged:>13.0f} {_fmt(split, 1):>20} {_fmt(by_serve, 1):>9} "
+              f"{_fmt(waypipe, 1):>14} {_fmt(share, 6):>14}")
     for case in cases:
         if case.damage != "full":
             continue
