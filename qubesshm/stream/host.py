@@ -70,10 +70,6 @@ CONNECT_RETRY = 0.01
 BackendOpener = Callable[[int], GrantBackend]
 
 
-class HostError(Exception):
-    """The host half cannot start or go on; one line."""
-
-
 @dataclass(eq=False)
 class HostConnection:
     """One client's connection to the compositor, on this side."""

@@ -162,9 +162,10 @@ class ChannelTransport:
         self._writer = None
 
     def readable(self) -> bool:
+        if self.upstream.ended is not None:
+            return True
         state = self.upstream.conns.live.get(self.conn)
-        return (state is None or bool(state.inbound) or state.peer_closed is not None
-                or self.upstream.ended is not None)
+        return state is not None and (bool(state.inbound) or state.peer_closed is not None)
 
     def kick_reader(self) -> None:
         if self._reader is not None and not self._read_scheduled and self.readable():
