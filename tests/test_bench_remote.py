@@ -178,15 +178,21 @@ def test_bench_frames_remote_counts_the_bytes_over_each_stream(weston: HeadlessW
             assert float(fields[0]) > 0, (case, path, fields)  # fps
         split_cpu = row(out, f"{case:<18} qubesshm split ")[2]
         assert float(split_cpu) > 0, "serve and the host half relayed"
-        stream = data[case]["stream_bytes_per_frame"]
-        split, waypipe = stream["qubesshm split"][0], stream["waypipe"][0]
+        stream = data[case]["stream"]
+        split = stream["qubesshm split"]["bytes_per_frame"][0]
+        waypipe = stream["waypipe"]["bytes_per_frame"][0]
         assert split > 0 and waypipe > 0, stream
+        by_serve = stream["qubesshm split"]["by_serve"][0]
+        assert stream["waypipe"]["by_serve"] == [], "waypipe has no stats of its own"
+        meter_cpu = [stream[p]["meter_cpu_ms_per_frame"][0] for p in ("qubesshm split",
+                                                                      "waypipe")]
+        assert all(ms >= 0 for ms in meter_cpu), meter_cpu
         # The table shows the JSON's figures.
-        by_serve = data[case]["split_stream_bytes_per_frame_by_serve"][0]
         printed = row(out.split("\nbytes over the stream per frame")[1], f"{case:<18} ")
-        assert printed[:5] == [f"{data[case]['direct']['damaged_bytes_per_frame']:.0f}",
-                               f"{split:.1f}", f"{by_serve:.1f}", f"{waypipe:.1f}",
-                               f"{split / waypipe:.6f}"]
+        assert printed == [f"{data[case]['direct']['damaged_bytes_per_frame']:.0f}",
+                           f"{split:.1f}", f"{by_serve:.1f}", f"{waypipe:.1f}",
+                           f"{split / waypipe:.6f}", f"{meter_cpu[0]:.3f},",
+                           f"{meter_cpu[1]:.3f}"]
         # The pass-through counts what serve's own stream counters count (within a frame
         # or two of messages still on their way when a count was read).
         assert abs(split - by_serve) * 10 <= split, (case, split, by_serve)
@@ -199,8 +205,9 @@ def test_bench_frames_remote_counts_the_bytes_over_each_stream(weston: HeadlessW
             # repainted as it was three frames ago, may not count).
             assert waypipe >= damaged[kind], (case, waypipe)
     for case in ("full, paced", "full, unpaced"):
-        stream = data[case]["stream_bytes_per_frame"]
-        share = stream["qubesshm split"][0] / stream["waypipe"][0]
+        stream = data[case]["stream"]
+        share = (stream["qubesshm split"]["bytes_per_frame"][0]
+                 / stream["waypipe"]["bytes_per_frame"][0])
         assert share < 0.01, (case, share)
         assert f"goal (qubesshm split), {case}: bytes per 320x240 frame over the stream " \
             f"{share:.4%} of waypipe's (goal <= 1%): met" in out, out

@@ -51,6 +51,7 @@ from .processes import (
     Meter,
     compositor,
     cpu_seconds,
+    own_cpu_seconds,
     report_log,
     start_qubesshm,
     start_split,
@@ -81,6 +82,18 @@ class Runs:
     cpu_ms_per_frame: list[float] = field(default_factory=list)
     copied_per_damaged: list[float] = field(default_factory=list)
     damaged_bytes_per_frame: float = 0.0
+
+
+@dataclass
+class StreamRuns:
+    """``--remote``: a metered path's stream over the runs of one case."""
+
+    # Bytes over the stream per frame, both ways, as the meter counted them.
+    bytes_per_frame: list[float] = field(default_factory=list)
+    # The split proxy's: the same as serve's own stream counters (qubesshm stats) say.
+    by_serve: list[float] = field(default_factory=list)
+    # The meter's own CPU per frame, left out of the path's.
+    meter_cpu_ms_per_frame: list[float] = field(default_factory=list)
 
 
 def frame_size(args: argparse.Namespace) -> tuple[int, int]:
@@ -178,18 +191,19 @@ def _counters(proxy_socket: Path | None) -> tuple[int, int, int]:
 
 def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Namespace,
              relay_pids: list[int], proxy_socket: Path | None, runs: Runs,
-             meter: Meter | None = None, stream_bytes: list[float] | None = None,
-             own_count: list[float] | None = None) -> None:
-    """One timed run on a path; with ``meter``, the bytes over its stream per frame go to
-    ``stream_bytes`` (and the meter's own CPU is left out of the path's), and a split
-    proxy's own count of them (its stats) to ``own_count``."""
-    exclude = [meter.pid()] if meter is not None else []
+             meter: Meter | None = None, stream: StreamRuns | None = None) -> None:
+    """One timed run on a path; with ``meter`` (and ``stream`` to note them in), the
+    bytes over its stream per frame, and the meter's own CPU, which is left out of the
+    path's."""
+    meter_pid = meter.pid() if meter is not None else 0
+    exclude = [meter_pid] if meter is not None else []
     result, before, after = timed_run(
         display, env, case, args,
         lambda: (cpu_seconds(relay_pids, exclude), *_counters(proxy_socket),
-                 meter.bytes() if meter is not None else 0))
-    cpu_before, copied_before, damaged_before, own_before, stream_before = before
-    cpu_after, copied_after, damaged_after, own_after, stream_after = after
+                 meter.bytes() if meter is not None else 0,
+                 own_cpu_seconds(meter_pid) if meter is not None else 0.0))
+    cpu_before, copied_before, damaged_before, own_before, stream_before, meter_before = before
+    cpu_after, copied_after, damaged_after, own_after, stream_after, meter_after = after
     cpu = cpu_after - cpu_before
     frames = result["frames"]
     runs.fps.append(frames / result["seconds"])
@@ -199,10 +213,11 @@ def run_once(display: Path, env: dict[str, str], case: Case, args: argparse.Name
     if proxy_socket is not None and damaged_after > damaged_before:
         runs.copied_per_damaged.append((copied_after - copied_before)
                                        / (damaged_after - damaged_before))
-    if meter is not None and stream_bytes is not None:
-        stream_bytes.append((stream_after - stream_before) / frames)
-    if own_count is not None:
-        own_count.append((own_after - own_before) / frames)
+    if meter is not None and stream is not None:
+        stream.bytes_per_frame.append((stream_after - stream_before) / frames)
+        stream.meter_cpu_ms_per_frame.append((meter_after - meter_before) * 1000 / frames)
+        if own_after:  # a split proxy's own count
+            stream.by_serve.append((own_after - own_before) / frames)
 
 
 def plain_copy_ms(case: Case, region: int, interval: float, repeats: int = 30, *,
@@ -260,10 +275,8 @@ def run_frames_bench(args: argparse.Namespace) -> int:
     cases = [Case(d, paced) for d in DAMAGES for paced in (True, False)]
     results: dict[str, dict[str, Runs]] = {c.name: {} for c in cases}
     remote = bool(getattr(args, "remote", False))
-    # --remote: bytes over each metered path's stream per frame, by case and path, and
-    # the split proxy's own count of its stream's bytes (qubesshm stats), by case.
-    stream: dict[str, dict[str, list[float]]] = {c.name: {} for c in cases}
-    own_count: dict[str, list[float]] = {c.name: [] for c in cases}
+    # --remote: each metered path's stream, by case and path.
+    stream: dict[str, dict[str, StreamRuns]] = {c.name: {} for c in cases}
     if remote:
         print(describe_machine())
     with contextlib.ExitStack() as stack, compositor(
@@ -307,8 +320,7 @@ def run_frames_bench(args: argparse.Namespace) -> int:
                     runs = results[case.name].setdefault(name, Runs())
                     meter = meters.get(name)
                     run_once(display, env, case, args, pids, stats_of.get(name), runs, meter,
-                             stream[case.name].setdefault(name, []) if meter else None,
-                             own_count[case.name] if name == SPLIT else None)
+                             stream[case.name].setdefault(name, StreamRuns()) if meter else None)
     copies = {}
     for c in cases:
         direct_fps = _median(results[c.name]["direct"].fps)
@@ -316,15 +328,14 @@ def run_frames_bench(args: argparse.Namespace) -> int:
         copies[c.name] = plain_copy_ms(c, args.region, interval, width=width, height=height)
     _report(cases, results, copies, args)
     if remote:
-        _report_stream(cases, results, stream, own_count, args)
+        _report_stream(cases, results, stream, args)
         print(f"\n{load_line()} after the run")
     if args.json:
         data = {c.name: {"plain_copy_ms": copies[c.name],
                          **{p: asdict(r) for p, r in results[c.name].items()}} for c in cases}
         if remote:
             for c in cases:
-                data[c.name]["stream_bytes_per_frame"] = stream[c.name]
-                data[c.name]["split_stream_bytes_per_frame_by_serve"] = own_count[c.name]
+                data[c.name]["stream"] = {p: asdict(r) for p, r in stream[c.name].items()}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     return 0
 
@@ -385,28 +396,32 @@ def _report_goals(proxy: str, cases: list[Case], results: dict[str, dict[str, Ru
 
 
 def _report_stream(cases: list[Case], results: dict[str, dict[str, Runs]],
-                   stream: dict[str, dict[str, list[float]]], own_count: dict[str, list[float]],
-                   args: argparse.Namespace) -> None:
-    """Bytes over the stream per frame, split proxy and waypipe, and the split proxy's
-    goal with full damage."""
+                   stream: dict[str, dict[str, StreamRuns]], args: argparse.Namespace) -> None:
+    """Bytes over the stream per frame, split proxy and waypipe, the meter's CPU on each,
+    and the split proxy's goal with full damage."""
     width, height = frame_size(args)
     print(f"\nbytes over the stream per frame, both ways, over the timed frames (median of "
           f"{args.repeats} runs; {SPLIT}: serve <-> qubesshm host, as the pass-through counted "
           "them and as serve's stream counters (qubesshm stats) did; waypipe: server <-> "
-          "client, --compress none):")
+          "client, --compress none); the pass-through's own CPU per frame on each stream "
+          "(not in the paths' CPU above; on a stream of pixels it slows unpaced frames):")
     print(f"{'case':<18} {'damaged B/fr':>13} {SPLIT + ' B/fr':>20} {'by serve':>9} "
-          f"{'waypipe B/fr':>14} {'split/waypipe':>14}")
+          f"{'waypipe B/fr':>14} {'split/waypipe':>14} {'meter ms/fr split, waypipe':>28}")
     shares: dict[str, float | None] = {}
+    empty = StreamRuns()
     for case in cases:
-        per_path = stream[case.name]
-        split = _median(per_path.get(SPLIT, []))
-        waypipe = _median(per_path.get("waypipe", []))
+        split_runs = stream[case.name].get(SPLIT, empty)
+        waypipe_runs = stream[case.name].get("waypipe", empty)
+        split = _median(split_runs.bytes_per_frame)
+        waypipe = _median(waypipe_runs.bytes_per_frame)
         share = split / waypipe if split is not None and waypipe else None
         shares[case.name] = share
         damaged = results[case.name]["direct"].damaged_bytes_per_frame
-        by_serve = _median(own_count[case.name])
-        print(f"{case.name:<18} {damaged:>13.0f} {_fmt(split, 1):>20} {_fmt(by_serve, 1):>9} "
-              f"{_fmt(waypipe, 1):>14} {_fmt(share, 6):>14}")
+        meters = (f"{_fmt(_median(split_runs.meter_cpu_ms_per_frame), 3)}, "
+                  f"{_fmt(_median(waypipe_runs.meter_cpu_ms_per_frame), 3)}")
+        print(f"{case.name:<18} {damaged:>13.0f} {_fmt(split, 1):>20} "
+              f"{_fmt(_median(split_runs.by_serve), 1):>9} {_fmt(waypipe, 1):>14} "
+              f"{_fmt(share, 6):>14} {meters:>28}")
     for case in cases:
         if case.damage != "full":
             continue

@@ -235,6 +235,18 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
     return display, [wp_client.pid, wp_server.pid]
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """CPU time so far of ``pid``'s own threads (not its children's), as ``cpu_seconds``
+    reads it; 0 once it has gone."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+    return total / 1e9
+
+
 def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
     """CPU time so far of ``pids`` and all their descendants, from the scheduler's
     nanosecond run-time (``/proc/<pid>/task/<tid>/schedstat``): the user+system
