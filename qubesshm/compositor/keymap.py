@@ -10,15 +10,15 @@ follows the keys held down and gives the serialized modifiers and group for
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from dataclasses import dataclass
 
 from xkbcommon import xkb
 
+from ..stream.fds import sealed_file
+
 # An xkb key code is the evdev code + 8 (the X key code).
 EVDEV_OFFSET = 8
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 DEFAULT_RULES = "evdev"
 DEFAULT_MODEL = "pc105"
 
@@ -60,7 +60,7 @@ class Keymap:
         # wl_keyboard.keymap's size counts the terminating NUL, as libwayland servers send it.
         self.text = text
         self.size = len(text) + 1
-        self._fd = _sealed_memfd(text + b"\0")
+        self._fd = sealed_file(text + b"\0", "qubesshm-keymap")
 
     @classmethod
     def from_names(cls, layout: str = "us", variant: str = "", options: str = "",
@@ -143,20 +143,6 @@ class Keymap:
 
 
 _default: Keymap | None = None
-
-
-def _sealed_memfd(data: bytes) -> int:
-    fd = os.memfd_create("qubesshm-keymap", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 Modifiers = tuple[int, int, int, int]  # depressed, latched, locked, group
