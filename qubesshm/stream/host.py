@@ -30,9 +30,8 @@ from pathlib import Path
 
 from ..grants.api import GrantBackend
 from ..grants.mapping import Mapping, MappingHalf, peer_pid
-from ..relay.transport import FdsTruncated, PeerClosed, Transport
+from ..relay.transport import MAX_FDS_PER_SENDMSG, FdsTruncated, PeerClosed, Transport
 from .codec import (
-    MAX_FILE,
     VERSION,
     Ack,
     Channel,
@@ -53,9 +52,10 @@ from .codec import (
     negotiate,
 )
 from .connections import Connections
-from .fds import FdKind, UnsupportedFd, classify, read_file, sealed_file
+from .fds import UnsupportedFd
 from .link import StreamLink
 from .pipes import PipeRelays, TooManyPipes
+from .standins import fd_for, item_for
 
 log = logging.getLogger("qubesshm.host")
 
@@ -63,11 +63,21 @@ log = logging.getLogger("qubesshm.host")
 # windows, and a bound on what a hostile VM can make the GUI domain map.
 DEFAULT_MAX_PAGES = 1 << 21
 COMPOSITOR_READ_SIZE = 64 * 1024
+# What stands for fds (pools, files, pipe ends) waits for the bytes it travels with:
+# at most this many per connection (an honest VM side sends a message's fds just
+# before its bytes, and no more than one recvmsg of its client's brings: SCM_MAX_FD).
+MAX_PENDING_FDS = 253
 CONNECT_TIMEOUT = 5.0
 CONNECT_RETRY = 0.01
 
 # Opens the mapping side once the VM has said its domain id.
 BackendOpener = Callable[[int], GrantBackend]
+
+
+def _one_line(text: str) -> str:
+    """The VM side's text for this side's log: what is not printable escaped, so that
+    it cannot start a line (or move a terminal's cursor) of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(eq=False)
@@ -175,7 +185,7 @@ class HostHalf:
             self.pipes.frame(frame)
         elif isinstance(frame, Error):
             self.link.close()
-            self._ended(f"the VM side reported an error: {frame.text}")
+            self._ended(f"the VM side reported an error: {_one_line(frame.text)}")
         self.flush()
 
     def _hello(self, hello: Hello) -> None:
@@ -210,8 +220,13 @@ class HostHalf:
         connection = HostConnection(conn)
         self.connections[conn] = connection
         self.counters.connections += 1
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                                 | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self._refuse(connection, f"cannot reach the compositor at {self.upstream}: "
+                         f"{exc.strerror or exc}")
+            return
         self._connect(connection, sock, self.loop.time() + CONNECT_TIMEOUT)
 
     def _connect(self, connection: HostConnection, sock: socket.socket,
@@ -257,32 +272,53 @@ class HostHalf:
             return  # still connecting: it waits (within the connection's credit)
         conn = connection.conn
         while True:
+            if transport.queued_bytes:
+                # The compositor is behind: what follows waits in the connection's
+                # window, where the VM side's credit bounds it.
+                break
             item = self.conns.pop(conn)
             if item is None:
                 break
             if isinstance(item, Data):
                 fds, connection.pending_fds = connection.pending_fds, []
+                if len(fds) > MAX_FDS_PER_SENDMSG * len(item.data):
+                    for fd in fds:
+                        os.close(fd)
+                    self._refuse(connection, f"{len(fds)} fds ride on {len(item.data)} "
+                                 f"byte(s): at most {MAX_FDS_PER_SENDMSG} per byte reach the "
+                                 "compositor")
+                    return
                 try:
                     transport.send([(item.data, fds)])
                 except PeerClosed:
                     self._compositor_gone(connection)
                     return
                 connection.given += len(item.data)
+            elif len(connection.pending_fds) >= MAX_PENDING_FDS and not isinstance(
+                    item, Unmap):
+                self._refuse(connection, f"more than {MAX_PENDING_FDS} pools, files or pipe "
+                             "ends wait for the bytes they travel with")
+                return
             elif isinstance(item, Pool):
-                fd = self._map(connection, item)
-                if fd is None:
+                pool_fd = self._map(connection, item)
+                if pool_fd is None:
                     return
-                connection.pending_fds.append(fd)
+                connection.pending_fds.append(pool_fd)
             elif isinstance(item, Unmap):
                 if not self._unmap(connection, item.pool_id):
                     return
-            elif isinstance(item, File):
-                connection.pending_fds.append(sealed_file(item.data, "qubesshm-remote-file"))
-                self.counters.files += 1
-            elif isinstance(item, Pipe):
-                connection.pending_fds.append(self.pipes.stand_in(item.pipe_id, item.end))
+            else:
+                try:
+                    fd = fd_for(item, self.pipes)
+                except OSError as exc:
+                    self._refuse(connection, f"cannot make the {type(item).__name__.lower()} "
+                                 f"for the compositor: {exc.strerror or exc}")
+                    return
+                connection.pending_fds.append(fd)
+                if isinstance(item, File):
+                    self.counters.files += 1
         state = self.conns.live.get(conn)
-        if state is not None and state.peer_closed is not None:
+        if state is not None and state.ended:
             self._close(connection)
             return
         self._account(connection)
@@ -327,6 +363,12 @@ class HostHalf:
             self._compositor_gone(connection)
             return
         self._account(connection)
+        if not transport.queued_bytes:
+            try:
+                self._drain_inbound(connection)
+            except StreamError as exc:
+                self.link.fail(str(exc))
+                return
         self._update(connection)
         self.flush()
 
@@ -344,13 +386,10 @@ class HostHalf:
         conn = connection.conn
         for index, fd in enumerate(fds):
             try:
-                kind = classify(fd)
-                if kind is FdKind.FILE:
-                    self.conns.send_item(conn, File(conn, read_file(fd, MAX_FILE)))
+                item = item_for(conn, fd, self.pipes)
+                if isinstance(item, File):
                     self.counters.files += 1
-                else:
-                    pipe_id, end = self.pipes.adopt(os.dup(fd), kind)
-                    self.conns.send_item(conn, Pipe(conn, pipe_id, end))
+                self.conns.send_item(conn, item)
             except (UnsupportedFd, TooManyPipes) as exc:
                 for rest in fds[index + 1:]:
                     os.close(rest)
@@ -402,13 +441,20 @@ class HostHalf:
             self._refuse(connection, f"cannot map pool {pool.pool_id} ({pages} pages): "
                          f"{exc.strerror or exc}")
             return None
+        try:
+            fd = mapped.pool_fd()
+        except OSError as exc:
+            self.mapping.unmap(mapped)
+            self._refuse(connection, f"cannot map pool {pool.pool_id} ({pages} pages): "
+                         f"{exc.strerror or exc}")
+            return None
         connection.pools[pool.pool_id] = mapped
         self._pool_ids.add(pool.pool_id)
         self.counters.pools_mapped += 1
         self.counters.pages_mapped += pages
         self.counters.peak_pages_mapped = max(self.counters.peak_pages_mapped,
                                               self.counters.pages_mapped)
-        return mapped.pool_fd()
+        return fd
 
     def _unmap(self, connection: HostConnection, pool_id: int) -> bool:
         mapped = connection.pools.pop(pool_id, None)
@@ -464,7 +510,9 @@ class HostHalf:
         self.link.send(self.conns.output())
 
     def _fatal(self, reason: str) -> None:
-        self.link.fail(reason)
+        """This side cannot go on (not the VM side's fault): it is told why, and the
+        stream ends."""
+        self.link.abort(reason)
 
     def _ended(self, reason: str | None) -> None:
         """The stream is over: every connection, mapping and pipe goes."""

@@ -148,13 +148,18 @@ class StreamLink:
 
     def fail(self, reason: str) -> None:
         """The peer broke the protocol: tell it (best effort) and end."""
+        self.abort(reason, f"the other half broke the protocol: {reason}")
+
+    def abort(self, reason: str, ending: str | None = None) -> None:
+        """This side cannot go on: tell the peer ``reason`` (best effort) and end with
+        ``ending`` (default: the same reason)."""
         if self.ended:
             return
         self._out.clear()
         if not self._mid_frame:
             with contextlib.suppress(OSError):
                 os.write(self.write_fd, encode(Error(fit_text(reason))))
-        self._end(f"the other half broke the protocol: {reason}")
+        self._end(reason if ending is None else ending)
 
     def _end(self, reason: str | None) -> None:
         if self.ended:

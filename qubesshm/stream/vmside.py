@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from ..grants.remote import RemoteMappingHalf, RemotePool
 from ..relay.transport import FdRefused, PeerClosed, PeerEnded
 from .codec import (
-    MAX_FILE,
     VERSION,
     Ack,
     Channel,
@@ -48,9 +47,10 @@ from .codec import (
     negotiate,
 )
 from .connections import Connections, Sendable
-from .fds import FdKind, UnsupportedFd, classify, read_file, sealed_file
+from .fds import UnsupportedFd
 from .link import StreamLink
 from .pipes import PipeRelays, TooManyPipes
+from .standins import fd_for, item_for
 
 if TYPE_CHECKING:
     from ..grants.halves import GrantHalves
@@ -209,10 +209,8 @@ class ChannelTransport:
                         data += item.data[:room]
                         break
                     data += item.data
-                elif isinstance(item, File):
-                    fds.append(sealed_file(item.data, "qubesshm-remote-file"))
-                elif isinstance(item, Pipe):
-                    fds.append(up.pipes.stand_in(item.pipe_id, item.end))
+                elif isinstance(item, File | Pipe):
+                    fds.append(fd_for(item, up.pipes))
                 else:
                     raise StreamError(f"{type(item).__name__.upper()} from the host, which "
                                       "only the VM side sends")
@@ -351,14 +349,10 @@ class RemoteUpstream:
             return Pool(conn, pool.domid, pool.pool_id, pool.size, pool.notify_offset,
                         pool.refs)
         try:
-            kind = classify(fd)
-            if kind is FdKind.FILE:
-                return File(conn, read_file(fd, MAX_FILE))
-            pipe_id, end = self.pipes.adopt(os.dup(fd), kind)
+            return item_for(conn, fd, self.pipes)
         except (UnsupportedFd, TooManyPipes) as exc:
             raise RefusedFd(f"{exc}: only pipes and readable files can cross to the GUI "
                             "domain") from exc
-        return Pipe(conn, pipe_id, end)
 
     def _unmapped(self, pool: RemotePool) -> None:
         if pool.conn and pool.conn in self.conns.live and self.ended is None:
