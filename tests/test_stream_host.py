@@ -41,6 +41,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import qubesshm.stream.host as host_module
 from qubesshm.grants.api import Unshared
 from qubesshm.grants.hypercalls import ForeignKernelError
 from qubesshm.grants.simulated import SimBackend, SimHypervisor
@@ -882,6 +883,18 @@ def test_fds_waiting_for_their_bytes_are_bounded(rig: Rig) -> None:
               or len(rig.half.connections[1].pending_fds) == 1100, "the files to be taken")
     assert rig.closes(1), f"{len(rig.half.connections[1].pending_fds)} fds held"
     serves(rig, 2)
+    assert rig.finish() is None
+
+
+def test_connections_at_once_are_bounded(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_module, "MAX_CONNECTIONS", 2)
+    start(rig)
+    rig.send(Open(2), Open(3))
+    rig.until(lambda: rig.closes(3), "the third connection to be refused")
+    assert "more than 2 clients of this VM at once" in rig.closes(3)[0]
+    assert 2 in rig.half.connections and 3 not in rig.half.connections
+    rig.send(Close(2, ""))
+    serves(rig, 4)
     assert rig.finish() is None
 
 

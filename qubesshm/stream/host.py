@@ -67,6 +67,8 @@ COMPOSITOR_READ_SIZE = 64 * 1024
 # at most this many per connection (an honest VM side sends a message's fds just
 # before its bytes, and no more than one recvmsg of its client's brings: SCM_MAX_FD).
 MAX_PENDING_FDS = 253
+# Clients of one VM connected at once: each costs a compositor connection.
+MAX_CONNECTIONS = 1024
 CONNECT_TIMEOUT = 5.0
 CONNECT_RETRY = 0.01
 
@@ -220,6 +222,10 @@ class HostHalf:
         connection = HostConnection(conn)
         self.connections[conn] = connection
         self.counters.connections += 1
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._refuse(connection, f"more than {MAX_CONNECTIONS} clients of this VM at once "
+                         "(each is a connection to the compositor)")
+            return
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                                  | socket.SOCK_NONBLOCK)
@@ -262,7 +268,13 @@ class HostHalf:
             self._watched.add(pid)
         connection.transport = Transport(sock)
         self._update(connection)
-        self._drain_inbound(connection)
+        try:
+            # What the VM side sent while this connected (from a timer, when the
+            # compositor's backlog was full: no frame handler catches for it here).
+            self._drain_inbound(connection)
+        except StreamError as exc:
+            self.link.fail(str(exc))
+            return
         self.flush()
 
     def _drain_inbound(self, connection: HostConnection) -> None:
