@@ -30,6 +30,14 @@ def desktop_weston() -> Iterator[HeadlessWeston]:
 
 
 @pytest.fixture
+def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
+    """Weston's environment with a simulated kernel of this test's own."""
+    root = tmp_path / "sim"
+    root.mkdir(mode=0o700)
+    return dict(weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
+
+
+@pytest.fixture
 def proxy(weston: HeadlessWeston, tmp_path: Path) -> Iterator[RunningProxy]:
     """``qubesshm serve`` relaying to the session's Weston; must exit 0 on SIGTERM."""
     running = start_proxy(weston, tmp_path / "qubesshm.log", socket_name=f"qs-{os.getpid()}")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import array
+import contextlib
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from qubesshm.relay.session import Step
 from qubesshm.wire.codec import (
     ArgValue,
     ErrorCode,
     Frame,
+    UntypedNewId,
     WireReader,
     decode_args,
     encode_message,
@@ -76,3 +81,73 @@ def assert_client_error(step: Step, code: ErrorCode, *, object_id: int | None = 
         assert err_object == object_id
     assert isinstance(message, str)
     return message
+
+
+class RawClient:
+    """A Wayland client speaking bytes, for what no toolkit would send; its registry's
+    globals are read at once. Fds the compositor sends are dropped unread."""
+
+    def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.reader = WireReader(1 << 16)
+        self.next_id = 2
+        self.globals: dict[str, tuple[int, int]] = {}
+        self.registry = self.new_id()
+        self.send(request(1, "wl_display", "get_registry", self.registry))
+        self.roundtrip()
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def send(self, message: tuple[bytes, list[int]]) -> None:
+        data, fds = message
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendmsg([data], rights if fds else [])
+
+    def messages(self) -> Iterator[tuple[int, int, bytes]]:
+        """(object, opcode, message) until the proxy hangs up."""
+        while True:
+            head = self.reader.peek()
+            if head is not None:
+                taken = self.reader.take(head[2], 0)
+                assert taken is not None
+                yield head[0], head[1], taken[0].data
+                continue
+            try:
+                # recv, not recvmsg: the kernel drops the fds passed (keymaps, say).
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                return
+            if not data:
+                return
+            self.reader.feed(data)
+
+    def roundtrip(self) -> list[tuple[int, int, bytes]]:
+        """Everything up to a sync's done (or a wl_display.error)."""
+        callback = self.new_id()
+        self.send(request(1, "wl_display", "sync", callback))
+        seen = []
+        for object_id, opcode, data in self.messages():
+            seen.append((object_id, opcode, data))
+            if (object_id, opcode) == (self.registry, 0):
+                name, iface, version = decode_args(PROTO["wl_registry"].events[0], data, [])
+                assert isinstance(iface, str) and isinstance(name, int)
+                assert isinstance(version, int)
+                self.globals[iface] = (name, version)
+            if object_id == callback or (object_id, opcode) == (1, 0):
+                break
+        return seen
+
+    def bind(self, interface: str, version: int) -> int:
+        name, _ = self.globals[interface]
+        new = self.new_id()
+        self.send(request(self.registry, "wl_registry", "bind", name,
+                          UntypedNewId(interface, version, new)))
+        return new
+
+    def close(self) -> None:
+        self.sock.close()

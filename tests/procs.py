@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def start_proxy(weston: HeadlessWeston, log_path: Path, *extra: str,
             raise RuntimeError(f"qubesshm serve did not start: {log_path.read_text()}")
         time.sleep(0.05)
     return RunningProxy(process, socket_name, dict(env, WAYLAND_DISPLAY=socket_name), log_path)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0,
+               message: Callable[[], object] = lambda: "") -> None:
+    """Wait for ``condition``, failing the test with ``what`` (and ``message()``) after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what} {message()}")
+        time.sleep(0.02)
 
 
 def wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float = 20.0) -> None:

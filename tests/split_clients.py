@@ -23,7 +23,6 @@ import fcntl
 import mmap
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from compositor_clients import PyClient, solid
-from messages import PROTO, request
 from pywayland.protocol.wayland import WlDataDeviceManager, WlSeat
 
 from qubesshm.bench.private_x import private_xvfb
 from qubesshm.headless import HeadlessWeston
-from qubesshm.wire.codec import UntypedNewId, WireReader, decode_args
 
 WRITE_CHUNK = 4096
 DEADLINE = 30.0
@@ -317,76 +314,3 @@ def unread(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, 0x541B, buf)  # FIONREAD
     return buf[0]
-
-
-# -- bytes on a socket -----------------------------------------------------------------
-
-
-class RawClient:
-    """A Wayland client speaking bytes. Fds the compositor sends are dropped unread."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(DEADLINE)
-        self.sock.connect(str(path))
-        self.reader = WireReader(1 << 16)
-        self.next_id = 2
-        self.globals: dict[str, tuple[int, int]] = {}
-        self.registry = self.new_id()
-        self.send(request(1, "wl_display", "get_registry", self.registry))
-        self.roundtrip()
-
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-    def send(self, message: tuple[bytes, list[int]]) -> None:
-        data, fds = message
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.sock.sendmsg([data], rights if fds else [])
-
-    def messages(self) -> Iterator[tuple[int, int, bytes]]:
-        """(object, opcode, message) until the proxy hangs up."""
-        while True:
-            head = self.reader.peek()
-            if head is not None:
-                taken = self.reader.take(head[2], 0)
-                assert taken is not None
-                yield head[0], head[1], taken[0].data
-                continue
-            try:
-                # recv, not recvmsg: the kernel drops the fds passed (keymaps, say).
-                data = self.sock.recv(1 << 16)
-            except ConnectionResetError:
-                return
-            if not data:
-                return
-            self.reader.feed(data)
-
-    def roundtrip(self) -> list[tuple[int, int, bytes]]:
-        """Everything up to a sync's done (or a wl_display.error)."""
-        callback = self.new_id()
-        self.send(request(1, "wl_display", "sync", callback))
-        seen = []
-        for object_id, opcode, data in self.messages():
-            seen.append((object_id, opcode, data))
-            if (object_id, opcode) == (self.registry, 0):
-                name, iface, version = decode_args(PROTO["wl_registry"].events[0], data, [])
-                assert isinstance(iface, str) and isinstance(name, int)
-                assert isinstance(version, int)
-                self.globals[iface] = (name, version)
-            if object_id == callback or (object_id, opcode) == (1, 0):
-                break
-        return seen
-
-    def bind(self, interface: str, version: int) -> int:
-        name, _ = self.globals[interface]
-        new = self.new_id()
-        self.send(request(self.registry, "wl_registry", "bind", name,
-                          UntypedNewId(interface, version, new)))
-        return new
-
-    def close(self) -> None:
-        self.sock.close()
-

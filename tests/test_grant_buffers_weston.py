@@ -10,11 +10,8 @@ Progress is waited on through those counters, never through sleeps.
 
 from __future__ import annotations
 
-import array
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from messages import PROTO, request
+from messages import PROTO, RawClient, request
 from procs import RunningProxy, start_proxy
 
 from qubesshm.headless import HeadlessWeston
 from qubesshm.relay.control import read_stats
-from qubesshm.wire.codec import UntypedNewId, WireReader, decode_args
+from qubesshm.wire.codec import decode_args
 
 DEADLINE = 30.0
 INVALID_FD = 2
@@ -238,72 +235,6 @@ def test_stats_without_a_proxy_is_one_clear_line(tmp_path: Path) -> None:
 # -- a hostile client, and the others carry on -----------------------------------------------
 
 
-class RawClient:
-    """A Wayland client speaking bytes, for what no toolkit would send."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(DEADLINE)
-        self.sock.connect(path)
-        self.reader = WireReader(1 << 16)
-        self.next_id = 2
-        self.globals: dict[str, tuple[int, int]] = {}
-
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-    def send(self, message: tuple[bytes, list[int]]) -> None:
-        """Send, unless the proxy already hung up (after an error, read with messages())."""
-        data, fds = message
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._sendmsg(data, fds)
-
-    def _sendmsg(self, data: bytes, fds: list[int]) -> None:
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        self.sock.sendmsg([data], rights if fds else [])
-
-    def messages(self) -> Iterator[tuple[int, int, bytes]]:
-        while True:
-            head = self.reader.peek()
-            if head is not None:
-                taken = self.reader.take(head[2], 0)
-                assert taken is not None
-                yield head[0], head[1], taken[0].data
-                continue
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                return  # the proxy closed with our unread requests in its queue
-            if not data:
-                return
-            self.reader.feed(data)
-
-    def roundtrip(self, registry: int | None = None) -> list[tuple[int, int, bytes]]:
-        callback = self.new_id()
-        self.send(request(1, "wl_display", "sync", callback))
-        seen = []
-        for object_id, opcode, data in self.messages():
-            seen.append((object_id, opcode, data))
-            if registry is not None and (object_id, opcode) == (registry, 0):
-                name, iface, version = decode_args(PROTO["wl_registry"].events[0], data, [])
-                assert isinstance(iface, str) and isinstance(name, int)
-                assert isinstance(version, int)
-                self.globals[iface] = (name, version)
-            if object_id == callback:
-                return seen
-            if (object_id, opcode) == (1, 0):
-                return seen
-        return seen
-
-    def bind(self, registry: int, interface: str, version: int) -> int:
-        name, _ = self.globals[interface]
-        new = self.new_id()
-        self.send(request(registry, "wl_registry", "bind", name,
-                          UntypedNewId(interface, version, new)))
-        return new
-
-
 @pytest.mark.parametrize("attack", ["truncated", "bad-stride", "past-pool", "shrink"])
 def test_hostile_pool_gets_an_error_and_others_carry_on(weston: HeadlessWeston,
                                                         big_proxy: RunningProxy,
@@ -314,11 +245,8 @@ def test_hostile_pool_gets_an_error_and_others_carry_on(weston: HeadlessWeston,
         start = commits(big_proxy)
         wait_until(lambda: commits(big_proxy) >= start + 3, "the bystander drawing")
         hostile = RawClient(socket_path(big_proxy))
-        registry = hostile.new_id()
-        hostile.send(request(1, "wl_display", "get_registry", registry))
-        hostile.roundtrip(registry)
-        compositor = hostile.bind(registry, "wl_compositor", 4)
-        shm = hostile.bind(registry, "wl_shm", 1)
+        compositor = hostile.bind("wl_compositor", 4)
+        shm = hostile.bind("wl_shm", 1)
         fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
         os.ftruncate(fd, 64 * 64 * 4)
         pool, surface, buffer = hostile.new_id(), hostile.new_id(), hostile.new_id()

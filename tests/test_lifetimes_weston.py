@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import RunningProxy, start_proxy, wait_for_file
+from procs import RunningProxy, start_proxy, wait_for_file, wait_until
 
 from qubesshm.grants.params import FREE_PER_ITERATION, ModuleParams
 from qubesshm.grants.simkernels import running_kernels
@@ -57,21 +56,6 @@ for line in sys.stdin:
 """
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE,
-               message: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what} {message()}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
-    """Weston's environment with a simulated kernel of this test's own."""
-    root = tmp_path / "sim"
-    root.mkdir(mode=0o700)
-    return dict(weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
 
 
 def serve(weston: HeadlessWeston, tmp_path: Path, env: dict[str, str],

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from qubesshm.headless import HeadlessWeston
-
 
 def qubesshm(*args: str, env: dict[str, str], timeout: float = 60,
              stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
@@ -25,10 +23,8 @@ def qubesshm(*args: str, env: dict[str, str], timeout: float = 60,
 
 
 @pytest.fixture
-def env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
-    root = tmp_path / "sim"
-    root.mkdir(mode=0o700)
-    return dict(weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
+def env(sim_env: dict[str, str]) -> dict[str, str]:
+    return sim_env
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:

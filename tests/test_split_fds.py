@@ -28,14 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from messages import PROTO, request
+from messages import PROTO, RawClient, request
 from procs import RunningProxy, start_proxy
 from split_clients import (
     DEADLINE,
     WRITE_CHUNK,
     ClipClient,
     KeymapClient,
-    RawClient,
     SeatWeston,
     pipe_size,
     read_to_end,

@@ -19,13 +19,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import RunningProxy, start_proxy, wait_for_file
+from procs import RunningProxy, start_proxy, wait_for_file, wait_until
 from test_buffer_scenarios import run_client as run_scenario
 
 from qubesshm.headless import HeadlessWeston
@@ -38,20 +37,6 @@ BIG_LIMIT = "1073741824"
 DEADLINE = 60.0
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE,
-               message: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what} {message()}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def sim_env(weston: HeadlessWeston, tmp_path: Path) -> dict[str, str]:
-    root = tmp_path / "sim"
-    root.mkdir(mode=0o700)
-    return dict(weston.env(), QUBESSHM_SIM_ROOT=str(root), QUBESSHM_GRANTS="sim")
 
 
 @pytest.fixture
