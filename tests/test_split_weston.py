@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import RunningProxy, start_proxy, wait_for_file, wait_until
+from procs import RunningProxy, host_command, start_proxy, wait_for_file, wait_until
 from test_buffer_scenarios import run_client as run_scenario
 
 from qubesshm.headless import HeadlessWeston
@@ -297,3 +297,20 @@ def test_stats_on_each_side_show_their_half(split: RunningProxy, tmp_path: Path)
     finally:
         drawing.terminate()
         drawing.communicate(timeout=60)
+
+
+def test_run_remote_reports_the_vm_sides_grants(weston: HeadlessWeston,
+                                                sim_env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qubesshm", "run", "--remote", host_command(weston),
+         "--report-json", str(tmp_path / "report.json"), "--", sys.executable, str(PATTERN),
+         "--frames", "5"], env=sim_env, capture_output=True, text=True, timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "qubesshm report" in result.stderr, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["commits"] >= 5 and report["upstream_pools"] >= 1, report
+    assert report["grant_pages_shared"] > 0
+    assert report["grant_pages_deferred"] == 0 and report["grant_pages_leaked"] == 0
