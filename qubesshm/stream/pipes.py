@@ -210,6 +210,13 @@ class PipeRelays:
         if tell_peer:
             self._send([encode(PipeClosed(pipe.pipe_id))])
 
+    def discard(self, pipe_id: int) -> None:
+        """Let go of a pipe this side adopted but never announced (its message was
+        refused): its local end closes, and the peer is told nothing."""
+        pipe = self._pipes.get(pipe_id)
+        if pipe is not None:
+            self._close(pipe, tell_peer=False)
+
     def close(self) -> None:
         """The stream is gone: every local end closes (its reader sees the end)."""
         for pipe in list(self._pipes.values()):

@@ -244,6 +244,12 @@ class ChannelTransport:
             try:
                 for fd in fds:
                     items.append(up.stand_for(self.conn, fd))
+            except FdRefused:
+                # None of the message's fds goes: a pipe already taken is let go.
+                for item in items:
+                    if isinstance(item, Pipe):
+                        up.pipes.discard(item.pipe_id)
+                raise
             finally:
                 for fd in fds:
                     os.close(fd)
