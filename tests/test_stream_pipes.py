@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from qubesshm.stream.codec import (
-    Decoder as FrameDecoder,
-)
-from qubesshm.stream.codec import (
+    Decoder,
     PipeAck,
     PipeClosed,
     PipeData,
@@ -39,7 +37,7 @@ class Pair:
 
     def _deliver(self, encoded: list[bytes], *, to_host: bool) -> None:
         target = self.host if to_host else self.vm
-        decoder = FrameDecoder()
+        decoder = Decoder()
         for data in encoded:
             for frame in decoder.feed(data):
                 self.frames.append(frame)
