@@ -40,6 +40,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     (["--remote", "'unclosed"], 2, "No closing quotation"),
     (["--remote", "qubesshm host", "--upstream", "wayland-9"], 2,
      "qubesshm host --upstream NAME"),
+    (["--remote", "qubesshm host", "--allow-dmabuf"], 2, "a dma-buf cannot cross"),
 ])
 def test_usage_mistakes_of_serve_remote(env: dict[str, str], args: list[str], code: int,
                                         says: str) -> None:

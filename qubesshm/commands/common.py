@@ -285,6 +285,10 @@ def check_remote(args: argparse.Namespace, command: str) -> str | None:
             return f"qubesshm {command}: --remote {args.remote!r}: {exc}"
         if not argv:
             return f"qubesshm {command}: --remote needs a command"
+    if (args.remote or args.remote_socket) and getattr(args, "allow_dmabuf", False):
+        return (f"qubesshm {command}: --allow-dmabuf cannot go with a split proxy: a "
+                "dma-buf cannot cross to the GUI domain (only pools of grants, pipes and "
+                "readable files do)")
     if (args.remote or args.remote_socket) and args.upstream:
         return (f"qubesshm {command}: --upstream names the compositor of an unsplit proxy; "
                 "with --remote the host half connects to the compositor (qubesshm host "
