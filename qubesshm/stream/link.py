@@ -80,6 +80,9 @@ class StreamLink:
                 written = os.writev(self.write_fd, chunks)
             except (BlockingIOError, InterruptedError):
                 break
+            except (BrokenPipeError, ConnectionResetError):
+                self._end(None)  # the peer closed its end: as an end of the stream
+                return
             except OSError as exc:
                 self._end(f"the stream cannot be written: {exc.strerror or exc}")
                 return

@@ -412,6 +412,9 @@ class RemoteUpstream:
         if self.ended is not None:
             return
         self.ended = reason or f"{self.what} closed the stream"
+        status = None if self.process is None else self.process.poll()
+        if status is not None:
+            self.ended += f" (it exited with status {status})"
         if not self._greeted.done():
             self._greeted.set_exception(RemoteError(self.ended))
         self.pipes.close()
