@@ -129,8 +129,9 @@ def test_killing_the_host_ends_every_client_and_leaves_nothing(
         wait_for_file(ready, drawing)
         wait_until(lambda: grants(proxy)["live"] > 0, "grants in use")
         assert weston.process is not None
+        weston_pid = weston.process.pid
         host = host_pid(proxy)
-        wait_until(lambda: bool(mapped_grants(weston.process.pid)), "Weston mapping grants")
+        wait_until(lambda: bool(mapped_grants(weston_pid)), "Weston mapping grants")
         os.kill(host, signal.SIGKILL)
         # The client is told, in one line naming the GUI domain's half.
         _, err = drawing.communicate(timeout=60)
@@ -151,7 +152,7 @@ def test_killing_the_host_ends_every_client_and_leaves_nothing(
     assert " 0 deferred, 0 live" in summary, summary
     assert "0 handed to deferred reclaim" in summary, summary
     # Nothing of it is left in the GUI domain either: Weston maps no grant page.
-    assert not mapped_grants(weston.process.pid)
+    assert not mapped_grants(weston_pid)
     assert weston.process.poll() is None
 
 
@@ -202,14 +203,15 @@ def test_killing_the_vm_side_leaves_nothing_in_the_gui_domain(
     try:
         wait_for_file(ready, drawing)
         assert weston.process is not None
-        wait_until(lambda: bool(mapped_grants(weston.process.pid)), "Weston mapping grants")
+        weston_pid = weston.process.pid
+        wait_until(lambda: bool(mapped_grants(weston_pid)), "Weston mapping grants")
         host = host_pid(proxy)
         proxy.process.kill()
         proxy.process.wait()
         # The host sees the stream end, closes Weston's connections and unmaps all.
         wait_until(lambda: not os.path.exists(f"/proc/{host}") or _zombie(host),
                    "the host half exiting")
-        wait_until(lambda: not mapped_grants(weston.process.pid),
+        wait_until(lambda: not mapped_grants(weston_pid),
                    "Weston letting go of every grant page")
         assert weston.process.poll() is None
     finally:

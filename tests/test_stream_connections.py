@@ -192,9 +192,9 @@ def test_any_interleaving_delivers_everything_in_order(
             sent.append(data)
         elif action == "item":
             counter += 1
-            item = Unmap(conn, counter)
-            vm.send_item(conn, item)
-            sent.append(item)
+            unmap = Unmap(conn, counter)
+            vm.send_item(conn, unmap)
+            sent.append(unmap)
         else:
             taken = 0
             while taken < size and (item := host.pop(conn)) is not None:
