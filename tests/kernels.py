@@ -8,17 +8,43 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from qubesshm.grants.hypercalls import HypercallServer
 from qubesshm.grants.simkernels import RunningKernel, running_kernels
+
+DEADLINE = 30.0
+
+
+class Clock:
+    """A simulated hypervisor's clock: its deferred timer runs when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def serve_until(server: HypercallServer, done: Callable[[], bool], what: str,
+                extra: tuple[int, ...] = (), timeout: float = DEADLINE) -> None:
+    """Serve hypercalls until ``done()``; ``extra`` fds also wake the wait."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        ready, _, _ = select.select([server.fileno(), *extra], [], [], 0.5)
+        if server.fileno() in ready:
+            server.on_readable()
 
 
 def sim_env(runtime: Path, **extra: str) -> dict[str, str]:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import xcffib
 import xcffib.xproto as xp
+from kernels import Clock
 
 from qubesshm.grants.api import PAGE_SIZE, SharedArea, Unshared
 from qubesshm.grants.hypercalls import HypercallServer, serve_hypercalls
@@ -106,15 +107,6 @@ def clean_screen(xvfb: Xvfb) -> Iterator[None]:
 
 # -- the agent's world: a simulated kernel serving hypercalls, a vchan listener ----------------
 
-
-class Clock:
-    """The hypervisor's clock: its deferred timer runs when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kernels import Clock, serve_until
 
 from qubesshm.grants.api import PAGE_SIZE, Unshared
 from qubesshm.grants.foreign import connect_sim_host
@@ -142,13 +143,6 @@ def pattern(seed: int, size: int) -> bytes:
     return bytes((seed + i) % 251 for i in range(size))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @dataclass
 class World:
@@ -165,13 +159,7 @@ class World:
     def pump_until(self, done: Callable[[], bool], what: str,
                    extra: tuple[int, ...] = ()) -> None:
         """Serve hypercalls until ``done()``; ``extra`` fds also wake the wait."""
-        deadline = time.monotonic() + DEADLINE
-        while not done():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}")
-            ready, _, _ = select.select([self.server.fileno(), *extra], [], [], 0.5)
-            if self.server.fileno() in ready:
-                self.server.on_readable()
+        serve_until(self.server, done, what, extra)
 
     def fired(self) -> list[int]:
         """The VM's ports that fired by now (unmasked again), without waiting."""

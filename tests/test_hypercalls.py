@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernels import Clock, serve_until
 
 from qubesshm.grants.api import PAGE_SIZE, Unshared
 from qubesshm.grants.hypercalls import (
@@ -131,13 +132,6 @@ for line in sys.stdin:
 """
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @dataclass
 class World:
@@ -151,13 +145,7 @@ class World:
     def pump_until(self, done: Callable[[], bool], what: str,
                    extra: tuple[int, ...] = ()) -> None:
         """Serve hypercalls until ``done()``; ``extra`` fds also wake the wait."""
-        deadline = time.monotonic() + DEADLINE
-        while not done():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}")
-            ready, _, _ = select.select([self.server.fileno(), *extra], [], [], 0.5)
-            if self.server.fileno() in ready:
-                self.server.on_readable()
+        serve_until(self.server, done, what, extra)
 
 
 @pytest.fixture

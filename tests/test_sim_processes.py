@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kernels import Clock
 
 from qubesshm.grants.api import PAGE_SIZE, UnmapNotify, Unshared
 from qubesshm.grants.simulated import SimBackend, SimHypervisor
@@ -30,17 +31,10 @@ if command == "munmap":
 """
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimBackend, SimBackend, Clock]]:
-    clock = Clock()
+    clock = Clock(0.0)
     hv = SimHypervisor(tmp_path, clock=clock)
     vm, gui = SimBackend(hv, VM), SimBackend(hv, GUI)
     yield hv, vm, gui, clock
