@@ -204,8 +204,10 @@ def late_areas(weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
     if read_only_fpi:
         params.path(FREE_PER_ITERATION).chmod(0o444)
     ready = tmp_path / "ready"
+    # Ready once its last frame was presented: every area it will have exists before
+    # the holder maps them (ready at the first, a later frame's area could come after).
     drawing = client(proxy, PATTERN, "--frames", "3", "--hold", "120",
-                     "--ready-file", str(ready))
+                     "--ready-file", str(ready), "--ready-after", "last")
     wait_for_file(ready, drawing)
     assert holder.tell(f"grab {proxy.process.pid}").startswith("held ")
     live = grants(proxy)["live"]
