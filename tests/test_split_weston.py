@@ -83,6 +83,22 @@ def mapped_grants(pid: int) -> list[str]:
         return []
 
 
+def drawing_client(proxy: RunningProxy, tmp_path: Path) -> subprocess.Popen[str]:
+    """The pattern client drawing through ``proxy`` until stopped, once it has
+    presented its first frame."""
+    ready = tmp_path / "ready"
+    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
+                                "--ready-file", str(ready)], env=proxy.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(ready, drawing)
+    except BaseException:
+        drawing.kill()
+        drawing.communicate()
+        raise
+    return drawing
+
+
 @pytest.mark.parametrize("scenario", ["static", "transform-5", "viewport", "double-buffered"])
 def test_split_shows_the_exact_pattern(weston: HeadlessWeston, split: RunningProxy,
                                        tmp_path: Path, scenario: str) -> None:
@@ -121,12 +137,8 @@ def test_killing_the_host_ends_every_client_and_leaves_nothing(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
     proxy = start_proxy(weston, tmp_path / "qubesshm.log", "--gntalloc-limit", BIG_LIMIT,
                         socket_name=f"qsk-{os.getpid()}", env=sim_env, split=True)
-    ready = tmp_path / "ready"
-    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
-                                "--ready-file", str(ready)], env=proxy.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drawing = drawing_client(proxy, tmp_path)
     try:
-        wait_for_file(ready, drawing)
         wait_until(lambda: grants(proxy)["live"] > 0, "grants in use")
         assert weston.process is not None
         weston_pid = weston.process.pid
@@ -196,12 +208,8 @@ def test_killing_the_vm_side_leaves_nothing_in_the_gui_domain(
         weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str]) -> None:
     proxy = start_proxy(weston, tmp_path / "qubesshm.log", "--gntalloc-limit", BIG_LIMIT,
                         socket_name=f"qsv-{os.getpid()}", env=sim_env, split=True)
-    ready = tmp_path / "ready"
-    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
-                                "--ready-file", str(ready)], env=proxy.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drawing = drawing_client(proxy, tmp_path)
     try:
-        wait_for_file(ready, drawing)
         assert weston.process is not None
         weston_pid = weston.process.pid
         wait_until(lambda: bool(mapped_grants(weston_pid)), "Weston mapping grants")
@@ -270,12 +278,8 @@ print("200 round trips")
 
 
 def test_stats_on_each_side_show_their_half(split: RunningProxy, tmp_path: Path) -> None:
-    ready = tmp_path / "ready"
-    drawing = subprocess.Popen([sys.executable, str(PATTERN), "--frames", "1000000",
-                                "--ready-file", str(ready)], env=split.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drawing = drawing_client(split, tmp_path)
     try:
-        wait_for_file(ready, drawing)
         vm = stats(split)
         assert vm["half"] == "vm"
         assert vm["stream"]["pools_sent"] >= 1 and vm["stream"]["bytes_out"] > 0
