@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,45 @@ def serving(env: dict[str, str], name: str, *extra: str) -> Iterator[RunningKern
             _, err = proc.communicate(timeout=20)
             assert proc.returncode == 0, err
             assert "Traceback" not in err, err
+
+
+class DomainProcess:
+    """Another domain's process, spoken to a line at a time (a request, then its
+    answer) while this process serves the hypercalls it waits on; ``greeting`` is its
+    first line."""
+
+    def __init__(self, server: HypercallServer, args: list[str], what: str,
+                 **popen: Any) -> None:
+        self.server = server
+        self.what = what
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0, **popen)
+        self._pending = b""
+        self.greeting = self.line()
+
+    def line(self) -> str:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.fileno()
+        got: list[str] = []
+
+        def arrived() -> bool:
+            ready, _, _ = select.select([out], [], [], 0)
+            if ready:
+                data = os.read(out, 65536)
+                if not data and b"\n" not in self._pending:
+                    assert self.proc.stderr is not None
+                    pytest.fail(f"{self.what} exited: {self.proc.stderr.read()!r}")
+                self._pending += data
+            if b"\n" in self._pending:
+                head, self._pending = self._pending.split(b"\n", 1)
+                got.append(head.decode())
+                return True
+            return False
+
+        serve_until(self.server, arrived, f"{self.what}'s answer", (out,))
+        return got[0]
+
+    def ask(self, *words: object) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(" ".join(str(w) for w in words).encode() + b"\n")
+        return self.line()

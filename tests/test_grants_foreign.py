@@ -14,7 +14,6 @@ import os
 import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kernels import Clock, serve_until
+from kernels import Clock, DomainProcess, serve_until
 
 from qubesshm.grants.api import PAGE_SIZE, Unshared
 from qubesshm.grants.foreign import connect_sim_host
@@ -215,7 +214,7 @@ def world() -> Iterator[World]:
     shutil.rmtree(top, ignore_errors=True)
 
 
-class Host:
+class Host(DomainProcess):
     """The host's process (dom0), spoken to a line at a time while the server runs."""
 
     def __init__(self, world: World, *, by_socket: bool = True, own_domid: int = HOST
@@ -223,38 +222,8 @@ class Host:
         self.world = world
         env = dict(os.environ, QUBESSHM_SIM_ROOT=str(world.base))
         where = str(world.server.path) if by_socket else "-"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOST_SCRIPT, str(own_domid), str(VM), where], cwd=REPO, env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        self._pending = b""
-        self.greeting = self.line()
-
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        out = self.proc.stdout.fileno()
-        got: list[str] = []
-
-        def arrived() -> bool:
-            ready, _, _ = select.select([out], [], [], 0)
-            if ready:
-                data = os.read(out, 65536)
-                if not data and b"\n" not in self._pending:
-                    assert self.proc.stderr is not None
-                    pytest.fail(f"the host exited: {self.proc.stderr.read()!r}")
-                self._pending += data
-            if b"\n" in self._pending:
-                head, self._pending = self._pending.split(b"\n", 1)
-                got.append(head.decode())
-                return True
-            return False
-
-        self.world.pump_until(arrived, "the host's answer", (out,))
-        return got[0]
-
-    def ask(self, *words: object) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(" ".join(str(w) for w in words).encode() + b"\n")
-        return self.line()
+        super().__init__(world.server, [sys.executable, "-c", HOST_SCRIPT, str(own_domid),
+                                        str(VM), where], "the host", cwd=REPO, env=env)
 
     def ok(self, *words: object) -> None:
         answer = self.ask(*words)

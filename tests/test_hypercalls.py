@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernels import Clock, serve_until
+from kernels import Clock, DomainProcess, serve_until
 
 from qubesshm.grants.api import PAGE_SIZE, Unshared
 from qubesshm.grants.hypercalls import (
@@ -165,44 +164,14 @@ def world() -> Iterator[World]:
     shutil.rmtree(top, ignore_errors=True)
 
 
-class Foreign:
+class Foreign(DomainProcess):
     """A foreign domain's process, spoken to a line at a time while the server runs."""
 
     def __init__(self, world: World, domid: int = GUI, granter: int = VM) -> None:
         self.world = world
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"PAGE = {PAGE_SIZE}\n" + FOREIGN, str(domid), str(granter),
-             str(world.base)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, bufsize=0)
-        self._pending = b""
-        self.greeting = self.line()
-
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        out = self.proc.stdout.fileno()
-        got: list[str] = []
-
-        def arrived() -> bool:
-            ready, _, _ = select.select([out], [], [], 0)
-            if ready:
-                data = os.read(out, 65536)
-                if not data and b"\n" not in self._pending:
-                    assert self.proc.stderr is not None
-                    pytest.fail(f"the foreign domain exited: {self.proc.stderr.read()!r}")
-                self._pending += data
-            if b"\n" in self._pending:
-                head, self._pending = self._pending.split(b"\n", 1)
-                got.append(head.decode())
-                return True
-            return False
-
-        self.world.pump_until(arrived, "the foreign domain's answer", (out,))
-        return got[0]
-
-    def ask(self, *words: object) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(" ".join(str(w) for w in words).encode() + b"\n")
-        return self.line()
+        super().__init__(world.server, [sys.executable, "-c", f"PAGE = {PAGE_SIZE}\n" + FOREIGN,
+                                        str(domid), str(granter), str(world.base)],
+                         "the foreign domain", cwd=REPO)
 
     def map(self, refs: tuple[int, ...], mode: str = "ro") -> int:
         answer = self.ask("map", mode, *refs).split()
