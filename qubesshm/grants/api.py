@@ -114,6 +114,12 @@ class GrantBackend(ABC):
     def unmap(self, area: MappedArea) -> None:
         """Drop this side's hold on ``area`` and close its fd."""
 
+    @abstractmethod
+    def watch(self, pid: int) -> None:
+        """Count process ``pid``'s mmaps of this domain's mappings (a compositor given
+        their fds) as mappings. Only a simulated kernel must be told: Xen's gntdev sees
+        them itself."""
+
     # -- event channels -----------------------------------------------------------
 
     @abstractmethod

@@ -567,6 +567,7 @@ class SimBackend(GrantBackend):
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fired: list[int] = []
         self._ports: set[int] = set()
+        self._watching: list[int] = []
         hypervisor.register(self)
 
     # -- sharing side -----------------------------------------------------------------
@@ -638,6 +639,10 @@ class SimBackend(GrantBackend):
         mapping.notify_port = self._rehold(notify, mapping.notify_port)
         area.notify = notify
 
+    def watch(self, pid: int) -> None:
+        self.hv.watch(pid)
+        self._watching.append(pid)
+
     def unmap(self, area: MappedArea) -> None:
         mapping = self._own_mapping(area)
         del self._mappings[area.fd]
@@ -697,6 +702,10 @@ class SimBackend(GrantBackend):
             self.unshare(area)
         for mapping in list(self._mappings.values()):
             self.unmap(mapping.area)
+        # What the processes it watched still map stays mapped until they let go.
+        for pid in self._watching:
+            self.hv.unwatch_when_unmapped(pid)
+        self._watching.clear()
         for port in list(self._ports):
             self.unbind(port)
         os.close(self._event_fd)

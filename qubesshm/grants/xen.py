@@ -207,6 +207,9 @@ class XenBackend(GrantBackend):
             area.released = True
             os.close(area.fd)
 
+    def watch(self, pid: int) -> None:
+        """Nothing to do: gntdev keeps a mapping while any process has it mmapped."""
+
     @staticmethod
     def _unmap_grant_ref(fd: int, index: int, count: int) -> None:
         arg = bytearray(abi.pack_unmap_grant_ref(index, count))

@@ -95,8 +95,6 @@ class HostConnection:
     reading: bool = False
     writing: bool = False
     eof: bool = False  # the compositor hung up: close once its last words went
-    # Set when the VM side's frames were refused: the reason, sent with CLOSE.
-    refused: str | None = None
 
 
 @dataclass
@@ -256,10 +254,9 @@ class HostHalf:
                          f"{exc.strerror or exc}")
             return
         pid = peer_pid(sock)
-        watch = getattr(self.backend, "watch", None)
-        if pid is not None and watch is not None and pid not in self._watched:
+        if pid is not None and self.backend is not None and pid not in self._watched:
             try:
-                watch(pid)
+                self.backend.watch(pid)
             except OSError as exc:
                 sock.close()
                 self._refuse(connection, f"the simulated hypervisor cannot watch the "
@@ -280,7 +277,7 @@ class HostHalf:
     def _drain_inbound(self, connection: HostConnection) -> None:
         """Hand the compositor what the VM side sent, in order, fds with their bytes."""
         transport = connection.transport
-        if transport is None or connection.refused is not None:
+        if transport is None:
             return  # still connecting: it waits (within the connection's credit)
         conn = connection.conn
         while True:
@@ -494,7 +491,6 @@ class HostHalf:
         ``reason`` (the VM side tells its client)."""
         log.warning("connection %d: %s", connection.conn, reason)
         self.counters.refused += 1
-        connection.refused = reason
         self._close(connection, reason)
 
     def _close(self, connection: HostConnection, reason: str = "") -> None:
