@@ -73,9 +73,7 @@ class GrantHalves:
             self.hypercalls.close()
         for backend in self.backends:
             backend.close()
-        close_mapping = getattr(self.mapping, "close", None)
-        if close_mapping is not None:
-            close_mapping()
+        self.mapping.close()
         if self.kernel_dir is not None:
             self.kernel_dir.close()
 

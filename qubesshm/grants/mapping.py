@@ -60,6 +60,9 @@ class MappingHalf:
     def unmap(self, mapping: Mapping) -> None:
         self.backend.unmap(mapping.area)
 
+    def close(self) -> None:
+        """Nothing of its own to let go: its mappings are the backend's."""
+
 
 def peer_pid(sock: socket.socket) -> int | None:
     """The pid of the process at the other end of a Unix socket (SO_PEERCRED)."""

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .api import PAGE_SIZE, MappedArea
-from .lifetimes import GrantLifetimes, Halves, LifetimePolicy, _Connection
+from .ledger import ClientCounters
+from .lifetimes import Area, GrantLifetimes, Halves, LifetimePolicy, _Connection
 from .mapping import Mapping, MappingHalf
 
 FileKey = tuple[int, int]
@@ -107,11 +108,11 @@ class RemoteLifetimes(GrantLifetimes):
         super().__init__(halves, policy, clock=clock)
         self.port = port
 
-    def open_connection(self, owner: int, destroy_upstream: Callable[..., None],
-                        counters: Sequence[object]) -> None:
+    def open_connection(self, owner: int, destroy_upstream: Callable[[Area], None],
+                        counters: Sequence[ClientCounters]) -> None:
         self._connections[owner] = _Connection(
-            owner, tuple(counters),  # type: ignore[arg-type]
-            destroy_upstream=destroy_upstream, vm_port=self.port, gui_port=0)
+            owner, tuple(counters), destroy_upstream=destroy_upstream, vm_port=self.port,
+            gui_port=0)
 
     def _forgotten(self, conn: _Connection) -> None:
         """The stream's port outlives each connection: closed with the stream."""
