@@ -52,7 +52,7 @@ def pair() -> tuple[Connections, Connections, int]:
     vm, host = Connections(opens=True), Connections(opens=False)
     conn = vm.open()
     deliver(vm, host)
-    assert host.opened == [conn]
+    assert list(host.live) == [conn]
     return vm, host, conn
 
 
@@ -157,7 +157,7 @@ def test_frames_crossing_a_close_are_dropped_but_none_after_the_peers_close() ->
     vm.receive(Data(conn, b"late"))
     vm.receive(Close(conn, "compositor hung up"))
     deliver(vm, host)
-    assert host.closed_by_peer == [conn]
+    assert host.live[conn].peer_closed == ""
     with pytest.raises(StreamError, match="after its CLOSE"):
         host.receive(Data(conn, b"after"))
 

@@ -88,8 +88,6 @@ class Connections:
         self._out: list[bytes] = []
         # Connections whose queue may move now that credit came back.
         self.unblocked: set[int] = set()
-        self.opened: list[int] = []  # the peer opened these (host side)
-        self.closed_by_peer: list[int] = []
 
     # -- this side's actions ---------------------------------------------------------
 
@@ -169,7 +167,6 @@ class Connections:
                                   f"was {self._highest})")
             self._highest = conn
             self.live[conn] = Connection(conn, credit=self.window)
-            self.opened.append(conn)
             return
         state = self.live.get(conn)
         if state is None:
@@ -182,7 +179,6 @@ class Connections:
                               "its CLOSE")
         if isinstance(frame, Close):
             state.peer_closed = frame.reason
-            self.closed_by_peer.append(conn)
         elif isinstance(frame, Ack):
             self._credit(state, frame.count)
         else:
