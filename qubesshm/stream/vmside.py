@@ -67,10 +67,6 @@ class RemoteError(Exception):
     """The host half could not be reached or greeted; one line."""
 
 
-class RefusedFd(FdRefused):
-    """A client passed an fd that cannot cross to the GUI domain; the text names it."""
-
-
 @dataclass
 class HostInfo:
     """What the host said in its greeting."""
@@ -226,9 +222,9 @@ class ChannelTransport:
             return bytes(data), fds
         state = conns.live.get(self.conn)
         if state is not None and state.peer_closed is not None:
-            raise HostClosed(state.peer_closed)
+            raise PeerEnded(state.peer_closed)
         if up.ended is not None:
-            raise HostClosed(f"the GUI domain's half is gone: {up.ended}")
+            raise PeerEnded(f"the GUI domain's half is gone: {up.ended}")
         return None
 
     def send(self, segments: list[tuple[bytes, list[int]]]) -> bool:
@@ -268,10 +264,6 @@ class ChannelTransport:
         self.closed = True
         self._reader = self._writer = None
         self.upstream.close_channel(self)
-
-
-class HostClosed(PeerEnded):
-    """The host ended the connection; a reason that is not empty is for the client."""
 
 
 class RemoteUpstream:
@@ -349,7 +341,7 @@ class RemoteUpstream:
         pool = self.mapping.describe(fd)
         if pool is not None:
             if pool.conn and pool.conn != conn:
-                raise RefusedFd(f"pool {pool.pool_id} is already on another connection")
+                raise FdRefused(f"pool {pool.pool_id} is already on another connection")
             pool.conn = conn
             self.pools_sent += 1
             return Pool(conn, pool.domid, pool.pool_id, pool.size, pool.notify_offset,
@@ -357,7 +349,7 @@ class RemoteUpstream:
         try:
             return item_for(conn, fd, self.pipes)
         except (UnsupportedFd, TooManyPipes) as exc:
-            raise RefusedFd(f"{exc}: only pipes and readable files can cross to the GUI "
+            raise FdRefused(f"{exc}: only pipes and readable files can cross to the GUI "
                             "domain") from exc
 
     def _unmapped(self, pool: RemotePool) -> None:
