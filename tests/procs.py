@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from qubesshm.headless import HeadlessWeston, compositor_is_running
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -95,3 +98,21 @@ def wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float = 2
         if time.monotonic() > deadline:
             pytest.fail(f"{path} did not appear within {timeout} s")
         time.sleep(0.02)
+
+
+def run_bench(tmp_path: Path, *args: str,
+              path: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``qubesshm bench ARGS`` with a private runtime directory under ``tmp_path`` and
+    no session of the caller's (no Wayland, X, vchan or simulated kernel of its
+    environment); ``path``: its PATH instead."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WAYLAND_DISPLAY", "WAYLAND_SOCKET", "QUBESSHM_SIM_ROOT",
+                        "VCHAN_SOCKET_DIR", "VCHAN_DOMAIN", "DISPLAY")}
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env.update(XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
+    if path is not None:
+        env["PATH"] = path
+    # The timeout only guards against a hang; a passing run takes seconds.
+    return subprocess.run([sys.executable, "-m", "qubesshm", "bench", *args], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)

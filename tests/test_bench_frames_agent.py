@@ -11,43 +11,25 @@ report. Usage mistakes and a missing Xvfb are one clear line each.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_bench
 
-REPO = Path(__file__).resolve().parent.parent
 FRAMES = 20
 CASES = ("full, paced", "full, unpaced")
 NUMBER = r"(\d+\.\d+)"
-
-
-def bench(tmp_path: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WAYLAND_DISPLAY", "WAYLAND_SOCKET", "QUBESSHM_SIM_ROOT",
-                        "VCHAN_SOCKET_DIR", "VCHAN_DOMAIN", "DISPLAY")}
-    runtime = tmp_path / "rt"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env.update(XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
-    if path is not None:
-        env["PATH"] = path
-    # The timeout only guards against a hang; a passing run takes seconds.
-    return subprocess.run([sys.executable, "-m", "qubesshm", "bench", "frames", *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          check=False)
 
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("weston") is None,
                     reason="needs Xvfb and weston")
 def test_agent_mode_prints_rates_cpu_and_their_ratios(tmp_path: Path) -> None:
     figures = tmp_path / "frames.json"
-    result = bench(tmp_path, "--mode", "agent", "--size", "320x240", "--repeats", "1",
-                   "--frames", str(FRAMES), "--warmup", "4", "--animations", "off",
-                   "--json", str(figures))
+    result = run_bench(tmp_path, "frames", "--mode", "agent", "--size", "320x240",
+                       "--repeats", "1", "--frames", str(FRAMES), "--warmup", "4",
+                       "--animations", "off", "--json", str(figures))
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "Traceback" not in out + result.stderr
@@ -104,7 +86,8 @@ def test_agent_mode_prints_rates_cpu_and_their_ratios(tmp_path: Path) -> None:
 def test_a_missing_xvfb_is_one_line_before_anything_starts(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
-    result = bench(tmp_path, "--mode", "agent", "--size", "320x240", path=str(empty))
+    result = run_bench(tmp_path, "frames", "--mode", "agent", "--size", "320x240",
+                       path=str(empty))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == ("qubesshm bench frames: Xvfb is not installed (Debian package "
                              "'xvfb'); agent mode shows the emulator's windows on a private "
@@ -121,7 +104,7 @@ def test_a_missing_xvfb_is_one_line_before_anything_starts(tmp_path: Path) -> No
     (["--mode", "bogus"], "--mode: invalid choice: 'bogus'"),
 ])
 def test_usage_mistakes(tmp_path: Path, args: list[str], why: str) -> None:
-    result = bench(tmp_path, *args)
+    result = run_bench(tmp_path, "frames", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert why in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,43 +11,25 @@ benchmark's to report. A missing Xvfb is one clear line.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import statistics
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_bench
 
-REPO = Path(__file__).resolve().parent.parent
 PRESSES = 6
 NUMBER = r"(\d+\.\d{3})"
-
-
-def bench(tmp_path: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WAYLAND_DISPLAY", "WAYLAND_SOCKET", "QUBESSHM_SIM_ROOT",
-                        "VCHAN_SOCKET_DIR", "VCHAN_DOMAIN", "DISPLAY")}
-    runtime = tmp_path / "rt"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env.update(XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
-    if path is not None:
-        env["PATH"] = path
-    # The timeout only guards against a hang; a passing run takes seconds.
-    return subprocess.run([sys.executable, "-m", "qubesshm", "bench", "input", *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          check=False)
 
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("weston") is None,
                     reason="needs Xvfb and weston")
 def test_both_paths_receive_every_press_and_the_figures_add_up(tmp_path: Path) -> None:
     figures = tmp_path / "input.json"
-    result = bench(tmp_path, "--presses", str(PRESSES), "--gap", "0.01", "--json",
-                   str(figures))
+    result = run_bench(tmp_path, "input", "--presses", str(PRESSES), "--gap", "0.01",
+                       "--json", str(figures))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "Traceback" not in out + result.stderr
@@ -87,7 +69,7 @@ def test_both_paths_receive_every_press_and_the_figures_add_up(tmp_path: Path) -
 def test_a_missing_xvfb_is_one_line_before_anything_starts(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
-    result = bench(tmp_path, "--presses", "3", path=str(empty))
+    result = run_bench(tmp_path, "input", "--presses", "3", path=str(empty))
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == ("qubesshm bench input: Xvfb is not installed (Debian package "
                              "'xvfb'); agent mode shows the emulator's windows on a private "
@@ -101,7 +83,7 @@ def test_a_missing_xvfb_is_one_line_before_anything_starts(tmp_path: Path) -> No
     (["--gap", "-1"], "--gap: "),
 ])
 def test_usage_mistakes(tmp_path: Path, args: list[str], why: str) -> None:
-    result = bench(tmp_path, *args)
+    result = run_bench(tmp_path, "input", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert why in result.stderr
     assert "Traceback" not in result.stderr
