@@ -269,6 +269,61 @@ def test_a_buffer_released_after_its_window_closed_is_cached_and_reused(
     assert sum(world.lifetimes.counters.retired_while_held.values()) == 3 * PAGES
 
 
+def test_a_closed_windows_output_goes_when_the_client_destroys_its_buffer(
+        world: World) -> None:
+    # What a churning client does: the window goes, then its buffer. Without the proxy
+    # the compositor would lose the buffer now (a close animation has nothing left to
+    # draw), so it loses the output now: destroyed upstream in the same batch, its area
+    # cached at once for the next window, no wait for the release.
+    buffer, _ = client_buffer(world, 1)
+    surface = world.surface()
+    _, got = world.commit(surface, buffer, (0, 0, W, H))
+    out = attached(got)
+    world.send(req(surface, "wl_surface", "destroy"))
+    assert world.ledger.total.pages.cached == 0, "held: the compositor may show it"
+    _, got = world.send(req(buffer, "wl_buffer", "destroy"))
+    assert [(m.object_id, m.name) for m in got] == [(out, "destroy")]
+    assert world.ledger.total.pages.cached == PAGES
+    assert world.ledger.total.pages.in_use == 0
+    # Its late release changes nothing, and nothing is left to time out.
+    assert world.comp.take(world.events(event(out, "wl_buffer", "release"))) == []
+    world.clock.now += 10.0
+    assert world.session.poll().to_compositor == []
+    assert world.ledger.total.orphans_timed_out == 0
+    close_window(world, 2)
+    assert world.lifetimes.counters.cache_hits == 1, "the next window reuses it"
+    # Counted once as retired while held (the window closed under the compositor).
+    assert sum(world.lifetimes.counters.retired_while_held.values()) == 2 * PAGES
+
+
+def test_a_window_closed_after_its_buffer_was_destroyed_gives_its_output_back_at_once(
+        world: World) -> None:
+    buffer, _ = client_buffer(world, 1)
+    surface = world.surface()
+    _, got = world.commit(surface, buffer, (0, 0, W, H))
+    out = attached(got)
+    # The buffer goes first: the window still shows the output (a compositor that
+    # copied the buffer keeps showing it), so it stays.
+    assert world.send(req(buffer, "wl_buffer", "destroy"))[1] == []
+    _, got = world.send(req(surface, "wl_surface", "destroy"))
+    names = [(m.object_id, m.name) for m in got]
+    assert (out, "destroy") in names
+    assert world.ledger.total.pages.cached == PAGES
+
+
+def test_a_closed_window_whose_buffer_lives_on_keeps_its_output_until_released(
+        world: World) -> None:
+    # A client that keeps the buffer (to reuse it) keeps what the compositor shows as
+    # well: another buffer's destruction changes nothing.
+    held = close_window(world, 1)
+    other, _ = client_buffer(world, 2)
+    assert world.send(req(other, "wl_buffer", "destroy"))[1] == []
+    assert world.ledger.total.pages.cached == 0
+    step = world.events(event(held, "wl_buffer", "release"))
+    assert [m.name for m in world.comp.take(step)] == ["destroy"]
+    assert world.ledger.total.pages.cached == PAGES
+
+
 def test_a_buffer_held_past_the_late_timeout_is_let_go_not_reused(world: World) -> None:
     world.lifetimes.policy.late_timeout = 2.0
     held = close_window(world, 1)

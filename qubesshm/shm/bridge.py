@@ -279,6 +279,11 @@ class ShmBridge:
         buffer.pool.buffers.discard(buffer.client_id)
         if not buffer.pool.needed:
             buffer.pool.close()
+        for out in [o for o in self._orphans if o.source is buffer]:
+            # The compositor shows a closed window's output, which stands for this
+            # buffer: without the proxy it would now lose the buffer, so it loses the
+            # output (destroyed upstream in this batch, its area cached at once).
+            self._give_back_busy(out, up)
         for surface in self.surfaces.values():
             # A destroyed pending buffer means a null attach, as in libwayland compositors.
             if surface.pending.attach is buffer:
@@ -488,6 +493,7 @@ class ShmBridge:
             raise ShmError(buffer.client_id, INVALID_FD,
                            f"error accessing SHM buffer: {exc.strerror or exc}") from exc
         out.stale = Region()
+        out.source = buffer
         was_busy = out.state is OutputState.BUSY  # filled again in place
         out.state = OutputState.BUSY
         out.attached_at = self.clock()
@@ -598,9 +604,16 @@ class ShmBridge:
     # -- retiring output buffers -------------------------------------------------
 
     def _let_go(self, out: OutputBuffer, up: Outbox) -> None:
-        """A surface no longer needs ``out``: retire it now, or when it is released."""
+        """A surface no longer needs ``out``: retire it now, or when it is released.
+
+        One the compositor holds waits for that release, as the client's buffer would
+        have been held, unless the client already destroyed the buffer it stands for
+        (then the compositor would have lost it: so it loses the output now), or until
+        the client destroys that buffer (``_destroy_buffer``)."""
         if out.state is OutputState.RELEASED:
             self._retire(out, up)
+        elif out.state is OutputState.BUSY and out.source is not None and not out.source.alive:
+            self._give_back_busy(out, up)
         elif out.state is OutputState.BUSY:
             out.orphaned = True
             out.orphaned_at = self.clock()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..grants.lifetimes import Area
 from ..pixels.region import Region
+from .clientpool import ClientBuffer
 
 # Output buffers per surface: enough for the compositor to hold one on screen and
 # one queued (a synchronized subsurface's cached state) while the next is filled.
@@ -42,6 +43,10 @@ class OutputBuffer:
     orphaned_at: float = 0.0
     # Attached last on its surface: the compositor may be showing it.
     shown: bool = False
+    # The client's buffer its pixels were last copied from: while the compositor holds
+    # this output for a surface that is gone, it stands for that buffer, and goes when
+    # the client destroys it.
+    source: ClientBuffer | None = None
 
     @property
     def pages(self) -> int:
