@@ -4,7 +4,9 @@
 Over one connection it maps ``--windows`` xdg toplevels one after another, each
 with its own memfd pool and buffer of ``--size``, draws ``--frames`` frames in
 each (waiting for the compositor's frame callback, so each frame was
-presented), and destroys the window again. At most ``--concurrency`` windows are
+presented; with ``--unpaced`` only for one ``wl_display.sync`` round trip after the
+window's last commit, so each window costs the compositor its requests and not a
+repaint), and destroys the window again. At most ``--concurrency`` windows are
 open at once (the oldest is closed first); ``--rate`` caps how many are opened a
 second. This is what menus, tooltips and dialogs do to a compositor, and what
 makes grants pile up on a kernel's deferred list in a qube.
@@ -12,7 +14,7 @@ makes grants pile up on a kernel's deferred list in a qube.
 Usage::
 
     churn_client.py [--windows N] [--size WxH] [--frames F] [--concurrency C]
-                    [--rate R] [--timeout S] [--progress]
+                    [--rate R] [--unpaced] [--timeout S] [--progress]
 
 Prints one line at the end, ``churn: N windows in S s (R windows/s)``; with
 ``--progress`` also ``opened I`` as each window has been presented. Exit status
@@ -61,14 +63,17 @@ class Window:
     def _on_configure(self, xdg_surface: Any, serial: int) -> None:
         self.configure_serial = serial
 
-    def draw(self) -> None:
-        """Commit the buffer whole and wait until the compositor presented it."""
+    def draw(self, paced: bool = True) -> None:
+        """Commit the buffer whole; paced, wait until the compositor presented it."""
         if self.configure_serial is not None:
             self.xdg_surface.ack_configure(self.configure_serial)
             self.configure_serial = None
         self.surface.attach(self.buffer, 0, 0)
         self.surface.damage_buffer(0, 0, self.client.width, self.client.height)
-        self.client.present(self.surface)
+        if paced:
+            self.client.present(self.surface)
+        else:
+            self.surface.commit()
 
     def close(self) -> None:
         self.toplevel.destroy()
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=_positive, default=1)
     parser.add_argument("--rate", type=float, default=0.0,
                         help="windows opened per second at most (default: as fast as it can)")
+    parser.add_argument("--unpaced", action="store_true",
+                        help="no frame callbacks: after a window's last commit, one "
+                        "wl_display.sync round trip before it is closed")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for any one event")
     parser.add_argument("--progress", action="store_true")
@@ -121,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 open_windows.popleft().close()
             window = Window(client, number)
             for _ in range(args.frames):
-                window.draw()
+                window.draw(paced=not args.unpaced)
+            if args.unpaced:
+                client.roundtrip()
             open_windows.append(window)
             if args.progress:
                 print(f"opened {number + 1}", flush=True)

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,12 @@ _POLICY_OPTIONS = {
 _FREE_PER_ITERATION = {"kernel-default": 10, "qubes": 1000, "notify": 10, "recycle": 10,
                        AGENT: churn_agent.KERNEL.free_per_iteration}
 SAMPLE_INTERVAL = 0.1
+PACED_SIZE = "1280x720"
+# --unpaced: what a window costs on each path, not what a repaint does.
+UNPACED_SIZE = "400x300"
+UNPACED_WINDOWS = 300
+UNPACED_REPEATS = 3
+UNPACED_POLICIES = ("recycle", AGENT, "direct")
 _RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s")
 _OPENED = re.compile(r"^opened (\d+)$", re.MULTILINE)
 
@@ -140,6 +147,41 @@ def base_policy(name: str) -> str:
     return name.removesuffix(SPLIT_SUFFIX)
 
 
+def resolve(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on ``--unpaced``: paced runs open ``--rate``
+    windows a second for ``--seconds`` (10 and 10) of 1280x720, once; unpaced ones
+    ``--windows`` (300) of 400x300 as fast as they go, ``--repeats`` (3) times, of the
+    policies recycle, agent and direct."""
+    unpaced = bool(getattr(args, "unpaced", False))
+    if getattr(args, "size", None) is None:
+        args.size = UNPACED_SIZE if unpaced else PACED_SIZE
+    if getattr(args, "repeats", None) is None:
+        args.repeats = UNPACED_REPEATS if unpaced else 1
+    if unpaced:
+        args.windows = args.windows or UNPACED_WINDOWS
+        args.rate = 0.0
+        args.seconds = None
+        if args.policies is None:
+            args.policies = ",".join(UNPACED_POLICIES)
+    else:
+        args.rate = 10.0 if args.rate is None else args.rate
+        args.seconds = 10.0 if args.seconds is None else args.seconds
+        args.windows = max(1, round(args.rate * args.seconds))
+
+
+def check_churn(args: argparse.Namespace) -> str | None:
+    """What cannot go together, said before anything starts; then ``resolve``."""
+    unpaced = bool(getattr(args, "unpaced", False))
+    if unpaced and (args.rate is not None or args.seconds is not None):
+        return ("qubesshm bench churn: --rate and --seconds pace the windows; --unpaced opens "
+                "--windows of them as fast as they go: give one or the other")
+    if not unpaced and getattr(args, "windows", None) is not None:
+        return ("qubesshm bench churn: --windows counts the windows of --unpaced; paced "
+                "runs open --rate a second for --seconds")
+    resolve(args)
+    return check_remote(args) if getattr(args, "remote", False) else None
+
+
 def check_remote(args: argparse.Namespace) -> str | None:
     """``--remote`` needs a policy that runs qubesshm serve."""
     try:
@@ -164,6 +206,7 @@ def _runs(policies: list[str], remote: bool) -> list[str]:
 
 
 def run_churn_bench(args: argparse.Namespace) -> int:
+    resolve(args)
     try:
         policies = _policies(args.policies or ",".join(POLICIES))
     except ValueError as exc:
@@ -181,8 +224,8 @@ def run_churn_bench(args: argparse.Namespace) -> int:
                 raise  # asked for by name: one line, before anything starts
             print(f"{AGENT}: skipped: {exc}")
             policies.remove(AGENT)
-    windows = max(1, round(args.rate * args.seconds))
-    results: dict[str, PolicyResult] = {}
+    windows = args.windows
+    runs: list[dict[str, PolicyResult]] = []
     with contextlib.ExitStack() as stack:
         upstream: Path | None = None
         if any(p != AGENT for p in policies):
@@ -190,18 +233,30 @@ def run_churn_bench(args: argparse.Namespace) -> int:
                 args.upstream, width=1920, height=1080, animations=args.animations != "off"))
         else:
             print("compositor: none (the agent policy serves its client itself)")
-        for name in _runs(policies, bool(getattr(args, "remote", False))):
-            results[name] = _run_policy(name, upstream, windows, args)
-    set_ratios(results)
-    _print_table(results, windows, args)
+        for index in range(args.repeats):
+            results: dict[str, PolicyResult] = {}
+            for name in _runs(policies, bool(getattr(args, "remote", False))):
+                results[name] = _run_policy(name, upstream, windows, args)
+            set_ratios(results)
+            if args.repeats > 1:
+                print(f"\nrun {index + 1} of {args.repeats}:")
+            _print_table(results, windows, args)
+            runs.append(results)
+    medians = median_rates(runs)
+    if len(runs) > 1:
+        _print_medians(medians, runs)
+    results = runs[-1]
     if args.json:
         data = {"config": {k: getattr(args, k) for k in ("rate", "seconds", "size",
                                                           "concurrency", "frames", "hold",
-                                                          "late_timeout", "ack_delay")},
+                                                          "late_timeout", "ack_delay",
+                                                          "unpaced", "repeats")},
                 "compositor": compositor_label(args, policies),
                 **({"remote": True} if getattr(args, "remote", False) else {}),
                 "windows": windows,
-                "policies": {name: asdict(r) for name, r in results.items()}}
+                "policies": {name: asdict(r) for name, r in results.items()},
+                **({"runs": [{name: asdict(r) for name, r in run.items()} for run in runs],
+                    "medians": medians} if len(runs) > 1 else {})}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     if args.plot:
         figure = plot(results, args)
@@ -209,6 +264,35 @@ def run_churn_bench(args: argparse.Namespace) -> int:
         figure.savefig(png, format="png", dpi=110)
         write_output(Path(args.plot), png.getvalue())
     return 0
+
+
+def median_rates(runs: list[dict[str, PolicyResult]]) -> dict[str, dict[str, float | None]]:
+    """Per policy, the median over ``runs`` of its windows a second and of its ratio to
+    direct's in the same run (None where direct did not run)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in runs[0]:
+        rates = [run[name].windows_per_second for run in runs if name in run]
+        ratios = [r for run in runs if name in run
+                  and (r := run[name].ratio_to_direct) is not None]
+        out[name] = {"windows_per_second": statistics.median(rates),
+                     "ratio_to_direct": statistics.median(ratios) if ratios else None}
+    return out
+
+
+def _print_medians(medians: dict[str, dict[str, float | None]],
+                   runs: list[dict[str, PolicyResult]]) -> None:
+    print(f"\nmedians of {len(runs)} runs (each run's policies one after the other):")
+    for name, median in medians.items():
+        each = " ".join(f"{run[name].windows_per_second:.1f}" for run in runs if name in run)
+        ratio = median["ratio_to_direct"]
+        shown = "" if name == "direct" or ratio is None else f", {ratio:.2f} x direct"
+        ratios = " ".join(f"{r:.2f}" for run in runs if name in run
+                          and (r := run[name].ratio_to_direct) is not None)
+        print(f"  {name}: {median['windows_per_second']:.1f} windows/s{shown} "
+              f"(runs: {each} windows/s" + (f"; {ratios} x direct)" if shown else ")"))
+        failed = [run[name].failed for run in runs if name in run and run[name].failed]
+        if failed:
+            print(f"  {name}: {len(failed)} of {len(runs)} runs stopped early: {failed[0]}")
 
 
 def set_ratios(results: dict[str, PolicyResult]) -> None:
@@ -229,10 +313,17 @@ def compositor_label(args: argparse.Namespace, policies: list[str] | None = None
     return f"headless Weston, animations {animations}"
 
 
+def expected_seconds(args: argparse.Namespace) -> float:
+    """How long a run should take: --seconds, or for --unpaced its windows at 10 a
+    second (every path here goes much faster)."""
+    return float(args.seconds) if args.seconds is not None else args.windows / 10.0
+
+
 def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
     return [sys.executable, str(CHURN_CLIENT), "--windows", str(windows), "--size", args.size,
             "--rate", str(args.rate), "--concurrency", str(args.concurrency), "--frames",
-            str(args.frames), "--timeout", str(args.seconds * 3 + 60), "--progress"]
+            str(args.frames), "--timeout", str(expected_seconds(args) * 3 + 60), "--progress",
+            *(["--unpaced"] if getattr(args, "unpaced", False) else [])]
 
 
 def _run_policy(name: str, upstream: Path | None, windows: int,
@@ -276,7 +367,8 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # A policy that cannot keep up is slowed, not refused (a commit waits for grant
         # room): it gets twice the run's time, at least 10 s more, then is stopped.
-        deadline = start + max(2 * args.seconds, args.seconds + 10)
+        seconds = expected_seconds(args)
+        deadline = start + max(2 * seconds, seconds + 10)
         behind = False
         found_fpi: int | None = None  # free_per_iteration as qubesshm found it
         while client.poll() is None:
@@ -428,12 +520,19 @@ def set_drain_bound(result: PolicyResult, late_timeout: float) -> None:
                                and result.drain_seconds <= result.drain_bound_seconds)
 
 
+def pace(args: argparse.Namespace) -> str:
+    """How the windows came: "at 10/s for 10 s", or unpaced."""
+    if getattr(args, "unpaced", False):
+        return "unpaced (no frame callbacks: one wl_display.sync round trip a window)"
+    return f"at {args.rate:g}/s for {args.seconds:g} s"
+
+
 def _progress(policy: str, start: float, args: argparse.Namespace,
               result: PolicyResult) -> None:
     if not sys.stderr.isatty():
         return
     elapsed = time.monotonic() - start
-    done = min(1.0, elapsed / max(args.seconds, 0.001))
+    done = min(1.0, elapsed / max(expected_seconds(args), 0.001))
     bar = "#" * int(done * 30)
     live = result.series["live"][-1] if result.series["live"] else 0
     deferred = result.series["deferred"][-1] if result.series["deferred"] else 0
@@ -445,7 +544,7 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
                  args: argparse.Namespace) -> None:
     acks = (f", ACKs written {args.ack_delay:g} s late" if AGENT in results and args.ack_delay
             else "")
-    print(f"\n{windows} windows of {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
+    print(f"\n{windows} windows of {args.size} {pace(args)}, "
           f"{args.concurrency} open at once, {args.frames} frame(s) each, mappings held "
           f"{args.hold:g} s after let go{acks}, late after {args.late_timeout:g} s; grant "
           "counts in pages (one grant each):")
@@ -525,7 +624,7 @@ def plot(results: dict[str, PolicyResult], args: argparse.Namespace) -> Any:
     acks = f", ACKs {delay:g} s late" if acking and delay else ""
     late = getattr(args, "late_timeout", None)
     late_text = f", late after {late:g} s" if late is not None else ""
-    live_axes.set_title(f"window churn: {args.size} at {args.rate:g}/s for {args.seconds:g} s, "
+    live_axes.set_title(f"window churn: {args.size} {pace(args)}, "
                         f"mappings held {args.hold:g} s{acks}{late_text}; "
                         f"{compositor_label(args, list(results))}", fontsize="medium")
     for axes in axes_list:

@@ -87,12 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="window churn under each reclaim policy, and through qubesshm agent to the "
         "GUI-daemon emulator (policy agent): windows/s, live and deferred grants, ACKs")
     _add_bench_upstream(churn)
-    churn.add_argument("--rate", type=options.rate, default=10.0,
-                       help="windows opened a second (default %(default)s)")
-    churn.add_argument("--seconds", type=options.seconds, default=10.0,
-                       help="how long windows are opened (default %(default)s)")
-    churn.add_argument("--size", type=options.window_size, default="1280x720", metavar="WxH",
-                       help="window size (default %(default)s)")
+    churn.add_argument("--rate", type=options.rate, default=None,
+                       help="windows opened a second (default 10)")
+    churn.add_argument("--seconds", type=options.seconds, default=None,
+                       help="how long windows are opened (default 10)")
+    churn.add_argument("--size", type=options.window_size, default=None, metavar="WxH",
+                       help="window size (default 1280x720; 400x300 with --unpaced)")
     churn.add_argument("--concurrency", type=options.positive, default=1,
                        help="windows open at once (default %(default)s)")
     churn.add_argument("--frames", type=options.positive, default=1,
@@ -116,6 +116,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     churn.add_argument("--drain-wait", type=options.non_negative_seconds, default=5.0, metavar="S",
                        help="how long to watch the backlog drain after the last close "
                        "before estimating the rest (default %(default)s)")
+    churn.add_argument("--unpaced", action="store_true",
+                       help="no frame pacing: each window drawn once and closed after one "
+                       "wl_display.sync round trip, as fast as they go (not --rate/--seconds "
+                       "but --windows), in --repeats interleaved runs with the medians; "
+                       "policies recycle, agent and direct unless --policies")
+    churn.add_argument("--windows", type=options.positive, default=None, metavar="N",
+                       help="windows per run with --unpaced (default 300)")
+    churn.add_argument("--repeats", type=options.positive, default=None, metavar="N",
+                       help="runs of every policy, interleaved, and their medians (default "
+                       "3 with --unpaced, else 1)")
     churn.add_argument("--remote", action="store_true",
                        help="also each proxy policy chosen through the split proxy (serve "
                        "--remote starting qubesshm host; the row 'POLICY split', its figures "
@@ -149,9 +159,9 @@ def check(args: argparse.Namespace) -> str | None:
     if args.bench == "frames":
         from ..bench.frames import check_frames
         return check_frames(args)
-    if args.bench == "churn" and args.remote:
-        from ..bench.churn import check_remote
-        return check_remote(args)
+    if args.bench == "churn":
+        from ..bench.churn import check_churn
+        return check_churn(args)
     return None
 
 
