@@ -1,6 +1,7 @@
 """``qubesshm bench relay``: when its ratios are not to be trusted (``trust_warnings``,
-inputs to warnings), what it reads of the machine, and the bench itself on a short
-configuration against the session's Weston, as a user runs it.
+inputs to warnings), its client's round trip against a fake compositor, what it
+reads of the machine, and the bench itself on a short configuration against the
+session's Weston, as a user runs it.
 
 No test holds a figure to a time: the end-to-end tests check that every line is
 there with numbers of the right sign.
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,9 +27,11 @@ from qubesshm.bench.relay import (
     LOAD_PER_CPU,
     OTHERS_SHARE,
     RATIO_SPREAD,
+    SyncClient,
     trust_warnings,
 )
 from qubesshm.headless import HeadlessWeston
+from qubesshm.wire.protocol import load_protocols
 
 REPO = Path(__file__).resolve().parent.parent
 NUMBER = r"(-?\d+\.\d+)"
@@ -106,6 +112,69 @@ def test_every_reason_is_its_own_warning() -> None:
     found = warnings(load=5.0, others=(0.5, 0.0, 0.0), ratios={KEY: [0.5, 1.0, 0.8]},
                      direct={"burst": [30e-3, 60e-3, 30e-3]})
     assert [w.split(" ")[0] for w in found] == ["load", "other", "qubesshm", "the"], found
+
+
+# -- the sync client ---------------------------------------------------------------------
+
+
+def answering(tmp_path: Path, answer: Callable[[socket.socket, int], None]) -> Path:
+    """A socket where a thread answers each sync it reads with ``answer``(connection,
+    callback id) until the client hangs up."""
+    path = tmp_path / "fake-compositor"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            while (request := conn.recv(12)):
+                answer(conn, struct.unpack("=III", request)[2])
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+def done(callback: int) -> bytes:
+    return struct.pack("=III", callback, 12 << 16, 7)
+
+
+def delete_id(callback: int) -> bytes:
+    return struct.pack("=III", 1, 12 << 16 | 1, callback)
+
+
+def test_a_round_trip_takes_its_answer_in_one_read_or_in_pieces(tmp_path: Path) -> None:
+    def in_pieces(conn: socket.socket, callback: int) -> None:
+        if callback == 2:  # the first: done, then delete_id a byte at a time
+            conn.sendall(done(callback))
+            for byte in delete_id(callback):
+                conn.sendall(bytes([byte]))
+        else:
+            conn.sendall(done(callback) + delete_id(callback))
+
+    client = SyncClient(answering(tmp_path, in_pieces),
+                        load_protocols()["wl_display"].requests[0])
+    try:
+        for _ in range(3):
+            assert client.round_trip() > 0
+            # Every answer freed its callback: the next sync reuses id 2.
+            assert client.free_ids == [2] and client.next_id == 3
+    finally:
+        client.close()
+
+
+def test_a_round_trip_ends_in_an_error_when_the_compositor_says_one(tmp_path: Path) -> None:
+    def error(conn: socket.socket, callback: int) -> None:
+        message = b"bad\0"
+        conn.sendall(struct.pack("=IIIII", 1, (20 + len(message)) << 16, 1, 1, len(message))
+                     + message)
+
+    client = SyncClient(answering(tmp_path, error), load_protocols()["wl_display"].requests[0])
+    try:
+        with pytest.raises(ConnectionError, match="protocol error"):
+            client.round_trip()
+    finally:
+        client.close()
 
 
 # -- the machine --------------------------------------------------------------------------
