@@ -74,9 +74,10 @@ _ALL_RATIO_KEYS = (*_RATIO_KEYS, RTT_CPU)
 # against round trips of tens of µs).
 LOAD_PER_CPU = 0.5
 # The share of the measuring CPUs' time that other processes took during a run (from
-# /proc/stat, less the benchmark's own processes and the compositor's). The paths'
-# processes keep those CPUs busy between them, so what others take comes out of the
-# measured chain: a tenth moves the figures by as much as the spread flagged below.
+# /proc/stat, less the benchmark's own processes and the compositor's), with what the
+# hypervisor stole. The paths' processes keep those CPUs busy between them, so what
+# others take comes out of the measured chain: a tenth moves the figures by as much
+# as the spread flagged below.
 OTHERS_SHARE = 0.1
 # Spread of a ratio between runs (largest / smallest) beyond which it says more
 # about the runs than about the paths.
@@ -290,10 +291,12 @@ def run_relay_bench(args: argparse.Namespace) -> int:
                                             burst_size=args.burst) for name in paths}
                 meter = OthersMeter(ours, measured_on)
                 _measure(results, clients, args)
-                others.append(meter.share())
+                other, stolen = meter.shares()
+                others.append(other + stolen)
                 _report(results, args, f"run {index + 1} of {args.repeats}")
-                print(f"other processes used {others[-1]:.0%} of the CPU time of "
-                      f"{_cpu_names(measured_on)} during the run")
+                print(f"other processes used {other:.0%} of the CPU time of "
+                      f"{_cpu_names(measured_on)} during the run, the hypervisor stole "
+                      f"{stolen:.0%}")
                 runs.append(results)
         finally:
             for client in clients.values():
@@ -367,16 +370,21 @@ class OthersMeter:
 
     def __init__(self, ours: list[int], cpus: set[int]) -> None:
         self.ours, self.cpus = ours, cpus
-        self.start, self.busy, self.own = (time.monotonic(), CpuTimes.now(cpus).busy,
-                                           cpu_seconds(ours))
+        times = CpuTimes.now(cpus)
+        self.start, self.busy, self.steal, self.own = (time.monotonic(), times.busy,
+                                                       times.steal, cpu_seconds(ours))
 
-    def share(self) -> float:
-        """So far, as a share of the time of ``cpus`` (0.1: a tenth). A compositor given
-        with --upstream counts as ours even when it ran on other CPUs, which can only
-        make the share smaller."""
+    def shares(self) -> tuple[float, float]:
+        """So far, as shares of the time of ``cpus`` (0.1: a tenth): what other
+        processes used, and what the hypervisor stole (gave the vCPUs' host CPUs to
+        others while they had work). A compositor given with --upstream counts as ours
+        even when it ran on other CPUs, which can only make the first share smaller."""
         elapsed = (time.monotonic() - self.start) * len(self.cpus)
-        others = (CpuTimes.now(self.cpus).busy - self.busy) - (cpu_seconds(self.ours) - self.own)
-        return max(0.0, others) / elapsed if elapsed > 0 else 0.0
+        if elapsed <= 0:
+            return 0.0, 0.0
+        now = CpuTimes.now(self.cpus)
+        others = (now.busy - self.busy) - (cpu_seconds(self.ours) - self.own)
+        return max(0.0, others) / elapsed, max(0.0, now.steal - self.steal) / elapsed
 
 
 def _measure(results: dict[str, PathResult], clients: dict[str, SyncClient],
@@ -494,8 +502,9 @@ def trust_warnings(load_before: float, cpus: int, others: Sequence[float],
     """Why a figure of the run is not to be trusted, one sentence each (none: no reason
     found). ``load_before``: the one-minute load average before the run, on a machine
     where this process may use ``cpus`` CPUs; ``others``: the share of the measuring
-    CPUs' time other processes took during each run; ``ratios``: each ratio's value in
-    each run (None: it had none, the second path's figure was not above zero);
+    CPUs' time other processes took during each run, or the hypervisor stole;
+    ``ratios``: each ratio's value in each run (None: it had none, the second path's
+    figure was not above zero);
     ``added``: each path's added time per run, seconds; ``direct``: the direct path's
     median round trip and burst per run."""
     out = []
@@ -507,8 +516,9 @@ def trust_warnings(load_before: float, cpus: int, others: Sequence[float],
     busy = [(index, value) for index, value in enumerate(others, 1) if value >= OTHERS_SHARE]
     if busy:
         shown = ", ".join(f"run {index} {value:.0%}" for index, value in busy)
-        out.append(f"other processes took at least {OTHERS_SHARE:.0%} of the measuring CPUs' "
-                   f"time during a run ({shown}): its figures are partly their waiting")
+        out.append(f"other processes (or the hypervisor) took at least {OTHERS_SHARE:.0%} of "
+                   f"the measuring CPUs' time during a run ({shown}): its figures are partly "
+                   "their waiting")
     for key, values in added.items():
         short = [(index, value) for index, value in enumerate(values, 1) if value <= 0]
         if short:
