@@ -87,8 +87,12 @@ RATIO_SPREAD = 1.3
 DIRECT_SPREAD = 1.2
 
 
-# Round trips per path before moving to the next, so drift hits all paths alike.
-_BLOCK = 25
+# Round trips per path before moving to the next, so drift hits all paths alike. Not
+# fewer: after each switch of path serve starts cold (on one CPU its CPU per round
+# trip was about 45 µs in blocks of 25, 33 µs in blocks of 1000), and in blocks of
+# 25, 100, 250 and 1000 qubesshm / waypipe's added latency came out 1.11-1.21, 1.03,
+# 0.96-0.99 and 0.93-0.94: the block size, not the relays, moved the ratio.
+_BLOCK = 250
 # Every sync is answered by wl_callback.done and wl_display.delete_id.
 _MESSAGES_PER_SYNC = 3
 # A sync's usual answer in one read: wl_callback.done (callback id, size 12 and opcode
@@ -389,11 +393,12 @@ class OthersMeter:
 
 def _measure(results: dict[str, PathResult], clients: dict[str, SyncClient],
              args: argparse.Namespace) -> None:
-    for _ in range(max(1, args.round_trips // _BLOCK)):
+    block = _block(args)
+    for _ in range(max(1, args.round_trips // block)):
         for name, client in clients.items():
             res = results[name]
             before = res.cpu_seconds()
-            res.round_trips.extend(client.round_trip() for _ in range(_BLOCK))
+            res.round_trips.extend(client.round_trip() for _ in range(block))
             res.rtt_cpu += res.cpu_seconds() - before
     for _ in range(args.bursts):
         for name, client in clients.items():
@@ -401,6 +406,12 @@ def _measure(results: dict[str, PathResult], clients: dict[str, SyncClient],
             before = res.cpu_seconds()
             res.bursts.append(client.burst(args.burst))
             res.burst_cpu += res.cpu_seconds() - before
+
+
+def _block(args: argparse.Namespace) -> int:
+    """Round trips per path in a row: _BLOCK, or all of them when fewer."""
+    rounds: int = args.round_trips
+    return min(_BLOCK, rounds)
 
 
 def _ratios(results: dict[str, PathResult], ours_name: str = "qubesshm",
@@ -424,7 +435,7 @@ def _report(results: dict[str, PathResult], args: argparse.Namespace, title: str
     direct = results["direct"]
     width = max(10, max(len(name) for name in results) + 1)
     print(f"\n{title}: wl_display.sync round trips, {len(direct.round_trips)} per path in "
-          f"interleaved blocks of {_BLOCK} (median, p90); bursts of {args.burst} syncs "
+          f"interleaved blocks of {_block(args)} (median, p90); bursts of {args.burst} syncs "
           f"(median of {args.bursts}, at most {WINDOW} ahead of their answers); relay CPU = "
           "scheduler run time of the relaying processes per relayed message, in the bursts "
           "(the table and 'relay CPU per message') and in the round trips (the line after):")
