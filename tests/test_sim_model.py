@@ -247,7 +247,8 @@ class Reference:
         mapping.held = False
         for ref in self.areas[mapping.aid].refs:
             self.holds[ref] -= 1
-        if mapping.aid not in self.process_mapped():
+        # Only an armed notify waits on the processes that still map the pages.
+        if mapping.notify is None or mapping.aid not in self.process_mapped():
             self.mapping_gone(mapping)
 
     def refresh(self) -> None:
@@ -559,7 +560,8 @@ class SimVersusReference(RuleBasedStateMachine):
 
     @invariant()
     def mappings_awaiting_notify_match(self) -> None:
-        """The model's live mappings: held ones, and let-go ones a process still maps."""
+        """The model's live mappings: held ones, and let-go ones with a notify armed that
+        a process still maps."""
         live = self.hv._mappings
         assert [m.area for m in live] == [m.area for m in self.ref.mappings]
         assert [m.waiting_for_processes for m in live] == [

@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,20 +55,27 @@ FileId = tuple[int, int]  # (st_dev, st_ino) of a memfd
 MapsReader = Callable[[int], set[FileId]]
 
 
+# Every granted page lives in a memfd of this name; /proc/PID/maps shows a mapping of
+# one (through any fd or reopening) as "/memfd:qubesshm-grant (deleted)".
+GRANT_MEMFD = "qubesshm-grant"
+_GRANT_MAPPING = re.compile(
+    rb"^[^ \n]+ [^ \n]+ [^ \n]+ ([0-9a-f]+):([0-9a-f]+) ([0-9]+) +/memfd:"
+    + GRANT_MEMFD.encode() + rb"[ \n]", re.MULTILINE)
+
+
 def read_proc_maps(pid: int) -> set[FileId]:
-    """Files that process ``pid`` has mmapped, by device and inode; none once it is gone."""
-    found: set[FileId] = set()
+    """Granted pages' memfds that process ``pid`` has mmapped, by device and inode; none
+    once it is gone. (The kernel writing out the maps is most of the cost; the lines of
+    other files are skipped in C: a busy X server maps hundreds.)"""
     try:
-        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 5 or fields[4] == "0":
-                    continue
-                major, minor = fields[3].split(":")
-                found.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            text = maps.read()
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found
+        return set()
+    if GRANT_MEMFD.encode() not in text:
+        return set()
+    return {(os.makedev(int(major, 16), int(minor, 16)), int(inode))
+            for major, minor, inode in set(_GRANT_MAPPING.findall(text))}
 
 
 @dataclass(eq=False)
@@ -268,7 +276,7 @@ class SimHypervisor:
             raise OSError(errno.ENOSPC, f"gntalloc limit: {self.counters.gntalloc_pages} "
                           f"pages granted, {count} more would pass the limit of {limit}")
         refs = self._alloc_refs(count)
-        fd = os.memfd_create("qubesshm-grant", os.MFD_CLOEXEC)
+        fd = os.memfd_create(GRANT_MEMFD, os.MFD_CLOEXEC)
         os.ftruncate(fd, count * PAGE_SIZE)
         st = os.fstat(fd)
         pages = _Pages(fd, (st.st_dev, st.st_ino), count, count)
@@ -405,7 +413,9 @@ class SimHypervisor:
         """The mapping side unmapped; the notify waits for watched processes too."""
         for entry in mapping.entries:
             entry.holds -= 1
-        if mapping.pages.file_id in self._mapped_by_processes():
+        # With no notify armed nothing waits on the processes: whether a grant is still
+        # mapped is asked of them when it is ended (``_try_end``).
+        if mapping.area.notify is not None and mapping.pages.file_id in self._mapped_by_processes():
             mapping.waiting_for_processes = True
         else:
             self._mapping_gone(mapping)
@@ -690,6 +700,9 @@ class SimBackend(GrantBackend):
 
     def status(self) -> ReclaimStatus:
         return self.hv.status()
+
+    def gntalloc_limit(self) -> int | None:
+        return self.hv.params.gntalloc_limit
 
     def set_free_per_iteration(self, value: int) -> None:
         self.hv.params.free_per_iteration = value
