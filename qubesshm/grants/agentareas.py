@@ -75,6 +75,7 @@ from .lifetimes import (
     LifetimesCore,
     NoRoom,
     Owner,
+    reads_limit_once,
 )
 from .sharing import GrantUnavailable
 
@@ -166,12 +167,14 @@ class AgentLifetimes(LifetimesCore[AgentArea, Owner[AgentArea]]):
 
     # -- areas for window images -------------------------------------------------------
 
+    @reads_limit_once
     def take(self, owner: int, size: int) -> AgentArea:
         """An area for a window image of ``size`` bytes (``image_size``): a cached one
         of any client if one fits (``reused`` set), else freshly shared. ``NoRoom``
         when the limits leave no room now, ``GrantLimit`` when they never will."""
         return super().take(owner, size)
 
+    @reads_limit_once
     def give_back(self, area: AgentArea) -> None:
         """``area`` is no window's image any more and may serve another window once
         the daemon can no longer map it: ``let_go(area, recycle=True)``."""
@@ -185,6 +188,7 @@ class AgentLifetimes(LifetimesCore[AgentArea, Owner[AgentArea]]):
         if area.state is AreaState.IN_USE:
             self._let_go(area, recycle=recycle)
 
+    @reads_limit_once
     def confirm_released(self, area: AgentArea) -> AreaState:
         """The daemon can no longer map ``area`` (the ACK order says so): it ends at
         once, or is cached if it was given back and its client is still there.

@@ -153,6 +153,11 @@ class GrantBackend(ABC):
     @abstractmethod
     def status(self) -> ReclaimStatus: ...
 
+    def gntalloc_limit(self) -> int | None:
+        """``status().gntalloc_limit`` alone: the one parameter read as each buffer
+        is made, without reading the others."""
+        return self.status().gntalloc_limit
+
     @abstractmethod
     def set_free_per_iteration(self, value: int) -> None: ...
 

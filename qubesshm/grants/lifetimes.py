@@ -47,7 +47,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from .api import PAGE_SIZE, Unshared
 from .ledger import ClientCounters, Latency
@@ -253,6 +253,27 @@ class _Connection(Owner[Area]):
 
 
 C = TypeVar("C", bound=Owner[Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+Core = TypeVar("Core", bound="LifetimesCore[Any, Any]")
+
+
+def reads_limit_once(method: Callable[Concatenate[Core, P], R]
+                     ) -> Callable[Concatenate[Core, P], R]:
+    """Within one call of ``method`` the gntalloc limit is read once (a file: sysfs on
+    Xen, the simulated kernel's on the simulation), not once for each bound derived from
+    it; every call reads it afresh, so an admin's change counts from the next one."""
+    def once(self: Core, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._in_call:
+            return method(self, *args, **kwargs)  # within an outer call
+        self._in_call = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_call = False
+            self._limit_read = None
+    once.__name__, once.__doc__ = method.__name__, method.__doc__
+    return once
 
 
 class LifetimesCore(ABC, Generic[A, C]):
@@ -286,6 +307,9 @@ class LifetimesCore(ABC, Generic[A, C]):
         self._tune_refused = False
         self._estimate = 0.0  # backlog where the kernel does not show it
         self._estimated_at = clock()
+        # The gntalloc limit as read in the current call (``reads_limit_once``).
+        self._in_call = False
+        self._limit_read: tuple[int | None] | None = None
 
     # -- what each mode does -----------------------------------------------------
 
@@ -327,6 +351,7 @@ class LifetimesCore(ABC, Generic[A, C]):
 
     # -- areas ---------------------------------------------------------------------
 
+    @reads_limit_once
     def take(self, owner: int, size: int) -> A:
         """An area for ``size`` bytes: from the cache if one fits, else freshly shared.
         ``NoRoom`` when the limits leave no room now, ``GrantLimit`` when they never
@@ -414,10 +439,15 @@ class LifetimesCore(ABC, Generic[A, C]):
         return None
 
     def _limit(self) -> int | None:
+        if self._limit_read is not None:
+            return self._limit_read[0]
         try:
-            return self.side.sharing.backend.status().gntalloc_limit
+            limit = self.side.sharing.backend.gntalloc_limit()
         except OSError:
-            return None
+            limit = None
+        if self._in_call:
+            self._limit_read = (limit,)
+        return limit
 
     def _cache_bound(self) -> int:
         if self.policy.cache_pages is not None:
@@ -708,6 +738,7 @@ class GrantLifetimes(LifetimesCore[Area, _Connection]):
         will."""
         return super().take(owner, size)
 
+    @reads_limit_once
     def give_back(self, area: Area) -> None:
         """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
         if area.state is not AreaState.IN_USE:

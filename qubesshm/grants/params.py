@@ -63,8 +63,10 @@ class ModuleParams:
                 raise OSError(errno.ELOOP, f"{path} is a symlink; qubesshm does not read "
                               "parameters through symlinks", str(path)) from exc
             raise
-        with os.fdopen(fd, "rb") as file:
-            text = file.read(64)
+        try:
+            text = os.read(fd, 64)
+        finally:
+            os.close(fd)
         try:
             return int(text.strip())
         except ValueError as exc:

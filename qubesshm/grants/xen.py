@@ -275,6 +275,9 @@ class XenBackend(GrantBackend):
                              gntalloc_limit=self._param(GNTALLOC_LIMIT),
                              deferred_count=None, leaked_count=None)
 
+    def gntalloc_limit(self) -> int | None:
+        return self._param(GNTALLOC_LIMIT)
+
     def _param(self, relative: Path) -> int | None:
         try:
             return self.params.read(relative)
