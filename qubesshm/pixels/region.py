@@ -54,6 +54,10 @@ class Region:
         # (y0, y1, ((x0, x1), ...)): sorted, non-overlapping bands of sorted spans.
         self._bands: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
         todo = [r for r in rects if not r.empty]
+        if len(todo) == 1:  # the common case (whole-buffer damage): one band
+            r = todo[0]
+            self._bands = [(r.y, r.y + r.height, ((r.x, r.x + r.width),))]
+            return
         if len(todo) > MAX_INPUT_RECTS:
             todo = [_bounds_of(todo)]
         if todo:
@@ -100,7 +104,19 @@ class Region:
             return self
         if not self._bands:
             return other
+        if self._covers(other):
+            return self
+        if other._covers(self):
+            return other
         return Region([*self.rects(), *other.rects()])
+
+    def _covers(self, other: Region) -> bool:
+        """Whether this region is one rectangle holding all of ``other``."""
+        if len(self._bands) != 1 or len(self._bands[0][2]) != 1:
+            return False
+        y0, y1, ((x0, x1),) = self._bands[0]
+        b = other.bounds()
+        return x0 <= b.x and b.x + b.width <= x1 and y0 <= b.y and b.y + b.height <= y1
 
     def clip(self, width: int, height: int) -> Region:
         return Region(r.clip(width, height) for r in self.rects())
