@@ -132,6 +132,57 @@ def test_bench_churn_starts_its_own_weston_with_its_animations(weston: HeadlessW
     assert recycle["final_deferred"] == 0 and recycle["final_live"] == 0
 
 
+def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    """--unpaced: windows drawn once and closed after one round trip, as fast as they
+    go; every run of every path is printed, then the medians and their ratios."""
+    out_json = tmp_path / "churn.json"
+    result = churn_against(weston, "--unpaced", "--windows", "20", "--repeats", "2",
+                           "--policies", "recycle,direct", "--drain-wait", "3",
+                           "--json", str(out_json))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "run 1 of 2:" in out and "run 2 of 2:" in out
+    assert out.count("20 windows of 400x300 unpaced (no frame callbacks: one "
+                     "wl_display.sync round trip a window)") == 2
+    data = json.loads(out_json.read_text())
+    assert data["windows"] == 20 and data["config"]["unpaced"] is True
+    runs = data["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        recycle = run["recycle"]
+        assert recycle["windows"] == 20 and recycle["failed"] is None
+        assert recycle["leaked"] == 0 and recycle["final_deferred"] == 0
+        # Each window's buffer is destroyed with it: its output goes back to the cache
+        # at once, so every window after the first reuses one.
+        assert recycle["cache_hits"] >= 19, recycle
+    rates = [run["recycle"]["windows_per_second"] for run in runs]
+    ratios = [run["recycle"]["ratio_to_direct"] for run in runs]
+    medians = data["medians"]["recycle"]
+    assert medians["windows_per_second"] == pytest.approx(sorted(rates)[0] / 2
+                                                          + sorted(rates)[1] / 2)
+    assert medians["ratio_to_direct"] == pytest.approx(sum(ratios) / 2)
+    line = next(line for line in out.splitlines() if line.startswith("  recycle: "))
+    assert line == (f"  recycle: {medians['windows_per_second']:.1f} windows/s, "
+                    f"{medians['ratio_to_direct']:.2f} x direct (runs: "
+                    + " ".join(f"{r:.1f}" for r in rates) + " windows/s; "
+                    + " ".join(f"{r:.2f}" for r in ratios) + " x direct)")
+
+
+def test_unpaced_and_paced_options_do_not_mix() -> None:
+    for options, said in (
+            (["--unpaced", "--rate", "5"], "--rate and --seconds pace the windows"),
+            (["--unpaced", "--seconds", "5"], "--rate and --seconds pace the windows"),
+            (["--windows", "5"], "--windows counts the windows of --unpaced")):
+        result = subprocess.run(
+            [sys.executable, "-m", "qubesshm", "bench", "churn", *options],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, (options, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and said in lines[0], (options, lines)
+        assert "compositor:" not in result.stdout, "checked before any work"
+
+
 def test_output_files_are_checked_before_the_run(tmp_path: Path) -> None:
     for option in ("--json", "--plot"):
         result = subprocess.run(

@@ -125,6 +125,8 @@ class PolicyResult:
     ack_latency_ms: dict[str, float | None] | None = None
     confirmed_releases: int | None = None
     wrong_releases: int | None = None
+    # The agent's: windows it sent to the GUI daemon (MSG_CREATE).
+    windows_sent: int | None = None
     # Why the client stopped early (the proxy's error to it), None if it finished.
     failed: str | None = None
     # Seconds since the client started, live pages, deferred pages (the agent's
@@ -416,8 +418,12 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
                 time.sleep(SAMPLE_INTERVAL)
                 stats = _sample(socket_path, start, result)
             _finish(result, stats, closed - start, _FREE_PER_ITERATION[policy])
-            if agent is not None and stats is not None and result.failed is None:
-                result.failed = churn_agent.not_shown(stats, result.windows, agent.log)
+            if agent is not None and stats is not None:
+                result.windows_sent = churn_agent.windows_sent(stats)
+                if result.failed is None and not getattr(args, "unpaced", False):
+                    # Unpaced, a window closed before the agent's next refresh is never
+                    # sent, as a compositor never shows it: counted, not a failure.
+                    result.failed = churn_agent.not_shown(stats, result.windows, agent.log)
             if policy in LATE_PATH:
                 set_drain_bound(result, args.late_timeout)
         if sys.stderr.isatty():

@@ -87,10 +87,15 @@ def figures(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def windows_sent(stats: dict[str, Any]) -> int:
+    """Windows the agent created at the daemon."""
+    return int(stats["daemon"]["created"])
+
+
 def not_shown(stats: dict[str, Any], windows: int, log: Path) -> str | None:
     """Why fewer than the client's ``windows`` reached the daemon (the agent says why
     in its log: a window image past its limits, say), or None if every one did."""
-    created = int(stats["daemon"]["created"])
+    created = windows_sent(stats)
     if created >= windows:
         return None
     said = last_line(log)
@@ -105,7 +110,10 @@ def summary(r: Any, late_timeout: float) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    return (f"{r.policy}: {r.acks} ACKs of {r.dumps} dumps + {r.barriers} barriers, at most "
+    sent = ("" if r.windows_sent is None or r.windows_sent >= r.windows else
+            f"{r.windows_sent} of its {r.windows} windows sent to the daemon (the others "
+            "closed before its next refresh); ")
+    return (f"{r.policy}: {sent}{r.acks} ACKs of {r.dumps} dumps + {r.barriers} barriers, at most "
             f"{r.peak_pending_acks} pending; ACK latency p50 {ms(latency.get('p50'))} ms, "
             f"p99 {ms(latency.get('p99'))} ms, max {ms(latency.get('max'))} ms; areas: "
             f"{r.late_releases} late (unconfirmed after --late-timeout {late_timeout:g} s), "
