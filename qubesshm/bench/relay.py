@@ -40,6 +40,7 @@ from pathlib import Path
 from ..relay.eventloop import loop_factory
 from ..wire.codec import WireReader, encode_message
 from ..wire.protocol import MessageSpec, load_protocols
+from . import processes
 from .machine import (
     CpuTimes,
     available_cpus,
@@ -51,7 +52,6 @@ from .machine import (
 )
 from .processes import (
     compositor,
-    cpu_seconds,
     report_log,
     start_qubesshm,
     start_split,
@@ -240,6 +240,17 @@ class SyncClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """``processes.cpu_seconds``, read again when a process ended while it walked /proc
+    (its glob then raised FileNotFoundError; it did, on a busy machine, mid-run)."""
+    for _ in range(9):
+        try:
+            return processes.cpu_seconds(pids)
+        except FileNotFoundError:
+            continue
+    return processes.cpu_seconds(pids)
 
 
 def run_relay_bench(args: argparse.Namespace) -> int:
