@@ -276,3 +276,32 @@ def test_bench_relay_prints_the_machine_every_paths_figures_and_the_ratios(
                 "relay CPU per message in round trips"):
         assert re.search(rf"^  qubesshm / waypipe, {key}: (-?\d+\.\d\d|n/a) \(runs: ", out,
                          re.M), (key, out)
+
+
+def test_bench_relay_can_leave_placement_to_the_scheduler(weston: HeadlessWeston) -> None:
+    out = bench(weston, "--round-trips", "50", "--burst", "500", "--bursts", "1",
+                "--repeats", "1", "--no-waypipe", "--placement", "free")
+    assert re.search(r"^placement: left to the scheduler \(CPUs? [\d, ]+\): a round trip "
+                     r"then depends on whether its wake-ups crossed CPUs$", out, re.M), out
+    assert re.search(r"^direct +[\d.]+", out, re.M), out
+
+
+def test_cpu_seconds_counts_descendants_and_skips_processes_that_are_gone() -> None:
+    from qubesshm.bench.processes import cpu_seconds
+    # A child whose own child burns 0.3 s of CPU, then waits: that CPU counts for the
+    # child; a pid that does not exist counts nothing and raises nothing.
+    burn = ("import sys, time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint(1, flush=True)\n"
+            "sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                              f"{burn!r}])"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        assert child.stdout.readline().strip() == b"1"
+        assert cpu_seconds([child.pid]) >= 0.3
+    finally:
+        child.stdin.close()
+        child.wait()
+    assert cpu_seconds([child.pid]) == 0.0

@@ -256,15 +256,26 @@ def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
         return 0.0
     parents: dict[int, int] = {}
     usage: dict[int, int] = {}
-    for task in Path("/proc").glob("[0-9]*/task/*"):
+    # A process or thread may end while /proc is walked: each is read on its own, and
+    # one gone meanwhile is skipped (globbing the whole tree raised when a directory
+    # went between listing and descending).
+    with os.scandir("/proc") as procs:
+        pid_names = [entry.name for entry in procs if entry.name.isdigit()]
+    for name in pid_names:
         try:
-            stat = (task / "stat").read_text()
-            ran = int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            with os.scandir(f"/proc/{name}/task") as tasks:
+                tids = [entry.name for entry in tasks]
+        except OSError:
             continue
-        pid = int(task.parents[1].name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        usage[pid] = usage.get(pid, 0) + ran
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{name}/task/{tid}/stat").read_text()
+                ran = int(Path(f"/proc/{name}/task/{tid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+                continue
+            pid = int(name)
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            usage[pid] = usage.get(pid, 0) + ran
     total = 0
     for pid in usage:
         if pid in exclude:

@@ -126,7 +126,7 @@ class PathResult:
         return statistics.median(self.bursts)
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.relay_pids)
+        return processes.cpu_seconds(self.relay_pids)
 
     def rtt_cpu_per_message(self) -> float:
         """Relay CPU per relayed message in the round trips, seconds."""
@@ -240,17 +240,6 @@ class SyncClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """``processes.cpu_seconds``, read again when a process ended while it walked /proc
-    (its glob then raised FileNotFoundError; it did, on a busy machine, mid-run)."""
-    for _ in range(9):
-        try:
-            return processes.cpu_seconds(pids)
-        except FileNotFoundError:
-            continue
-    return processes.cpu_seconds(pids)
 
 
 def run_relay_bench(args: argparse.Namespace) -> int:
@@ -387,7 +376,7 @@ class OthersMeter:
         self.ours, self.cpus = ours, cpus
         times = CpuTimes.now(cpus)
         self.start, self.busy, self.steal, self.own = (time.monotonic(), times.busy,
-                                                       times.steal, cpu_seconds(ours))
+                                                       times.steal, processes.cpu_seconds(ours))
 
     def shares(self) -> tuple[float, float]:
         """So far, as shares of the time of ``cpus`` (0.1: a tenth): what other
@@ -398,7 +387,7 @@ class OthersMeter:
         if elapsed <= 0:
             return 0.0, 0.0
         now = CpuTimes.now(self.cpus)
-        others = (now.busy - self.busy) - (cpu_seconds(self.ours) - self.own)
+        others = (now.busy - self.busy) - (processes.cpu_seconds(self.ours) - self.own)
         return max(0.0, others) / elapsed, max(0.0, now.steal - self.steal) / elapsed
 
 

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     relay.add_argument("--repeats", type=options.positive, default=3,
                        help="runs, each printed, then the median of their ratios (default "
                        "%(default)s)")
+    relay.add_argument("--placement", choices=("one-cpu", "free"), default="one-cpu",
+                       help="one-cpu: the client, the relays and the Weston the bench "
+                       "started run on one CPU, so that no path's wake-ups cross CPUs "
+                       "(default); free: where the scheduler puts them")
     relay.add_argument("--no-waypipe", action="store_true", help="skip the waypipe baseline")
     relay.add_argument("--remote", action="store_true",
                        help="also the split proxy ('qubesshm split': serve --remote starting "
