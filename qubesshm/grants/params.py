@@ -47,12 +47,17 @@ class ModuleParams:
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
+        # The parameters' paths as strings: a parameter is read as each buffer is made,
+        # and joining paths costs more than the read.
+        self._paths: dict[Path, str] = {}
 
     def path(self, relative: Path) -> Path:
         return self.root / relative
 
     def read(self, relative: Path) -> int:
-        path = self.path(relative)
+        path = self._paths.get(relative)
+        if path is None:
+            path = self._paths[relative] = str(self.path(relative))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError as exc:
