@@ -539,10 +539,12 @@ objects_delete_id(Tables *t, PyObject *id_obj)
         Py_DECREF(res);
         return b;
     }
-    int has = PyDict_Contains(t->entries, id_obj);
-    if (has <= 0)
-        return has;
-    return PyDict_DelItem(t->entries, id_obj) ? -1 : 1;
+    if (PyDict_DelItem(t->entries, id_obj) == 0)
+        return 1;
+    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+        return -1;
+    PyErr_Clear();
+    return 0;
 }
 
 /* -- UpstreamIds, natively ----------------------------------------------------------- */
@@ -572,6 +574,8 @@ ids_take_free(Tables *t, PyObject *free_set, PyObject *key)
     return 0;
 }
 
+static PyObject *ids_add_new_client_object(Tables *t, PyObject *client, uint32_t cid);
+
 /* UpstreamIds.add_client_object: the upstream id (a new reference). */
 static PyObject *
 ids_add_client_object(Tables *t, PyObject *client)
@@ -585,8 +589,17 @@ ids_add_client_object(Tables *t, PyObject *client)
         return NULL;
     if (known) /* the Python method's error (or an odd id) */
         return PyObject_CallFunctionObjArgs(ids_add_client_object_py, t->ids, client, NULL);
-    /* _claim */
+    return ids_add_new_client_object(t, client, cid);
+}
+
+/* add_client_object for an id ``cid`` (``client``, an exact int) known to have no
+   upstream id yet. */
+static PyObject *
+ids_add_new_client_object(Tables *t, PyObject *client, uint32_t cid)
+{
+    int r;
     PyObject *upstream;
+    uint32_t upstream_id = cid;
     PyObject *free_set = dict_attr(t->idd, s_free_set);
     if (free_set == NULL)
         return NULL;
@@ -617,6 +630,12 @@ ids_add_client_object(Tables *t, PyObject *client)
             upstream = PyObject_CallFunctionObjArgs(ids_claim_py, t->ids, client, NULL);
             if (upstream == NULL)
                 return NULL;
+            r = as_u32(upstream, &upstream_id);
+            if (r) {
+                if (r > 0)
+                    PyErr_SetString(PyExc_ValueError, "an upstream id out of range");
+                goto fail;
+            }
         }
     }
     long long highest;
@@ -631,10 +650,7 @@ ids_add_client_object(Tables *t, PyObject *client)
     Py_DECREF(slot);
     if (r || PyDict_SetItem(t->to_upstream, client, upstream))
         goto fail;
-    int same = PyObject_RichCompareBool(upstream, client, Py_EQ);
-    if (same < 0)
-        goto fail;
-    if (!same) {
+    if (upstream_id != cid) {
         long long diverged;
         if (dict_attr_ll(t->idd, s_diverged, &diverged)
             || set_dict_attr_ll(t->idd, s_diverged, diverged + 1))
@@ -668,6 +684,8 @@ ids_destroyed(Tables *t, PyObject *upstream)
     return 0;
 }
 
+static int ids_delete_slot(Tables *t, PyObject *upstream, uint32_t id, PyObject *slot);
+
 /* UpstreamIds.delete_id: the slot (new reference), None, or NULL on error. */
 static PyObject *
 ids_delete_id(Tables *t, PyObject *upstream)
@@ -689,35 +707,53 @@ ids_delete_id(Tables *t, PyObject *upstream)
     if (!Py_IS_TYPE(slot, Slot_T))
         return PyObject_CallFunctionObjArgs(ids_delete_id_py, t->ids, upstream, NULL);
     Py_INCREF(slot);
+    if (ids_delete_slot(t, upstream, id, slot)) {
+        Py_DECREF(slot);
+        return NULL;
+    }
+    return slot;
+}
+
+/* delete_id of ``upstream`` (``id``, neither the display's nor a server id) whose
+   _Slot is ``slot``: 0, or -1 on error. */
+static int
+ids_delete_slot(Tables *t, PyObject *upstream, uint32_t id, PyObject *slot)
+{
     if (PyDict_DelItem(t->slots, upstream))
-        goto fail;
+        return -1;
     PyObject *client = SLOT(slot, off_slot_client_id);
     if (client != Py_None && PyDict_DelItem(t->to_upstream, client))
-        goto fail;
-    int same = client == Py_None ? 0 : PyObject_RichCompareBool(client, upstream, Py_EQ);
+        return -1;
+    uint32_t client_id;
+    int same;
+    if (client == Py_None)
+        same = 0;
+    else if (as_u32(client, &client_id) == 0)
+        same = client_id == id;
+    else if (PyErr_Occurred())
+        return -1;
+    else
+        same = PyObject_RichCompareBool(client, upstream, Py_EQ);
     if (same < 0)
-        goto fail;
+        return -1;
     if (!same) {
         long long diverged;
         if (dict_attr_ll(t->idd, s_diverged, &diverged)
             || set_dict_attr_ll(t->idd, s_diverged, diverged - 1))
-            goto fail;
+            return -1;
     }
     PyObject *heap = dict_attr(t->idd, s_free);
     if (heap == NULL)
-        goto fail;
+        return -1;
     PyObject *args[2] = {heap, upstream};
     PyObject *res = PyObject_Vectorcall(heappush, args, 2, NULL);
     if (res == NULL)
-        goto fail;
+        return -1;
     Py_DECREF(res);
     PyObject *free_set = dict_attr(t->idd, s_free_set);
     if (free_set == NULL || PySet_Add(free_set, upstream))
-        goto fail;
-    return slot;
-fail:
-    Py_DECREF(slot);
-    return NULL;
+        return -1;
+    return 0;
 }
 
 /* 1 if every id is the same on both connections, 0 if not, -1 on error. */
@@ -1342,38 +1378,50 @@ one_request(FastPathObject *self, Call *c, uint32_t object_id, uint32_t word,
             r = PyErr_Occurred() ? STEP_ERROR : STEP_STOP;
             goto out;
         }
-        int accepts = objects_accepts_client_id(t, new_id);
-        if (accepts < 0) {
-            r = STEP_ERROR;
+        /* ObjectMap.accepts_client_id, and no upstream id yet */
+        r = STEP_STOP;
+        if (!(1 <= new_id && new_id < MAP_MAX_OBJECTS))
             goto out;
-        }
-        if (!accepts) {
-            r = STEP_STOP;
-            goto out;
-        }
         PyObject *new_key = PyLong_FromUnsignedLong(new_id);
         if (new_key == NULL) {
             r = STEP_ERROR;
             goto out;
         }
-        int known = PyDict_Contains(t->to_upstream, new_key);
+        long long next;
+        int refuse, known = PyDict_Contains(t->entries, new_key);
+        if (!known) {
+            PyObject *refuse_obj = dict_attr(t->od, s_refuse);
+            refuse = refuse_obj == NULL ? -1 : truth(refuse_obj);
+            if (refuse < 0 || dict_attr_ll(t->od, s_client_next, &next))
+                known = -1;
+            else if (refuse && new_id > next)
+                known = 1;
+            else
+                known = PyDict_Contains(t->to_upstream, new_key);
+        }
         if (known) {
             Py_DECREF(new_key);
             r = known < 0 ? STEP_ERROR : STEP_STOP;
             goto out;
         }
-        /* Every check passed: from here on the message is relayed. */
-        Py_INCREF(created);
-        PyObject *made = objects_create_by_client(t, new_key, created,
-                                                  SLOT(obj, off_obj_version));
-        Py_DECREF(created);
-        if (made == NULL) {
+        /* Every check passed: from here on the message is relayed.
+           ObjectMap.create_by_client: */
+        if ((long long)new_id + 1 > next
+                && set_dict_attr_ll(t->od, s_client_next, (long long)new_id + 1)) {
+            Py_DECREF(new_key);
+            r = STEP_ERROR;
+            goto out;
+        }
+        PyObject *made = new_wayland_object(new_key, created, SLOT(obj, off_obj_version));
+        if (made == NULL || PyDict_SetItem(t->entries, new_key, made)) {
+            Py_XDECREF(made);
             Py_DECREF(new_key);
             r = STEP_ERROR;
             goto out;
         }
         Py_DECREF(made);
-        PyObject *upstream_obj = ids_add_client_object(t, new_key);
+        /* UpstreamIds.add_client_object: */
+        PyObject *upstream_obj = ids_add_new_client_object(t, new_key, new_id);
         Py_DECREF(new_key);
         if (upstream_obj == NULL) {
             r = STEP_ERROR;
@@ -1498,12 +1546,14 @@ one_event(FastPathObject *self, Call *c, uint32_t upstream_id, uint32_t word, Py
             r = r < 0 ? STEP_ERROR : STEP_PYTHON;
             goto out;
         }
+        Py_INCREF(gone);
         Py_INCREF(gone_client);
         PyObject *deleted_obj = PyLong_FromUnsignedLong(deleted);
-        PyObject *slot = deleted_obj == NULL ? NULL : ids_delete_id(t, deleted_obj);
+        int done = deleted_obj == NULL ? -1 : ids_delete_slot(t, deleted_obj, deleted, gone);
         Py_XDECREF(deleted_obj);
-        int done = slot == NULL ? -1 : objects_delete_id(t, gone_client);
-        Py_XDECREF(slot);
+        if (done == 0)
+            done = objects_delete_id(t, gone_client);
+        Py_DECREF(gone);
         Py_DECREF(gone_client);
         if (done < 0) {
             r = STEP_ERROR;
