@@ -549,6 +549,51 @@ objects_delete_id(Tables *t, PyObject *id_obj)
 
 /* -- UpstreamIds, natively ----------------------------------------------------------- */
 
+/* heapq.heappush(heap, item), its sift done here for a list of ints (the same swaps,
+   so the same list), by heapq itself for anything else. */
+static int
+heap_push(PyObject *heap, PyObject *item)
+{
+    uint32_t value;
+    if (!PyList_CheckExact(heap) || as_u32(item, &value) != 0) {
+        if (PyErr_Occurred())
+            return -1;
+        PyObject *args[2] = {heap, item};
+        PyObject *res = PyObject_Vectorcall(heappush, args, 2, NULL);
+        Py_XDECREF(res);
+        return res == NULL ? -1 : 0;
+    }
+    if (PyList_Append(heap, item))
+        return -1;
+    PyObject **items = ((PyListObject *)heap)->ob_item;
+    Py_ssize_t pos = PyList_GET_SIZE(heap) - 1;
+    while (pos > 0) {
+        Py_ssize_t parentpos = (pos - 1) >> 1;
+        PyObject *parent = items[parentpos];
+        uint32_t parent_value;
+        int r = as_u32(parent, &parent_value);
+        if (r < 0)
+            return -1;
+        int less;
+        if (r == 0)
+            less = value < parent_value;
+        else if ((less = PyObject_RichCompareBool(item, parent, Py_LT)) < 0)
+            return -1;
+        if (!less)
+            break;
+        /* the comparison ran no Python code for ints; for anything else the list may
+           have changed under it, as heapq checks */
+        if (r != 0 && (PyList_GET_SIZE(heap) <= pos || ((PyListObject *)heap)->ob_item != items)) {
+            PyErr_SetString(PyExc_RuntimeError, "list changed size during iteration");
+            return -1;
+        }
+        items[parentpos] = items[pos];
+        items[pos] = parent;
+        pos = parentpos;
+    }
+    return 0;
+}
+
 /* UpstreamIds._take_free */
 static int
 ids_take_free(Tables *t, PyObject *free_set, PyObject *key)
@@ -743,13 +788,8 @@ ids_delete_slot(Tables *t, PyObject *upstream, uint32_t id, PyObject *slot)
             return -1;
     }
     PyObject *heap = dict_attr(t->idd, s_free);
-    if (heap == NULL)
+    if (heap == NULL || heap_push(heap, upstream))
         return -1;
-    PyObject *args[2] = {heap, upstream};
-    PyObject *res = PyObject_Vectorcall(heappush, args, 2, NULL);
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
     PyObject *free_set = dict_attr(t->idd, s_free_set);
     if (free_set == NULL || PySet_Add(free_set, upstream))
         return -1;
@@ -1471,9 +1511,11 @@ one_event(FastPathObject *self, Call *c, uint32_t upstream_id, uint32_t word, Py
     Tables *t = &c->t;
     int err = 0, r;
     uint32_t client_id;
-    if (upstream_id >= SERVER_ID_MIN)
+    PyObject *obj;
+    if (upstream_id >= SERVER_ID_MIN) {
         client_id = upstream_id;
-    else {
+        obj = get_u32(t->entries, client_id, &err);
+    } else {
         PyObject *slot = get_u32(t->slots, upstream_id, &err);
         if (slot == NULL)
             return err ? STEP_ERROR : STEP_STOP;
@@ -1487,8 +1529,11 @@ one_event(FastPathObject *self, Call *c, uint32_t upstream_id, uint32_t word, Py
         r = as_u32(cid, &client_id);
         if (r)
             return r < 0 ? STEP_ERROR : STEP_PYTHON;
+        /* the slot's own int as the key: an exact int, equal to client_id */
+        obj = PyDict_GetItemWithError(t->entries, cid);
+        if (obj == NULL && PyErr_Occurred())
+            err = 1;
     }
-    PyObject *obj = get_u32(t->entries, client_id, &err);
     if (obj == NULL)
         return err ? STEP_ERROR : STEP_STOP;
     if (!Py_IS_TYPE(obj, WaylandObject_T))
@@ -1524,33 +1569,33 @@ one_event(FastPathObject *self, Call *c, uint32_t upstream_id, uint32_t word, Py
         uint32_t deleted = rd32(body);
         if (deleted == DISPLAY_ID || deleted >= SERVER_ID_MIN)
             goto out;
-        PyObject *gone = get_u32(t->slots, deleted, &err);
-        if (gone == NULL) {
-            r = err ? STEP_ERROR : STEP_STOP;
+        PyObject *deleted_obj = PyLong_FromUnsignedLong(deleted);
+        if (deleted_obj == NULL) {
+            r = STEP_ERROR;
             goto out;
         }
-        if (!Py_IS_TYPE(gone, Slot_T)) {
+        PyObject *gone = PyDict_GetItemWithError(t->slots, deleted_obj);
+        PyObject *gone_client = gone == NULL || !Py_IS_TYPE(gone, Slot_T) ? NULL
+                                : SLOT(gone, off_slot_client_id);
+        uint32_t gone_id = 0;
+        if (gone == NULL)
+            r = PyErr_Occurred() ? STEP_ERROR : STEP_STOP;
+        else if (gone_client == NULL)
             r = STEP_PYTHON;
-            goto out;
+        else if (gone_client == Py_None)
+            r = STEP_STOP;
+        else {
+            int ar = as_u32(gone_client, &gone_id);
+            r = ar < 0 ? STEP_ERROR : ar ? STEP_PYTHON : STEP_OK;
         }
-        PyObject *gone_client = SLOT(gone, off_slot_client_id);
-        if (gone_client == NULL) {
-            r = STEP_PYTHON;
-            goto out;
-        }
-        if (gone_client == Py_None)
-            goto out;
-        uint32_t gone_id;
-        r = as_u32(gone_client, &gone_id);
-        if (r) {
-            r = r < 0 ? STEP_ERROR : STEP_PYTHON;
+        if (r != STEP_OK) {
+            Py_DECREF(deleted_obj);
             goto out;
         }
         Py_INCREF(gone);
         Py_INCREF(gone_client);
-        PyObject *deleted_obj = PyLong_FromUnsignedLong(deleted);
-        int done = deleted_obj == NULL ? -1 : ids_delete_slot(t, deleted_obj, deleted, gone);
-        Py_XDECREF(deleted_obj);
+        int done = ids_delete_slot(t, deleted_obj, deleted, gone);
+        Py_DECREF(deleted_obj);
         if (done == 0)
             done = objects_delete_id(t, gone_client);
         Py_DECREF(gone);
