@@ -15,6 +15,8 @@ rather than skip without it, and so does the one that checks ``serve`` runs it.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
@@ -25,10 +27,11 @@ from hypothesis import strategies as st
 from messages import PROTO
 from procs import start_proxy
 
+import qubesshm.relay
 from qubesshm.headless import HeadlessWeston
 from qubesshm.objects.idmap import UpstreamIds
 from qubesshm.objects.objectmap import DISPLAY_ID, SERVER_ID_MIN, ObjectMap
-from qubesshm.relay import _fastpath
+from qubesshm.relay import _fastpath, fastpath
 from qubesshm.relay.fastpath import PURE_PYTHON_VARIABLE, FastPath, Relay, select_fast_path
 from qubesshm.relay.session import Outbox
 from qubesshm.wire.codec import HEADER, ArgValue, Fixed, encode_message
@@ -337,19 +340,40 @@ def test_the_compiled_core_is_selected_unless_pure_python_is_asked_for(
     assert select_fast_path() == (FastPath, f"pure Python ({PURE_PYTHON_VARIABLE}=1)")
 
 
-@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure-python"])
+def test_without_the_compiled_core_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "qubesshm.relay._fastpath", None)
+    monkeypatch.delattr(qubesshm.relay, "_fastpath")
+    factory, name = fastpath._compiled()
+    assert factory is None
+    assert name == ("pure Python (the compiled core is not built: import of "
+                    "qubesshm.relay._fastpath halted; None in sys.modules)")
+
+
+# What serve's start line says: the compiled core; pure Python as asked; pure Python
+# where the core cannot be imported (hidden here by a sitecustomize), with the reason.
+HIDE_CORE = "import sys\nsys.modules['qubesshm.relay._fastpath'] = None\n"
+START_LINES = {
+    "compiled": "fast path: compiled",
+    "pure-python": "fast path: pure Python (QUBESSHM_PURE_PYTHON=1)",
+    "not-built": "fast path: pure Python (the compiled core is not built: import of "
+                 "qubesshm.relay._fastpath halted; None in sys.modules)",
+}
+
+
+@pytest.mark.parametrize("case", list(START_LINES))
 def test_serve_says_which_fast_path_it_runs(weston: HeadlessWeston, tmp_path: Path,
-                                            pure: bool) -> None:
+                                            case: str) -> None:
     env = {k: v for k, v in weston.env().items() if k != PURE_PYTHON_VARIABLE}
-    if pure:
+    if case == "pure-python":
         env[PURE_PYTHON_VARIABLE] = "1"
-    proxy = start_proxy(weston, tmp_path / "serve.log", env=env,
-                        socket_name=f"qs-core-{int(pure)}")
+    elif case == "not-built":
+        (tmp_path / "sitecustomize.py").write_text(HIDE_CORE)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
+    proxy = start_proxy(weston, tmp_path / "serve.log", env=env, socket_name=f"qs-{case}")
     try:
         start = next(line for line in proxy.log().splitlines()
                      if line.startswith("qubesshm: listening on "))
-        expected = ("fast path: pure Python (QUBESSHM_PURE_PYTHON=1)" if pure
-                    else "fast path: compiled")
-        assert f", {expected}, event loop: " in start, start
+        assert f", {START_LINES[case]}, event loop: " in start, start
     finally:
         assert proxy.stop() == 0, proxy.log()

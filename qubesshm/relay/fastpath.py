@@ -11,6 +11,12 @@ new_ids, the requests the shm bridge intercepts, the events the session rewrites
 and every message that fails a check, so that error codes and texts are the
 full path's own. The differential test in ``tests/test_fastpath.py`` holds the
 two paths to the same output.
+
+This module's ``FastPath`` is the reference and the fallback: sessions run the compiled
+core (``_fastpath.c``, the same loops and the common table work in C, on the same
+tables) unless ``QUBESSHM_PURE_PYTHON=1`` or the core is not built, and ``serve``'s
+start line says which (``select_fast_path``). ``tests/test_fastpath_core.py`` holds
+the two to the same bytes, offsets and tables.
 """
 
 from __future__ import annotations
