@@ -53,8 +53,7 @@ static PyObject *om_create_by_client, *om_create_by_server, *om_destroyed, *om_d
 /* interned attribute names */
 static PyObject *s_objects, *s_client_next, *s_refuse, *s_to_upstream, *s_slots, *s_free,
     *s_free_set, *s_next, *s_diverged, *s_client_highest, *s_interfaces, *s_add,
-    *s_claim, *s_add_client_object, *s_create_by_client, *s_create_by_server,
-    *s_delete_id, *s_destroyed, *s_requests, *s_events, *s_by_compositor;
+    *s_requests, *s_events;
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
@@ -136,15 +135,8 @@ set_up(void)
     INTERN(s_client_highest, "_client_highest");
     INTERN(s_interfaces, "interfaces");
     INTERN(s_add, "add");
-    INTERN(s_claim, "_claim");
-    INTERN(s_add_client_object, "add_client_object");
-    INTERN(s_create_by_client, "create_by_client");
-    INTERN(s_create_by_server, "create_by_server");
-    INTERN(s_delete_id, "delete_id");
-    INTERN(s_destroyed, "destroyed");
     INTERN(s_requests, "requests");
     INTERN(s_events, "events");
-    INTERN(s_by_compositor, "by_compositor");
     if ((WaylandObject_T = import_type("qubesshm.objects.objectmap", "WaylandObject")) == NULL
         || (Slot_T = import_type("qubesshm.objects.idmap", "_Slot")) == NULL
         || (MessageSpec_T = import_type("qubesshm.wire.protocol", "MessageSpec")) == NULL
