@@ -5,7 +5,9 @@ fast path and one without. The streams are drawn from the session's own state so
 that most messages are valid (live objects, fresh ids, the right interfaces) and
 then broken at random (dead or wrong objects, reused ids, bad opcodes, sizes and
 versions, nulls, garbage), and cut at random points. After every input the two
-sessions must have produced the same output and reached the same state.
+sessions must have produced the same output and reached the same state. Every test
+runs on both fast paths: the compiled core (``qubesshm.relay._fastpath``, which must be
+built: it is never skipped) and the pure-Python one (``QUBESSHM_PURE_PYTHON=1``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from hypothesis import strategies as st
 from messages import PROTO
 
 from qubesshm.objects.objectmap import DISPLAY_ID, SERVER_ID_MIN
-from qubesshm.relay.fastpath import FastPath
+from qubesshm.relay import _fastpath
+from qubesshm.relay.fastpath import PURE_PYTHON_VARIABLE, FastPath, select_fast_path
 from qubesshm.relay.session import RelaySession, Step
 from qubesshm.wire.codec import HEADER, ArgValue, Fixed, UntypedNewId, encode_message
 from qubesshm.wire.protocol import Arg, ArgKind, MessageSpec
@@ -36,6 +39,18 @@ class Draw(Protocol):
 
 
 FAKE_FD = 10_000  # fds are only carried by the plain relay here, never opened
+CORES = {"compiled": _fastpath.FastPath, "pure-python": FastPath}
+
+
+@pytest.fixture(params=list(CORES), autouse=True)
+def core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """Every test here on either fast path, as QUBESSHM_PURE_PYTHON selects it."""
+    if request.param == "compiled":
+        monkeypatch.delenv(PURE_PYTHON_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(PURE_PYTHON_VARIABLE, "1")
+    assert select_fast_path()[0] is CORES[request.param]
+    return CORES[request.param]
 
 
 @contextmanager
@@ -49,6 +64,7 @@ def fast_path(enabled: bool) -> Iterator[None]:
 
 
 def session_pair(diverged: bool) -> tuple[RelaySession, RelaySession]:
+    """A session with the selected fast path and one without any."""
     pair = []
     for enabled in (True, False):
         with fast_path(enabled):
@@ -58,7 +74,8 @@ def session_pair(diverged: bool) -> tuple[RelaySession, RelaySession]:
             # client makes from then on is renumbered upstream.
             session.ids.add_own_object("seed")
         pair.append(session)
-    assert isinstance(pair[0]._fast, FastPath) and pair[1]._fast is None
+    selected: object = select_fast_path()[0]
+    assert type(pair[0]._fast) is selected and pair[1]._fast is None
     return pair[0], pair[1]
 
 

@@ -10,6 +10,10 @@ ways, ids waiting for ``delete_id`` never handed out, a client object keeping
 its own id whenever that id is free upstream, the proxy's objects taking the
 lowest free id, and ``identical()`` meaning exactly "no id differs". Plain
 tests pin down server ids, unknown ``delete_id`` and the lowest-free rule.
+
+Everything runs twice: on the Python methods and on the compiled core's own
+``add_client_object``, ``destroyed`` and ``delete_id`` (``qubesshm.relay._fastpath``,
+which the relay's compiled fast path uses; it must be built, it is never skipped).
 """
 
 from __future__ import annotations
@@ -19,8 +23,28 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from qubesshm.objects.idmap import IdSpaceError, UpstreamIds
+from qubesshm.objects.idmap import IdSpaceError, UpstreamIds, _Slot
 from qubesshm.objects.objectmap import DISPLAY_ID, SERVER_ID_MIN
+from qubesshm.relay import _fastpath
+
+
+class CompiledIds(UpstreamIds):
+    """UpstreamIds whose operations the compiled core has go through it."""
+
+    def add_client_object(self, client_id: int) -> int:
+        return _fastpath.add_client_object(self, client_id)
+
+    def destroyed(self, upstream_id: int) -> None:
+        _fastpath.destroyed(self, upstream_id)
+
+    def delete_id(self, upstream_id: int) -> _Slot | None:
+        return _fastpath.delete_id(self, upstream_id)
+
+
+@pytest.fixture(params=[UpstreamIds, CompiledIds], ids=["python", "compiled"])
+def make_ids(request: pytest.FixtureRequest) -> type[UpstreamIds]:
+    cls: type[UpstreamIds] = request.param
+    return cls
 
 
 class Owner:
@@ -34,9 +58,11 @@ class Owner:
 
 
 class IdSpaces(RuleBasedStateMachine):
+    ids_class: type[UpstreamIds] = UpstreamIds
+
     def __init__(self) -> None:
         super().__init__()
-        self.ids = UpstreamIds()
+        self.ids = self.ids_class()
         # The client's id space, as libwayland's wl_map allocates it.
         self.client_free: list[int] = []  # most recently freed last
         self.client_next = DISPLAY_ID + 1
@@ -191,11 +217,19 @@ IdSpaces.TestCase.settings = settings(max_examples=200, stateful_step_count=30,
 TestIdSpaces = IdSpaces.TestCase
 
 
+class CompiledIdSpaces(IdSpaces):
+    ids_class = CompiledIds
+
+
+CompiledIdSpaces.TestCase.settings = IdSpaces.TestCase.settings
+TestCompiledIdSpaces = CompiledIdSpaces.TestCase
+
+
 # -- fixed cases ------------------------------------------------------------------------
 
 
-def test_server_ids_pass_through() -> None:
-    ids = UpstreamIds()
+def test_server_ids_pass_through(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     ids.add_own_object("pool")  # diverged: still the same for server ids
     for server_id in (SERVER_ID_MIN, SERVER_ID_MIN + 5, 0xFFFFFFFF):
         assert ids.upstream(server_id) == server_id
@@ -205,8 +239,8 @@ def test_server_ids_pass_through() -> None:
     assert ids.awaiting_delete() == set()
 
 
-def test_display_and_unknown_ids() -> None:
-    ids = UpstreamIds()
+def test_display_and_unknown_ids(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     assert ids.upstream(DISPLAY_ID) == DISPLAY_ID
     assert ids.client(DISPLAY_ID) == DISPLAY_ID
     assert ids.delete_id(DISPLAY_ID) is None
@@ -220,15 +254,15 @@ def test_display_and_unknown_ids() -> None:
         ids.destroyed(7)
 
 
-def test_client_id_taken_twice_is_an_error() -> None:
-    ids = UpstreamIds()
+def test_client_id_taken_twice_is_an_error(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     ids.add_client_object(2)
     with pytest.raises(IdSpaceError):
         ids.add_client_object(2)
 
 
-def test_own_objects_take_the_lowest_free_id() -> None:
-    ids = UpstreamIds()
+def test_own_objects_take_the_lowest_free_id(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     assert [ids.add_own_object(n) for n in range(5)] == [2, 3, 4, 5, 6]
     for upstream in (5, 3):
         ids.destroyed(upstream)
@@ -243,8 +277,8 @@ def test_own_objects_take_the_lowest_free_id() -> None:
     assert ids.is_own(8)
 
 
-def test_identical_client_keeps_its_ids() -> None:
-    ids = UpstreamIds()
+def test_identical_client_keeps_its_ids(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     assert [ids.add_client_object(c) for c in (2, 3, 4)] == [2, 3, 4]
     assert ids.identical()
     ids.destroyed(3)
@@ -253,8 +287,8 @@ def test_identical_client_keeps_its_ids() -> None:
     assert ids.identical()
 
 
-def test_client_object_moves_aside_for_an_own_object() -> None:
-    ids = UpstreamIds()
+def test_client_object_moves_aside_for_an_own_object(make_ids: type[UpstreamIds]) -> None:
+    ids = make_ids()
     assert ids.add_own_object("pool") == 2
     assert ids.add_client_object(2) == 3
     assert ids.upstream(2) == 3
@@ -270,7 +304,7 @@ def test_client_object_moves_aside_for_an_own_object() -> None:
     assert ids.identical()
 
 
-def test_no_skip_ahead_after_local_ids_ran_ahead() -> None:
+def test_no_skip_ahead_after_local_ids_ran_ahead(make_ids: type[UpstreamIds]) -> None:
     """Local objects push the client's ids ahead of the compositor's.
 
     Two local objects (client ids 2, 3), a forwarded one (client 4, upstream 2);
@@ -278,7 +312,7 @@ def test_no_skip_ahead_after_local_ids_ran_ahead() -> None:
     recently freed id, 4. The compositor has only seen up to id 2, so upstream 4
     would be refused ("invalid new id"): the proxy must renumber it.
     """
-    ids = UpstreamIds()
+    ids = make_ids()
     ids.add_local(2)
     ids.add_local(3)
     assert ids.add_client_object(4) == 2
@@ -292,13 +326,13 @@ def test_no_skip_ahead_after_local_ids_ran_ahead() -> None:
     assert upstream <= 3, f"upstream id {upstream} skips past the compositor's highest, 2"
 
 
-def test_client_keeps_a_fresh_id_while_diverged() -> None:
+def test_client_keeps_a_fresh_id_while_diverged(make_ids: type[UpstreamIds]) -> None:
     """A client id that is the compositor's next new id is free upstream: keep it.
 
     Local 2, client 3 -> upstream 2, own object -> 3, client 4 keeps 4; the own
     object goes; the client's next id, 5, is the compositor's next new id too.
     """
-    ids = UpstreamIds()
+    ids = make_ids()
     ids.add_local(2)
     assert ids.add_client_object(3) == 2
     assert ids.add_own_object("pool") == 3

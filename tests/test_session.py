@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 from messages import PROTO, ev, event, joined, parse_error, req, request
 
 from qubesshm.objects.objectmap import SERVER_ID_MIN
+from qubesshm.relay.fastpath import PURE_PYTHON_VARIABLE, select_fast_path
 from qubesshm.relay.session import RelaySession, Step
 from qubesshm.wire.codec import (
     ArgValue,
@@ -37,8 +38,21 @@ from qubesshm.wire.codec import (
 )
 from qubesshm.wire.protocol import ArgKind
 
-# Every test here holds for the relay's fast path and for its full path.
-pytestmark = pytest.mark.usefixtures("both_relay_paths")
+
+@pytest.fixture(params=["compiled", "pure-python", "full-path"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session with the compiled fast path (which must be built: never skipped),
+    with the pure-Python one (QUBESSHM_PURE_PYTHON=1), and with none."""
+    monkeypatch.setattr(RelaySession, "fast_path_enabled", request.param != "full-path")
+    if request.param == "compiled":
+        monkeypatch.delenv(PURE_PYTHON_VARIABLE, raising=False)
+        assert select_fast_path()[1] == "compiled"
+    else:
+        monkeypatch.setenv(PURE_PYTHON_VARIABLE, "1")
+
+
+# Every test here holds for either fast path and for the full path.
+pytestmark = pytest.mark.usefixtures("relay_path")
 
 DISPLAY_ERROR = PROTO["wl_display"].events[0]
 REGISTRY = 2

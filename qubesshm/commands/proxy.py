@@ -18,6 +18,7 @@ from ..grants.params import KERNELS
 from ..grants.remote import RemoteMappingHalf
 from ..relay.control import ControlSocket, snapshot, stats_path, summary_line
 from ..relay.eventloop import loop_factory
+from ..relay.fastpath import select_fast_path
 from ..relay.listener import (
     DEFAULT_SOCKET_NAME,
     AddressError,
@@ -153,14 +154,16 @@ def _stats(server: ProxyServer) -> dict[str, Any]:
 
 
 def where(server: ProxyServer, grants: GrantHalves, loop_name: str) -> str:
+    # Which fast path the relay runs: the compiled core, or why not.
+    fast_path = f"fast path: {select_fast_path()[1]}"
     if server.remote is not None:
         return (f"listening on {server.listener.path}, relaying through {server.remote.what} "
                 f"(domain {grants.sharing.peer_domid}), grants: {grants.name} as domain "
                 f"{grants.sharing.own_domid} ({len(server.protocol)} interfaces known), "
-                f"event loop: {loop_name}")
+                f"{fast_path}, event loop: {loop_name}")
     return (f"listening on {server.listener.path}, relaying to {server.upstream}, grants: "
-            f"{grants.name} ({len(server.protocol)} interfaces known), event loop: "
-            f"{loop_name}")
+            f"{grants.name} ({len(server.protocol)} interfaces known), {fast_path}, "
+            f"event loop: {loop_name}")
 
 
 # A 16384x16384 output (the largest X and most compositors take) in ARGB8888.

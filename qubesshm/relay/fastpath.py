@@ -11,13 +11,20 @@ new_ids, the requests the shm bridge intercepts, the events the session rewrites
 and every message that fails a check, so that error codes and texts are the
 full path's own. The differential test in ``tests/test_fastpath.py`` holds the
 two paths to the same output.
+
+This module's ``FastPath`` is the reference and the fallback: sessions run the compiled
+core (``_fastpath.c``, the same loops and the common table work in C, on the same
+tables) unless ``QUBESSHM_PURE_PYTHON=1`` or the core is not built, and ``serve``'s
+start line says which (``select_fast_path``). ``tests/test_fastpath_core.py`` holds
+the two to the same bytes, offsets and tables.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from ..objects.objectmap import DISPLAY_ID, SERVER_ID_MIN, ObjectMap
 from ..shm.bridge import INTERCEPTED_REQUESTS
@@ -47,6 +54,8 @@ class WordPlan:
     destructor: bool
     # Never fast: the shm bridge intercepts it (requests) or the session rewrites it.
     full_path: bool
+    # The compiled core's reading of this plan, made there on first use.
+    native: object = field(default=None, compare=False, repr=False)
 
 
 def _plan(spec: MessageSpec, full_path: bool) -> WordPlan | None:
@@ -276,3 +285,40 @@ class FastPath:
         if run < pos:
             down.add(buf[run:pos], [])
         return pos
+
+
+class Relay(Protocol):
+    """A fast path: this module's ``FastPath`` or the compiled core's
+    (``qubesshm.relay._fastpath.FastPath``), which the session cannot tell apart."""
+
+    def requests(self, buf: bytes, pos: int, up: Outbox, /) -> int: ...
+
+    def events(self, buf: bytes, pos: int, down: Outbox, /) -> int: ...
+
+
+class RelayFactory(Protocol):
+    def __call__(self, protocol: ProtocolTable, objects: ObjectMap, ids: UpstreamIds, *,
+                 intercepting: bool, max_message_size: int) -> Relay: ...
+
+
+PURE_PYTHON_VARIABLE = "QUBESSHM_PURE_PYTHON"
+
+
+def _compiled() -> tuple[RelayFactory | None, str]:
+    try:
+        from . import _fastpath
+    except ImportError as exc:
+        return None, f"pure Python (the compiled core is not built: {exc})"
+    return _fastpath.FastPath, "compiled"
+
+
+_COMPILED = _compiled()
+
+
+def select_fast_path() -> tuple[RelayFactory, str]:
+    """The fast path sessions use, and how ``serve``'s start line names it: the compiled
+    core unless ``QUBESSHM_PURE_PYTHON=1`` asks for this module's (or it is not built)."""
+    if os.environ.get(PURE_PYTHON_VARIABLE) == "1":
+        return FastPath, f"pure Python ({PURE_PYTHON_VARIABLE}=1)"
+    factory, name = _COMPILED
+    return (FastPath, name) if factory is None else (factory, name)

@@ -32,7 +32,7 @@ from ..wire.codec import (
     encode_message,
 )
 from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
-from .fastpath import FastPath
+from .fastpath import Relay, select_fast_path
 
 if TYPE_CHECKING:
     from ..grants.lifetimes import GrantLifetimes
@@ -170,10 +170,14 @@ class RelaySession:
         self._delete_id = protocol["wl_display"].events[1]
         self.closed = False
         # The protocol log needs every message decoded, so it turns the fast path off.
-        self._fast = (FastPath(protocol, self.objects, self.ids,
-                               intercepting=self.shm is not None,
-                               max_message_size=max_message_size)
-                      if self.fast_path_enabled and tracer is None else None)
+        # The fast path is the compiled core's unless QUBESSHM_PURE_PYTHON=1 (or it is
+        # not built): serve's start line says which.
+        self._fast: Relay | None = None
+        if self.fast_path_enabled and tracer is None:
+            factory, _ = select_fast_path()
+            self._fast = factory(protocol, self.objects, self.ids,
+                                 intercepting=self.shm is not None,
+                                 max_message_size=max_message_size)
 
     def _trace_own(self, upstream_id: int, spec: MessageSpec, args: list[ArgValue]) -> None:
         """Log a request the proxy made upstream; its ids are the compositor's."""
