@@ -229,7 +229,8 @@ def assert_machine_described(out: str) -> None:
     assert re.search(r"^machine: CPUs: \d+ available to this process, \d+ online; cpufreq "
                      r"governor: .+; .+; cpuidle: .+$", out, re.M), out
     assert re.search(r"^versions: Python \d+\.\d+\.\d+, ", out, re.M), out
-    assert re.search(r"^qubesshm: serve on the \S+", out, re.M), out
+    assert re.search(r"^qubesshm: serve on the .+ event loop, fast path: compiled$", out,
+                     re.M), out
     assert re.search(r"^placement: this client, the relays and the compositor it started all "
                      r"on CPU \d+", out, re.M), out
     assert re.search(r"^load average [\d.]+, [\d.]+, [\d.]+ after the run$", out, re.M), out

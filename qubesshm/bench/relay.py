@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..relay.eventloop import loop_factory
+from ..relay.fastpath import select_fast_path
 from ..wire.codec import WireReader, encode_message
 from ..wire.protocol import MessageSpec, load_protocols
 from . import processes
@@ -256,7 +257,9 @@ def run_relay_bench(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["XDG_RUNTIME_DIR"] = str(workdir)
         paths: dict[str, Path] = {"direct": upstream}
-        print(f"qubesshm: serve on the {loop_factory(args.event_loop)[1]} event loop")
+        # serve runs with this environment: it picks the same fast path.
+        print(f"qubesshm: serve on the {loop_factory(args.event_loop)[1]} event loop, fast "
+              f"path: {select_fast_path()[1]}")
         proxy_socket, proxy_pid = start_qubesshm(stack, env, workdir, upstream,
                                                  "--event-loop", args.event_loop)
         paths["qubesshm"] = proxy_socket
