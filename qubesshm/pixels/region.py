@@ -119,6 +119,12 @@ class Region:
         return x0 <= b.x and b.x + b.width <= x1 and y0 <= b.y and b.y + b.height <= y1
 
     def clip(self, width: int, height: int) -> Region:
+        bands = self._bands
+        if len(bands) == 1 and len(bands[0][2]) == 1:  # one rectangle: clip it alone
+            y0, y1, ((x0, x1),) = bands[0]
+            if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
+                return self  # regions are never changed in place
+            return Region([Rect(x0, y0, x1 - x0, y1 - y0).clip(width, height)])
         return Region(r.clip(width, height) for r in self.rects())
 
     def contains(self, x: int, y: int) -> bool:
