@@ -51,6 +51,10 @@ class StreamLink:
         self.ended = False
         self._writing = False
         self._mid_frame = False  # the head of the queue is the rest of a frame
+        # The peer closed its reading end: nothing more is written, and what it wrote
+        # before is still read (it may say why it went, or break the protocol).
+        self._peer_gone = False
+        self._in_readable = False
         loop.add_reader(read_fd, self._readable)
 
     # -- writing -------------------------------------------------------------------
@@ -68,6 +72,10 @@ class StreamLink:
         self.send([encode(frame)])
 
     def _flush(self) -> None:
+        if self._peer_gone:
+            self._out.clear()
+            self.queued = 0
+            return
         while self._out:
             chunks: list[memoryview] = []
             size = 0
@@ -81,7 +89,17 @@ class StreamLink:
             except (BlockingIOError, InterruptedError):
                 break
             except (BrokenPipeError, ConnectionResetError):
-                self._end(None)  # the peer closed its end: as an end of the stream
+                # The peer closed its end: an end of the stream, once what it wrote
+                # before it went has been read (a host that exits at once may have
+                # written its reason, or garbage, first).
+                self._peer_gone = True
+                self._out.clear()
+                self.queued = 0
+                if self._writing:
+                    self._writing = False
+                    self.loop.remove_writer(self.write_fd)
+                if not self._in_readable:  # else the read in progress goes on to EOF
+                    self._read_rest()
                 return
             except OSError as exc:
                 self._end(f"the stream cannot be written: {exc.strerror or exc}")
@@ -107,7 +125,28 @@ class StreamLink:
 
     # -- reading -------------------------------------------------------------------
 
+    def _read_rest(self) -> None:
+        """Read what the peer left in the stream, then end (at its EOF, or now)."""
+        self._in_readable = True
+        try:
+            while not self.ended:
+                before = self.bytes_in
+                self._read_some()
+                if not self.ended and self.bytes_in == before:
+                    self._end(None)
+        finally:
+            self._in_readable = False
+
     def _readable(self) -> None:
+        self._in_readable = True
+        try:
+            self._read_some()
+        finally:
+            self._in_readable = False
+        if self._peer_gone and not self.ended:
+            self._read_rest()
+
+    def _read_some(self) -> None:
         for _ in range(READS_PER_WAKE):
             if self.ended:
                 return
