@@ -14,9 +14,7 @@ the desktop shell's background below its panel, which clients cannot draw on.
 
 from __future__ import annotations
 
-import array
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pytest
-from messages import PROTO, request
+from messages import PROTO, RawClient, request
 
 from qubesshm.headless import HeadlessWeston
-from qubesshm.wire.codec import UntypedNewId, WireReader, decode_args, encode_message
+from qubesshm.wire.codec import decode_args, encode_message
 from qubesshm.wire.protocol import Arg, ArgKind, MessageSpec
 
 Screen = npt.NDArray[np.uint8]  # height x width x 3, RGB
@@ -54,86 +52,40 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOU
         time.sleep(0.05)
 
 
-class _Connection:
-    """A Wayland client speaking bytes to Weston, for the few requests a shot needs."""
+def _bind(conn: RawClient, interface: str, version: int) -> int:
+    if interface not in conn.globals:
+        raise LookupError(f"Weston offers no {interface} (is it running with --debug?)")
+    return conn.bind(interface, version)
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.reader = WireReader(1 << 16)
-        self.next_id = 2
-        self.globals: dict[str, int] = {}
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-    def send(self, message: tuple[bytes, list[int]]) -> None:
-        data, fds = message
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        self.sock.sendmsg([data], rights if fds else [])
-
-    def until(self, object_id: int, registry: int | None = None) -> None:
-        """Read events until one for ``object_id`` (a callback's done, a shot's done)."""
-        while True:
-            head = self.reader.peek()
-            if head is None:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError("Weston hung up on the screenshot client")
-                self.reader.feed(data)
-                continue
-            taken = self.reader.take(head[2], 0)
-            assert taken is not None
-            frame = taken[0]
-            if (frame.object_id, frame.opcode) == (1, 0):
-                error = decode_args(PROTO["wl_display"].events[0], frame.data, [])
-                raise ConnectionError(f"Weston refused the screenshot client: {error}")
-            if registry is not None and (frame.object_id, frame.opcode) == (registry, 0):
-                name, interface, _ = decode_args(PROTO["wl_registry"].events[0], frame.data, [])
-                assert isinstance(name, int) and isinstance(interface, str)
-                self.globals.setdefault(interface, name)
-            if frame.object_id == object_id:
-                return
-
-    def roundtrip(self, registry: int | None = None) -> None:
-        callback = self.new_id()
-        self.send(request(1, "wl_display", "sync", callback))
-        self.until(callback, registry)
-
-    def bind(self, registry: int, interface: str, version: int) -> int:
-        if interface not in self.globals:
-            raise LookupError(f"Weston offers no {interface} (is it running with --debug?)")
-        new = self.new_id()
-        self.send(request(registry, "wl_registry", "bind", self.globals[interface],
-                          UntypedNewId(interface, version, new)))
-        return new
+def _until(conn: RawClient, object_id: int) -> None:
+    """Read events until one for ``object_id`` (a shot's done)."""
+    for event_object, opcode, data in conn.messages():
+        if (event_object, opcode) == (1, 0):
+            error = decode_args(PROTO["wl_display"].events[0], data, [])
+            raise ConnectionError(f"Weston refused the screenshot client: {error}")
+        if event_object == object_id:
+            return
+    raise ConnectionError("Weston hung up on the screenshot client")
 
 
 def shoot(weston: HeadlessWeston) -> Screen:
     """The whole output as Weston's renderer has it now, as RGB."""
     width, height = weston.width, weston.height
     stride = width * 4
-    conn = _Connection(str(weston.socket_path))
+    conn = RawClient(weston.socket_path, TIMEOUT)
     fd = os.memfd_create("qubesshm-test-shot", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, stride * height)
-        registry = conn.new_id()
-        conn.send(request(1, "wl_display", "get_registry", registry))
-        conn.roundtrip(registry)
-        shm = conn.bind(registry, "wl_shm", 1)
-        output = conn.bind(registry, "wl_output", 1)
-        shooter = conn.bind(registry, "weston_screenshooter", 1)
+        shm = _bind(conn, "wl_shm", 1)
+        output = _bind(conn, "wl_output", 1)
+        shooter = _bind(conn, "weston_screenshooter", 1)
         pool, buffer = conn.new_id(), conn.new_id()
         conn.send(request(shm, "wl_shm", "create_pool", pool, fd, stride * height))
         conn.send(request(pool, "wl_shm_pool", "create_buffer", buffer, 0, width, height,
                           stride, ARGB8888))
         conn.send(encode_message(shooter, SHOOT, [output, buffer]))
-        conn.until(shooter)
+        _until(conn, shooter)
         pixels = os.pread(fd, stride * height, 0)
         bgrx = np.frombuffer(pixels, np.uint8).reshape(height, width, 4)
         # Little-endian ARGB8888 is B, G, R, A in memory.

@@ -84,8 +84,9 @@ def assert_client_error(step: Step, code: ErrorCode, *, object_id: int | None = 
 
 
 class RawClient:
-    """A Wayland client speaking bytes, for what no toolkit would send; its registry's
-    globals are read at once. Fds the compositor sends are dropped unread."""
+    """A Wayland client speaking bytes, for what no toolkit would send (and for the few
+    requests a screenshot needs); its registry's globals are read at once, the first of
+    each interface kept. Fds the compositor sends are dropped unread."""
 
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,7 +138,7 @@ class RawClient:
                 name, iface, version = decode_args(PROTO["wl_registry"].events[0], data, [])
                 assert isinstance(iface, str) and isinstance(name, int)
                 assert isinstance(version, int)
-                self.globals[iface] = (name, version)
+                self.globals.setdefault(iface, (name, version))  # the first of each
             if object_id == callback or (object_id, opcode) == (1, 0):
                 break
         return seen
