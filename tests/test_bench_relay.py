@@ -288,7 +288,7 @@ def test_bench_relay_can_leave_placement_to_the_scheduler(weston: HeadlessWeston
 
 
 def test_cpu_seconds_counts_descendants_and_skips_processes_that_are_gone() -> None:
-    from qubesshm.bench.processes import cpu_seconds
+    from qubesshm.bench.processes import cpu_seconds, descendants
     # A child whose own child burns 0.3 s of CPU, then waits: that CPU counts for the
     # child; a pid that does not exist counts nothing and raises nothing.
     burn = ("import sys, time\nt = time.process_time()\n"
@@ -302,6 +302,7 @@ def test_cpu_seconds_counts_descendants_and_skips_processes_that_are_gone() -> N
     try:
         assert child.stdout.readline().strip() == b"1"
         assert cpu_seconds([child.pid]) >= 0.3
+        assert len(descendants(child.pid)) == 1  # the grandchild, still waiting
     finally:
         child.stdin.close()
         child.wait()

@@ -247,6 +247,36 @@ def own_cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def _pids() -> list[str]:
+    """Every process's directory name in /proc (some may be gone by the time they are
+    read: each read skips one that is)."""
+    with os.scandir("/proc") as procs:
+        return [entry.name for entry in procs if entry.name.isdigit()]
+
+
+def _parent(stat: str) -> int:
+    """The parent pid in a ``/proc/.../stat`` line (after the command's parenthesis)."""
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, theirs, and so on, from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in _pids():
+        try:
+            parent = _parent(Path(f"/proc/{name}/stat").read_text())
+        except (OSError, ValueError, IndexError):  # it ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
 def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
     """CPU time so far of ``pids`` and all their descendants, from the scheduler's
     nanosecond run-time (``/proc/<pid>/task/<tid>/schedstat``): the user+system
@@ -259,9 +289,7 @@ def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
     # A process or thread may end while /proc is walked: each is read on its own, and
     # one gone meanwhile is skipped (globbing the whole tree raised when a directory
     # went between listing and descending).
-    with os.scandir("/proc") as procs:
-        pid_names = [entry.name for entry in procs if entry.name.isdigit()]
-    for name in pid_names:
+    for name in _pids():
         try:
             with os.scandir(f"/proc/{name}/task") as tasks:
                 tids = [entry.name for entry in tasks]
@@ -274,7 +302,7 @@ def cpu_seconds(pids: list[int], exclude: Collection[int] = ()) -> float:
             except (OSError, ValueError, IndexError):  # the thread ended meanwhile
                 continue
             pid = int(name)
-            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            parents[pid] = _parent(stat)
             usage[pid] = usage.get(pid, 0) + ran
     total = 0
     for pid in usage:

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..grants.mapping import peer_pid
 from ..relay.eventloop import loop_factory
 from ..relay.fastpath import select_fast_path
 from ..wire.codec import WireReader, encode_message
@@ -284,7 +285,8 @@ def run_relay_bench(args: argparse.Namespace) -> int:
 
         clients = {name: SyncClient(path, sync) for name, path in paths.items()}
         # The compositor's CPU is the benchmark's too, whoever started it.
-        ours = [os.getpid(), *peer_pid(clients["direct"].sock)]
+        compositor_pid = peer_pid(clients["direct"].sock)
+        ours = [os.getpid(), *([compositor_pid] if compositor_pid is not None else [])]
         runs: list[dict[str, PathResult]] = []
         others: list[float] = []
         try:
@@ -316,34 +318,6 @@ def run_relay_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def peer_pid(sock: socket.socket) -> list[int]:
-    """The process at the other end of a Unix socket, as SO_PEERCRED tells ([] if not)."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return []
-    pid = int.from_bytes(creds[:4], sys.byteorder)
-    return [pid] if pid > 0 else []
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid``'s children, theirs, and so on, from /proc."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):  # it ended meanwhile
-            continue
-        parents.setdefault(parent, []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = list(parents.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(parents.get(child, []))
-    return found
-
-
 def pin(pids: list[int], cpu: int) -> None:
     """Every thread of ``pids`` to ``cpu`` (what they start later inherits it)."""
     for pid in pids:
@@ -360,7 +334,7 @@ def place(placement: str) -> tuple[set[int], str]:
         return available, (f"left to the scheduler ({_cpu_names(available)}): a round trip "
                            "then depends on whether its wake-ups crossed CPUs")
     cpu = max(available)
-    pin([os.getpid(), *descendants(os.getpid())], cpu)
+    pin([os.getpid(), *processes.descendants(os.getpid())], cpu)
     return {cpu}, (f"this client, the relays and the compositor it started all on CPU {cpu}, "
                    "so that no path's wake-ups cross CPUs (on a VM a wake-up on another, "
                    "idle CPU costs more than the relaying); a compositor given with "
