@@ -208,7 +208,7 @@ def _runs(policies: list[str], remote: bool) -> list[str]:
 
 
 def run_churn_bench(args: argparse.Namespace) -> int:
-    resolve(args)
+    """The bench, with ``args`` as ``check_churn`` left them (defaults resolved)."""
     try:
         policies = _policies(args.policies or ",".join(POLICIES))
     except ValueError as exc:
