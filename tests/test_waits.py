@@ -237,13 +237,19 @@ def test_pages_for_the_defaults_are_whole_pages() -> None:
 # -- windows closed while the compositor still shows them (close animations) -------------
 
 
-def close_window(world: World, seed: int) -> int:
-    """A window drawn once and destroyed while the compositor holds its buffer (as a
-    close animation does): its output buffer's upstream id."""
+def drawn_window(world: World, seed: int) -> tuple[int, int, int]:
+    """A window drawn once: its surface, the client's buffer and the output buffer's
+    upstream id."""
     buffer, _ = client_buffer(world, seed)
     surface = world.surface()
     _, got = world.commit(surface, buffer, (0, 0, W, H))
-    out = attached(got)
+    return surface, buffer, attached(got)
+
+
+def close_window(world: World, seed: int) -> int:
+    """A window drawn once and destroyed while the compositor holds its buffer (as a
+    close animation does): its output buffer's upstream id."""
+    surface, _, out = drawn_window(world, seed)
     world.send(req(surface, "wl_surface", "destroy"))
     return out
 
@@ -275,10 +281,7 @@ def test_a_closed_windows_output_goes_when_the_client_destroys_its_buffer(
     # the compositor would lose the buffer now (a close animation has nothing left to
     # draw), so it loses the output now: destroyed upstream in the same batch, its area
     # cached at once for the next window, no wait for the release.
-    buffer, _ = client_buffer(world, 1)
-    surface = world.surface()
-    _, got = world.commit(surface, buffer, (0, 0, W, H))
-    out = attached(got)
+    surface, buffer, out = drawn_window(world, 1)
     world.send(req(surface, "wl_surface", "destroy"))
     assert world.ledger.total.pages.cached == 0, "held: the compositor may show it"
     _, got = world.send(req(buffer, "wl_buffer", "destroy"))
@@ -298,10 +301,7 @@ def test_a_closed_windows_output_goes_when_the_client_destroys_its_buffer(
 
 def test_a_window_closed_after_its_buffer_was_destroyed_gives_its_output_back_at_once(
         world: World) -> None:
-    buffer, _ = client_buffer(world, 1)
-    surface = world.surface()
-    _, got = world.commit(surface, buffer, (0, 0, W, H))
-    out = attached(got)
+    surface, buffer, out = drawn_window(world, 1)
     # The buffer goes first: the window still shows the output (a compositor that
     # copied the buffer keeps showing it), so it stays.
     assert world.send(req(buffer, "wl_buffer", "destroy"))[1] == []
