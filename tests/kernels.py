@@ -90,14 +90,20 @@ def serving(env: dict[str, str], name: str, *extra: str) -> Iterator[RunningKern
         try:
             wanted = str(runtime / name)
             deadline = time.monotonic() + 20
-            while True:
-                found = [k for k in running_kernels(base_of(env)) if k.socket == wanted]
-                if found:
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
+            # serve is ready once it says where it listens: only then does a signal end
+            # it cleanly (its kernel is running a moment before).
+            said = ""
+            while "qubesshm: listening on" not in said:
+                assert proc.stderr is not None
+                left = deadline - time.monotonic()
+                if proc.poll() is not None or left <= 0:
                     proc.kill()
-                    pytest.fail(f"qubesshm serve did not start: {proc.communicate()[1]}")
-                time.sleep(0.02)
+                    pytest.fail(f"qubesshm serve did not start: {said}"
+                                f"{proc.communicate()[1]}")
+                if select.select([proc.stderr], [], [], left)[0]:
+                    said += proc.stderr.readline()
+            found = [k for k in running_kernels(base_of(env)) if k.socket == wanted]
+            assert found, f"serve listens, yet no kernel serves {wanted}: {said}"
             yield found[0]
         finally:
             proc.send_signal(signal.SIGTERM)
