@@ -27,6 +27,7 @@ from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.pixels.region import MAX_RECTS
 from qubesshm.relay.session import RelaySession, Step
+from qubesshm.shm.bridge import MAX_SPENT_POOLS
 from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
 from qubesshm.wire.codec import (
     ArgValue,
@@ -745,6 +746,38 @@ def test_the_per_client_cap_evicts_the_clients_own_cache_first(world: World) -> 
     assert step.error is None, step.error
     assert world.lifetimes.counters.evictions == 1
     assert world.ledger.total.pages.cached == 0
+
+
+def test_a_spent_pool_is_closed_by_close_spent(world: World) -> None:
+    """A pool the client is done with (destroyed, and its buffers too) keeps its fd
+    until ``close_spent``, which the I/O layer calls once the batch's replies went."""
+    pool, _ = world.pool(4 * 16 * 16)
+    _, buffer = world.buffer(pool, 0, 16, 16, 64)
+    shm = world.session.shm
+    assert shm is not None
+    kept = shm.pools[pool]
+    world.send(req(pool, "wl_shm_pool", "destroy"))
+    assert not world.session.spent and kept.fd >= 0  # its buffer still needs it
+    world.send(req(buffer, "wl_buffer", "destroy"))
+    assert world.session.spent and kept.fd >= 0
+    world.session.close_spent()
+    assert not world.session.spent and kept.fd == -1
+
+
+def test_spent_pools_are_bounded(world: World) -> None:
+    """However long the I/O layer waits, at most MAX_SPENT_POOLS pools stay open."""
+    shm = world.session.shm
+    assert shm is not None
+    kept = []
+    for _ in range(MAX_SPENT_POOLS + 1):
+        pool, _ = world.pool(4096)
+        kept.append(shm.pools[pool])
+        world.send(req(pool, "wl_shm_pool", "destroy"))
+        assert len(shm.spent) < MAX_SPENT_POOLS
+    assert [p.fd for p in kept[:MAX_SPENT_POOLS]] == [-1] * MAX_SPENT_POOLS
+    assert kept[-1].fd >= 0
+    world.session.end()
+    assert kept[-1].fd == -1
 
 
 def test_everything_is_released_at_the_end(world: World) -> None:

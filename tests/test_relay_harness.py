@@ -1038,6 +1038,34 @@ def test_fds_of_rejected_messages_are_closed(harness: Harness, proxy: Proxy) -> 
                        f"{fd_count(proxy.pid)})")
 
 
+def held_inodes(pid: int) -> set[int]:
+    """The inodes of the files process ``pid`` holds open."""
+    inodes = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            inodes.add(os.stat(f"/proc/{pid}/fd/{name}").st_ino)
+    return inodes
+
+
+def test_a_destroyed_pool_is_closed_with_nothing_more_from_the_client(
+        harness: Harness, proxy: Proxy) -> None:
+    """The proxy closes a pool the client destroyed (its pages go with the last fd) a
+    moment after relaying that batch, with no further request or event to prompt it."""
+    pair, shm = shm_pair(harness, proxy)
+    pool = pair.new_id()
+    fd = memfd_with(b"\x01" * 8192)
+    inode = os.fstat(fd).st_ino
+    pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
+                                     [pool, fd, 8192]))
+    os.close(fd)
+    wait_until(lambda: inode in held_inodes(proxy.pid), "the proxy taking the pool")
+    pair.client.send(req(pool, "wl_shm_pool", "destroy"))
+    # The proxy kept the pool, so it retires the id itself.
+    assert pair.client.recv_message()[:2] == (1, 1)
+    wait_until(lambda: inode not in held_inodes(proxy.pid),
+               "the proxy closing the destroyed pool's fd")
+
+
 def test_fds_sent_ahead_of_any_message_are_bounded(harness: Harness, proxy: Proxy) -> None:
     baseline = idle_fd_count(proxy)
     pair = harness.connect(proxy)

@@ -225,6 +225,16 @@ class RelaySession:
             self.shm.close()
 
     @property
+    def spent(self) -> bool:
+        """The client is done with pools whose fds are still open: ``close_spent``
+        closes them (the I/O layer does, a moment after it has sent the step)."""
+        return self.shm is not None and bool(self.shm.spent)
+
+    def close_spent(self) -> None:
+        if self.shm is not None:
+            self.shm.close_spent()
+
+    @property
     def waiting_for_room(self) -> bool:
         """The parked commit waits for the grant limits to have room, which pages freed
         anywhere in the proxy may bring: try it again with ``retry``."""

@@ -56,6 +56,9 @@ MAX_POOL_SIZE = (2**31 - 1) // PAGE_SIZE * PAGE_SIZE
 # Each client pool holds an open fd in the proxy until the client destroys it and
 # its buffers; libwayland's own fd buffer bounds a client to about this many.
 MAX_POOLS_PER_CLIENT = 1024
+# Pools the client is done with wait this many to be closed (``close_spent``); at
+# this many they are closed at once.
+MAX_SPENT_POOLS = 64
 
 # wl_surface.error
 INVALID_SCALE = 0
@@ -126,6 +129,11 @@ class ShmBridge:
         self._waited_for_room = False
         # Output buffers of destroyed surfaces that the compositor still holds.
         self._orphans: set[OutputBuffer] = set()
+        # Pools nothing needs any more; the I/O layer closes their fds (``close_spent``)
+        # after it has sent what their batch produced: closing the last reference to
+        # a client's file frees its pages (about 60 us for a 400x300 window's), and
+        # nobody waits for that.
+        self.spent: list[ClientPool] = []
         self._req = {
             (iface.name, m.name): m for iface in protocol.interfaces.values()
             for m in iface.requests
@@ -216,10 +224,24 @@ class ShmBridge:
         self.lifetimes.close_connection(self.owner)
         for pool in self._held_pools():
             pool.close()
+        self.close_spent()
         self.pools.clear()
         self.buffers.clear()
 
+    def close_spent(self) -> None:
+        """Close the pools the client is done with (the I/O layer calls this once the
+        replies the client waits for have gone)."""
+        spent, self.spent = self.spent, []
+        for pool in spent:
+            pool.close()
+
     # -- pools and buffers -----------------------------------------------------
+
+    def _spend(self, pool: ClientPool) -> None:
+        """``pool`` is not needed any more: its fd is closed with ``close_spent``."""
+        self.spent.append(pool)
+        if len(self.spent) >= MAX_SPENT_POOLS:
+            self.close_spent()
 
     def _held_pools(self) -> list[ClientPool]:
         """Every pool whose fd the proxy holds: live ones, and destroyed ones that
@@ -267,7 +289,7 @@ class ShmBridge:
         pool = self.pools.pop(obj.id)
         pool.alive = False
         if not pool.needed:
-            pool.close()
+            self._spend(pool)
         return Verdict.CONSUMED
 
     def _destroy_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
@@ -278,7 +300,7 @@ class ShmBridge:
         buffer.alive = False
         buffer.pool.buffers.discard(buffer.client_id)
         if not buffer.pool.needed:
-            buffer.pool.close()
+            self._spend(buffer.pool)
         for out in [o for o in self._orphans if o.source is buffer]:
             # The compositor shows a closed window's output, which stands for this
             # buffer: without the proxy it would now lose the buffer, so it loses the
