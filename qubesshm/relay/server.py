@@ -69,6 +69,11 @@ ENDED_KEPT = 32
 # them, off the path of the replies the client waits for: closing the last fd of a
 # pool's file frees its pages (about 60 us for a 400x300 window's pool).
 SPENT_POOL_DELAY = 0.002
+# The proxy's own answers to a batch of requests (the delete_id of a pool or buffer it
+# kept, the early release of a buffer it copied) wait for the compositor's answer to
+# the same batch and go to the client in one write with it, as a compositor writes
+# what one dispatch produced at once; at most this long.
+OWN_EVENTS_DELAY = 0.001
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -128,6 +133,10 @@ class ClientRelay:
         self._finishing: str | None = None
         self._stall: dict[Peer, asyncio.TimerHandle] = {}
         self._spent_timer: asyncio.TimerHandle | None = None
+        # The proxy's own events for the client, waiting for the compositor's answer
+        # (OWN_EVENTS_DELAY).
+        self._own_events: list[Segment] = []
+        self._own_events_timer: asyncio.TimerHandle | None = None
         if self.session.shm is not None:
             self.session.shm.wake = self._wake
         self._update_readers()
@@ -257,10 +266,36 @@ class ClientRelay:
         if got is None:
             return 0
         data, fds = got
-        step = (self.session.from_client(data, fds) if is_client
-                else self.session.from_compositor(data, fds))
+        if is_client:
+            step = self.session.from_client(data, fds)
+            self._hold_own_events(step)
+        else:
+            step = self.session.from_compositor(data, fds)
         self._apply(step)
         return len(data)
+
+    def _hold_own_events(self, step: Step) -> None:
+        """What a batch of requests made for the client (the proxy's own events) waits
+        for the compositor's answer to the batch, if the batch went upstream."""
+        if not step.to_client or not step.to_compositor or step.error is not None:
+            return
+        self._own_events += step.to_client
+        step.to_client = []
+        if self._own_events_timer is None:
+            self._own_events_timer = self.loop.call_later(OWN_EVENTS_DELAY,
+                                                          self._send_own_events)
+
+    def _take_own_events(self) -> list[Segment]:
+        if self._own_events_timer is not None:
+            self._own_events_timer.cancel()
+            self._own_events_timer = None
+        held, self._own_events = self._own_events, []
+        return held
+
+    def _send_own_events(self) -> None:
+        """No answer came in time: the proxy's own events go alone."""
+        self._own_events_timer = None
+        self._send(self.client, self._take_own_events())
 
     def _apply(self, step: Step) -> None:
         for fd in step.discarded_fds:
@@ -295,6 +330,8 @@ class ClientRelay:
     # -- writing -------------------------------------------------------------
 
     def _send(self, dest: Peer, segments: list[Segment]) -> None:
+        if dest is self.client and segments and self._own_events:
+            segments = self._take_own_events() + segments  # made first, so sent first
         if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
@@ -401,6 +438,8 @@ class ClientRelay:
         """
         if self.closed or self._finishing is not None:
             return
+        if self._own_events:
+            self._send(self.client, self._take_own_events())
         self._finishing = reason
         self._update_readers()
         for dest in list(self._stall):
@@ -429,6 +468,7 @@ class ClientRelay:
         if self._spent_timer is not None:
             self._spent_timer.cancel()  # the session's end closes the spent pools
             self._spent_timer = None
+        self._send(self.client, self._take_own_events())  # closed: only their fds close
         self._update_readers()
         for transport in self._waiting_to_write:
             transport.unwatch_writable(self.loop)
