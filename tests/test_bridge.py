@@ -276,7 +276,9 @@ def attached(got: list[Received]) -> int:
 
 
 def client_events(step: Step) -> list[tuple[int, int, bytes]]:
-    return [(f.object_id, f.opcode, f.data) for f in frames_of(step.to_client)]
+    """What the step has for the client: the proxy's own delete_ids, then the rest."""
+    return [(f.object_id, f.opcode, f.data)
+            for f in frames_of(step.own_delete_ids + step.to_client)]
 
 
 def released(step: Step, buffer: int) -> bool:
@@ -546,6 +548,7 @@ def test_destroying_a_kept_object_gets_delete_id_from_the_proxy(world: World) ->
     pool, _ = world.pool(64, b"\x01" * 64)
     step, got = world.send(req(pool, "wl_shm_pool", "destroy"))
     assert got == []
+    assert step.to_client == []  # its own: the I/O layer may send it with the next
     events = client_events(step)
     assert [(o, op) for o, op, _ in events] == [(1, 1)]
     assert decode_args(ev_spec("wl_display", "delete_id"), events[0][2], []) == [pool]
@@ -964,6 +967,16 @@ def test_a_skipped_new_id_is_refused(world: World) -> None:
     for fd in step.discarded_fds:
         os.close(fd)
     assert parse_error(step.to_client)[:2] == [1, ErrorCode.INVALID_METHOD]
+
+
+def test_the_proxys_own_delete_ids_go_ahead_of_an_error(world: World) -> None:
+    """A batch that ends in a protocol error: its delete_ids are in the client's last
+    write, ahead of the error."""
+    pool, _ = world.pool(64, b"\x01" * 64)
+    step, _ = world.send(req(pool, "wl_shm_pool", "destroy"), req(4242, "wl_surface", "commit"))
+    assert step.error is not None and step.own_delete_ids == []
+    events = [(o, op) for o, op, _ in client_events(step)]
+    assert events == [(1, 1), (1, 0)]  # delete_id, then wl_display.error
 
 
 def test_delete_id_for_a_live_output_buffer_is_the_compositors_error(world: World) -> None:

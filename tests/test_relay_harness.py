@@ -1224,35 +1224,44 @@ def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
     other.roundtrip()
 
 
-def test_the_proxys_own_events_go_before_the_compositors_answer(harness: Harness,
-                                                               proxy: Proxy) -> None:
-    """The early release of a copied buffer waits for the compositor's answer to the
-    same batch and reaches the client ahead of it, in the order they were made."""
+def test_the_proxys_own_delete_ids_go_with_the_compositors_answer(harness: Harness,
+                                                                   proxy: Proxy) -> None:
+    """The delete_ids the proxy sends itself (for a pool and a buffer it kept) go ahead
+    of the compositor's answer to the same batch; with no answer, a moment later."""
     pair = harness.connect(proxy)
     registry = pair.get_registry()
     compositor = pair.bind(registry, 1, "wl_compositor", 4)
     shm = pair.bind(registry, 2, "wl_shm", 1)
-    pool, buffer, surface, callback = (pair.new_id() for _ in range(4))
+    pool, buffer, callback = (pair.new_id() for _ in range(3))
     fd = memfd_with(b"\x01" * 64)
     pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
                                      [pool, fd, 64]))
     os.close(fd)
     pair.client.send(req(pool, "wl_shm_pool", "create_buffer", buffer, 0, 4, 4, 16, 1)
-                     + req(compositor, "wl_compositor", "create_surface", surface)
-                     + req(surface, "wl_surface", "attach", buffer, 0, 0)
-                     + req(surface, "wl_surface", "commit")
+                     + req(buffer, "wl_buffer", "destroy")
+                     + req(pool, "wl_shm_pool", "destroy")
                      + req(1, "wl_display", "sync", callback))
-    while True:  # the proxy's pool and buffer, the attach and commit, then the sync
-        object_id, opcode, data = pair.compositor.recv_message()
-        if (object_id, opcode) == (1, 0):
-            (upstream_callback,) = struct.unpack_from("=I", data, 8)
-            break
+    object_id, opcode, data = pair.compositor.recv_message()
+    assert (object_id, opcode) == (1, 0)  # the sync: the pool and buffer stayed here
+    (upstream_callback,) = struct.unpack_from("=I", data, 8)
     pair.compositor.send(evt(upstream_callback, "wl_callback", "done", 7)
                          + evt(1, "wl_display", "delete_id", upstream_callback))
-    assert pair.client.recv_message()[:2] == (buffer, 0)  # wl_buffer.release
+    deleted = [struct.unpack_from("=I", pair.client.recv_message()[2], 8)[0]
+               for _ in range(2)]
+    assert deleted == [buffer, pool]
     assert pair.client.recv_message()[:2] == (callback, 0)  # wl_callback.done
-    assert pair.client.recv_message()[:2] == (1, 1)  # wl_display.delete_id
-    pair.roundtrip()
+    assert pair.client.recv_message()[:2] == (1, 1)  # its delete_id
+    # A batch the compositor does not answer: the delete_id comes all the same.
+    pool, surface = pair.new_id(), pair.new_id()
+    fd = memfd_with(b"\x01" * 64)
+    pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
+                                     [pool, fd, 64]))
+    os.close(fd)
+    pair.client.send(req(pool, "wl_shm_pool", "destroy")
+                     + req(compositor, "wl_compositor", "create_surface", surface))
+    assert pair.compositor.recv_message()[:2] == (compositor, 0)
+    object_id, opcode, data = pair.client.recv_message()
+    assert (object_id, opcode) == (1, 1) and struct.unpack_from("=I", data, 8)[0] == pool
 
 
 def test_a_proxy_never_replaces_another_proxys_stats_socket(harness: Harness) -> None:

@@ -69,10 +69,10 @@ ENDED_KEPT = 32
 # them, off the path of the replies the client waits for: closing the last fd of a
 # pool's file frees its pages (about 60 us for a 400x300 window's pool).
 SPENT_POOL_DELAY = 0.002
-# The proxy's own answers to a batch of requests (the delete_id of a pool or buffer it
-# kept, the early release of a buffer it copied) wait for the compositor's answer to
-# the same batch and go to the client in one write with it, as a compositor writes
-# what one dispatch produced at once; at most this long.
+# The proxy's own delete_ids (for the pools and buffers it kept) of a batch of
+# requests that went upstream wait for the compositor's answer to that batch and go
+# to the client in one write with it, as a compositor writes what one dispatch made at
+# once; at most this long.
 OWN_EVENTS_DELAY = 0.001
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -133,7 +133,7 @@ class ClientRelay:
         self._finishing: str | None = None
         self._stall: dict[Peer, asyncio.TimerHandle] = {}
         self._spent_timer: asyncio.TimerHandle | None = None
-        # The proxy's own events for the client, waiting for the compositor's answer
+        # The proxy's own delete_ids, waiting for the compositor's answer
         # (OWN_EVENTS_DELAY).
         self._own_events: list[Segment] = []
         self._own_events_timer: asyncio.TimerHandle | None = None
@@ -266,24 +266,22 @@ class ClientRelay:
         if got is None:
             return 0
         data, fds = got
-        if is_client:
-            step = self.session.from_client(data, fds)
-            self._hold_own_events(step)
-        else:
-            step = self.session.from_compositor(data, fds)
+        step = (self.session.from_client(data, fds) if is_client
+                else self.session.from_compositor(data, fds))
         self._apply(step)
         return len(data)
 
-    def _hold_own_events(self, step: Step) -> None:
-        """What a batch of requests made for the client (the proxy's own events) waits
-        for the compositor's answer to the batch, if the batch went upstream."""
-        if not step.to_client or not step.to_compositor or step.error is not None:
-            return
-        self._own_events += step.to_client
-        step.to_client = []
-        if self._own_events_timer is None:
-            self._own_events_timer = self.loop.call_later(OWN_EVENTS_DELAY,
-                                                          self._send_own_events)
+    def _hold_own_delete_ids(self, step: Step) -> None:
+        """The proxy's own delete_ids wait for the compositor's answer when the step
+        went upstream and has nothing else for the client; else they go with it."""
+        if step.to_client or not step.to_compositor:
+            step.to_client = step.own_delete_ids + step.to_client
+        else:
+            self._own_events += step.own_delete_ids
+            if self._own_events_timer is None:
+                self._own_events_timer = self.loop.call_later(OWN_EVENTS_DELAY,
+                                                              self._send_own_events)
+        step.own_delete_ids = []
 
     def _take_own_events(self) -> list[Segment]:
         if self._own_events_timer is not None:
@@ -298,6 +296,8 @@ class ClientRelay:
         self._send(self.client, self._take_own_events())
 
     def _apply(self, step: Step) -> None:
+        if step.own_delete_ids:
+            self._hold_own_delete_ids(step)
         for fd in step.discarded_fds:
             os.close(fd)
         self._send(self.compositor, step.to_compositor)

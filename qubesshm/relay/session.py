@@ -115,6 +115,10 @@ class Step:
     client_at_fault: bool = False
     # Fds of the rejected message: taken off the wire, forwarded nowhere.
     discarded_fds: list[int] = field(default_factory=list)
+    # The proxy's own delete_id events, for the objects it kept (pools and buffers):
+    # no client waits for one, so the I/O layer may send them with its next write to
+    # the client, before what that write carries.
+    own_delete_ids: list[Segment] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -152,6 +156,8 @@ class RelaySession:
         # session tests use it so); the proxy always gives it grants.
         # What the proxy sends upstream on its own, outside any client request.
         self._later = Outbox()
+        # The delete_ids of the pump under way for objects the proxy kept.
+        self._own_delete_ids = Outbox()
         self.shm = (ShmBridge(protocol, self.ids, grants, owner, counters, clock, self._later,
                               self._trace_own if tracer is not None else None)
                     if grants is not None else None)
@@ -300,6 +306,11 @@ class RelaySession:
         self._add_later(upstream)
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()
+        if self._own_delete_ids:
+            step.own_delete_ids = self._own_delete_ids.take()
+            if step.error is not None:  # the last write to the client: they go first
+                step.to_client = step.own_delete_ids + step.to_client
+                step.own_delete_ids = []
         return step
 
     def _next_frame(self, reader: WireReader, at_eof: bool) -> tuple[int, int, int] | None:
@@ -483,7 +494,7 @@ class RelaySession:
                     self.ids.remove_local(obj.id)
                     self.objects.delete_id(obj.id)
                     data, _ = encode_message(DISPLAY_ID, self._delete_id, [obj.id])
-                    down.add(data, [])
+                    self._own_delete_ids.add(data, [])
             if self.tracer is not None:
                 self.tracer(Relayed(Direction.REQUEST, obj, spec, args, "kept by qubesshm"))
             return True
