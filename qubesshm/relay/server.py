@@ -5,6 +5,9 @@ bytes and fds between sockets with asyncio readers and writers, applies
 backpressure (while a peer is not reading, the proxy stops reading what would
 add to its queue; the session is dropped if that peer accepts nothing for
 ``stall_timeout`` seconds) and tears a session down when either end goes away.
+It also chooses when: the proxy's own delete_ids wait for the compositor's answer
+to their batch (``OWN_EVENTS_DELAY``), and pools the client is done with are closed
+once the batch's replies went (``SPENT_POOL_DELAY``).
 """
 
 from __future__ import annotations
