@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from qubesshm.bench.churn import PolicyResult, plot, record, set_ratios
+from qubesshm.bench.churn import PolicyResult, plot, record, set_ratios, spread_warnings
 from qubesshm.bench.churn_agent import not_shown
 from qubesshm.headless import HeadlessWeston
 
@@ -167,6 +167,10 @@ def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
                     f"{medians['ratio_to_direct']:.2f} x direct (runs: "
                     + " ".join(f"{r:.1f}" for r in rates) + " windows/s; "
                     + " ".join(f"{r:.2f}" for r in ratios) + " x direct)")
+    # Whatever the runs' spread, the JSON's warnings are the ones printed.
+    printed = [line.removeprefix("warning: ") for line in out.splitlines()
+               if line.startswith("warning: ")]
+    assert printed == data["warnings"]
 
 
 def test_unpaced_and_paced_options_do_not_mix() -> None:
@@ -402,3 +406,27 @@ def test_windows_the_agent_did_not_send_are_a_failure_with_its_reason(tmp_path: 
         "<toplevel 3> is not shown: a window image of 900 pages is more than what a client "
         "may hold (512 pages); raise --client-pages)")
     assert not_shown({"daemon": {"created": 3}}, 3, log) is None
+
+
+def _runs(direct: list[float], recycle: list[float]) -> list[dict[str, PolicyResult]]:
+    runs = []
+    for d, r in zip(direct, recycle, strict=True):
+        run = {"recycle": PolicyResult("recycle", windows_per_second=r),
+               "direct": PolicyResult("direct", windows_per_second=d)}
+        set_ratios(run)
+        runs.append(run)
+    return runs
+
+
+def test_medians_that_spread_get_a_warning_naming_the_spread() -> None:
+    """Runs whose ratios to direct lie more than 0.1 apart, or whose direct rate moved
+    by more than a fifth, make medians not to quote alone: each is said."""
+    assert spread_warnings(_runs([240, 245, 250], [210, 215, 220])) == []
+    assert spread_warnings(_runs([240], [150])) == []  # one run: no spread
+    spread = spread_warnings(_runs([240, 240, 240], [220, 180, 210]))
+    assert len(spread) == 1 and spread[0].startswith(
+        "recycle: the runs' ratios to direct spread from 0.75 to 0.92, more than 0.1")
+    moved = spread_warnings(_runs([150, 240, 240], [135, 216, 216]))
+    assert moved == ["direct's rate moved from 150.0 to 240.0 windows/s between runs, more "
+                     "than 1.2x: the machine changed under the run"]
+

@@ -83,6 +83,10 @@ UNPACED_SIZE = "400x300"
 UNPACED_WINDOWS = 300
 UNPACED_REPEATS = 3
 UNPACED_POLICIES = ("recycle", AGENT, "direct")
+# Past these spreads between runs the medians get a warning (``spread_warnings``): a
+# policy's ratio to direct (0.10 apart), direct's own rate (1.2x).
+RATIO_SPREAD = 0.10
+DIRECT_SPREAD = 1.2
 _RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s")
 _OPENED = re.compile(r"^opened (\d+)$", re.MULTILINE)
 
@@ -245,8 +249,11 @@ def run_churn_bench(args: argparse.Namespace) -> int:
             _print_table(results, windows, args)
             runs.append(results)
     medians = median_rates(runs)
+    warnings = spread_warnings(runs)
     if len(runs) > 1:
         _print_medians(medians, runs)
+        for warning in warnings:
+            print(f"warning: {warning}")
     results = runs[-1]
     if args.json:
         data = {"config": {k: getattr(args, k) for k in ("rate", "seconds", "size",
@@ -258,7 +265,7 @@ def run_churn_bench(args: argparse.Namespace) -> int:
                 "windows": windows,
                 "policies": {name: asdict(r) for name, r in results.items()},
                 **({"runs": [{name: asdict(r) for name, r in run.items()} for run in runs],
-                    "medians": medians} if len(runs) > 1 else {})}
+                    "medians": medians, "warnings": warnings} if len(runs) > 1 else {})}
         write_output(Path(args.json), json.dumps(data, indent=2) + "\n")
     if args.plot:
         figure = plot(results, args)
@@ -278,6 +285,30 @@ def median_rates(runs: list[dict[str, PolicyResult]]) -> dict[str, dict[str, flo
                   and (r := run[name].ratio_to_direct) is not None]
         out[name] = {"windows_per_second": statistics.median(rates),
                      "ratio_to_direct": statistics.median(ratios) if ratios else None}
+    return out
+
+
+def spread_warnings(runs: list[dict[str, PolicyResult]]) -> list[str]:
+    """Why the medians of ``runs`` are not figures to quote, one sentence each (none:
+    no reason found): a policy's ratios to direct that spread by more than
+    ``RATIO_SPREAD`` between runs, or direct's own rate by more than
+    ``DIRECT_SPREAD`` times."""
+    out: list[str] = []
+    if len(runs) < 2:
+        return out
+    for name in runs[0]:
+        ratios = [r for run in runs if name in run
+                  and (r := run[name].ratio_to_direct) is not None]
+        if name != "direct" and len(ratios) > 1 and max(ratios) - min(ratios) > RATIO_SPREAD:
+            out.append(f"{name}: the runs' ratios to direct spread from {min(ratios):.2f} to "
+                       f"{max(ratios):.2f}, more than {RATIO_SPREAD}: the median moves by "
+                       "hundredths from one invocation to the next; quote it only with "
+                       "another invocation's (more --repeats, a quieter machine)")
+    rates = [run["direct"].windows_per_second for run in runs if "direct" in run]
+    if len(rates) > 1 and min(rates) > 0 and max(rates) > DIRECT_SPREAD * min(rates):
+        out.append(f"direct's rate moved from {min(rates):.1f} to {max(rates):.1f} windows/s "
+                   f"between runs, more than {DIRECT_SPREAD}x: the machine changed under "
+                   "the run")
     return out
 
 
