@@ -11,6 +11,7 @@ Messages are forwarded byte for byte unless the proxy had to rewrite them.
 from __future__ import annotations
 
 import enum
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from ..wire.codec import (
 )
 from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 from .fastpath import Relay, select_fast_path
+
+# A message header's first word: the object id, as the codec writes it.
+_OBJECT_ID = struct.Struct("=I")
 
 if TYPE_CHECKING:
     from ..grants.lifetimes import GrantLifetimes
@@ -510,7 +514,9 @@ class RelaySession:
         if target is None:
             raise WireError(f"{obj} is kept by qubesshm; the compositor cannot take "
                             f"{obj}.{spec.name}", ErrorCode.INVALID_OBJECT, obj.id)
-        changed = target != obj.id
+        # Only the sender's id differs: the message is the client's with a new header.
+        renumbered = target != obj.id
+        changed = False  # an argument differs
         translated: list[ArgValue] = list(args)
         for index, (arg, value) in enumerate(zip(spec.args, args, strict=True)):
             kind = arg.kind
@@ -541,12 +547,15 @@ class RelaySession:
                         changed = True
         if spec.destructor:
             ids.destroyed(target)
-        if not changed:
+        if not changed and not renumbered:
             if self.tracer is not None:
                 self.tracer(Relayed(Direction.REQUEST, obj, spec, args))
             up.add(frame.data, fds)
             return
-        data, _ = encode_message(target, spec, translated)
+        if changed:
+            data, _ = encode_message(target, spec, translated)
+        else:
+            data = _OBJECT_ID.pack(target) + frame.data[_OBJECT_ID.size:]
         if self.tracer is not None:
             self.tracer(Relayed(Direction.REQUEST, obj, spec, args,
                                 "upstream: " + _upstream_note(spec, target, translated)))
@@ -645,10 +654,13 @@ class RelaySession:
             self.objects.destroyed(obj, by_compositor=True)
         upstream_id = frame.object_id
         translated = self._translate_event_args(obj, spec, args)
-        if translated is not args or upstream_id != obj.id:
+        if translated is not args:
             data, _ = encode_message(obj.id, spec, translated)
             note = note or f"upstream @{upstream_id}"
             args = translated
+        elif upstream_id != obj.id:  # only the sender's id: a new header
+            data = _OBJECT_ID.pack(obj.id) + data[_OBJECT_ID.size:]
+            note = note or f"upstream @{upstream_id}"
         if self.tracer is not None:
             self.tracer(Relayed(Direction.EVENT, obj, spec, args, note))
         out.add(data, fds)
