@@ -171,6 +171,8 @@ class _ScalarPlan:
     layout: struct.Struct
     size: int
     plain: bool  # nothing but int/uint: the unpacked tuple is the answer
+    # No fd and no fixed: the values, a null object as 0, are the words to pack.
+    words: bool = False
 
 
 def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
@@ -182,7 +184,9 @@ def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
                             for a in spec.args if a.kind is not ArgKind.FD)
             layout = struct.Struct("=" + words)
             plan = _ScalarPlan(layout, HEADER_SIZE + layout.size,
-                               all(a.kind in (ArgKind.INT, ArgKind.UINT) for a in spec.args))
+                               all(a.kind in (ArgKind.INT, ArgKind.UINT) for a in spec.args),
+                               all(a.kind not in (ArgKind.FD, ArgKind.FIXED)
+                                   for a in spec.args))
         else:
             plan = False
         object.__setattr__(spec, "codec_plan", plan)
@@ -297,6 +301,12 @@ def encode_message(object_id: int, spec: MessageSpec,
     """Bytes and fds of one message; the inverse of ``decode_args``."""
     if len(args) != len(spec.args):
         raise ValueError(f"{spec} takes {len(spec.args)} arguments, got {len(args)}")
+    plan = _plan(spec)
+    if plan and isinstance(plan, _ScalarPlan) and plan.words:
+        # 32-bit words only: one pack, as ``decode_args`` reads them with one unpack.
+        words = args if plan.plain else [0 if value is None else value for value in args]
+        return (HEADER.pack(object_id, plan.size << 16 | spec.opcode)
+                + plan.layout.pack(*words), [])
     body = bytearray()
     fds: list[int] = []
     for arg, value in zip(spec.args, args, strict=True):
