@@ -1793,12 +1793,25 @@ check_args(const char *name, Py_ssize_t nargs, Py_ssize_t wanted)
     return 0;
 }
 
+/* The tables of a module function's first argument, an ObjectMap (ON_OBJECTS) or an
+   UpstreamIds (ON_IDS), once its argument count is checked; -1 with an exception set.
+   The caller closes them. */
+enum { ON_OBJECTS, ON_IDS };
+
+static int
+entry_open(Tables *t, const char *name, PyObject *const *args, Py_ssize_t nargs,
+           Py_ssize_t wanted, int on)
+{
+    if (!check_args(name, nargs, wanted) || set_up())
+        return -1;
+    return tables_open(t, on == ON_OBJECTS ? args[0] : NULL, on == ON_IDS ? args[0] : NULL);
+}
+
 static PyObject *
 mod_add_client_object(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("add_client_object", nargs, 2) || set_up()
-        || tables_open(&t, NULL, args[0]))
+    if (entry_open(&t, "add_client_object", args, nargs, 2, ON_IDS))
         return NULL;
     PyObject *res = ids_add_client_object(&t, args[1]);
     tables_close(&t);
@@ -1809,8 +1822,7 @@ static PyObject *
 mod_delete_id(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("delete_id", nargs, 2) || set_up()
-        || tables_open(&t, NULL, args[0]))
+    if (entry_open(&t, "delete_id", args, nargs, 2, ON_IDS))
         return NULL;
     PyObject *res = ids_delete_id(&t, args[1]);
     tables_close(&t);
@@ -1821,8 +1833,7 @@ static PyObject *
 mod_destroyed(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("destroyed", nargs, 2) || set_up()
-        || tables_open(&t, NULL, args[0]))
+    if (entry_open(&t, "destroyed", args, nargs, 2, ON_IDS))
         return NULL;
     int r = ids_destroyed(&t, args[1]);
     tables_close(&t);
@@ -1835,8 +1846,7 @@ static PyObject *
 mod_create_by_client(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("create_by_client", nargs, 4) || set_up()
-        || tables_open(&t, args[0], NULL))
+    if (entry_open(&t, "create_by_client", args, nargs, 4, ON_OBJECTS))
         return NULL;
     PyObject *res = objects_create_by_client(&t, args[1], args[2], args[3]);
     tables_close(&t);
@@ -1847,8 +1857,7 @@ static PyObject *
 mod_create_by_server(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("create_by_server", nargs, 4) || set_up()
-        || tables_open(&t, args[0], NULL))
+    if (entry_open(&t, "create_by_server", args, nargs, 4, ON_OBJECTS))
         return NULL;
     PyObject *res = objects_create_by_server(&t, args[1], args[2], args[3]);
     tables_close(&t);
@@ -1879,8 +1888,7 @@ static PyObject *
 mod_object_delete_id(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Tables t;
-    if (!check_args("object_delete_id", nargs, 2) || set_up()
-        || tables_open(&t, args[0], NULL))
+    if (entry_open(&t, "object_delete_id", args, nargs, 2, ON_OBJECTS))
         return NULL;
     int r = objects_delete_id(&t, args[1]);
     tables_close(&t);
