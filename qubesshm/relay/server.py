@@ -6,7 +6,7 @@ backpressure (while a peer is not reading, the proxy stops reading what would
 add to its queue; the session is dropped if that peer accepts nothing for
 ``stall_timeout`` seconds) and tears a session down when either end goes away.
 It also chooses when: the proxy's own delete_ids wait for the compositor's answer
-to their batch (``OWN_EVENTS_DELAY``), and pools the client is done with are closed
+to their batch (``OWN_DELETE_IDS_DELAY``), and pools the client is done with are closed
 once the batch's replies went (``SPENT_POOL_DELAY``).
 """
 
@@ -76,7 +76,7 @@ SPENT_POOL_DELAY = 0.002
 # requests that went upstream wait for the compositor's answer to that batch and go
 # to the client in one write with it, as a compositor writes what one dispatch made at
 # once; at most this long.
-OWN_EVENTS_DELAY = 0.001
+OWN_DELETE_IDS_DELAY = 0.001
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -137,9 +137,9 @@ class ClientRelay:
         self._stall: dict[Peer, asyncio.TimerHandle] = {}
         self._spent_timer: asyncio.TimerHandle | None = None
         # The proxy's own delete_ids, waiting for the compositor's answer
-        # (OWN_EVENTS_DELAY).
-        self._own_events: list[Segment] = []
-        self._own_events_timer: asyncio.TimerHandle | None = None
+        # (OWN_DELETE_IDS_DELAY).
+        self._held_delete_ids: list[Segment] = []
+        self._own_delete_ids_timer: asyncio.TimerHandle | None = None
         if self.session.shm is not None:
             self.session.shm.wake = self._wake
         self._update_readers()
@@ -280,23 +280,23 @@ class ClientRelay:
         if step.to_client or not step.to_compositor:
             step.to_client = step.own_delete_ids + step.to_client
         else:
-            self._own_events += step.own_delete_ids
-            if self._own_events_timer is None:
-                self._own_events_timer = self.loop.call_later(OWN_EVENTS_DELAY,
-                                                              self._send_own_events)
+            self._held_delete_ids += step.own_delete_ids
+            if self._own_delete_ids_timer is None:
+                self._own_delete_ids_timer = self.loop.call_later(
+                    OWN_DELETE_IDS_DELAY, self._send_own_delete_ids)
         step.own_delete_ids = []
 
-    def _take_own_events(self) -> list[Segment]:
-        if self._own_events_timer is not None:
-            self._own_events_timer.cancel()
-            self._own_events_timer = None
-        held, self._own_events = self._own_events, []
+    def _take_own_delete_ids(self) -> list[Segment]:
+        if self._own_delete_ids_timer is not None:
+            self._own_delete_ids_timer.cancel()
+            self._own_delete_ids_timer = None
+        held, self._held_delete_ids = self._held_delete_ids, []
         return held
 
-    def _send_own_events(self) -> None:
-        """No answer came in time: the proxy's own events go alone."""
-        self._own_events_timer = None
-        self._send(self.client, self._take_own_events())
+    def _send_own_delete_ids(self) -> None:
+        """No answer came in time: the proxy's own delete_ids go alone."""
+        self._own_delete_ids_timer = None
+        self._send(self.client, self._take_own_delete_ids())
 
     def _apply(self, step: Step) -> None:
         if step.own_delete_ids:
@@ -333,8 +333,8 @@ class ClientRelay:
     # -- writing -------------------------------------------------------------
 
     def _send(self, dest: Peer, segments: list[Segment]) -> None:
-        if dest is self.client and segments and self._own_events:
-            segments = self._take_own_events() + segments  # made first, so sent first
+        if dest is self.client and segments and self._held_delete_ids:
+            segments = self._take_own_delete_ids() + segments  # made first, so sent first
         if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
@@ -441,8 +441,8 @@ class ClientRelay:
         """
         if self.closed or self._finishing is not None:
             return
-        if self._own_events:
-            self._send(self.client, self._take_own_events())
+        if self._held_delete_ids:
+            self._send(self.client, self._take_own_delete_ids())
         self._finishing = reason
         self._update_readers()
         for dest in list(self._stall):
@@ -471,7 +471,7 @@ class ClientRelay:
         if self._spent_timer is not None:
             self._spent_timer.cancel()  # the session's end closes the spent pools
             self._spent_timer = None
-        self._send(self.client, self._take_own_events())  # closed: only their fds close
+        self._send(self.client, self._take_own_delete_ids())  # closed: only their fds close
         self._update_readers()
         for transport in self._waiting_to_write:
             transport.unwatch_writable(self.loop)
