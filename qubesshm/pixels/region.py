@@ -110,18 +110,27 @@ class Region:
             return other
         return Region([*self.rects(), *other.rects()])
 
+    def _one_rect(self) -> tuple[int, int, int, int] | None:
+        """(x0, y0, x1, y1) when this region is one rectangle, else None."""
+        bands = self._bands
+        if len(bands) != 1 or len(bands[0][2]) != 1:
+            return None
+        y0, y1, ((x0, x1),) = bands[0]
+        return x0, y0, x1, y1
+
     def _covers(self, other: Region) -> bool:
         """Whether this region is one rectangle holding all of ``other``."""
-        if len(self._bands) != 1 or len(self._bands[0][2]) != 1:
+        one = self._one_rect()
+        if one is None:
             return False
-        y0, y1, ((x0, x1),) = self._bands[0]
+        x0, y0, x1, y1 = one
         b = other.bounds()
         return x0 <= b.x and b.x + b.width <= x1 and y0 <= b.y and b.y + b.height <= y1
 
     def clip(self, width: int, height: int) -> Region:
-        bands = self._bands
-        if len(bands) == 1 and len(bands[0][2]) == 1:  # one rectangle: clip it alone
-            y0, y1, ((x0, x1),) = bands[0]
+        one = self._one_rect()
+        if one is not None:  # one rectangle: clip it alone
+            x0, y0, x1, y1 = one
             if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
                 return self  # regions are never changed in place
             return Region([Rect(x0, y0, x1 - x0, y1 - y0).clip(width, height)])
