@@ -5,11 +5,13 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qubesshm.relay.session import Step
 from qubesshm.wire.codec import (
+    HEADER,
     ArgValue,
     ErrorCode,
     Frame,
@@ -18,7 +20,7 @@ from qubesshm.wire.codec import (
     decode_args,
     encode_message,
 )
-from qubesshm.wire.protocol import MessageSpec, load_protocols
+from qubesshm.wire.protocol import ArgKind, MessageSpec, load_protocols
 
 PROTO = load_protocols()
 
@@ -37,6 +39,50 @@ def request(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple
 
 def event(object_id: int, interface: str, name: str, *args: ArgValue) -> tuple[bytes, list[int]]:
     return encode_message(object_id, ev(interface, name), list(args))
+
+
+# How ``break_tail`` spoils a message's first string or array.
+TAIL_BREAKS = ["unterminated", "interior nul", "padding", "long", "huge", "null", "short"]
+
+
+def break_tail(spec: MessageSpec, data: bytes, how: str) -> bytes | None:
+    """``data``, a message of ``spec``, with its first string or array spoilt ``how``
+    (``TAIL_BREAKS``; "padding" makes a valid message with non-zero padding), the
+    header's size kept true; None where ``how`` does not apply to it."""
+    pos = 8
+    for arg in spec.args:
+        if arg.kind in (ArgKind.STRING, ArgKind.ARRAY):
+            break
+        if arg.kind is ArgKind.NEW_ID and arg.interface is None:
+            return None
+        if arg.kind is not ArgKind.FD:
+            pos += 4
+    else:
+        return None
+    is_string = arg.kind is ArgKind.STRING
+    out = bytearray(data)
+    (length,) = struct.unpack_from("=I", out, pos)
+    body = pos + 4
+    padded = (length + 3) & ~3
+    if how == "unterminated" and is_string and length:
+        out[body + length - 1] = ord("z")
+    elif how == "interior nul" and is_string and length >= 2:
+        out[body] = 0
+    elif how == "padding" and padded > length:
+        out[body + length] = 1
+    elif how == "long":
+        struct.pack_into("=I", out, pos, len(out) - body + 1)
+    elif how == "huge":
+        struct.pack_into("=I", out, pos, 0xFFFFFFFF)
+    elif how == "null" and is_string and length:
+        out[pos:body + padded] = b"\0\0\0\0"
+    elif how == "short" and len(out) > body:
+        del out[-4:]
+    else:
+        return None
+    object_id, word = HEADER.unpack_from(out)
+    HEADER.pack_into(out, 0, object_id, len(out) << 16 | (word & 0xFFFF))
+    return bytes(out)
 
 
 def joined(segments: Sequence[tuple[bytes, list[int]]]) -> tuple[bytes, list[int]]:

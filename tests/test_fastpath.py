@@ -20,7 +20,7 @@ from typing import Protocol, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from messages import PROTO
+from messages import PROTO, TAIL_BREAKS, break_tail
 
 from qubesshm.objects.objectmap import DISPLAY_ID, SERVER_ID_MIN
 from qubesshm.relay import _fastpath
@@ -217,7 +217,7 @@ def draw_args(draw: Draw, spec: MessageSpec, world: World, fresh: int,
         elif kind is ArgKind.NEW_ID:
             args.append(fresh)
         elif kind is ArgKind.STRING:
-            text = draw(st.sampled_from(["wl_compositor", "x" * 9, ""]))
+            text = draw(st.sampled_from(["wl_compositor", "x" * 9, "abc", "abcdef", ""]))
             args.append(None if arg.nullable and not text else text or "y")
         elif kind is ArgKind.ARRAY:
             args.append(draw(st.binary(max_size=9)))
@@ -231,7 +231,8 @@ def draw_args(draw: Draw, spec: MessageSpec, world: World, fresh: int,
     return args
 
 
-BREAKS = ["garbage", "size", "opcode", "target", "object", "new_id", "null", "since"]
+BREAKS = ["garbage", "size", "opcode", "target", "object", "new_id", "null", "since",
+          "tail"]
 
 
 def message(draw: Draw, session: RelaySession, world: World,
@@ -265,6 +266,9 @@ def message(draw: Draw, session: RelaySession, world: World,
     if broken in ("object", "null", "new_id"):
         choices = [c for c in choices if any(breakable(a) for a in c[2].args)
                    or (not requests and c[2] is PROTO["wl_display"].events[1])]
+    elif broken == "tail":
+        choices = [c for c in choices
+                   if any(a.kind in (ArgKind.STRING, ArgKind.ARRAY) for a in c[2].args)]
     if not choices:
         choices = [(DISPLAY_ID, 2, PROTO["wl_display"].requests[0])] if requests else [
             (DISPLAY_ID, 2, PROTO["wl_display"].events[0])]
@@ -304,6 +308,8 @@ def message(draw: Draw, session: RelaySession, world: World,
         data = HEADER.pack(target, len(data) << 16 | spec.opcode) + data[8:]
     elif broken == "opcode":
         data = HEADER.pack(target, len(data) << 16 | draw(st.integers(0, count + 1))) + data[8:]
+    elif broken == "tail":
+        data = break_tail(spec, data, draw(st.sampled_from(TAIL_BREAKS))) or data
     return data, fds
 
 

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar, cast
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from messages import PROTO
+from messages import PROTO, TAIL_BREAKS, break_tail
 from procs import start_proxy
 
 import qubesshm.relay
@@ -69,6 +69,9 @@ REQUESTS = [spec(i, n) for i, n in [
     ("wl_subsurface", "destroy"), ("wl_data_device_manager", "get_data_device"),
     ("wl_data_device", "release"), ("wl_seat", "get_pointer"), ("wl_pointer", "release"),
     ("wl_output", "release"), ("wl_data_device", "set_selection"),
+    # strings and arrays after the words
+    ("wl_data_device_manager", "create_data_source"), ("wl_data_source", "offer"),
+    ("wl_data_offer", "accept"), ("wl_seat", "get_keyboard"),
 ]]
 EVENTS = [spec(i, n, event=True) for i, n in [
     ("wl_callback", "done"), ("wl_display", "delete_id"), ("wl_display", "error"),
@@ -77,6 +80,9 @@ EVENTS = [spec(i, n, event=True) for i, n in [
     ("wl_data_device", "drop"), ("wl_data_device", "selection"), ("wl_data_offer", "offer"),
     ("wl_pointer", "motion"), ("wl_pointer", "enter"), ("wl_pointer", "frame"),
     ("wl_seat", "capabilities"), ("wl_output", "done"),
+    # strings and arrays after the words (and geometry's int after its strings)
+    ("wl_seat", "name"), ("wl_keyboard", "enter"), ("wl_data_source", "target"),
+    ("wl_output", "geometry"),
 ]]
 
 
@@ -208,8 +214,11 @@ def draw_message(draw: Draw, world: World, requests: bool) -> bytes:
             args.append(Fixed(draw(st.integers(-(2**31), 2**31 - 1))))
         elif kind is ArgKind.UINT:
             args.append(draw(st.integers(0, 2**32 - 1)))
+        elif kind is ArgKind.STRING:
+            text = draw(st.sampled_from(["text", "abc", "abcdef", "é", ""]))
+            args.append(text or (None if arg.nullable else "y"))
         else:
-            args.append("text" if kind is ArgKind.STRING else b"")
+            args.append(draw(st.binary(max_size=9)))
     data, _ = encode_message(target, message, args)
     twist = draw(st.integers(0, 29))
     if twist == 0:  # a wrong size in the header
@@ -217,6 +226,9 @@ def draw_message(draw: Draw, world: World, requests: bool) -> bytes:
         data = HEADER.pack(target, (size & 0xFFFF) << 16 | message.opcode) + data[8:]
     elif twist == 1:  # an opcode out of range or of another message
         data = HEADER.pack(target, len(data) << 16 | draw(st.integers(0, 12))) + data[8:]
+    elif any(a.kind in (ArgKind.STRING, ArgKind.ARRAY) for a in message.args) and twist < 10:
+        # a spoilt string or array, or non-zero padding
+        data = break_tail(message, data, draw(st.sampled_from(TAIL_BREAKS))) or data
     return data
 
 
@@ -285,6 +297,36 @@ def test_offset_past_the_end_and_empty_buffers() -> None:
         for buf, pos in ((b"", 0), (b"\1\0\0\0", 0), (b"\0" * 7, 3), (b"x" * 4, 9)):
             assert world.relay(True, buf, pos) == (pos, [])
             assert world.relay(False, buf, pos) == (pos, [])
+
+
+@pytest.mark.parametrize("factory", [_fastpath.FastPath, FastPath],
+                         ids=["compiled", "python"])
+def test_strings_and_arrays_are_relayed_unless_spoilt(factory: Callable[..., Relay]) -> None:
+    """A title-like string and a keys-like array go through the fast path whole, with a
+    renumbered sender; each way of spoiling them stops it at that message, for the full
+    path to refuse it (or, for padding that is not zeros, to re-encode it)."""
+    name, enter = spec("wl_seat", "name", event=True), spec("wl_keyboard", "enter", event=True)
+    get_keyboard = spec("wl_seat", "get_keyboard")
+    surface, keyboard = FIRST_FREE, FIRST_FREE + 1
+    world = World(factory, True, False, 4096, {i: PROTO[n].version for i, n in BOUND.items()})
+    world.own_object()  # the id spaces differ: every event gets a new header
+    made = (encode_message(COMPOSITOR, spec("wl_compositor", "create_surface"), [surface])[0]
+            + encode_message(SEAT, get_keyboard, [keyboard])[0])
+    assert world.relay(True, made, 0)[0] == len(made)
+    seat_up, surface_up, keyboard_up = (world.ids.upstream(i) or 0
+                                        for i in (SEAT, surface, keyboard))
+    assert 0 not in (seat_up, surface_up, keyboard_up) and keyboard_up != keyboard
+    keys = b"\1\0\0\0\2"
+    good = [(name, encode_message(seat_up, name, ["seat0"])[0],
+             encode_message(SEAT, name, ["seat0"])[0]),
+            (enter, encode_message(keyboard_up, enter, [5, surface_up, keys])[0],
+             encode_message(keyboard, enter, [5, surface, keys])[0])]
+    for spec_, message, relayed in good:
+        assert world.relay(False, message, 0) == (len(message), [(relayed, [])])
+        for how in TAIL_BREAKS:
+            spoilt = break_tail(spec_, message, how)
+            if spoilt is not None:
+                assert world.relay(False, spoilt, 0) == (0, []), how
 
 
 def test_burst_of_syncs_in_one_read() -> None:

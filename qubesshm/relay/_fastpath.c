@@ -816,7 +816,11 @@ typedef struct {
     int full_path;
     Py_ssize_t nobjects;
     ObjectArg *objects;
+    Py_ssize_t ntail;      /* strings and arrays after the words */
+    unsigned char *tail;   /* TAIL_STRING | TAIL_NULLABLE each */
 } PlanObject;
+
+enum { TAIL_STRING = 1, TAIL_NULLABLE = 2 };
 
 static void
 plan_dealloc(PlanObject *self)
@@ -824,6 +828,7 @@ plan_dealloc(PlanObject *self)
     for (Py_ssize_t i = 0; i < self->nobjects; i++)
         Py_XDECREF(self->objects[i].interface);
     PyMem_Free(self->objects);
+    PyMem_Free(self->tail);
     Py_XDECREF(self->new_interface);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -867,9 +872,11 @@ compile_plan(PyObject *spec, PyObject *word_plan)
         return NULL;
     p->objects = NULL;
     p->nobjects = 0;
+    p->tail = NULL;
+    p->ntail = 0;
     p->new_interface = NULL;
     long long size, new_id, since, body_size;
-    PyObject *objects = NULL, *body = NULL;
+    PyObject *objects = NULL, *body = NULL, *tail = NULL;
     PyObject *since_obj = SLOT(spec, off_spec_since);
     if (since_obj == NULL || !PyLong_Check(since_obj)) {
         PyErr_SetString(PyExc_TypeError, "MessageSpec.since is not an int");
@@ -938,14 +945,81 @@ compile_plan(PyObject *spec, PyObject *word_plan)
         p->objects[i].interface = iface == Py_None ? NULL : Py_NewRef(iface);
         p->nobjects = i + 1;
     }
+    if ((tail = PyObject_GetAttrString(word_plan, "tail")) == NULL)
+        goto fail;
+    if (!PyTuple_Check(tail)) {
+        PyErr_SetString(PyExc_TypeError, "WordPlan.tail is not a tuple");
+        goto fail;
+    }
+    Py_ssize_t ntail = PyTuple_GET_SIZE(tail);
+    p->tail = PyMem_Calloc(ntail ? (size_t)ntail : 1, 1);
+    if (p->tail == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < ntail; i++) {
+        PyObject *item = PyTuple_GET_ITEM(tail, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "WordPlan.tail holds an odd entry");
+            goto fail;
+        }
+        int is_string = PyObject_IsTrue(PyTuple_GET_ITEM(item, 0));
+        int nullable = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
+        if (is_string < 0 || nullable < 0)
+            goto fail;
+        p->tail[i] = (unsigned char)((is_string ? TAIL_STRING : 0)
+                                     | (nullable ? TAIL_NULLABLE : 0));
+    }
+    p->ntail = ntail;
+    Py_DECREF(tail);
     Py_DECREF(objects);
     Py_DECREF(body);
     return p;
 fail:
+    Py_XDECREF(tail);
     Py_XDECREF(objects);
     Py_XDECREF(body);
     Py_DECREF(p);
     return NULL;
+}
+
+/* Whether the plan's strings and arrays fill buf[pos:end] exactly, as ``tail_fits`` in
+   fastpath.py says: a non-null string NUL-terminated with no other NUL, zero padding. */
+static int
+tail_fits(const PlanObject *plan, const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end)
+{
+    for (Py_ssize_t i = 0; i < plan->ntail; i++) {
+        if (end - pos < 4)
+            return 0;
+        uint32_t length = rd32(buf + pos);
+        pos += 4;
+        if (length == 0) {
+            if ((plan->tail[i] & TAIL_STRING) && !(plan->tail[i] & TAIL_NULLABLE))
+                return 0;
+            continue;
+        }
+        unsigned long long padded = ((unsigned long long)length + 3) & ~3ULL;
+        if (padded > (unsigned long long)(end - pos))
+            return 0;
+        const unsigned char *text = buf + pos;
+        if ((plan->tail[i] & TAIL_STRING)
+                && (text[length - 1] != 0 || memchr(text, 0, length - 1) != NULL))
+            return 0;
+        for (unsigned long long k = length; k < padded; k++)
+            if (text[k])
+                return 0;
+        pos += (Py_ssize_t)padded;
+    }
+    return pos == end;
+}
+
+/* Whether a message of ``size`` bytes at buf[pos] has the plan's layout. */
+static inline int
+plan_fits(const PlanObject *plan, const unsigned char *buf, Py_ssize_t pos, Py_ssize_t size)
+{
+    if (!plan->ntail)
+        return size == plan->size;
+    return size >= plan->size && tail_fits(plan, buf, pos + plan->size, pos + size);
 }
 
 enum { STEP_OK = 0, STEP_STOP = 1, STEP_PYTHON = 2, STEP_ERROR = -1 };
@@ -1339,7 +1413,8 @@ one_request(FastPathObject *self, Call *c, uint32_t object_id, uint32_t word,
     if ((r = version_of(obj, &version)) != STEP_OK)
         goto out;
     r = STEP_STOP;
-    if (size != plan->size || plan->since > version || (plan->full_path && self->intercepting))
+    if (plan->since > version || (plan->full_path && self->intercepting)
+            || !plan_fits(plan, c->buf, c->pos, size))
         goto out;
     uint32_t target;
     if ((r = to_upstream(t, object_id, &target)) != STEP_OK)
@@ -1546,7 +1621,7 @@ one_event(FastPathObject *self, Call *c, uint32_t upstream_id, uint32_t word, Py
     if (r != STEP_OK)
         goto out;
     r = STEP_STOP;
-    if (size != plan->size || plan->full_path)
+    if (plan->full_path || !plan_fits(plan, c->buf, c->pos, size))
         goto out;
     if (plan->nobjects > MAX_PATCHES) {
         r = STEP_PYTHON;

@@ -1,16 +1,19 @@
-"""The relay's fast path: runs of word-only messages checked and forwarded in place.
+"""The relay's fast path: runs of plain messages checked and forwarded in place.
 
-Most traffic is messages whose arguments are all 32-bit words (int, uint, fixed,
-object, typed new_id): frame callbacks, syncs, pointer motion, configure. For
-those the fast path makes every check the full path makes (size, opcode, ``since``,
-nullability, object liveness and interface, new_id range and reuse), updates the
-object map and the id translation, and forwards a run of such messages as one
-slice of the input, with no per-message objects. It hands anything else to the
-full path *before* changing any state for it: strings, arrays, fds, untyped
-new_ids, the requests the shm bridge intercepts, the events the session rewrites,
-and every message that fails a check, so that error codes and texts are the
-full path's own. The differential test in ``tests/test_fastpath.py`` holds the
-two paths to the same output.
+Most traffic is messages whose arguments are 32-bit words (int, uint, fixed,
+object, typed new_id), perhaps followed by strings and arrays: frame callbacks,
+syncs, pointer motion, configure, titles, keyboard focus. For those the fast path
+makes every check the full path makes (size, opcode, ``since``, nullability,
+object liveness and interface, new_id range and reuse; a string's length, its
+terminating and interior NULs, an array's length), updates the object map and the
+id translation, and forwards a run of such messages as one slice of the input,
+with no per-message objects. It hands anything else to the full path *before*
+changing any state for it: fds, untyped new_ids, a word after a string or array,
+padding that is not zeros (the full path writes zeros when it re-encodes), the
+requests the shm bridge intercepts, the events the session rewrites, and every
+message that fails a check, so that error codes and texts are the full path's own.
+The differential test in ``tests/test_fastpath.py`` holds the two paths to the same
+output.
 
 This module's ``FastPath`` is the reference and the fallback: sessions run the compiled
 core (``_fastpath.c``, the same loops and the common table work in C, on the same
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 _WORD_KINDS = frozenset({ArgKind.INT, ArgKind.UINT, ArgKind.FIXED, ArgKind.OBJECT,
                          ArgKind.NEW_ID})
+_TAIL_KINDS = frozenset({ArgKind.STRING, ArgKind.ARRAY})
+_U32 = struct.Struct("=I")
 # Events the session rewrites or learns from; wl_display's delete_id has its own case.
 _FULL_PATH_EVENTS = frozenset({("wl_registry", "global"), ("wl_registry", "global_remove"),
                                ("wl_shm", "format"), ("wl_display", "error")})
@@ -44,9 +49,10 @@ _FULL_PATH_EVENTS = frozenset({("wl_registry", "global"), ("wl_registry", "globa
 
 @dataclass(frozen=True, slots=True)
 class WordPlan:
-    """How the fast path handles one message signature."""
+    """How the fast path handles one message signature: words, then a tail of strings
+    and arrays."""
 
-    size: int  # the only valid size: header plus one word per argument
+    size: int  # header plus one word per word argument: the size, or with a tail the least
     body: struct.Struct  # the words after the header, as the codec reads them
     objects: tuple[tuple[int, str | None, bool], ...]  # (word, interface, nullable)
     new_id: int  # the word that is a new id, -1 if none
@@ -54,16 +60,46 @@ class WordPlan:
     destructor: bool
     # Never fast: the shm bridge intercepts it (requests) or the session rewrites it.
     full_path: bool
+    # The strings and arrays after the words: (is a string, may be null) each.
+    tail: tuple[tuple[bool, bool], ...] = ()
     # The compiled core's reading of this plan, made there on first use.
     native: object = field(default=None, compare=False, repr=False)
 
 
+def tail_fits(buf: bytes, pos: int, end: int, tail: tuple[tuple[bool, bool], ...]) -> bool:
+    """Whether the strings and arrays ``tail`` fill ``buf[pos:end]`` exactly, each as the
+    full path would take it (a non-null string NUL-terminated with no other NUL), with
+    zero padding."""
+    for is_string, nullable in tail:
+        if end - pos < 4:
+            return False
+        length = _U32.unpack_from(buf, pos)[0]
+        pos += 4
+        if length == 0:
+            if is_string and not nullable:
+                return False
+            continue
+        padded = (length + 3) & ~3
+        if padded > end - pos:
+            return False
+        if is_string and (buf[pos + length - 1] != 0
+                          or buf.find(b"\0", pos, pos + length - 1) >= 0):
+            return False
+        if buf.count(0, pos + length, pos + padded) != padded - length:
+            return False
+        pos += padded
+    return pos == end
+
 def _plan(spec: MessageSpec, full_path: bool) -> WordPlan | None:
     plan = spec.relay_plan
     if plan is None:
-        if all(a.kind in _WORD_KINDS and not a.untyped_new_id for a in spec.args):
+        words = len(spec.args)
+        while words and spec.args[words - 1].kind in _TAIL_KINDS:
+            words -= 1
+        head, tail = spec.args[:words], spec.args[words:]
+        if all(a.kind in _WORD_KINDS and not a.untyped_new_id for a in head):
             body = struct.Struct("=" + "".join(
-                "i" if a.kind in (ArgKind.INT, ArgKind.FIXED) else "I" for a in spec.args))
+                "i" if a.kind in (ArgKind.INT, ArgKind.FIXED) else "I" for a in head))
             plan = WordPlan(
                 size=HEADER_SIZE + body.size, body=body,
                 objects=tuple((i, a.interface, a.nullable) for i, a in enumerate(spec.args)
@@ -71,7 +107,8 @@ def _plan(spec: MessageSpec, full_path: bool) -> WordPlan | None:
                 new_id=-1 if spec.new_id_index is None else spec.new_id_index,
                 new_interface=("" if spec.new_id_index is None
                                else spec.args[spec.new_id_index].interface or ""),
-                destructor=spec.destructor, full_path=full_path)
+                destructor=spec.destructor, full_path=full_path,
+                tail=tuple((a.kind is ArgKind.STRING, a.nullable) for a in tail))
         else:
             plan = False
         object.__setattr__(spec, "relay_plan", plan)
@@ -128,8 +165,10 @@ class FastPath:
                 plan = request_plan(spec)
                 if plan is None:
                     break
-            if (size != plan.size or spec.since > obj.version
-                    or (plan.full_path and intercepting)):
+            if (spec.since > obj.version or (plan.full_path and intercepting)
+                    or (size != plan.size if not plan.tail else
+                        size < plan.size
+                        or not tail_fits(buf, pos + plan.size, pos + size, plan.tail))):
                 break
             target = object_id if object_id >= SERVER_ID_MIN else to_upstream.get(object_id)
             if target is None:
@@ -180,7 +219,8 @@ class FastPath:
                 if run < pos:
                     up.add(buf[run:pos], [])
                 up.add(HEADER.pack(target, word)
-                       + plan.body.pack(*(words if translated is None else translated)), [])
+                       + plan.body.pack(*(words if translated is None else translated))
+                       + buf[pos + plan.size:pos + size], [])
                 run = pos + size
             pos += size
         if run < pos:
@@ -222,7 +262,10 @@ class FastPath:
                 plan = event_plan(spec)
                 if plan is None:
                     break
-            if size != plan.size or plan.full_path:
+            if plan.full_path or (
+                    size != plan.size if not plan.tail else
+                    size < plan.size
+                    or not tail_fits(buf, pos + plan.size, pos + size, plan.tail)):
                 break
             words = plan.body.unpack_from(buf, pos + HEADER_SIZE)
             translated: list[int] | None = None
@@ -279,7 +322,8 @@ class FastPath:
                 if run < pos:
                     down.add(buf[run:pos], [])
                 down.add(HEADER.pack(client_id, word)
-                         + plan.body.pack(*(words if translated is None else translated)), [])
+                         + plan.body.pack(*(words if translated is None else translated))
+                         + buf[pos + plan.size:pos + size], [])
                 run = pos + size
             pos += size
         if run < pos:
