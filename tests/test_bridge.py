@@ -177,11 +177,20 @@ class World:
         data = b"".join(m[0] for m in messages)
         fds = [fd for m in messages for fd in m[1]]
         step = self.session.from_client(data, fds)
-        return step, self.comp.take(step)
+        return step, self.comp.take(step) + self.after(step)
 
     def events(self, data: bytes) -> Step:
         step = self.session.from_compositor(data)
+        self.after(step)
         return step
+
+    def after(self, step: Step) -> list[Received]:
+        """What serve does once a step's output went: trim the grant cache, and send
+        what that made (the pools of evicted areas destroyed upstream)."""
+        self.lifetimes.trim()
+        if step.error is not None or self.session.closed:
+            return []
+        return self.comp.take(self.session.flush())
 
     def setup(self) -> None:
         registry = self.new_id()
@@ -749,6 +758,41 @@ def test_the_per_client_cap_evicts_the_clients_own_cache_first(world: World) -> 
     assert step.error is None, step.error
     assert world.lifetimes.counters.evictions == 1
     assert world.ledger.total.pages.cached == 0
+
+
+def test_a_given_back_area_is_trimmed_once_the_batch_went(world: World) -> None:
+    """The area of a destroyed surface is cached at once, but held to the cache's
+    bound (the gntalloc limit read afresh) only by ``lifetimes.trim``, which serve calls
+    once the step's output went; a take in the same batch trims first."""
+    life = world.lifetimes
+    life.policy.cache_pages = 0  # nothing is kept
+    surface, out = commit_64x64(world)
+    pool_up = world.comp.buffers[out][0]
+    world.events(event(out, "wl_buffer", "release"))
+    step = world.session.from_client(*req(surface, "wl_surface", "destroy"))
+    names = [(m.interface, m.name) for m in world.comp.take(step)]
+    assert names == [("wl_buffer", "destroy"), ("wl_surface", "destroy")]
+    assert life.trim_due and life.counters.evictions == 0
+    assert world.ledger.total.pages.cached == 5
+    got = world.after(step)
+    assert [(m.interface, m.name, m.object_id) for m in got] == [
+        ("wl_shm_pool", "destroy", pool_up)]
+    assert not life.trim_due and life.counters.evictions == 1
+    assert world.ledger.total.pages.cached == 0
+    # Given back and taken in one batch: the take trims first, so nothing is reused.
+    surface, out = commit_64x64(world)
+    world.events(event(out, "wl_buffer", "release"))
+    pool, _ = world.pool(4 * 64 * 64)
+    _, buffer = world.buffer(pool, 0, 64, 64, 256)
+    other = world.surface()
+    step = world.session.from_client(*joined([
+        req(surface, "wl_surface", "destroy"),
+        req(other, "wl_surface", "attach", buffer, 0, 0),
+        req(other, "wl_surface", "damage_buffer", 0, 0, 64, 64),
+        req(other, "wl_surface", "commit")]))
+    assert step.error is None, step.error
+    assert life.counters.evictions == 2 and life.counters.cache_hits == 0
+    assert life.counters.cache_misses == 3
 
 
 def test_a_spent_pool_is_closed_by_close_spent(world: World) -> None:

@@ -155,6 +155,22 @@ def test_evicted_areas_end_on_westons_munmap_without_deferral(
     assert life["unmap_latency_ms"]["count"] >= 30
 
 
+def test_an_area_given_back_is_evicted_before_the_client_asks_again(
+        weston: HeadlessWeston, tmp_path: Path, sim_env: dict[str, str],
+        stopped: list[RunningProxy]) -> None:
+    # serve trims the cache once a batch's output went, not at the next commit: one
+    # window, no cache, and its area is evicted while the client waits for its sync.
+    proxy = serve(weston, tmp_path, sim_env, "--gntalloc-limit", BIG_LIMIT,
+                  "--cache-pages", "0")
+    stopped.append(proxy)
+    code, _, err = finish(client(proxy, CHURN, "--windows", "1", "--size", "100x100"))
+    assert code == 0, err
+    wait_until(lambda: all_let_go(proxy), "the window's area ended")
+    life = lifetimes(proxy)
+    assert (life["cache_misses"], life["evictions"], life["cache_hits"]) == (1, 1, 0), life
+    assert life["ended_by_notify"] == 1 and life["deferred_areas"] == 0
+
+
 class Holder:
     """A process of the GUI domain that maps the proxy's grant pages and lets go
     when told: the simulated kernel counts its mmaps (``--sim-watch``)."""

@@ -310,6 +310,8 @@ class LifetimesCore(ABC, Generic[A, C]):
         # The gntalloc limit as read in the current call (``reads_limit_once``).
         self._in_call = False
         self._limit_read: tuple[int | None] | None = None
+        # A ``give_back(trim=False)`` left the cache for ``trim`` to bring within bound.
+        self.trim_due = False
 
     # -- what each mode does -----------------------------------------------------
 
@@ -358,6 +360,8 @@ class LifetimesCore(ABC, Generic[A, C]):
         will."""
         conn = self._connections[owner]
         need = self._pages_for(size)
+        if self.trim_due:
+            self._trim_cache()  # an area given back in this batch is cached within bound
         found = self._cached_fit(conn, need)
         if found is not None:
             del self._cache[found]
@@ -541,6 +545,7 @@ class LifetimesCore(ABC, Generic[A, C]):
                 c.pages.in_use += area.pages
 
     def _trim_cache(self) -> None:
+        self.trim_due = False
         bound = self._cache_bound()
         while self._cache and sum(a.pages for a in self._cache) > bound:
             self._evict(next(iter(self._cache)))
@@ -739,8 +744,13 @@ class GrantLifetimes(LifetimesCore[Area, _Connection]):
         return super().take(owner, size)
 
     @reads_limit_once
-    def give_back(self, area: Area) -> None:
-        """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept)."""
+    def give_back(self, area: Area, *, trim: bool = True) -> None:
+        """No buffer uses ``area`` now (its upstream buffer is destroyed, its pool kept).
+
+        It is cached at once, for the next buffer that fits. With ``trim`` False the
+        cache may pass its bound until ``trim()``: the proxy calls that once the batch
+        that gave the area back has gone on, as the bound comes from the gntalloc limit
+        (a file read) and eviction is nothing the client or the compositor waits for."""
         if area.state is not AreaState.IN_USE:
             return
         conn = self._connections[area.owner]
@@ -751,7 +761,17 @@ class GrantLifetimes(LifetimesCore[Area, _Connection]):
         self._retired_while_held(area)
         self._move(area, AreaState.CACHED)
         self._cache[area] = None
-        self._trim_cache()
+        if trim:
+            self._trim_cache()
+        else:
+            self.trim_due = True
+
+    @reads_limit_once
+    def trim(self) -> None:
+        """Bring the cache within its bound, if a ``give_back(trim=False)`` left it
+        to do (the gntalloc limit read afresh)."""
+        if self.trim_due:
+            self._trim_cache()
 
     def let_go(self, area: Area) -> None:
         """No buffer uses ``area`` and it must not be reused: the compositor may still

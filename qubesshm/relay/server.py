@@ -6,8 +6,9 @@ backpressure (while a peer is not reading, the proxy stops reading what would
 add to its queue; the session is dropped if that peer accepts nothing for
 ``stall_timeout`` seconds) and tears a session down when either end goes away.
 It also chooses when: the proxy's own delete_ids wait for the compositor's answer
-to their batch (``OWN_DELETE_IDS_DELAY``), and pools the client is done with are closed
-once the batch's replies went (``SPENT_POOL_DELAY``).
+to their batch (``OWN_DELETE_IDS_DELAY``), the grant cache is trimmed to its bound
+once a step's output went, and pools the client is done with are closed a moment
+after (``SPENT_POOL_DELAY``).
 """
 
 from __future__ import annotations
@@ -305,6 +306,11 @@ class ClientRelay:
             os.close(fd)
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
+        lifetimes = self.server.lifetimes
+        if lifetimes is not None and lifetimes.trim_due:
+            # Areas given back in this step wait for the cache's bound until now: off
+            # the path of the replies just sent (the bound is a file read away).
+            lifetimes.trim()
         if self.session.spent and self._spent_timer is None and not self.closed:
             self._spent_timer = self.loop.call_later(SPENT_POOL_DELAY, self._close_spent)
         if (self.session.blocked or self._blocked) and not self.closed:

@@ -668,7 +668,9 @@ class ShmBridge:
         out.state = OutputState.RETIRED
         self._send(up, out.upstream_id, "wl_buffer", "destroy", [])
         self.ids.destroyed(out.upstream_id)
-        self.lifetimes.give_back(out.area)
+        # Cached now; trimmed to the cache's bound once the batch went on (the I/O
+        # layer calls ``lifetimes.trim``), off the path of the replies the client awaits.
+        self.lifetimes.give_back(out.area, trim=False)
 
     def _give_back_busy(self, out: OutputBuffer, up: Outbox) -> None:
         """Retire an output the compositor has not released (it shows it): destroyed
