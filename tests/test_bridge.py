@@ -27,7 +27,7 @@ from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.pixels.region import MAX_RECTS
 from qubesshm.relay.session import RelaySession, Step
-from qubesshm.shm.bridge import MAX_SPENT_POOLS
+from qubesshm.shm.clientpool import MAX_SPENT_POOLS
 from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
 from qubesshm.wire.codec import (
     ArgValue,

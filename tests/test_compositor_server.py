@@ -67,6 +67,37 @@ def test_a_pool_fd_travels_by_scm_rights(served: RunningCompositor) -> None:
     c.close()
 
 
+def held_inodes() -> set[int]:
+    """Inodes of the files this process (the compositor's thread with it) holds open."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.stat(f"/proc/self/fd/{name}").st_ino)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_pool_let_go_of_is_closed_with_nothing_more_from_the_client(
+        served: RunningCompositor) -> None:
+    """Closing a pool's last fd frees its pages, so the server does it a moment after
+    the replies went (``SPENT_POOL_DELAY``), not while the client waits, and not only
+    when the client does something more."""
+    c = SocketClient(str(served.path))
+    app = App(c)
+    fd = c.memfd(bytes(4096))
+    inode = os.fstat(fd).st_ino
+    pool = c.create(app.shm, "create_pool", "wl_shm_pool", fd, 4096, fds=[fd])
+    os.close(fd)
+    c.roundtrip()
+    assert inode in held_inodes()  # the compositor's copy
+    c.destroy(pool)
+    c.roundtrip()
+    wait_until(lambda: inode not in held_inodes(), "the compositor closing the pool's fd")
+    assert not c.closed()
+    c.close()
+
+
 @pytest.mark.parametrize(("case", "object_is", "code"), [
     ("bad object", "display", ErrorCode.INVALID_OBJECT),
     ("bad scale", "surface", 0),

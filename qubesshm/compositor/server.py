@@ -10,6 +10,8 @@ the backlog is absurd; nothing one client does stalls the others. The pipe
 writes the compositor owes (``Compositor.transfers``: the text of a selection
 it owns) are written non-blocking as the pipes take them, each closed when
 written, when its reader is gone, or at its deadline (``transfer_timeout``).
+The fds of pools the clients are done with (``Compositor.spent``) are closed
+``SPENT_POOL_DELAY`` after the replies went.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 from ..relay.listener import Listener
 from ..relay.transport import FdsTruncated, PeerClosed, Transport
+from ..shm.clientpool import SPENT_POOL_DELAY
 from ..wire.codec import ErrorCode
 from .client import ClientCore
 from .core import Compositor
@@ -225,6 +228,7 @@ class CompositorServer:
         self._service_soon = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._spent_timer: asyncio.TimerHandle | None = None
         self.closed = False
         compositor.wake = self._wake
         self.loop.add_reader(listener.fileno(), self._accept)
@@ -270,7 +274,14 @@ class CompositorServer:
                 connection.flush()
         for connection in [c for c in self.connections.values() if c.core.closed]:
             connection.flush()
+        if compositor.spent and self._spent_timer is None:
+            # The replies went: the pools let go of are closed a moment later.
+            self._spent_timer = self.loop.call_later(SPENT_POOL_DELAY, self._close_spent)
         self._schedule()
+
+    def _close_spent(self) -> None:
+        self._spent_timer = None
+        self.compositor.close_spent()
 
     def _schedule(self) -> None:
         try:
@@ -300,12 +311,16 @@ class CompositorServer:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._spent_timer is not None:
+            self._spent_timer.cancel()
+            self._spent_timer = None
         self.loop.remove_reader(self.listener.fileno())
         for connection in list(self.connections.values()):
             connection.end()
         for transfer in list(self.transfers):
             transfer.finish()
         self.compositor.transfers.close()
+        self.compositor.close_spent()
         self.listener.close()
         if self.compositor.wake == self._wake:
             self.compositor.wake = None

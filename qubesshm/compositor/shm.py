@@ -10,7 +10,7 @@ old mapping is dropped, never closed, and goes when its last view does).
 A buffer is *held* from each commit that shows it until the agent rendered
 that commit or another buffer replaced it; ``wl_buffer.release`` goes out when
 the last hold ends. A pool's fd stays open while the pool, a buffer object, or
-any committed surface state needs it.
+any committed surface state needs it, and a moment after (``Compositor.spend``).
 """
 
 from __future__ import annotations
@@ -83,8 +83,12 @@ class ShmPool:
         return self._mapping
 
     def release_if_unused(self) -> None:
+        """Nothing needs the pool any more: its fd goes to ``Compositor.spend``, to be
+        closed once the replies of the request that let go of it went."""
         if not self.alive and self.buffers == 0 and not self.closed:
-            self.close()
+            self.closed = True
+            self._mapping = None
+            self.client.compositor.spend(self.pool)
 
     def close(self) -> None:
         self.closed = True
@@ -237,11 +241,12 @@ def release_shm(client: ClientCore, obj: WaylandObject, args: list[ArgValue],
 
 
 def close_client_pools(client: ClientCore) -> None:
-    """The client is gone: every pool fd it had is closed."""
+    """The client is gone: every pool fd it had is closed (its spent ones too)."""
     for pool in client.pools:
         if not pool.closed:
             pool.close()
     client.pools.clear()
+    client.compositor.close_spent()
 
 
 HANDLERS: dict[tuple[str, str], Handler] = {

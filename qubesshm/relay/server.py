@@ -30,6 +30,7 @@ from ..grants.halves import GrantHalves
 from ..grants.ledger import GrantLedger
 from ..grants.lifetimes import GrantLifetimes, LifetimePolicy
 from ..grants.mapping import peer_pid
+from ..shm.clientpool import SPENT_POOL_DELAY
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode, WireError, encode_message
 from ..wire.protocol import ProtocolTable
 from .control import ControlSocket
@@ -69,10 +70,6 @@ TICK_INTERVAL = 0.25
 AWAITING_TICK_INTERVAL = 0.05
 # Lines kept about clients the proxy ended, for run to repeat at exit.
 ENDED_KEPT = 32
-# The pools a client is done with are closed this long after the batch that let go of
-# them, off the path of the replies the client waits for: closing the last fd of a
-# pool's file frees its pages (about 60 us for a 400x300 window's pool).
-SPENT_POOL_DELAY = 0.002
 # The proxy's own delete_ids (for the pools and buffers it kept) of a batch of
 # requests that went upstream wait for the compositor's answer to that batch and go
 # to the client in one write with it, as a compositor writes what one dispatch made at

@@ -38,6 +38,7 @@ from ..wire.codec import ArgValue, ErrorCode, Fixed, WireError, encode_message
 from ..wire.protocol import InterfaceSpec, MessageSpec, ProtocolTable
 from .clientpool import (
     INVALID_FD,
+    MAX_SPENT_POOLS,
     ClientBuffer,
     ClientPool,
     make_buffer,
@@ -56,9 +57,6 @@ MAX_POOL_SIZE = (2**31 - 1) // PAGE_SIZE * PAGE_SIZE
 # Each client pool holds an open fd in the proxy until the client destroys it and
 # its buffers; libwayland's own fd buffer bounds a client to about this many.
 MAX_POOLS_PER_CLIENT = 1024
-# Pools the client is done with wait this many to be closed (``close_spent``); at
-# this many they are closed at once.
-MAX_SPENT_POOLS = 64
 
 # wl_surface.error
 INVALID_SCALE = 0

@@ -24,6 +24,12 @@ INVALID_FORMAT = 0
 INVALID_STRIDE = 1
 INVALID_FD = 2
 _INT32_MAX = 2**31 - 1
+# Pools nothing needs any more have their fds closed this long after the batch that
+# let go of them, off the path of the replies the client waits for: closing the last
+# fd of a pool's file frees its pages (60-100 us for a 400x300 window's pool). At most
+# this many wait; at this many they are closed at once.
+SPENT_POOL_DELAY = 0.002
+MAX_SPENT_POOLS = 64
 # fcntl.F_GET_SEALS and F_SEAL_SHRINK, where the fcntl module lacks them.
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
