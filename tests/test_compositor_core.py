@@ -279,7 +279,9 @@ def test_a_pool_let_go_of_keeps_its_fd_until_close_spent(world: World) -> None:
     os.close(fd)
     app.c.roundtrip()
     [last] = world.comp.spent
-    app.c.core.close()  # the client goes
+    client = app.c
+    assert isinstance(client, CoreClient)
+    client.core.close()  # the client goes
     assert world.comp.spent == [] and last.fd == -1
 
 

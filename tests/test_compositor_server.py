@@ -7,6 +7,7 @@ the real clock, and keep serving everyone while one client does not read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -71,10 +72,8 @@ def held_inodes() -> set[int]:
     """Inodes of the files this process (the compositor's thread with it) holds open."""
     found = set()
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the listing's own fd, gone by now
             found.add(os.stat(f"/proc/self/fd/{name}").st_ino)
-        except OSError:
-            pass
     return found
 
 
