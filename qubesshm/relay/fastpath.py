@@ -90,6 +90,7 @@ def tail_fits(buf: bytes, pos: int, end: int, tail: tuple[tuple[bool, bool], ...
         pos += padded
     return pos == end
 
+
 def _plan(spec: MessageSpec, full_path: bool) -> WordPlan | None:
     plan = spec.relay_plan
     if plan is None:
