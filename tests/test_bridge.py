@@ -820,7 +820,7 @@ def test_spent_pools_are_bounded(world: World) -> None:
         pool, _ = world.pool(4096)
         kept.append(shm.pools[pool])
         world.send(req(pool, "wl_shm_pool", "destroy"))
-        assert len(shm.spent) < MAX_SPENT_POOLS
+        assert len(shm.spent.pools) < MAX_SPENT_POOLS
     assert [p.fd for p in kept[:MAX_SPENT_POOLS]] == [-1] * MAX_SPENT_POOLS
     assert kept[-1].fd >= 0
     world.session.end()

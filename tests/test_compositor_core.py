@@ -246,7 +246,7 @@ def test_a_pool_of_no_size_is_invalid_stride_on_wl_shm(world: World) -> None:
     assert (err.object_id, err.code) == (app.shm, 1)
 
 
-def test_a_pool_let_go_of_keeps_its_fd_until_close_spent(world: World) -> None:
+def test_a_pool_let_go_of_keeps_its_fd_until_the_spent_pools_close(world: World) -> None:
     """Closing a pool's last fd frees its pages: the core hands the fd over
     (``Compositor.spent``) for the I/O layer to close once the replies went; at
     MAX_SPENT_POOLS it closes them itself, and a client's going closes them too."""
@@ -257,13 +257,13 @@ def test_a_pool_let_go_of_keeps_its_fd_until_close_spent(world: World) -> None:
     buffer = app.c.create(pool, "create_buffer", "wl_buffer", 0, 4, 4, 16, 1)
     app.c.destroy(pool)
     app.c.roundtrip()
-    assert world.comp.spent == []  # its buffer still needs it
+    assert world.comp.spent.pools == []  # its buffer still needs it
     app.c.destroy(buffer)
     app.c.roundtrip()
-    [spent] = world.comp.spent
+    [spent] = world.comp.spent.pools
     os.fstat(spent.fd)  # still open
-    world.comp.close_spent()
-    assert world.comp.spent == [] and spent.fd == -1
+    world.comp.spent.close()
+    assert world.comp.spent.pools == [] and spent.fd == -1
     for count in range(1, MAX_SPENT_POOLS + 1):
         fd = app.c.memfd(bytes(64))
         pool = app.c.create(app.shm, "create_pool", "wl_shm_pool", fd, 64, fds=[fd])
@@ -271,18 +271,18 @@ def test_a_pool_let_go_of_keeps_its_fd_until_close_spent(world: World) -> None:
         app.c.destroy(pool)
         app.c.roundtrip()
         if count < MAX_SPENT_POOLS:
-            assert len(world.comp.spent) == count and world.comp.spent[-1].fd >= 0
-            kept = list(world.comp.spent)
-    assert world.comp.spent == [] and all(p.fd == -1 for p in kept)  # the last closed all
+            assert len(world.comp.spent.pools) == count and world.comp.spent.pools[-1].fd >= 0
+            kept = list(world.comp.spent.pools)
+    assert world.comp.spent.pools == [] and all(p.fd == -1 for p in kept)  # the last closed all
     fd = app.c.memfd(bytes(64))
     app.c.destroy(app.c.create(app.shm, "create_pool", "wl_shm_pool", fd, 64, fds=[fd]))
     os.close(fd)
     app.c.roundtrip()
-    [last] = world.comp.spent
+    [last] = world.comp.spent.pools
     client = app.c
     assert isinstance(client, CoreClient)
     client.core.close()  # the client goes
-    assert world.comp.spent == [] and last.fd == -1
+    assert world.comp.spent.pools == [] and last.fd == -1
 
 
 def test_an_unsealed_pool_is_read_not_mapped_and_a_truncated_one_is_an_error(

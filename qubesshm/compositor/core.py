@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from ..shm.clientpool import MAX_SPENT_POOLS, ClientPool
+from ..shm.clientpool import SpentPools
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode
 from ..wire.protocol import ProtocolTable, load_protocols
 from . import (
@@ -103,10 +103,9 @@ class Compositor:
         self._faults: list[tuple[ClientCore, int, ErrorCode | int, str]] = []
         # Pipe writes for the I/O layer, and the clipboard and primary selection.
         self.transfers = Transfers(self._wake)
-        # Pools no client object needs any more, fds still open: the I/O layer calls
-        # ``close_spent`` a moment after flushing the replies, as closing a pool's last
-        # fd frees its pages (about 0.1 ms for a 400x300 window's).
-        self.spent: list[ClientPool] = []
+        # Pools no client object needs any more, fds still open: the I/O layer closes
+        # them a moment after flushing the replies.
+        self.spent = SpentPools()
         self.selection = Selection(self, self.transfers)
 
     @property
@@ -129,17 +128,6 @@ class Compositor:
     def _wake(self) -> None:
         if self.wake is not None:
             self.wake()
-
-    def spend(self, pool: ClientPool) -> None:
-        """``pool``'s fd is not needed any more: closed by ``close_spent``."""
-        self.spent.append(pool)
-        if len(self.spent) >= MAX_SPENT_POOLS:
-            self.close_spent()
-
-    def close_spent(self) -> None:
-        spent, self.spent = self.spent, []
-        for pool in spent:
-            pool.close()
 
     def client_gone(self, client: ClientCore) -> None:
         """The connection closed (or broke the protocol): forget all of it."""

@@ -281,7 +281,7 @@ class CompositorServer:
 
     def _close_spent(self) -> None:
         self._spent_timer = None
-        self.compositor.close_spent()
+        self.compositor.spent.close()
 
     def _schedule(self) -> None:
         try:
@@ -320,7 +320,7 @@ class CompositorServer:
         for transfer in list(self.transfers):
             transfer.finish()
         self.compositor.transfers.close()
-        self.compositor.close_spent()
+        self.compositor.spent.close()
         self.listener.close()
         if self.compositor.wake == self._wake:
             self.compositor.wake = None

@@ -10,7 +10,7 @@ old mapping is dropped, never closed, and goes when its last view does).
 A buffer is *held* from each commit that shows it until the agent rendered
 that commit or another buffer replaced it; ``wl_buffer.release`` goes out when
 the last hold ends. A pool's fd stays open while the pool, a buffer object, or
-any committed surface state needs it, and a moment after (``Compositor.spend``).
+any committed surface state needs it, and a moment after (``Compositor.spent``).
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ class ShmPool:
         return self._mapping
 
     def release_if_unused(self) -> None:
-        """Nothing needs the pool any more: its fd goes to ``Compositor.spend``, to be
+        """Nothing needs the pool any more: its fd goes to ``Compositor.spent``, to be
         closed once the replies of the request that let go of it went."""
         if not self.alive and self.buffers == 0 and not self.closed:
             self.closed = True
             self._mapping = None
-            self.client.compositor.spend(self.pool)
+            self.client.compositor.spent.add(self.pool)
 
     def close(self) -> None:
         self.closed = True
@@ -246,7 +246,7 @@ def close_client_pools(client: ClientCore) -> None:
         if not pool.closed:
             pool.close()
     client.pools.clear()
-    client.compositor.close_spent()
+    client.compositor.spent.close()
 
 
 HANDLERS: dict[tuple[str, str], Handler] = {

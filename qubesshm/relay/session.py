@@ -242,7 +242,7 @@ class RelaySession:
 
     def close_spent(self) -> None:
         if self.shm is not None:
-            self.shm.close_spent()
+            self.shm.spent.close()
 
     @property
     def waiting_for_room(self) -> bool:

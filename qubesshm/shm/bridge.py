@@ -38,9 +38,9 @@ from ..wire.codec import ArgValue, ErrorCode, Fixed, WireError, encode_message
 from ..wire.protocol import InterfaceSpec, MessageSpec, ProtocolTable
 from .clientpool import (
     INVALID_FD,
-    MAX_SPENT_POOLS,
     ClientBuffer,
     ClientPool,
+    SpentPools,
     make_buffer,
     open_pool,
     resize_pool,
@@ -127,11 +127,9 @@ class ShmBridge:
         self._waited_for_room = False
         # Output buffers of destroyed surfaces that the compositor still holds.
         self._orphans: set[OutputBuffer] = set()
-        # Pools nothing needs any more; the I/O layer closes their fds (``close_spent``)
-        # after it has sent what their batch produced: closing the last reference to
-        # a client's file frees its pages (about 60 us for a 400x300 window's), and
-        # nobody waits for that.
-        self.spent: list[ClientPool] = []
+        # Pools nothing needs any more; the I/O layer closes their fds after it has sent
+        # what their batch produced.
+        self.spent = SpentPools()
         self._req = {
             (iface.name, m.name): m for iface in protocol.interfaces.values()
             for m in iface.requests
@@ -222,24 +220,11 @@ class ShmBridge:
         self.lifetimes.close_connection(self.owner)
         for pool in self._held_pools():
             pool.close()
-        self.close_spent()
+        self.spent.close()
         self.pools.clear()
         self.buffers.clear()
 
-    def close_spent(self) -> None:
-        """Close the pools the client is done with (the I/O layer calls this once the
-        replies the client waits for have gone)."""
-        spent, self.spent = self.spent, []
-        for pool in spent:
-            pool.close()
-
     # -- pools and buffers -----------------------------------------------------
-
-    def _spend(self, pool: ClientPool) -> None:
-        """``pool`` is not needed any more: its fd is closed with ``close_spent``."""
-        self.spent.append(pool)
-        if len(self.spent) >= MAX_SPENT_POOLS:
-            self.close_spent()
 
     def _held_pools(self) -> list[ClientPool]:
         """Every pool whose fd the proxy holds: live ones, and destroyed ones that
@@ -287,7 +272,7 @@ class ShmBridge:
         pool = self.pools.pop(obj.id)
         pool.alive = False
         if not pool.needed:
-            self._spend(pool)
+            self.spent.add(pool)
         return Verdict.CONSUMED
 
     def _destroy_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
@@ -298,7 +283,7 @@ class ShmBridge:
         buffer.alive = False
         buffer.pool.buffers.discard(buffer.client_id)
         if not buffer.pool.needed:
-            self._spend(buffer.pool)
+            self.spent.add(buffer.pool)
         for out in [o for o in self._orphans if o.source is buffer]:
             # The compositor shows a closed window's output, which stands for this
             # buffer: without the proxy it would now lose the buffer, so it loses the

@@ -105,6 +105,29 @@ class ClientBuffer:
         return self.width, self.height, self.stride, self.format
 
 
+class SpentPools:
+    """Pools nothing needs any more, fds still open. Closing a pool's last fd frees its
+    pages, which no reply should wait for: the I/O layer calls ``close``
+    ``SPENT_POOL_DELAY`` after the replies went; at ``MAX_SPENT_POOLS`` they are closed
+    at once."""
+
+    def __init__(self) -> None:
+        self.pools: list[ClientPool] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pools)
+
+    def add(self, pool: ClientPool) -> None:
+        self.pools.append(pool)
+        if len(self.pools) >= MAX_SPENT_POOLS:
+            self.close()
+
+    def close(self) -> None:
+        pools, self.pools = self.pools, []
+        for pool in pools:
+            pool.close()
+
+
 def open_pool(client_id: int, fd: int, size: int, shm_id: int) -> ClientPool:
     """``wl_shm.create_pool``; takes ownership of ``fd`` unless it raises."""
     if size <= 0:
