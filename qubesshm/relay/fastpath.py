@@ -66,11 +66,15 @@ class WordPlan:
     native: object = field(default=None, compare=False, repr=False)
 
 
-def tail_fits(buf: bytes, pos: int, end: int, tail: tuple[tuple[bool, bool], ...]) -> bool:
-    """Whether the strings and arrays ``tail`` fill ``buf[pos:end]`` exactly, each as the
-    full path would take it (a non-null string NUL-terminated with no other NUL), with
-    zero padding."""
-    for is_string, nullable in tail:
+def tail_fits(plan: WordPlan, buf: bytes, pos: int, size: int) -> bool:
+    """Whether the message of ``size`` bytes at ``buf[pos]`` is ``plan``'s words and then
+    exactly its strings and arrays, each as the full path would take it (a non-null
+    string NUL-terminated with no other NUL), with zero padding."""
+    end = pos + size
+    pos += plan.size
+    if pos > end:
+        return False
+    for is_string, nullable in plan.tail:
         if end - pos < 4:
             return False
         length = _U32.unpack_from(buf, pos)[0]
@@ -167,9 +171,8 @@ class FastPath:
                 if plan is None:
                     break
             if (spec.since > obj.version or (plan.full_path and intercepting)
-                    or (size != plan.size if not plan.tail else
-                        size < plan.size
-                        or not tail_fits(buf, pos + plan.size, pos + size, plan.tail))):
+                    or (size != plan.size if not plan.tail
+                        else not tail_fits(plan, buf, pos, size))):
                 break
             target = object_id if object_id >= SERVER_ID_MIN else to_upstream.get(object_id)
             if target is None:
@@ -263,10 +266,8 @@ class FastPath:
                 plan = event_plan(spec)
                 if plan is None:
                     break
-            if plan.full_path or (
-                    size != plan.size if not plan.tail else
-                    size < plan.size
-                    or not tail_fits(buf, pos + plan.size, pos + size, plan.tail)):
+            if plan.full_path or (size != plan.size if not plan.tail
+                                  else not tail_fits(plan, buf, pos, size)):
                 break
             words = plan.body.unpack_from(buf, pos + HEADER_SIZE)
             translated: list[int] | None = None
