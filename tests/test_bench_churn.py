@@ -17,6 +17,7 @@ from PIL import Image
 
 from qubesshm.bench.churn import PolicyResult, plot, record, set_ratios, spread_warnings
 from qubesshm.bench.churn_agent import not_shown
+from qubesshm.bench.processes import listener_pid
 from qubesshm.headless import HeadlessWeston
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,6 +88,23 @@ def churn_against(weston: HeadlessWeston, *args: str) -> subprocess.CompletedPro
     return subprocess.run(
         [sys.executable, "-m", "qubesshm", "bench", "churn", "--upstream", weston.socket_name,
          *args], env=weston.env(), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_listener_pid_names_the_process_on_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "listening"
+    listener = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\n"
+         "print('up', flush=True)\ntime.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == "up\n"
+        assert listener_pid(path) == listener.pid
+    finally:
+        listener.kill()
+        listener.wait()
+    assert listener_pid(path) is None  # nobody answers any more
+    assert listener_pid(tmp_path / "absent") is None
 
 
 def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
@@ -171,6 +189,25 @@ def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
     printed = [line.removeprefix("warning: ") for line in out.splitlines()
                if line.startswith("warning: ")]
     assert printed == data["warnings"]
+    # CPU a window of each process on each path, while the client ran: the client's own
+    # (at most its wall time a window), serve's, and the test's Weston's.
+    cpu_lines = lines_starting(out, "CPU a window, ms (the scheduler's")
+    assert len(cpu_lines) == 2
+    for run, cpu_line in zip(runs, cpu_lines, strict=True):
+        expected = {"recycle": ["client", "qubesshm", "compositor"],
+                    "direct": ["client", "compositor"]}
+        for name, sides in expected.items():
+            cpu = run[name]["cpu_ms_per_window"]
+            assert list(cpu) == sides, cpu
+            assert all(ms > 0 for ms in cpu.values()), cpu
+            wall = run[name]["seconds"] * 1000 / run[name]["windows"]
+            assert cpu["client"] <= wall, (cpu, wall)
+            shown = ", ".join(f"{side} {ms:.2f}" for side, ms in cpu.items())
+            assert f"{name}: {shown}" in cpu_line, cpu_line
+    median_line = lines_starting(out, "  CPU a window, ms (medians of the runs")
+    serve_cpu = sorted(run["recycle"]["cpu_ms_per_window"]["qubesshm"] for run in runs)
+    assert len(median_line) == 1
+    assert f"qubesshm {sum(serve_cpu) / 2:.2f}" in median_line[0], median_line
 
 
 def test_unpaced_and_paced_options_do_not_mix() -> None:
@@ -264,6 +301,11 @@ def test_the_agent_policy_drains_within_late_timeout_plus_one_second(tmp_path: P
     assert series["pending_acks"][-1] == 0
     assert agent["wrong_releases"] == 0 and agent["late_releases"] == 0
     assert agent["confirmed_releases"] >= 20
+    # The agent is the client's compositor; the GUI domain's work is the emulator's and
+    # its X server's, each counted apart.
+    cpu = agent["cpu_ms_per_window"]
+    assert list(cpu) == ["client", "qubesshm", "emulator", "X server"], cpu
+    assert all(ms > 0 for ms in cpu.values()), cpu
     row = lines_starting(result.stdout, "agent ")
     # Final live, peak deferred, final deferred, and the drain in seconds.
     assert len(row) == 1 and row[0].split()[6:10] == ["0", "0", "0", "0.0"], row

@@ -57,7 +57,15 @@ from ..grants.files import write_output
 from ..relay.control import StatsError, read_stats
 from . import churn_agent
 from .private_x import xvfb_command
-from .processes import compositor, process, report_log, start_split, wait_for_socket
+from .processes import (
+    compositor,
+    cpu_seconds,
+    listener_pid,
+    process,
+    report_log,
+    start_split,
+    wait_for_socket,
+)
 
 CHURN_CLIENT = Path(__file__).resolve().parents[2] / "examples" / "churn_client.py"
 AGENT = "agent"
@@ -87,7 +95,10 @@ UNPACED_POLICIES = ("recycle", AGENT, "direct")
 # policy's ratio to direct (0.10 apart), direct's own rate (1.2x).
 RATIO_SPREAD = 0.10
 DIRECT_SPREAD = 1.2
-_RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s")
+_RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s(?: \([\d.]+ windows/s\), "
+                     r"client CPU ([\d.]+) s)?")
+# The processes whose CPU a window is shown, in this order.
+CPU_SIDES = ("client", "qubesshm", "compositor", "emulator", "X server")
 _OPENED = re.compile(r"^opened (\d+)$", re.MULTILINE)
 
 
@@ -133,6 +144,11 @@ class PolicyResult:
     windows_sent: int | None = None
     # Why the client stopped early (the proxy's error to it), None if it finished.
     failed: str | None = None
+    # CPU a window (ms) while the client ran, of each process on the path (``CPU_SIDES``):
+    # the client's own (from its line), qubesshm's (serve, with the host half when split;
+    # the agent, which is the client's compositor), the compositor's (Weston, with its
+    # shell client), and in agent mode the GUI domain's: the emulator and its X server.
+    cpu_ms_per_window: dict[str, float] = field(default_factory=dict)
     # Seconds since the client started, live pages, deferred pages (the agent's
     # also ACKs pending: "pending_acks").
     series: dict[str, list[float]] = field(
@@ -234,15 +250,17 @@ def run_churn_bench(args: argparse.Namespace) -> int:
     runs: list[dict[str, PolicyResult]] = []
     with contextlib.ExitStack() as stack:
         upstream: Path | None = None
+        compositor_pid: int | None = None
         if any(p != AGENT for p in policies):
             upstream = stack.enter_context(compositor(
                 args.upstream, width=1920, height=1080, animations=args.animations != "off"))
+            compositor_pid = listener_pid(upstream)
         else:
             print("compositor: none (the agent policy serves its client itself)")
         for index in range(args.repeats):
             results: dict[str, PolicyResult] = {}
             for name in _runs(policies, bool(getattr(args, "remote", False))):
-                results[name] = _run_policy(name, upstream, windows, args)
+                results[name] = _run_policy(name, upstream, windows, args, compositor_pid)
             set_ratios(results)
             if args.repeats > 1:
                 print(f"\nrun {index + 1} of {args.repeats}:")
@@ -312,6 +330,30 @@ def spread_warnings(runs: list[dict[str, PolicyResult]]) -> list[str]:
     return out
 
 
+def cpu_line(results: dict[str, PolicyResult], median: bool = False) -> str | None:
+    """The CPU a window of each process on each path, one line (None: none measured)."""
+    parts = []
+    for r in results.values():
+        if r.cpu_ms_per_window:
+            sides = ", ".join(f"{side} {ms:.2f}" for side, ms in r.cpu_ms_per_window.items())
+            parts.append(f"{r.policy}: {sides}")
+    if not parts:
+        return None
+    what = "medians of the runs" if median else "the scheduler's run time while the client ran"
+    return f"CPU a window, ms ({what}; the client's its own): " + "; ".join(parts)
+
+
+def median_cpu(runs: list[dict[str, PolicyResult]]) -> dict[str, PolicyResult]:
+    """Per policy, the median over ``runs`` of each side's CPU a window (as results)."""
+    out: dict[str, PolicyResult] = {}
+    for name in runs[0]:
+        measured = [run[name].cpu_ms_per_window for run in runs if name in run]
+        sides = [side for side in CPU_SIDES if all(side in m for m in measured)]
+        out[name] = PolicyResult(name, cpu_ms_per_window={
+            side: statistics.median(m[side] for m in measured) for side in sides})
+    return out
+
+
 def _print_medians(medians: dict[str, dict[str, float | None]],
                    runs: list[dict[str, PolicyResult]]) -> None:
     print(f"\nmedians of {len(runs)} runs (each run's policies one after the other):")
@@ -326,6 +368,9 @@ def _print_medians(medians: dict[str, dict[str, float | None]],
         failed = [run[name].failed for run in runs if name in run and run[name].failed]
         if failed:
             print(f"  {name}: {len(failed)} of {len(runs)} runs stopped early: {failed[0]}")
+    line = cpu_line(median_cpu(runs), median=True)
+    if line is not None:
+        print(f"  {line}")
 
 
 def set_ratios(results: dict[str, PolicyResult]) -> None:
@@ -360,7 +405,7 @@ def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
 
 
 def _run_policy(name: str, upstream: Path | None, windows: int,
-                args: argparse.Namespace) -> PolicyResult:
+                args: argparse.Namespace, compositor_pid: int | None = None) -> PolicyResult:
     """One row: ``name`` is a policy, or a proxy policy and " split"."""
     result = PolicyResult(name)
     policy = base_policy(name)
@@ -371,11 +416,15 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
         env.pop("QUBESSHM_SIM_ROOT", None)
         socket_path: Path | None = None
         agent: churn_agent.AgentUnderTest | None = None
+        # Whose CPU is counted while the client runs: side -> process (and descendants).
+        sides: dict[str, int] = {}
         if policy == AGENT:
             agent = churn_agent.start_agent(stack, env, workdir, args)
             print(f"{AGENT}: {agent.describe()}", flush=True)
             socket_path = display = agent.socket
             result.series["pending_acks"] = []
+            sides = {"qubesshm": agent.agent_pid, "emulator": agent.emulator_pid,
+                     "X server": agent.x.pid}
         elif policy == "direct":
             assert upstream is not None
             display = upstream
@@ -386,15 +435,20 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
                        "--late-timeout", f"{args.late_timeout:g}", *_POLICY_OPTIONS[policy]]
             if name != policy:
                 stack.callback(report_log, name, log)  # once it has stopped
-                socket_path, _ = start_split(stack, env, workdir, upstream, *options, log=log)
+                socket_path, sides["qubesshm"] = start_split(stack, env, workdir, upstream,
+                                                             *options, log=log)
             else:
                 socket_path = workdir / "qubesshm-churn"
                 proc = stack.enter_context(process(
                     [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
                      "--upstream", str(upstream), *options], env, log))
                 wait_for_socket(socket_path, proc, "qubesshm serve", log)
+                sides["qubesshm"] = proc.pid
             display = socket_path
+        if policy != AGENT and compositor_pid is not None:
+            sides["compositor"] = compositor_pid
         client_env = dict(env, WAYLAND_DISPLAY=str(display))
+        cpu_before = {side: cpu_seconds([pid]) for side, pid in sides.items()}
         start = time.monotonic()
         client = subprocess.Popen(_client_command(windows, args), env=client_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -415,9 +469,16 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
                 break
             time.sleep(SAMPLE_INTERVAL)
         out, err = client.communicate()
+        cpu_after = {side: cpu_seconds([pid]) for side, pid in sides.items()}
         match = _RESULT.search(out)
         if client.returncode == 0 and match is not None:
             result.windows, result.seconds = int(match[1]), float(match[2])
+            if result.windows:
+                if match[3] is not None:
+                    cpu_after["client"], cpu_before["client"] = float(match[3]), 0.0
+                result.cpu_ms_per_window = {
+                    side: (cpu_after[side] - cpu_before[side]) * 1000.0 / result.windows
+                    for side in CPU_SIDES if side in cpu_after}
         elif behind:
             opened = _OPENED.findall(out)
             result.windows = int(opened[-1]) if opened else 0
@@ -618,6 +679,9 @@ def _print_table(results: dict[str, PolicyResult], windows: int,
         print(f"deferred backlog empty within --late-timeout + {DRAIN_MARGIN:g} s = "
               f"{bounded[0].drain_bound_seconds:g} s of the last close: "
               f"{', '.join(within) or 'none'}" + (f"; not: {', '.join(beyond)}" if beyond else ""))
+    line = cpu_line(results)
+    if line is not None:
+        print(line)
     if AGENT in results and results[AGENT].acks is not None:
         print(churn_agent.summary(results[AGENT], args.late_timeout))
 

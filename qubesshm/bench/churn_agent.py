@@ -40,6 +40,8 @@ class AgentUnderTest:
     socket: Path  # the agent's Wayland socket; its counters at NAME.stats
     x: PrivateX
     log: Path  # what the agent writes
+    agent_pid: int
+    emulator_pid: int
 
     def describe(self) -> str:
         return (f"qubesshm agent (simulated grants, a Qubes VM's kernel: free_per_iteration "
@@ -60,7 +62,7 @@ def start_agent(stack: contextlib.ExitStack, env: dict[str, str], workdir: Path,
         stack, env, workdir, x.display,
         agent_args=["--kernel", KERNEL.name, "--late-timeout", f"{args.late_timeout:g}"],
         emulator_args=emulator_options(args))
-    return AgentUnderTest(path.socket, x, path.agent_log)
+    return AgentUnderTest(path.socket, x, path.agent_log, path.agent_pid, path.emulator_pid)
 
 
 def window_pages(stats: dict[str, Any]) -> int:

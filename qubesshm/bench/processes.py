@@ -16,6 +16,8 @@ import os
 import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -233,6 +235,21 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
         print(f"waypipe: {exc}; baseline skipped (run waypipe by hand to see why)")
         return None
     return display, [wp_client.pid, wp_server.pid]
+
+
+def listener_pid(path: Path) -> int | None:
+    """The process listening on the Unix socket ``path`` (``SO_PEERCRED`` of a connection
+    made and closed at once: a compositor sees a client come and go), None if none
+    answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(str(path))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid or None
 
 
 def own_cpu_seconds(pid: int) -> float:
