@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from qubesshm.grants.lifetimes import GrantLifetimes
 from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.pixels.region import MAX_RECTS
-from qubesshm.relay.session import RelaySession, Step
+from qubesshm.relay.session import RelaySession, Step, carries_sync
 from qubesshm.shm.clientpool import MAX_SPENT_POOLS
 from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
 from qubesshm.wire.codec import (
@@ -287,7 +288,7 @@ def attached(got: list[Received]) -> int:
 def client_events(step: Step) -> list[tuple[int, int, bytes]]:
     """What the step has for the client: the proxy's own delete_ids, then the rest."""
     return [(f.object_id, f.opcode, f.data)
-            for f in frames_of(step.own_delete_ids + step.to_client)]
+            for f in frames_of(step.own_events + step.to_client)]
 
 
 def released(step: Step, buffer: int) -> bool:
@@ -1013,12 +1014,68 @@ def test_a_skipped_new_id_is_refused(world: World) -> None:
     assert parse_error(step.to_client)[:2] == [1, ErrorCode.INVALID_METHOD]
 
 
-def test_the_proxys_own_delete_ids_go_ahead_of_an_error(world: World) -> None:
+def test_an_early_release_waits_for_the_compositors_answer_only_to_a_sync(
+        world: World) -> None:
+    """The early release is one of the proxy's own events: it may wait for the answer to
+    its batch (and reach the client in one write with it) only when the batch carries a
+    ``wl_display.sync``, which the compositor answers at once; after a commit alone, or
+    with a frame callback (answered at the next repaint), it goes at once."""
+    pool, _ = world.pool(4 * 4 * 4, b"\x01" * 64)
+    _, buffer = world.buffer(pool, 0, 4, 4, 16)
+    for tail, waits in (("sync", True), ("frame", False), (None, False)):
+        surface = world.surface()
+        messages = [req(surface, "wl_surface", "attach", buffer, 0, 0),
+                    req(surface, "wl_surface", "damage_buffer", 0, 0, 4, 4),
+                    req(surface, "wl_surface", "commit")]
+        if tail == "sync":
+            messages.append(req(1, "wl_display", "sync", world.new_id()))
+        elif tail == "frame":
+            messages.insert(2, req(surface, "wl_surface", "frame", world.new_id()))
+        step, _ = world.send(*messages)
+        assert step.error is None and step.to_client == []
+        assert [(f.object_id, f.opcode) for f in frames_of(step.own_events)] == [(buffer, 0)]
+        assert step.own_events_wait is waits, tail
+    # Delete_ids alone still wait whenever the batch went upstream: no client waits for
+    # one (a surface made in the same batch takes it upstream).
+    other, _ = world.pool(64, b"\x01" * 64)
+    step, _ = world.send(req(other, "wl_shm_pool", "destroy"),
+                         req(world.compositor, "wl_compositor", "create_surface",
+                             world.new_id()))
+    assert [(f.object_id, f.opcode) for f in frames_of(step.own_events)] == [(1, 1)]
+    assert step.own_events_wait is True
+
+
+def test_a_release_goes_ahead_of_its_buffers_delete_id(world: World) -> None:
+    """A buffer committed and destroyed in one batch: its early release, then its
+    delete_id, in the order made (an event for an id the client was told is free would
+    be read as one for whatever reuses it)."""
+    pool, _ = world.pool(64, b"\x01" * 64)
+    _, buffer = world.buffer(pool, 0, 4, 4, 16)
+    surface = world.surface()
+    step, _ = world.send(req(surface, "wl_surface", "attach", buffer, 0, 0),
+                         req(surface, "wl_surface", "damage_buffer", 0, 0, 4, 4),
+                         req(surface, "wl_surface", "commit"),
+                         req(buffer, "wl_buffer", "destroy"))
+    events = [(f.object_id, f.opcode, f.data[8:]) for f in frames_of(step.own_events)]
+    assert events == [(buffer, 0, b""), (1, 1, struct.pack("=I", buffer))]
+
+
+def test_carries_sync_finds_a_sync_among_whole_messages() -> None:
+    sync = req(1, "wl_display", "sync", 5)[0]
+    registry = req(1, "wl_display", "get_registry", 6)[0]
+    other_zero = req(7, "wl_surface", "destroy")[0]  # opcode 0 of another object
+    assert carries_sync([(registry + other_zero + sync, [])])
+    assert carries_sync([(registry, []), (sync, [3])])
+    assert not carries_sync([(registry + other_zero, [])])
+    assert not carries_sync([])
+
+
+def test_the_proxys_own_events_go_ahead_of_an_error(world: World) -> None:
     """A batch that ends in a protocol error: its delete_ids are in the client's last
     write, ahead of the error."""
     pool, _ = world.pool(64, b"\x01" * 64)
     step, _ = world.send(req(pool, "wl_shm_pool", "destroy"), req(4242, "wl_surface", "commit"))
-    assert step.error is not None and step.own_delete_ids == []
+    assert step.error is not None and step.own_events == []
     events = [(o, op) for o, op, _ in client_events(step)]
     assert events == [(1, 1), (1, 0)]  # delete_id, then wl_display.error
 

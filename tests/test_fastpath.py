@@ -81,7 +81,8 @@ def session_pair(diverged: bool) -> tuple[RelaySession, RelaySession]:
 
 def outcome(step: Step) -> tuple[object, ...]:
     error = step.error
-    return (step.to_compositor, step.to_client, step.own_delete_ids, step.discarded_fds,
+    return (step.to_compositor, step.to_client, step.own_events, step.own_events_wait,
+            step.discarded_fds,
             step.client_at_fault,
             None if error is None else (error.message, int(error.code), error.object_id))
 

@@ -1264,6 +1264,42 @@ def test_the_proxys_own_delete_ids_go_with_the_compositors_answer(harness: Harne
     assert (object_id, opcode) == (1, 1) and struct.unpack_from("=I", data, 8)[0] == pool
 
 
+def test_an_early_release_goes_with_the_answer_to_a_sync_and_alone_without_one(
+        harness: Harness, proxy: Proxy) -> None:
+    """A commit and a sync in one batch: the client's buffer is released in the write
+    that carries the compositor's answer, ahead of it. A commit the compositor does not
+    answer: the release comes all the same."""
+    pair = harness.connect(proxy)
+    registry = pair.get_registry()
+    compositor = pair.bind(registry, 1, "wl_compositor", 4)
+    shm = pair.bind(registry, 2, "wl_shm", 1)
+    pool, buffer, surface, callback = (pair.new_id() for _ in range(4))
+    fd = memfd_with(b"\x01" * 64)
+    pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
+                                     [pool, fd, 64]))
+    os.close(fd)
+    pair.client.send(req(pool, "wl_shm_pool", "create_buffer", buffer, 0, 4, 4, 16, 1)
+                     + req(compositor, "wl_compositor", "create_surface", surface))
+    assert pair.compositor.recv_message()[:2] == (compositor, 0)
+    frame = (req(surface, "wl_surface", "attach", buffer, 0, 0)
+             + req(surface, "wl_surface", "damage_buffer", 0, 0, 4, 4)
+             + req(surface, "wl_surface", "commit"))
+    pair.client.send(frame + req(1, "wl_display", "sync", callback))
+    upstream_callback = None
+    while upstream_callback is None:  # the proxy's pool and buffer, then the frame
+        object_id, opcode, data = pair.compositor.recv_message()
+        if (object_id, opcode) == (1, 0):
+            (upstream_callback,) = struct.unpack_from("=I", data, 8)
+    pair.compositor.send(evt(upstream_callback, "wl_callback", "done", 7)
+                         + evt(1, "wl_display", "delete_id", upstream_callback))
+    assert pair.client.recv_message()[:2] == (buffer, 0)  # wl_buffer.release
+    assert pair.client.recv_message()[:2] == (callback, 0)  # wl_callback.done
+    assert pair.client.recv_message()[:2] == (1, 1)  # its delete_id
+    # No sync: the compositor answers nothing, and the release still comes.
+    pair.client.send(frame)
+    assert pair.client.recv_message()[:2] == (buffer, 0)
+
+
 def test_a_proxy_never_replaces_another_proxys_stats_socket(harness: Harness) -> None:
     """NAME.stats is locked as a Wayland socket is: a proxy serving a socket of that
     name and a proxy serving NAME exclude each other, neither replaces the other."""

@@ -5,8 +5,9 @@ bytes and fds between sockets with asyncio readers and writers, applies
 backpressure (while a peer is not reading, the proxy stops reading what would
 add to its queue; the session is dropped if that peer accepts nothing for
 ``stall_timeout`` seconds) and tears a session down when either end goes away.
-It also chooses when: the proxy's own delete_ids wait for the compositor's answer
-to their batch (``OWN_DELETE_IDS_DELAY``), the grant cache is trimmed to its bound
+It also chooses when: the proxy's own events (its delete_ids, its early releases)
+wait for the compositor's answer to their batch when the session says they may
+(``OWN_EVENTS_DELAY``), the grant cache is trimmed to its bound
 once a step's output went, and pools the client is done with are closed a moment
 after (``SPENT_POOL_DELAY``).
 """
@@ -70,11 +71,12 @@ TICK_INTERVAL = 0.25
 AWAITING_TICK_INTERVAL = 0.05
 # Lines kept about clients the proxy ended, for run to repeat at exit.
 ENDED_KEPT = 32
-# The proxy's own delete_ids (for the pools and buffers it kept) of a batch of
-# requests that went upstream wait for the compositor's answer to that batch and go
+# The proxy's own events (the delete_ids of the pools and buffers it kept, the early
+# releases) of a batch of requests that went upstream wait, where the session says
+# they may (``Step.own_events_wait``), for the compositor's answer to that batch and go
 # to the client in one write with it, as a compositor writes what one dispatch made at
-# once; at most this long.
-OWN_DELETE_IDS_DELAY = 0.001
+# once: one wake-up of the client instead of two. At most this long.
+OWN_EVENTS_DELAY = 0.001
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -134,10 +136,9 @@ class ClientRelay:
         self._finishing: str | None = None
         self._stall: dict[Peer, asyncio.TimerHandle] = {}
         self._spent_timer: asyncio.TimerHandle | None = None
-        # The proxy's own delete_ids, waiting for the compositor's answer
-        # (OWN_DELETE_IDS_DELAY).
-        self._held_delete_ids: list[Segment] = []
-        self._own_delete_ids_timer: asyncio.TimerHandle | None = None
+        # The proxy's own events, waiting for the compositor's answer (OWN_EVENTS_DELAY).
+        self._held_own_events: list[Segment] = []
+        self._own_events_timer: asyncio.TimerHandle | None = None
         if self.session.shm is not None:
             self.session.shm.wake = self._wake
         self._update_readers()
@@ -272,33 +273,33 @@ class ClientRelay:
         self._apply(step)
         return len(data)
 
-    def _hold_own_delete_ids(self, step: Step) -> None:
-        """The proxy's own delete_ids wait for the compositor's answer when the step
-        went upstream and has nothing else for the client; else they go with it."""
-        if step.to_client or not step.to_compositor:
-            step.to_client = step.own_delete_ids + step.to_client
+    def _hold_own_events(self, step: Step) -> None:
+        """The proxy's own events wait for the compositor's answer where the session
+        says they may; else they go ahead of what the step has for the client."""
+        if step.own_events_wait:
+            self._held_own_events += step.own_events
+            if self._own_events_timer is None:
+                self._own_events_timer = self.loop.call_later(OWN_EVENTS_DELAY,
+                                                              self._send_own_events)
         else:
-            self._held_delete_ids += step.own_delete_ids
-            if self._own_delete_ids_timer is None:
-                self._own_delete_ids_timer = self.loop.call_later(
-                    OWN_DELETE_IDS_DELAY, self._send_own_delete_ids)
-        step.own_delete_ids = []
+            step.to_client = step.own_events + step.to_client
+        step.own_events = []
 
-    def _take_own_delete_ids(self) -> list[Segment]:
-        if self._own_delete_ids_timer is not None:
-            self._own_delete_ids_timer.cancel()
-            self._own_delete_ids_timer = None
-        held, self._held_delete_ids = self._held_delete_ids, []
+    def _take_own_events(self) -> list[Segment]:
+        if self._own_events_timer is not None:
+            self._own_events_timer.cancel()
+            self._own_events_timer = None
+        held, self._held_own_events = self._held_own_events, []
         return held
 
-    def _send_own_delete_ids(self) -> None:
-        """No answer came in time: the proxy's own delete_ids go alone."""
-        self._own_delete_ids_timer = None
-        self._send(self.client, self._take_own_delete_ids())
+    def _send_own_events(self) -> None:
+        """No answer came in time: the proxy's own events go alone."""
+        self._own_events_timer = None
+        self._send(self.client, self._take_own_events())
 
     def _apply(self, step: Step) -> None:
-        if step.own_delete_ids:
-            self._hold_own_delete_ids(step)
+        if step.own_events:
+            self._hold_own_events(step)
         for fd in step.discarded_fds:
             os.close(fd)
         self._send(self.compositor, step.to_compositor)
@@ -336,8 +337,8 @@ class ClientRelay:
     # -- writing -------------------------------------------------------------
 
     def _send(self, dest: Peer, segments: list[Segment]) -> None:
-        if dest is self.client and segments and self._held_delete_ids:
-            segments = self._take_own_delete_ids() + segments  # made first, so sent first
+        if dest is self.client and segments and self._held_own_events:
+            segments = self._take_own_events() + segments  # made first, so sent first
         if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
@@ -444,8 +445,8 @@ class ClientRelay:
         """
         if self.closed or self._finishing is not None:
             return
-        if self._held_delete_ids:
-            self._send(self.client, self._take_own_delete_ids())
+        if self._held_own_events:
+            self._send(self.client, self._take_own_events())
         self._finishing = reason
         self._update_readers()
         for dest in list(self._stall):
@@ -474,7 +475,7 @@ class ClientRelay:
         if self._spent_timer is not None:
             self._spent_timer.cancel()  # the session's end closes the spent pools
             self._spent_timer = None
-        self._send(self.client, self._take_own_delete_ids())  # closed: only their fds close
+        self._send(self.client, self._take_own_events())  # closed: only their fds close
         self._update_readers()
         for transport in self._waiting_to_write:
             transport.unwatch_writable(self.loop)

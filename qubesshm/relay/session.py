@@ -23,6 +23,8 @@ from ..objects.objectmap import DISPLAY_ID, ObjectMap, WaylandObject
 from ..shm.bridge import OwnObject, ShmBridge, Verdict
 from ..wire.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    HEADER,
+    HEADER_SIZE,
     ArgValue,
     ErrorCode,
     Frame,
@@ -119,10 +121,16 @@ class Step:
     client_at_fault: bool = False
     # Fds of the rejected message: taken off the wire, forwarded nowhere.
     discarded_fds: list[int] = field(default_factory=list)
-    # The proxy's own delete_id events, for the objects it kept (pools and buffers):
-    # no client waits for one, so the I/O layer may send them with its next write to
-    # the client, before what that write carries.
-    own_delete_ids: list[Segment] = field(default_factory=list)
+    # The proxy's own events, in the order made: the delete_ids of the objects it kept
+    # (pools and buffers) and the early releases of the buffers it copied. The I/O layer
+    # sends them with its next write to the client, ahead of what that write carries.
+    own_events: list[Segment] = field(default_factory=list)
+    # Whether ``own_events`` may wait for the compositor's answer to this step (at most
+    # the I/O layer's bound) and go to the client in one write with it: the step went
+    # upstream with nothing else for the client, and if it released a buffer, a client
+    # could wait for that release, so the step must carry a ``wl_display.sync``, which
+    # the compositor answers at once (a frame callback may wait for the next repaint).
+    own_events_wait: bool = False
 
 
 @dataclass(slots=True)
@@ -160,10 +168,11 @@ class RelaySession:
         # session tests use it so); the proxy always gives it grants.
         # What the proxy sends upstream on its own, outside any client request.
         self._later = Outbox()
-        # The delete_ids of the pump under way for objects the proxy kept.
-        self._own_delete_ids = Outbox()
+        # The proxy's own events of the pump under way (delete_ids of objects it kept, the
+        # bridge's early releases), in the order made.
+        self._own_events = Outbox()
         self.shm = (ShmBridge(protocol, self.ids, grants, owner, counters, clock, self._later,
-                              self._trace_own if tracer is not None else None)
+                              self._own_events, self._trace_own if tracer is not None else None)
                     if grants is not None else None)
         self.hidden_interfaces = hidden_interfaces
         # A commit waiting for an output buffer, and the requests behind it.
@@ -310,11 +319,17 @@ class RelaySession:
         self._add_later(upstream)
         step.to_compositor = upstream.take()
         step.to_client = downstream.take()
-        if self._own_delete_ids:
-            step.own_delete_ids = self._own_delete_ids.take()
+        if self._own_events:
+            step.own_events = self._own_events.take()
             if step.error is not None:  # the last write to the client: they go first
-                step.to_client = step.own_delete_ids + step.to_client
-                step.own_delete_ids = []
+                step.to_client = step.own_events + step.to_client
+                step.own_events = []
+            else:
+                step.own_events_wait = bool(step.to_compositor) and not step.to_client and (
+                    not (self.shm is not None and self.shm.released_early)
+                    or carries_sync(step.to_compositor))
+        if self.shm is not None:
+            self.shm.released_early = False
         return step
 
     def _next_frame(self, reader: WireReader, at_eof: bool) -> tuple[int, int, int] | None:
@@ -498,7 +513,7 @@ class RelaySession:
                     self.ids.remove_local(obj.id)
                     self.objects.delete_id(obj.id)
                     data, _ = encode_message(DISPLAY_ID, self._delete_id, [obj.id])
-                    self._own_delete_ids.add(data, [])
+                    self._own_events.add(data, [])
             if self.tracer is not None:
                 self.tracer(Relayed(Direction.REQUEST, obj, spec, args, "kept by qubesshm"))
             return True
@@ -767,3 +782,16 @@ def _upstream_note(spec: MessageSpec, target: int, args: Sequence[ArgValue]) -> 
         else:
             parts.append("_")
     return f"@{target}({', '.join(parts)})"
+
+
+def carries_sync(segments: list[Segment]) -> bool:
+    """Whether these messages to the compositor (whole ones, as a step's are) hold a
+    ``wl_display.sync``: the display is object 1 upstream too, and sync its request 0."""
+    for data, _ in segments:
+        pos, end = 0, len(data)
+        while pos + HEADER_SIZE <= end:
+            object_id, word = HEADER.unpack_from(data, pos)
+            if object_id == DISPLAY_ID and word & 0xFFFF == 0:
+                return True
+            pos += max(word >> 16, HEADER_SIZE)
+    return False

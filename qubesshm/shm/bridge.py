@@ -5,7 +5,8 @@ The relay session hands every ``wl_shm``, ``wl_shm_pool``, ``wl_buffer``,
 pools and shm buffers stay in the proxy (the compositor never sees a client
 fd); on commit the damaged pixels are copied into a released output buffer in
 grant pages, which is attached upstream in the client buffer's place, and the
-client's buffer is released at once. The compositor's releases of output
+client's buffer is released at once (into ``own``, the proxy's own events, which the
+session orders with its delete_ids). The compositor's releases of output
 buffers come back here and are never forwarded. Grants come from the injected
 ``GrantLifetimes`` (which recycles them); messages go only to the outboxes the
 session passes in, or to ``later`` for what the proxy sends on its own.
@@ -96,7 +97,7 @@ class ShmBridge:
 
     def __init__(self, protocol: ProtocolTable, ids: UpstreamIds, lifetimes: GrantLifetimes,
                  owner: int, counters: Sequence[ClientCounters], clock: Callable[[], float],
-                 later: Outbox,
+                 later: Outbox, own: Outbox,
                  trace: Callable[[int, MessageSpec, list[ArgValue]], None] | None = None,
                  ) -> None:
         self.protocol = protocol
@@ -109,6 +110,12 @@ class ShmBridge:
         # Requests the proxy makes upstream outside a client's request (a cached
         # area evicted for another client, or on a timer), and whom to tell.
         self.later = later
+        # The proxy's own events for the client (the early releases), in one ordered
+        # stream with the session's own delete_ids.
+        self.own = own
+        # Set when a commit released the client's buffer early; the session reads and
+        # clears it once a step is done.
+        self.released_early = False
         self.wake: Callable[[], None] | None = None
         self.clock = clock
         self.pools: dict[int, ClientPool] = {}
@@ -515,7 +522,8 @@ class ShmBridge:
             c.bytes_copied += written
         if newly:
             data, _ = encode_message(buffer.client_id, self._wl_buffer.events[0], [])
-            down.add(data, [])
+            self.own.add(data, [])
+            self.released_early = True
             for c in self.counters:
                 c.early_releases += 1
         return Verdict.CONSUMED
