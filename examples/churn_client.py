@@ -11,14 +11,21 @@ open at once (the oldest is closed first); ``--rate`` caps how many are opened a
 second. This is what menus, tooltips and dialogs do to a compositor, and what
 makes grants pile up on a kernel's deferred list in a qube.
 
+With ``--unpaced --displays A,B,...`` it runs ``--windows`` windows on each of
+those displays, taking turns of ``--block`` windows (one connection each, every
+turn's windows closed before the next display's turn), and times each display
+apart: paths compared this way share whatever the machine does meanwhile.
+
 Usage::
 
     churn_client.py [--windows N] [--size WxH] [--frames F] [--concurrency C]
-                    [--rate R] [--unpaced] [--timeout S] [--progress]
+                    [--rate R] [--unpaced] [--displays A,B,... [--block B]]
+                    [--timeout S] [--progress]
 
 Prints one line at the end, ``churn: N windows in S s (R windows/s), client CPU C s``
-(its own CPU over the same span, this process's user and system time); with
-``--progress`` also ``opened I`` as each window has been presented. Exit status
+(its own CPU over the same span, this process's user and system time), with
+``--displays`` one per display ending `` on NAME``; with ``--progress`` also
+``opened I`` (`` on NAME``) as each window has been presented. Exit status
 0 on success, 1 on a protocol error, a lost connection or a timeout, 2 on bad
 arguments.
 """
@@ -102,6 +109,55 @@ def _positive(text: str) -> int:
     return value
 
 
+def _displays(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    if not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: one or more displays, each once")
+    return names
+
+
+class Tally:
+    """What one display's windows took: wall time and this process's CPU time."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.windows = 0
+        self.seconds = 0.0
+        self.cpu = 0.0
+
+    def line(self) -> str:
+        on = "" if self.name is None else f" on {self.name}"
+        return (f"churn: {self.windows} windows in {self.seconds:.2f} s "
+                f"({self.windows / self.seconds:.1f} windows/s), client CPU {self.cpu:.3f} s{on}")
+
+
+def _run(client: PatternClient, tally: Tally, count: int, args: argparse.Namespace,
+         start: float, first: int) -> None:
+    """``count`` windows on ``client``, all closed at the end, timed into ``tally``."""
+    began, cpu_began = time.monotonic(), time.process_time()
+    open_windows: deque[Window] = deque()
+    for number in range(first, first + count):
+        if args.rate > 0:
+            client.idle(start + number / args.rate - time.monotonic())
+        if len(open_windows) >= args.concurrency:
+            open_windows.popleft().close()
+        window = Window(client, number)
+        for _ in range(args.frames):
+            window.draw(paced=not args.unpaced)
+        if args.unpaced:
+            client.roundtrip()
+        open_windows.append(window)
+        if args.progress:
+            on = "" if tally.name is None else f" on {tally.name}"
+            print(f"opened {number + 1}{on}", flush=True)
+    while open_windows:
+        open_windows.popleft().close()
+    client.roundtrip()
+    tally.windows += count
+    tally.seconds += time.monotonic() - began
+    tally.cpu += time.process_time() - cpu_began
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=_positive, default=100)
@@ -113,44 +169,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unpaced", action="store_true",
                         help="no frame callbacks: after a window's last commit, one "
                         "wl_display.sync round trip before it is closed")
+    parser.add_argument("--displays", type=_displays, metavar="NAME,NAME,...",
+                        help="with --unpaced: --windows windows on each of these displays "
+                        "(names or paths), in turns of --block windows, each display "
+                        "timed apart: paths compared under the same machine")
+    parser.add_argument("--block", type=_positive, default=25,
+                        help="windows a turn with --displays (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for any one event")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.displays is not None and (not args.unpaced or args.rate > 0):
+        parser.error("--displays takes turns between unpaced runs: give --unpaced, "
+                     "not --rate")
     width, height = args.size
-    client = PatternClient(width, height, FORMATS["xrgb8888"], args.timeout)
+    names: list[str | None] = list(args.displays) if args.displays else [None]
+    clients = [PatternClient(width, height, FORMATS["xrgb8888"], args.timeout, name)
+               for name in names]
+    tallies = [Tally(name) for name in names]
     start = time.monotonic()
-    cpu_start = time.process_time()
+    client = clients[0]
     try:
-        client.connect()
-        open_windows: deque[Window] = deque()
-        for number in range(args.windows):
-            if args.rate > 0:
-                client.idle(start + number / args.rate - time.monotonic())
-            if len(open_windows) >= args.concurrency:
-                open_windows.popleft().close()
-            window = Window(client, number)
-            for _ in range(args.frames):
-                window.draw(paced=not args.unpaced)
-            if args.unpaced:
-                client.roundtrip()
-            open_windows.append(window)
-            if args.progress:
-                print(f"opened {number + 1}", flush=True)
-        while open_windows:
-            open_windows.popleft().close()
-        client.roundtrip()
+        for client in clients:
+            client.connect()
+        if args.displays is None:
+            _run(clients[0], tallies[0], args.windows, args, start, 0)
+        else:
+            for first in range(0, args.windows, args.block):
+                count = min(args.block, args.windows - first)
+                for client, tally in zip(clients, tallies, strict=True):
+                    _run(client, tally, count, args, start, first)
     except ClientError as exc:
-        print(f"churn_client: {exc}", file=sys.stderr)
+        where = ("" if args.displays is None or client.display_name in str(exc)
+                 else f" (on {client.display_name})")
+        print(f"churn_client: {exc}{where}", file=sys.stderr)
         # Disconnect before the interpreter finalizes the proxies: left to garbage
         # collection after a protocol error, libwayland crashed (SIGSEGV).
-        client.display.disconnect()
+        for each in clients:
+            if each.connected:
+                each.display.disconnect()
         return 1
-    elapsed = time.monotonic() - start
-    cpu = time.process_time() - cpu_start
-    print(f"churn: {args.windows} windows in {elapsed:.2f} s "
-          f"({args.windows / elapsed:.1f} windows/s), client CPU {cpu:.3f} s", flush=True)
-    client.display.disconnect()
+    for tally in tallies:
+        print(tally.line(), flush=True)
+    for client in clients:
+        client.display.disconnect()
     return 0
 
 

@@ -195,6 +195,7 @@ class PatternClient:
         self.height = height
         self.shm_format = shm_format
         self.timeout = timeout
+        self.display_name = display_name or os.environ.get("WAYLAND_DISPLAY", "wayland-0")
         self.display = Display(display_name)
         self.connected = False
         self.compositor: Any = None
@@ -285,8 +286,7 @@ class PatternClient:
             self.display.connect()
         except ValueError as exc:
             # pywayland leaves a NULL pointer behind: never touch the display again.
-            name = os.environ.get("WAYLAND_DISPLAY", "wayland-0")
-            raise ClientError(f"cannot connect to Wayland display {name!r}") from exc
+            raise ClientError(f"cannot connect to Wayland display {self.display_name!r}") from exc
         self.connected = True
         registry = self.display.get_registry()
         registry.dispatcher["global"] = self._on_global

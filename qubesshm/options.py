@@ -49,6 +49,11 @@ def positive(text: str) -> int:
     return whole(text, 1)
 
 
+def windows_a_turn(text: str) -> int:
+    """``bench churn --block``: windows a turn, 0 for none (one path after the other)."""
+    return whole(text, 0, what="a whole number of windows (0: no turns)")
+
+
 def u32(text: str) -> int:
     """A kernel module parameter: an unsigned 32-bit value."""
     return whole(text, 0, U32_MAX, "an unsigned 32-bit value")

@@ -117,7 +117,8 @@ def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:
 
 def test_bad_numbers_are_refused_when_parsing() -> None:
     for option, value in (("--rate", "0"), ("--seconds", "-1"), ("--size", "12"),
-                          ("--concurrency", "0"), ("--hold", "nan")):
+                          ("--concurrency", "0"), ("--hold", "nan"), ("--block", "-1"),
+                          ("--block", "two")):
         result = subprocess.run(
             [sys.executable, "-m", "qubesshm", "bench", "churn", option, value],
             capture_output=True, text=True, timeout=60, check=False)
@@ -153,16 +154,19 @@ def test_bench_churn_starts_its_own_weston_with_its_animations(weston: HeadlessW
 def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
         weston: HeadlessWeston, tmp_path: Path) -> None:
     """--unpaced: windows drawn once and closed after one round trip, as fast as they
-    go; every run of every path is printed, then the medians and their ratios."""
+    go, the paths taking turns of --block windows; every run of every path is printed,
+    then the medians and their ratios."""
     out_json = tmp_path / "churn.json"
     result = churn_against(weston, "--unpaced", "--windows", "20", "--repeats", "2",
-                           "--policies", "recycle,direct", "--drain-wait", "3",
-                           "--json", str(out_json))
+                           "--block", "8", "--policies", "recycle,direct",
+                           "--drain-wait", "3", "--json", str(out_json))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "run 1 of 2:" in out and "run 2 of 2:" in out
     assert out.count("20 windows of 400x300 unpaced (no frame callbacks: one "
-                     "wl_display.sync round trip a window)") == 2
+                     "wl_display.sync round trip a window, the paths taking turns of 8)") == 2
+    assert ("medians of 2 runs (in each run one client took turns of 8 windows between the "
+            "paths):") in out
     data = json.loads(out_json.read_text())
     assert data["windows"] == 20 and data["config"]["unpaced"] is True
     runs = data["runs"]
@@ -190,13 +194,12 @@ def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
                if line.startswith("warning: ")]
     assert printed == data["warnings"]
     # CPU a window of each process on each path, while the client ran: the client's own
-    # (at most its wall time a window), serve's, and the test's Weston's.
+    # (at most its wall time a window), serve's; not the test's Weston's, which works for
+    # both paths in each turn.
     cpu_lines = lines_starting(out, "CPU a window, ms (the scheduler's")
     assert len(cpu_lines) == 2
     for run, cpu_line in zip(runs, cpu_lines, strict=True):
-        expected = {"recycle": ["client", "qubesshm", "compositor"],
-                    "direct": ["client", "compositor"]}
-        for name, sides in expected.items():
+        for name, sides in {"recycle": ["client", "qubesshm"], "direct": ["client"]}.items():
             cpu = run[name]["cpu_ms_per_window"]
             assert list(cpu) == sides, cpu
             assert all(ms > 0 for ms in cpu.values()), cpu
@@ -210,11 +213,29 @@ def test_bench_churn_unpaced_runs_each_policy_repeatedly_and_prints_the_medians(
     assert f"qubesshm {sum(serve_cpu) / 2:.2f}" in median_line[0], median_line
 
 
+def test_unpaced_paths_one_after_the_other_count_the_compositors_cpu_too(
+        weston: HeadlessWeston, tmp_path: Path) -> None:
+    """--block 0: each path alone with its own client, so the compositor's CPU is the
+    path's."""
+    out_json = tmp_path / "churn.json"
+    result = churn_against(weston, "--unpaced", "--windows", "10", "--repeats", "1",
+                           "--block", "0", "--policies", "recycle,direct",
+                           "--drain-wait", "3", "--json", str(out_json))
+    assert result.returncode == 0, result.stderr
+    assert "the paths taking turns" not in result.stdout
+    policies = json.loads(out_json.read_text())["policies"]
+    for name, sides in {"recycle": ["client", "qubesshm", "compositor"],
+                        "direct": ["client", "compositor"]}.items():
+        cpu = policies[name]["cpu_ms_per_window"]
+        assert list(cpu) == sides and all(ms > 0 for ms in cpu.values()), cpu
+
+
 def test_unpaced_and_paced_options_do_not_mix() -> None:
     for options, said in (
             (["--unpaced", "--rate", "5"], "--rate and --seconds pace the windows"),
             (["--unpaced", "--seconds", "5"], "--rate and --seconds pace the windows"),
-            (["--windows", "5"], "--windows counts the windows of --unpaced")):
+            (["--windows", "5"], "--windows counts the windows of --unpaced"),
+            (["--block", "5"], "--block takes turns between the paths of --unpaced")):
         result = subprocess.run(
             [sys.executable, "-m", "qubesshm", "bench", "churn", *options],
             capture_output=True, text=True, timeout=60, check=False)

@@ -15,6 +15,12 @@ for all, so no window is refused):
   windows to ``qubesshm guid-emulator`` as the GUI domain, on a private Xvfb
   (``churn_agent``); its areas are released by the daemon's ACK order.
 
+``--unpaced`` (each window drawn once and closed after one round trip, as fast as
+they go) starts every path of a run at once and has one client take turns of
+``--block`` windows between them, timing each path apart (``churn_client.py
+--displays``), so that the machine's drift falls on every path alike; ``--block 0``
+runs them one after the other, each with its own client.
+
 ``--remote`` runs each proxy policy chosen twice: as above, and through the split
 proxy (``serve --remote`` starting ``qubesshm host``, with the same options; the
 row ``POLICY split``), its figures read from the VM side's stats as the unsplit
@@ -91,12 +97,14 @@ UNPACED_SIZE = "400x300"
 UNPACED_WINDOWS = 300
 UNPACED_REPEATS = 3
 UNPACED_POLICIES = ("recycle", AGENT, "direct")
+# --unpaced: windows a turn of the one client that takes turns between the paths.
+UNPACED_BLOCK = 25
 # Past these spreads between runs the medians get a warning (``spread_warnings``): a
 # policy's ratio to direct (0.10 apart), direct's own rate (1.2x).
 RATIO_SPREAD = 0.10
 DIRECT_SPREAD = 1.2
 _RESULT = re.compile(r"churn: (\d+) windows in ([\d.]+) s(?: \([\d.]+ windows/s\), "
-                     r"client CPU ([\d.]+) s)?")
+                     r"client CPU ([\d.]+) s(?: on (\S+))?)?")
 # The processes whose CPU a window is shown, in this order.
 CPU_SIDES = ("client", "qubesshm", "compositor", "emulator", "X server")
 _OPENED = re.compile(r"^opened (\d+)$", re.MULTILINE)
@@ -181,6 +189,8 @@ def resolve(args: argparse.Namespace) -> None:
         args.repeats = UNPACED_REPEATS if unpaced else 1
     if unpaced:
         args.windows = args.windows or UNPACED_WINDOWS
+        if getattr(args, "block", None) is None:
+            args.block = UNPACED_BLOCK
         args.rate = 0.0
         args.seconds = None
         if args.policies is None:
@@ -200,6 +210,9 @@ def check_churn(args: argparse.Namespace) -> str | None:
     if not unpaced and getattr(args, "windows", None) is not None:
         return ("qubesshm bench churn: --windows counts the windows of --unpaced; paced "
                 "runs open --rate a second for --seconds")
+    if not unpaced and getattr(args, "block", None) is not None:
+        return ("qubesshm bench churn: --block takes turns between the paths of --unpaced "
+                "runs; paced runs go one path after the other")
     resolve(args)
     return check_remote(args) if getattr(args, "remote", False) else None
 
@@ -257,10 +270,15 @@ def run_churn_bench(args: argparse.Namespace) -> int:
             compositor_pid = listener_pid(upstream)
         else:
             print("compositor: none (the agent policy serves its client itself)")
+        names = _runs(policies, bool(getattr(args, "remote", False)))
         for index in range(args.repeats):
             results: dict[str, PolicyResult] = {}
-            for name in _runs(policies, bool(getattr(args, "remote", False))):
-                results[name] = _run_policy(name, upstream, windows, args, compositor_pid)
+            if getattr(args, "unpaced", False) and getattr(args, "block", 0):
+                results = _run_in_turns(names, upstream, windows, args, compositor_pid)
+            else:
+                for name in names:
+                    results[name] = _run_policy(name, upstream, windows, args,
+                                                compositor_pid)
             set_ratios(results)
             if args.repeats > 1:
                 print(f"\nrun {index + 1} of {args.repeats}:")
@@ -269,7 +287,7 @@ def run_churn_bench(args: argparse.Namespace) -> int:
     medians = median_rates(runs)
     warnings = spread_warnings(runs)
     if len(runs) > 1:
-        _print_medians(medians, runs)
+        _print_medians(medians, runs, args)
         for warning in warnings:
             print(f"warning: {warning}")
     results = runs[-1]
@@ -355,8 +373,11 @@ def median_cpu(runs: list[dict[str, PolicyResult]]) -> dict[str, PolicyResult]:
 
 
 def _print_medians(medians: dict[str, dict[str, float | None]],
-                   runs: list[dict[str, PolicyResult]]) -> None:
-    print(f"\nmedians of {len(runs)} runs (each run's policies one after the other):")
+                   runs: list[dict[str, PolicyResult]], args: argparse.Namespace) -> None:
+    how = (f"in each run one client took turns of {args.block} windows between the paths"
+           if getattr(args, "unpaced", False) and getattr(args, "block", 0)
+           else "each run's policies one after the other")
+    print(f"\nmedians of {len(runs)} runs ({how}):")
     for name, median in medians.items():
         each = " ".join(f"{run[name].windows_per_second:.1f}" for run in runs if name in run)
         ratio = median["ratio_to_direct"]
@@ -404,51 +425,94 @@ def _client_command(windows: int, args: argparse.Namespace) -> list[str]:
             *(["--unpaced"] if getattr(args, "unpaced", False) else [])]
 
 
+@dataclass
+class _Path:
+    """One path under way: where its client connects, what to sample, whose CPU counts."""
+
+    name: str
+    policy: str
+    result: PolicyResult
+    display: Path
+    socket_path: Path | None  # qubesshm's, for its stats (None: direct)
+    agent: churn_agent.AgentUnderTest | None
+    # Whose CPU is counted while the client runs: side -> process (and descendants).
+    sides: dict[str, int]
+    env: dict[str, str]  # the path's environment (its runtime dir, simulated grants)
+    found_fpi: int | None = None  # free_per_iteration as qubesshm found it
+    cpu_before: dict[str, float] = field(default_factory=dict)
+
+
+def _start_path(stack: contextlib.ExitStack, name: str, upstream: Path | None,
+                args: argparse.Namespace, compositor_pid: int | None) -> _Path:
+    """Start what ``name`` needs (serve, the split proxy, or the agent with its daemon);
+    it all ends with ``stack``."""
+    result = PolicyResult(name)
+    policy = base_policy(name)
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-churn-")))
+    workdir.chmod(0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
+    env.pop("QUBESSHM_SIM_ROOT", None)
+    socket_path: Path | None = None
+    agent: churn_agent.AgentUnderTest | None = None
+    sides: dict[str, int] = {}
+    if policy == AGENT:
+        agent = churn_agent.start_agent(stack, env, workdir, args)
+        print(f"{AGENT}: {agent.describe()}", flush=True)
+        socket_path = display = agent.socket
+        result.series["pending_acks"] = []
+        sides = {"qubesshm": agent.agent_pid, "emulator": agent.emulator_pid,
+                 "X server": agent.x.pid}
+    elif policy == "direct":
+        assert upstream is not None
+        display = upstream
+    else:
+        assert upstream is not None
+        log = workdir / "serve.log"
+        options = ["--gntalloc-limit", BIG_LIMIT, "--sim-hold", str(args.hold),
+                   "--late-timeout", f"{args.late_timeout:g}", *_POLICY_OPTIONS[policy]]
+        if name != policy:
+            stack.callback(report_log, name, log)  # once it has stopped
+            socket_path, sides["qubesshm"] = start_split(stack, env, workdir, upstream,
+                                                         *options, log=log)
+        else:
+            socket_path = workdir / "qubesshm-churn"
+            proc = stack.enter_context(process(
+                [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
+                 "--upstream", str(upstream), *options], env, log))
+            wait_for_socket(socket_path, proc, "qubesshm serve", log)
+            sides["qubesshm"] = proc.pid
+        display = socket_path
+    if policy != AGENT and compositor_pid is not None:
+        sides["compositor"] = compositor_pid
+    return _Path(name, policy, result, display, socket_path, agent, sides, env)
+
+
+def _begin(path: _Path) -> None:
+    path.cpu_before = {side: cpu_seconds([pid]) for side, pid in path.sides.items()}
+
+
+def _client_done(path: _Path, windows: int, seconds: float, client_cpu: float | None) -> None:
+    """The client finished ``path``'s windows: its rate, and each side's CPU a window."""
+    result = path.result
+    cpu_after = {side: cpu_seconds([pid]) for side, pid in path.sides.items()}
+    result.windows, result.seconds = windows, seconds
+    if windows:
+        before = dict(path.cpu_before)
+        if client_cpu is not None:
+            cpu_after["client"], before["client"] = client_cpu, 0.0
+        result.cpu_ms_per_window = {
+            side: (cpu_after[side] - before[side]) * 1000.0 / windows
+            for side in CPU_SIDES if side in cpu_after}
+
+
 def _run_policy(name: str, upstream: Path | None, windows: int,
                 args: argparse.Namespace, compositor_pid: int | None = None) -> PolicyResult:
     """One row: ``name`` is a policy, or a proxy policy and " split"."""
-    result = PolicyResult(name)
-    policy = base_policy(name)
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qubesshm-churn-")))
-        workdir.chmod(0o700)
-        env = dict(os.environ, XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
-        env.pop("QUBESSHM_SIM_ROOT", None)
-        socket_path: Path | None = None
-        agent: churn_agent.AgentUnderTest | None = None
-        # Whose CPU is counted while the client runs: side -> process (and descendants).
-        sides: dict[str, int] = {}
-        if policy == AGENT:
-            agent = churn_agent.start_agent(stack, env, workdir, args)
-            print(f"{AGENT}: {agent.describe()}", flush=True)
-            socket_path = display = agent.socket
-            result.series["pending_acks"] = []
-            sides = {"qubesshm": agent.agent_pid, "emulator": agent.emulator_pid,
-                     "X server": agent.x.pid}
-        elif policy == "direct":
-            assert upstream is not None
-            display = upstream
-        else:
-            assert upstream is not None
-            log = workdir / "serve.log"
-            options = ["--gntalloc-limit", BIG_LIMIT, "--sim-hold", str(args.hold),
-                       "--late-timeout", f"{args.late_timeout:g}", *_POLICY_OPTIONS[policy]]
-            if name != policy:
-                stack.callback(report_log, name, log)  # once it has stopped
-                socket_path, sides["qubesshm"] = start_split(stack, env, workdir, upstream,
-                                                             *options, log=log)
-            else:
-                socket_path = workdir / "qubesshm-churn"
-                proc = stack.enter_context(process(
-                    [sys.executable, "-m", "qubesshm", "serve", "--socket", str(socket_path),
-                     "--upstream", str(upstream), *options], env, log))
-                wait_for_socket(socket_path, proc, "qubesshm serve", log)
-                sides["qubesshm"] = proc.pid
-            display = socket_path
-        if policy != AGENT and compositor_pid is not None:
-            sides["compositor"] = compositor_pid
-        client_env = dict(env, WAYLAND_DISPLAY=str(display))
-        cpu_before = {side: cpu_seconds([pid]) for side, pid in sides.items()}
+        path = _start_path(stack, name, upstream, args, compositor_pid)
+        result, policy, socket_path = path.result, path.policy, path.socket_path
+        client_env = dict(path.env, WAYLAND_DISPLAY=str(path.display))
+        _begin(path)
         start = time.monotonic()
         client = subprocess.Popen(_client_command(windows, args), env=client_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -457,11 +521,10 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
         seconds = expected_seconds(args)
         deadline = start + max(2 * seconds, seconds + 10)
         behind = False
-        found_fpi: int | None = None  # free_per_iteration as qubesshm found it
         while client.poll() is None:
             stats = _sample(socket_path, start, result)
-            if found_fpi is None and stats is not None:
-                found_fpi = stats["lifetimes"]["free_per_iteration"]
+            if path.found_fpi is None and stats is not None:
+                path.found_fpi = stats["lifetimes"]["free_per_iteration"]
             _progress(name, start, args, result)
             if time.monotonic() > deadline:
                 behind = True
@@ -469,16 +532,10 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
                 break
             time.sleep(SAMPLE_INTERVAL)
         out, err = client.communicate()
-        cpu_after = {side: cpu_seconds([pid]) for side, pid in sides.items()}
         match = _RESULT.search(out)
         if client.returncode == 0 and match is not None:
-            result.windows, result.seconds = int(match[1]), float(match[2])
-            if result.windows:
-                if match[3] is not None:
-                    cpu_after["client"], cpu_before["client"] = float(match[3]), 0.0
-                result.cpu_ms_per_window = {
-                    side: (cpu_after[side] - cpu_before[side]) * 1000.0 / result.windows
-                    for side in CPU_SIDES if side in cpu_after}
+            _client_done(path, int(match[1]), float(match[2]),
+                         None if match[3] is None else float(match[3]))
         elif behind:
             opened = _OPENED.findall(out)
             result.windows = int(opened[-1]) if opened else 0
@@ -500,27 +557,87 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
             if policy == "direct":
                 raise RuntimeError(f"direct: the churn client failed: {result.failed}")
         result.windows_per_second = result.windows / result.seconds if result.seconds else 0.0
-        if socket_path is not None:
-            closed = time.monotonic()
-            # Watch the backlog drain, for at most --drain-wait seconds.
-            stats = _sample(socket_path, start, result)
-            while (time.monotonic() - closed < args.drain_wait
-                   and not settled(stats, result, found_fpi)):
-                _progress(name, start, args, result)
-                time.sleep(SAMPLE_INTERVAL)
-                stats = _sample(socket_path, start, result)
-            _finish(result, stats, closed - start, _FREE_PER_ITERATION[policy])
-            if agent is not None and stats is not None:
-                result.windows_sent = churn_agent.windows_sent(stats)
-                if result.failed is None and not getattr(args, "unpaced", False):
-                    # Unpaced, a window closed before the agent's next refresh is never
-                    # sent, as a compositor never shows it: counted, not a failure.
-                    result.failed = churn_agent.not_shown(stats, result.windows, agent.log)
-            if policy in LATE_PATH:
-                set_drain_bound(result, args.late_timeout)
+        _drain(path, start, args)
         if sys.stderr.isatty():
             print(file=sys.stderr)
     return result
+
+
+def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
+                  args: argparse.Namespace, compositor_pid: int | None
+                  ) -> dict[str, PolicyResult]:
+    """--unpaced: every path started at once and one client taking turns of --block
+    windows between them, each path timed apart (``examples/churn_client.py
+    --displays``), so that what the machine does meanwhile falls on all of them alike."""
+    with contextlib.ExitStack() as stack:
+        paths = [_start_path(stack, name, upstream, args, compositor_pid) for name in names]
+        # A compositor that serves two paths (direct's Weston is also serve's upstream)
+        # works for both in each turn: its CPU is no one path's.
+        shared = sum(1 for p in paths if p.policy != AGENT) > 1
+        for path in paths:
+            if shared:
+                path.sides.pop("compositor", None)
+            _begin(path)
+        command = [*_client_command(windows, args), "--block", str(args.block),
+                   "--displays", ",".join(str(p.display) for p in paths)]
+        start = time.monotonic()
+        client = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        seconds = expected_seconds(args) * len(paths)
+        deadline = start + max(2 * seconds, seconds + 10)
+        while client.poll() is None:
+            for path in paths:
+                stats = _sample(path.socket_path, start, path.result)
+                if path.found_fpi is None and stats is not None:
+                    path.found_fpi = stats["lifetimes"]["free_per_iteration"]
+            _progress("in turns", start, args, paths[0].result)
+            if time.monotonic() > deadline:
+                client.terminate()
+                break
+            time.sleep(SAMPLE_INTERVAL)
+        out, err = client.communicate()
+        lines = {Path(m[4]): m for m in _RESULT.finditer(out) if m[4] is not None}
+        if client.returncode != 0 or len(lines) != len(paths):
+            reasons = [line for line in err.splitlines() if line.strip()]
+            raise RuntimeError("the churn client taking turns between the paths stopped: "
+                               + (reasons[-1] if reasons else
+                                  f"it exited with {client.returncode}"))
+        for path in paths:
+            match = lines[path.display]
+            _client_done(path, int(match[1]), float(match[2]),
+                         None if match[3] is None else float(match[3]))
+            result = path.result
+            result.windows_per_second = (result.windows / result.seconds if result.seconds
+                                         else 0.0)
+        for path in paths:
+            _drain(path, start, args)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    return {path.name: path.result for path in paths}
+
+
+def _drain(path: _Path, start: float, args: argparse.Namespace) -> None:
+    """After the client: watch ``path``'s backlog drain (at most --drain-wait seconds),
+    then its final figures."""
+    result, socket_path, agent = path.result, path.socket_path, path.agent
+    if socket_path is None:
+        return
+    closed = time.monotonic()
+    stats = _sample(socket_path, start, result)
+    while (time.monotonic() - closed < args.drain_wait
+           and not settled(stats, result, path.found_fpi)):
+        _progress(path.name, start, args, result)
+        time.sleep(SAMPLE_INTERVAL)
+        stats = _sample(socket_path, start, result)
+    _finish(result, stats, closed - start, _FREE_PER_ITERATION[path.policy])
+    if agent is not None and stats is not None:
+        result.windows_sent = churn_agent.windows_sent(stats)
+        if result.failed is None and not getattr(args, "unpaced", False):
+            # Unpaced, a window closed before the agent's next refresh is never
+            # sent, as a compositor never shows it: counted, not a failure.
+            result.failed = churn_agent.not_shown(stats, result.windows, agent.log)
+    if path.policy in LATE_PATH:
+        set_drain_bound(result, args.late_timeout)
 
 
 def _sample(socket_path: Path | None, start: float,
@@ -621,7 +738,10 @@ def set_drain_bound(result: PolicyResult, late_timeout: float) -> None:
 def pace(args: argparse.Namespace) -> str:
     """How the windows came: "at 10/s for 10 s", or unpaced."""
     if getattr(args, "unpaced", False):
-        return "unpaced (no frame callbacks: one wl_display.sync round trip a window)"
+        turns = (f", the paths taking turns of {args.block}" if getattr(args, "block", 0)
+                 else "")
+        return ("unpaced (no frame callbacks: one wl_display.sync round trip a window"
+                f"{turns})")
     return f"at {args.rate:g}/s for {args.seconds:g} s"
 
 

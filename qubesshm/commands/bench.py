@@ -127,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "policies recycle, agent and direct unless --policies")
     churn.add_argument("--windows", type=options.positive, default=None, metavar="N",
                        help="windows per run with --unpaced (default 300)")
+    churn.add_argument("--block", type=options.windows_a_turn, default=None, metavar="N",
+                       help="with --unpaced: every path of a run started at once and one "
+                       "client taking turns of N windows between them, each path timed "
+                       "apart, so that what the machine does meanwhile falls on all alike "
+                       "(default 25); 0: one path after the other, each with its own "
+                       "client (the compositor's CPU then counted for each)")
     churn.add_argument("--repeats", type=options.positive, default=None, metavar="N",
                        help="runs of every policy, interleaved, and their medians (default "
                        "3 with --unpaced, else 1)")
