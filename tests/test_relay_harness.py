@@ -1189,11 +1189,9 @@ def drain_until_eof(endpoint: Endpoint) -> None:
     endpoint.buf.clear()
 
 
-def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
-                                                             proxy: Proxy) -> None:
-    """Past the per-surface cap a commit waits for the compositor's release; the
-    client leaving meanwhile still ends the session (and its grants) at once."""
-    pair = harness.connect(proxy)
+def buffer_and_surface(pair: Pair) -> tuple[int, int, int]:
+    """On a new connection: a 4x4 shm buffer in a pool the proxy keeps, and a surface
+    (whose creation goes upstream); their ids and wl_compositor's."""
     registry = pair.get_registry()
     compositor = pair.bind(registry, 1, "wl_compositor", 4)
     shm = pair.bind(registry, 2, "wl_shm", 1)
@@ -1204,6 +1202,15 @@ def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
     os.close(fd)
     pair.client.send(req(pool, "wl_shm_pool", "create_buffer", buffer, 0, 4, 4, 16, 1)
                      + req(compositor, "wl_compositor", "create_surface", surface))
+    return compositor, buffer, surface
+
+
+def test_a_client_hanging_up_while_its_commit_waits_is_noticed(harness: Harness,
+                                                             proxy: Proxy) -> None:
+    """Past the per-surface cap a commit waits for the compositor's release; the
+    client leaving meanwhile still ends the session (and its grants) at once."""
+    pair = harness.connect(proxy)
+    _, buffer, surface = buffer_and_surface(pair)
     frame = (req(surface, "wl_surface", "attach", buffer, 0, 0)
              + req(surface, "wl_surface", "commit"))
     for _ in range(4):  # the fourth waits: the fake compositor releases nothing
@@ -1270,16 +1277,8 @@ def test_an_early_release_goes_with_the_answer_to_a_sync_and_alone_without_one(
     that carries the compositor's answer, ahead of it. A commit the compositor does not
     answer: the release comes all the same."""
     pair = harness.connect(proxy)
-    registry = pair.get_registry()
-    compositor = pair.bind(registry, 1, "wl_compositor", 4)
-    shm = pair.bind(registry, 2, "wl_shm", 1)
-    pool, buffer, surface, callback = (pair.new_id() for _ in range(4))
-    fd = memfd_with(b"\x01" * 64)
-    pair.client.send(*encode_message(shm, request_spec("wl_shm", "create_pool"),
-                                     [pool, fd, 64]))
-    os.close(fd)
-    pair.client.send(req(pool, "wl_shm_pool", "create_buffer", buffer, 0, 4, 4, 16, 1)
-                     + req(compositor, "wl_compositor", "create_surface", surface))
+    compositor, buffer, surface = buffer_and_surface(pair)
+    callback = pair.new_id()
     assert pair.compositor.recv_message()[:2] == (compositor, 0)
     frame = (req(surface, "wl_surface", "attach", buffer, 0, 0)
              + req(surface, "wl_surface", "damage_buffer", 0, 0, 4, 4)

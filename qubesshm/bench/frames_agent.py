@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from .frames import (
 )
 from .machine import describe_machine, load_line, weston_version
 from .private_x import private_xvfb, xvfb_command
-from .processes import compositor, cpu_seconds
+from .processes import compositor, cpu_seconds, listener_pid
 
 DEFAULT_REFRESH = 60.0
 GOAL_FPS = 0.9  # at least this times the direct path's frame rate
@@ -69,20 +67,6 @@ class Route:
     emulator_pid: int | None = None
     xserver_pid: int | None = None
     agent: AgentPath | None = None
-
-
-def peer_pid(path: Path) -> int | None:
-    """The pid of the process listening on the Unix socket ``path`` (SO_PEERCRED), or
-    None if it cannot be told (another user's, or in another pid namespace)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                     struct.calcsize("3i"))
-        except OSError:
-            return None
-    pid = int(struct.unpack("3i", creds)[0])
-    return pid if pid > 0 else None
 
 
 def _cpu(pid: int | None) -> float:
@@ -131,7 +115,7 @@ def run_agent_frames_bench(args: argparse.Namespace) -> int:
         env.update(XDG_RUNTIME_DIR=str(workdir), QUBESSHM_GRANTS="sim")
         agent = start_agent_path(stack, env, workdir, screen.display, refresh=refresh)
         print(f"agent path: {agent.describe(screen.describe())}")
-        weston_pid = peer_pid(upstream)
+        weston_pid = listener_pid(upstream)
         if weston_pid is None:
             print("direct path: the compositor's pid cannot be read (SO_PEERCRED); its CPU "
                   "is not reported")

@@ -240,7 +240,7 @@ def start_waypipe(stack: contextlib.ExitStack, env: dict[str, str], workdir: Pat
 def listener_pid(path: Path) -> int | None:
     """The process listening on the Unix socket ``path`` (``SO_PEERCRED`` of a connection
     made and closed at once: a compositor sees a client come and go), None if none
-    answers."""
+    answers or it cannot be told (another pid namespace)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.connect(str(path))
