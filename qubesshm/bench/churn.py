@@ -585,6 +585,7 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
                                   stderr=subprocess.PIPE, text=True)
         seconds = expected_seconds(args) * len(paths)
         deadline = start + max(2 * seconds, seconds + 10)
+        behind = False
         while client.poll() is None:
             for path in paths:
                 stats = _sample(path.socket_path, start, path.result)
@@ -592,16 +593,21 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
                     path.found_fpi = stats["lifetimes"]["free_per_iteration"]
             _progress("in turns", start, args, paths[0].result)
             if time.monotonic() > deadline:
+                behind = True
                 client.terminate()
                 break
             time.sleep(SAMPLE_INTERVAL)
         out, err = client.communicate()
         lines = {Path(m[4]): m for m in _RESULT.finditer(out) if m[4] is not None}
         if client.returncode != 0 or len(lines) != len(paths):
+            # In turns one path's failure stops them all: the run is refused, not half
+            # measured (--block 0 measures each path apart, failures included).
             reasons = [line for line in err.splitlines() if line.strip()]
-            raise RuntimeError("the churn client taking turns between the paths stopped: "
-                               + (reasons[-1] if reasons else
-                                  f"it exited with {client.returncode}"))
+            why = (f"it did not finish in {time.monotonic() - start:.0f} s, twice the run's "
+                   "time" if behind else reasons[-1] if reasons else
+                   f"it exited with {client.returncode}")
+            raise RuntimeError(f"the churn client taking turns between the paths stopped: "
+                               f"{why}; --block 0 measures each path apart")
         for path in paths:
             match = lines[path.display]
             _client_done(path, int(match[1]), float(match[2]),
