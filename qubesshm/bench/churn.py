@@ -510,27 +510,13 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
     """One row: ``name`` is a policy, or a proxy policy and " split"."""
     with contextlib.ExitStack() as stack:
         path = _start_path(stack, name, upstream, args, compositor_pid)
-        result, policy, socket_path = path.result, path.policy, path.socket_path
+        result, policy = path.result, path.policy
         client_env = dict(path.env, WAYLAND_DISPLAY=str(path.display))
         _begin(path)
         start = time.monotonic()
         client = subprocess.Popen(_client_command(windows, args), env=client_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # A policy that cannot keep up is slowed, not refused (a commit waits for grant
-        # room): it gets twice the run's time, at least 10 s more, then is stopped.
-        seconds = expected_seconds(args)
-        deadline = start + max(2 * seconds, seconds + 10)
-        behind = False
-        while client.poll() is None:
-            stats = _sample(socket_path, start, result)
-            if path.found_fpi is None and stats is not None:
-                path.found_fpi = stats["lifetimes"]["free_per_iteration"]
-            _progress(name, start, args, result)
-            if time.monotonic() > deadline:
-                behind = True
-                client.terminate()
-                break
-            time.sleep(SAMPLE_INTERVAL)
+        behind = _watch(client, [path], start, expected_seconds(args), name, args)
         out, err = client.communicate()
         match = _RESULT.search(out)
         if client.returncode == 0 and match is not None:
@@ -583,20 +569,8 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
         start = time.monotonic()
         client = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-        seconds = expected_seconds(args) * len(paths)
-        deadline = start + max(2 * seconds, seconds + 10)
-        behind = False
-        while client.poll() is None:
-            for path in paths:
-                stats = _sample(path.socket_path, start, path.result)
-                if path.found_fpi is None and stats is not None:
-                    path.found_fpi = stats["lifetimes"]["free_per_iteration"]
-            _progress("in turns", start, args, paths[0].result)
-            if time.monotonic() > deadline:
-                behind = True
-                client.terminate()
-                break
-            time.sleep(SAMPLE_INTERVAL)
+        behind = _watch(client, paths, start, expected_seconds(args) * len(paths),
+                        "in turns", args)
         out, err = client.communicate()
         lines = {Path(m[4]): m for m in _RESULT.finditer(out) if m[4] is not None}
         if client.returncode != 0 or len(lines) != len(paths):
@@ -620,6 +594,25 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
         if sys.stderr.isatty():
             print(file=sys.stderr)
     return {path.name: path.result for path in paths}
+
+
+def _watch(client: subprocess.Popen[str], paths: list[_Path], start: float, seconds: float,
+           label: str, args: argparse.Namespace) -> bool:
+    """Sample each path's stats while ``client`` runs; True if it fell behind. A path that
+    cannot keep up is slowed, not refused (a commit waits for grant room): the client
+    gets twice the run's ``seconds``, at least 10 s more, then is stopped."""
+    deadline = start + max(2 * seconds, seconds + 10)
+    while client.poll() is None:
+        for path in paths:
+            stats = _sample(path.socket_path, start, path.result)
+            if path.found_fpi is None and stats is not None:
+                path.found_fpi = stats["lifetimes"]["free_per_iteration"]
+        _progress(label, start, args, paths[0].result)
+        if time.monotonic() > deadline:
+            client.terminate()
+            return True
+        time.sleep(SAMPLE_INTERVAL)
+    return False
 
 
 def _drain(path: _Path, start: float, args: argparse.Namespace) -> None:
