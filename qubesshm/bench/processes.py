@@ -17,7 +17,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..grants.mapping import peer_pid
 from ..headless import HeadlessWeston, compositor_is_running
 from ..relay.listener import upstream_path
 from .meter import read_counters
@@ -244,12 +244,9 @@ def listener_pid(path: Path) -> int | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.connect(str(path))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
         except OSError:
             return None
-    pid, _, _ = struct.unpack("3i", creds)
-    return pid or None
+        return peer_pid(sock)
 
 
 def own_cpu_seconds(pid: int) -> float:
