@@ -121,14 +121,15 @@ class Tally:
 
     def __init__(self, name: str | None) -> None:
         self.name = name
+        self.on = "" if name is None else f" on {name}"  # what its lines end with
         self.windows = 0
         self.seconds = 0.0
         self.cpu = 0.0
 
     def line(self) -> str:
-        on = "" if self.name is None else f" on {self.name}"
         return (f"churn: {self.windows} windows in {self.seconds:.2f} s "
-                f"({self.windows / self.seconds:.1f} windows/s), client CPU {self.cpu:.3f} s{on}")
+                f"({self.windows / self.seconds:.1f} windows/s), client CPU {self.cpu:.3f} s"
+                f"{self.on}")
 
 
 def _run(client: PatternClient, tally: Tally, count: int, args: argparse.Namespace,
@@ -148,8 +149,7 @@ def _run(client: PatternClient, tally: Tally, count: int, args: argparse.Namespa
             client.roundtrip()
         open_windows.append(window)
         if args.progress:
-            on = "" if tally.name is None else f" on {tally.name}"
-            print(f"opened {number + 1}{on}", flush=True)
+            print(f"opened {number + 1}{tally.on}", flush=True)
     while open_windows:
         open_windows.popleft().close()
     client.roundtrip()
