@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from qubesshm.bench.churn import PolicyResult, plot, record, set_ratios, spread_warnings
+from qubesshm.bench.churn import (
+    PolicyResult,
+    _client,
+    plot,
+    record,
+    set_ratios,
+    spread_warnings,
+)
 from qubesshm.bench.churn_agent import not_shown
 from qubesshm.bench.processes import listener_pid
 from qubesshm.headless import HeadlessWeston
@@ -105,6 +112,19 @@ def test_listener_pid_names_the_process_on_a_socket(tmp_path: Path) -> None:
         listener.wait()
     assert listener_pid(path) is None  # nobody answers any more
     assert listener_pid(tmp_path / "absent") is None
+
+
+def test_the_churn_clients_output_cannot_stop_it_however_long_the_run() -> None:
+    # A progress line a window: 1500 windows on three paths wrote more than a pipe holds,
+    # and a pipe nobody read while the bench sampled stopped the client mid-run.
+    lines = 40_000  # about 1.3 MB, twenty pipes' worth
+    with _client([sys.executable, "-c", "import sys\n"
+                  f"for n in range({lines}): print(f'opened {{n + 1}} on /some/display')\n"
+                  "print('churn: done', file=sys.stderr)"], dict(os.environ)) as client:
+        assert client.process.wait(timeout=120) == 0
+        out, err = client.output()
+    assert out.count("\n") == lines and out.endswith(f"opened {lines} on /some/display\n")
+    assert err == "churn: done\n"
 
 
 def test_an_unknown_policy_is_one_clean_line(weston: HeadlessWeston) -> None:

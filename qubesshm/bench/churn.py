@@ -54,9 +54,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..grants.api import PAGE_SIZE
 from ..grants.files import write_output
@@ -514,12 +515,11 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
         client_env = dict(path.env, WAYLAND_DISPLAY=str(path.display))
         _begin(path)
         start = time.monotonic()
-        client = subprocess.Popen(_client_command(windows, args), env=client_env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        behind = _watch(client, [path], start, expected_seconds(args), name, args)
-        out, err = client.communicate()
+        client = stack.enter_context(_client(_client_command(windows, args), client_env))
+        behind = _watch(client.process, [path], start, expected_seconds(args), name, args)
+        out, err = client.output()
         match = _RESULT.search(out)
-        if client.returncode == 0 and match is not None:
+        if client.process.returncode == 0 and match is not None:
             _client_done(path, int(match[1]), float(match[2]),
                          None if match[3] is None else float(match[3]))
         elif behind:
@@ -539,7 +539,7 @@ def _run_policy(name: str, upstream: Path | None, windows: int,
             result.seconds = time.monotonic() - start
             reasons = [line for line in err.splitlines() if "error" in line.lower()]
             result.failed = (reasons[0] if reasons else
-                             f"the churn client exited with {client.returncode}").strip()
+                             f"the churn client exited with {client.process.returncode}").strip()
             if policy == "direct":
                 raise RuntimeError(f"direct: the churn client failed: {result.failed}")
         result.windows_per_second = result.windows / result.seconds if result.seconds else 0.0
@@ -567,19 +567,18 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
         command = [*_client_command(windows, args), "--block", str(args.block),
                    "--displays", ",".join(str(p.display) for p in paths)]
         start = time.monotonic()
-        client = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        behind = _watch(client, paths, start, expected_seconds(args) * len(paths),
+        client = stack.enter_context(_client(command, dict(os.environ)))
+        behind = _watch(client.process, paths, start, expected_seconds(args) * len(paths),
                         "in turns", args)
-        out, err = client.communicate()
+        out, err = client.output()
         lines = {Path(m[4]): m for m in _RESULT.finditer(out) if m[4] is not None}
-        if client.returncode != 0 or len(lines) != len(paths):
+        if client.process.returncode != 0 or len(lines) != len(paths):
             # In turns one path's failure stops them all: the run is refused, not half
             # measured (--block 0 measures each path apart, failures included).
             reasons = [line for line in err.splitlines() if line.strip()]
             why = (f"it did not finish in {time.monotonic() - start:.0f} s, twice the run's "
                    "time" if behind else reasons[-1] if reasons else
-                   f"it exited with {client.returncode}")
+                   f"it exited with {client.process.returncode}")
             raise RuntimeError(f"the churn client taking turns between the paths stopped: "
                                f"{why}; --block 0 measures each path apart")
         for path in paths:
@@ -594,6 +593,39 @@ def _run_in_turns(names: list[str], upstream: Path | None, windows: int,
         if sys.stderr.isatty():
             print(file=sys.stderr)
     return {path.name: path.result for path in paths}
+
+
+@dataclass
+class _Client:
+    """The churn client, its stdout and stderr going to files (``_client``)."""
+
+    process: subprocess.Popen[str]
+    out: IO[str]
+    err: IO[str]
+
+    def output(self) -> tuple[str, str]:
+        """Its stdout and stderr, once it has exited."""
+        self.process.wait()
+        texts = []
+        for file in (self.out, self.err):
+            file.seek(0)
+            texts.append(file.read())
+        return texts[0], texts[1]
+
+
+@contextlib.contextmanager
+def _client(command: list[str], env: dict[str, str]) -> Iterator[_Client]:
+    """Run the churn client with its output in files: it prints a line a window, which
+    would fill a pipe that nobody reads while ``_watch`` samples (about 1000 windows) and
+    stop it there. Killed on the way out if still running."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        try:
+            yield _Client(process, out, err)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _watch(client: subprocess.Popen[str], paths: list[_Path], start: float, seconds: float,
