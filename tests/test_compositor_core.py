@@ -160,6 +160,37 @@ def test_an_object_argument_of_the_wrong_interface_is_invalid_arguments(world: W
     assert "invalid arguments for wl_surface" in err.message
 
 
+def test_an_object_argument_that_was_destroyed_is_invalid_arguments(world: World) -> None:
+    app = world.app()
+    surface = app.surface()
+    region = app.c.create(app.compositor, "create_region", "wl_region")
+    app.c.destroy(region)
+    app.c.request(surface, "set_opaque_region", region)
+    err = error_of(app)
+    assert (err.object_id, err.code) == (1, ErrorCode.INVALID_METHOD)
+    assert f"argument region is invalid object {region}" in err.message
+
+
+def test_the_object_limit_holds_for_created_and_bound_objects(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = world.app()
+    limit = len(app.c.core.objects) + 2
+    monkeypatch.setattr("qubesshm.compositor.client.MAX_OBJECTS", limit)
+    for _ in range(2):
+        app.c.create(app.compositor, "create_region", "wl_region")
+    assert len(app.c.core.objects) == limit and not app.c.core.closed
+    app.c.create(app.compositor, "create_region", "wl_region")
+    err = error_of(app)
+    assert (err.object_id, err.code) == (1, ErrorCode.NO_MEMORY)
+    assert f"too many objects: a client may have {limit}" in err.message
+
+    bound = world.app()  # bind, whose new id carries its interface, counts alike
+    monkeypatch.setattr("qubesshm.compositor.client.MAX_OBJECTS", len(bound.c.core.objects))
+    bound.c.bind("wl_compositor")
+    err = error_of(bound)
+    assert (err.object_id, err.code) == (1, ErrorCode.NO_MEMORY)
+
+
 def test_destroyed_objects_are_retired_with_delete_id_and_unusable(world: World) -> None:
     app = world.app()
     region = app.c.create(app.compositor, "create_region", "wl_region")

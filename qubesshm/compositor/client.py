@@ -17,20 +17,19 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..objects.objectmap import DISPLAY_ID, SERVER_ID_MAX, SERVER_ID_MIN, ObjectMap, WaylandObject
 from ..wire.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
     ArgValue,
     ErrorCode,
-    UntypedNewId,
     WireError,
     WireReader,
     decode_args,
     encode_message,
 )
-from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
+from ..wire.protocol import Arg, ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 
 if TYPE_CHECKING:
     from .core import Compositor
@@ -53,6 +52,15 @@ MAX_OBJECTS = 256 * 1024
 Handler = Callable[["ClientCore", WaylandObject, list[ArgValue], list[int]], None]
 Segment = tuple[bytes, list[int]]
 T = TypeVar("T")
+
+
+class _Route(NamedTuple):
+    """How one kind of request is handled once it decoded (``ClientCore._route``)."""
+
+    handler: Handler | None
+    objects: tuple[tuple[int, Arg], ...]  # its object arguments, checked before the handler
+    new_id: tuple[int, InterfaceSpec] | None  # the argument index and interface it creates
+    destructor: bool
 
 
 def abridge(text: str, limit: int = ERROR_MESSAGE_LIMIT) -> str:
@@ -83,6 +91,7 @@ class ClientCore:
         self._out: list[tuple[bytearray, list[int]]] = []
         self._next_server_id = SERVER_ID_MIN
         self._events: dict[tuple[str, str], MessageSpec | None] = {}
+        self._routes: dict[int, _Route] = {}  # by id() of a request's MessageSpec
         self._queueing = 0
         self.closed = False
         self.error: WireError | None = None
@@ -110,6 +119,8 @@ class ClientCore:
 
     def _pump(self, *, at_eof: bool) -> None:
         reader = self._reader
+        entries = self.objects.entries
+        routes = self._routes
         inflight: list[int] = []
         try:
             while not self.closed:
@@ -120,17 +131,27 @@ class ClientCore:
                                         f"({reader.buffered_bytes} bytes left over)")
                     break
                 object_id, opcode, size = head
-                obj, spec = self._resolve(object_id, opcode)
-                taken = reader.take(size, spec.fd_count)
+                obj = entries.get(object_id)
+                if obj is None or not obj.alive or opcode >= len(obj.interface.requests):
+                    obj, spec = self._resolve(object_id, opcode)
+                else:
+                    spec = obj.interface.requests[opcode]
+                    if spec.since > obj.version:
+                        obj, spec = self._resolve(object_id, opcode)
+                route = routes.get(id(spec))
+                if route is None:
+                    route = self._route(spec)
+                taken = reader.take_bytes(size, spec.fd_count)
                 if taken is None:
                     if at_eof or reader.buffered_bytes > FD_WAIT_LIMIT_BYTES:
                         raise WireError(f"{obj}.{spec.name} needs {spec.fd_count} fd(s) but "
                                         f"only {reader.buffered_fds} arrived")
                     break
-                frame, inflight = taken
-                args = decode_args(spec, frame.data, inflight)
-                self._check_objects(obj, spec, args)
-                self._dispatch(obj, spec, args, inflight)
+                data, inflight = taken
+                args = decode_args(spec, data, inflight)
+                if route.objects:
+                    self._check_objects(obj, spec, route, args)
+                self._dispatch(obj, spec, route, args, inflight)
                 inflight = []
             if reader.buffered_fds > MAX_UNCLAIMED_FDS:
                 raise WireError(f"more than {MAX_UNCLAIMED_FDS} file descriptors sent ahead "
@@ -152,42 +173,60 @@ class ClientCore:
                             f"object {obj}", ErrorCode.INVALID_METHOD)
         return obj, spec
 
-    def _check_objects(self, obj: WaylandObject, spec: MessageSpec,
+    def _route(self, spec: MessageSpec) -> _Route:
+        """What handling ``spec`` takes, worked out once per request kind."""
+        new_id = None
+        index = spec.new_id_index
+        if index is not None:
+            interface = spec.args[index].interface
+            # None: wl_registry.bind's untyped new id, which its handler checks and makes.
+            if interface is not None:
+                new_id = (index, self.protocol[interface])
+        route = _Route(
+            self.handlers.get((spec.interface, spec.name)),
+            tuple((i, arg) for i, arg in enumerate(spec.args) if arg.kind is ArgKind.OBJECT),
+            new_id, spec.destructor)
+        self._routes[id(spec)] = route
+        return route
+
+    def _check_objects(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
                        args: list[ArgValue]) -> None:
-        for arg, value in zip(spec.args, args, strict=True):
-            if arg.kind is not ArgKind.OBJECT or value is None:
+        entries = self.objects.entries
+        for index, arg in route.objects:
+            value = args[index]
+            if value is None:
                 continue
             assert isinstance(value, int)
-            target = self.objects.live(value)
+            target = entries.get(value)
+            if target is not None and not target.alive:
+                target = None
             if target is None or (arg.interface is not None
                                   and target.interface.name != arg.interface):
                 what = f"invalid object {value}" if target is None else str(target)
                 raise WireError(f"invalid arguments for {obj}.{spec.name}: argument "
                                 f"{arg.name} is {what}, not a {arg.interface}")
 
-    def _dispatch(self, obj: WaylandObject, spec: MessageSpec, args: list[ArgValue],
-                  fds: list[int]) -> None:
-        index = spec.new_id_index
-        if index is not None:
+    def _dispatch(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
+                  args: list[ArgValue], fds: list[int]) -> None:
+        new_id = route.new_id
+        if new_id is not None:
             if len(self.objects) >= MAX_OBJECTS:
                 raise WireError(f"qubesshm: too many objects: a client may have {MAX_OBJECTS}",
                                 ErrorCode.NO_MEMORY)
-            value = args[index]
-            if isinstance(value, UntypedNewId):
-                # Only wl_registry.bind sends one: its handler checks and creates it.
-                pass
-            else:
-                assert isinstance(value, int)
-                iface_name = spec.args[index].interface
-                assert iface_name is not None
-                self.objects.create_by_client(value, self.protocol[iface_name], obj.version)
-        handler = self.handlers.get((obj.interface.name, spec.name))
+            value = args[new_id[0]]
+            assert isinstance(value, int)
+            self.objects.create_by_client(value, new_id[1], obj.version)
+        elif spec.new_id_index is not None and len(self.objects) >= MAX_OBJECTS:
+            raise WireError(f"qubesshm: too many objects: a client may have {MAX_OBJECTS}",
+                            ErrorCode.NO_MEMORY)
+        handler = route.handler
         if handler is not None:
             # A handler that keeps an fd takes it out of ``fds``; the rest are closed.
             handler(self, obj, args, fds)
-        _close_all(fds)
-        fds.clear()
-        if spec.destructor and self.objects.live(obj.id) is obj:
+        if fds:
+            _close_all(fds)
+            fds.clear()
+        if route.destructor and obj.alive and self.objects.entries.get(obj.id) is obj:
             self.destroy(obj.id)
 
     # -- output ----------------------------------------------------------------
@@ -205,13 +244,14 @@ class ClientCore:
         no such event: a newer version's)."""
         if self.closed:
             return False
-        obj = self.objects.live(object_id)
-        if obj is None:
+        obj = self.objects.entries.get(object_id)
+        if obj is None or not obj.alive:
             return False
-        spec = self._event_spec(obj.interface.name, name)
+        key = (obj.interface.name, name)
+        spec = self._events[key] if key in self._events else self._event_spec(*key)
         if spec is None or spec.since > obj.version:
             return False
-        data, fds = encode_message(object_id, spec, list(args))
+        data, fds = encode_message(object_id, spec, args)
         self._queue(data, fds)
         return True
 
@@ -293,8 +333,11 @@ class ClientCore:
         self.objects.destroyed(obj, by_compositor=True)
         if object_id < SERVER_ID_MIN:
             self.objects.delete_id(object_id)
-            with self.queueing():  # as libwayland-server does
+            self._queueing += 1  # queued, as libwayland-server does (``queueing``)
+            try:
                 self.send(DISPLAY_ID, "delete_id", object_id)
+            finally:
+                self._queueing -= 1
 
     # -- errors and the end ----------------------------------------------------
 

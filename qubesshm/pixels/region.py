@@ -45,14 +45,19 @@ class Rect:
         return Rect(x0, y0, max(x1 - x0, 0), max(y1 - y0, 0))
 
 
+_NO_RECTS: tuple[Rect, ...] = ()
+
+
 class Region:
     """A set of pixels as disjoint rectangles, banded by rows."""
 
     __slots__ = ("_bands",)
 
-    def __init__(self, rects: Iterable[Rect] = ()) -> None:
+    def __init__(self, rects: Iterable[Rect] = _NO_RECTS) -> None:
         # (y0, y1, ((x0, x1), ...)): sorted, non-overlapping bands of sorted spans.
         self._bands: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
+        if rects is _NO_RECTS:  # an empty region: damage cleared, every commit
+            return
         todo = [r for r in rects if not r.empty]
         if len(todo) == 1:  # the common case (whole-buffer damage): one band
             r = todo[0]

@@ -141,6 +141,15 @@ class WireReader:
         fds = [self._fds.popleft() for _ in range(fd_count)] if fd_count else []
         return Frame(object_id, word & 0xFFFF, data), fds
 
+    def take_bytes(self, size: int, fd_count: int) -> tuple[bytes, list[int]] | None:
+        """``take`` without the ``Frame``: the message's bytes (header included)."""
+        fds = self._fds
+        if len(fds) < fd_count:
+            return None
+        start = self._pos
+        self._pos = end = start + size
+        return self._buf[start:end], [fds.popleft() for _ in range(fd_count)] if fd_count else []
+
     def unread(self) -> tuple[bytes, int]:
         """The buffer and the offset of its first unread byte, for a caller that frames
         messages itself (the relay's fast path) and then calls ``skip_to``."""
@@ -173,6 +182,10 @@ class _ScalarPlan:
     plain: bool  # nothing but int/uint: the unpacked tuple is the answer
     # No fd and no fixed: the values, a null object as 0, are the words to pack.
     words: bool = False
+    # With ``words``: the object and new_id arguments, whose 0 is checked (a null).
+    ids: tuple[int, ...] = ()
+    # With ``words``: header and words in one layout, for ``encode_message``.
+    message: struct.Struct | None = None
 
 
 def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
@@ -186,7 +199,10 @@ def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
             plan = _ScalarPlan(layout, HEADER_SIZE + layout.size,
                                all(a.kind in (ArgKind.INT, ArgKind.UINT) for a in spec.args),
                                all(a.kind not in (ArgKind.FD, ArgKind.FIXED)
-                                   for a in spec.args))
+                                   for a in spec.args),
+                               tuple(i for i, a in enumerate(spec.args)
+                                     if a.kind in (ArgKind.OBJECT, ArgKind.NEW_ID)),
+                               struct.Struct("=II" + words))
         else:
             plan = False
         object.__setattr__(spec, "codec_plan", plan)
@@ -196,10 +212,16 @@ def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
 
 def decode_args(spec: MessageSpec, data: bytes, fds: Sequence[int]) -> list[ArgValue]:
     """Argument values of one framed message (header included in ``data``)."""
-    plan = _plan(spec)
+    plan = spec.codec_plan
+    if plan is None:
+        plan = _plan(spec)
     if plan and isinstance(plan, _ScalarPlan) and len(data) == plan.size:
-        if plan.plain:
-            return list(plan.layout.unpack_from(data, HEADER_SIZE))
+        if plan.words:
+            values: list[ArgValue] = list(plan.layout.unpack_from(data, HEADER_SIZE))
+            for index in plan.ids:
+                if values[index] == 0:
+                    values[index] = _word_value(spec, spec.args[index], 0)
+            return values
         return _finish_scalars(spec, plan.layout.unpack_from(data, HEADER_SIZE), fds)
     # The general decoder also says precisely what is wrong with a bad message.
     out: list[ArgValue] = []
@@ -301,12 +323,14 @@ def encode_message(object_id: int, spec: MessageSpec,
     """Bytes and fds of one message; the inverse of ``decode_args``."""
     if len(args) != len(spec.args):
         raise ValueError(f"{spec} takes {len(spec.args)} arguments, got {len(args)}")
-    plan = _plan(spec)
+    plan = spec.codec_plan
+    if plan is None:
+        plan = _plan(spec)
     if plan and isinstance(plan, _ScalarPlan) and plan.words:
         # 32-bit words only: one pack, as ``decode_args`` reads them with one unpack.
         words = args if plan.plain else [0 if value is None else value for value in args]
-        return (HEADER.pack(object_id, plan.size << 16 | spec.opcode)
-                + plan.layout.pack(*words), [])
+        assert plan.message is not None
+        return plan.message.pack(object_id, plan.size << 16 | spec.opcode, *words), []
     body = bytearray()
     fds: list[int] = []
     for arg, value in zip(spec.args, args, strict=True):
