@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..objects.objectmap import DISPLAY_ID, SERVER_ID_MAX, SERVER_ID_MIN, ObjectMap, WaylandObject
@@ -63,6 +63,21 @@ class _Route(NamedTuple):
     destructor: bool
 
 
+class _Queueing:
+    """``ClientCore.queueing``'s context, one per client (it nests: a depth)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: ClientCore) -> None:
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._client._queueing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._client._queueing -= 1
+
+
 def abridge(text: str, limit: int = ERROR_MESSAGE_LIMIT) -> str:
     raw = text.encode("utf-8", "surrogateescape")
     if len(raw) <= limit:
@@ -93,6 +108,7 @@ class ClientCore:
         self._events: dict[tuple[str, str], MessageSpec | None] = {}
         self._routes: dict[int, _Route] = {}  # by id() of a request's MessageSpec
         self._queueing = 0
+        self._queueing_context = _Queueing(self)
         self.closed = False
         self.error: WireError | None = None
         # Called whenever output is queued (the I/O layer flushes it).
@@ -263,8 +279,7 @@ class ClientCore:
         if self.on_output is not None and (post or not self._queueing):
             self.on_output(self)
 
-    @contextlib.contextmanager
-    def queueing(self) -> Iterator[None]:
+    def queueing(self) -> _Queueing:
         """Events sent meanwhile are queued, not posted: written with the next posted
         event, as libwayland-server's ``wl_resource_queue_event``.
 
@@ -276,11 +291,7 @@ class ClientCore:
         thread, woken by the bytes, waits in ``wl_display_read_events`` for it
         forever. The answers to its last requests (the window's teardown) are the
         bytes a compositor may send then."""
-        self._queueing += 1
-        try:
-            yield
-        finally:
-            self._queueing -= 1
+        return self._queueing_context
 
     def take_output(self) -> list[Segment]:
         out = [(bytes(data), fds) for data, fds in self._out]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 from ..shm.clientpool import SpentPools
 from ..wire.codec import DEFAULT_MAX_MESSAGE_SIZE, ErrorCode
@@ -67,6 +66,21 @@ def _handlers() -> dict[tuple[str, str], Handler]:
     return merged
 
 
+class _ShellCall:
+    """``Compositor.shell_call``'s context, one per compositor (it nests: a depth)."""
+
+    __slots__ = ("_compositor",)
+
+    def __init__(self, compositor: Compositor) -> None:
+        self._compositor = compositor
+
+    def __enter__(self) -> None:
+        self._compositor._shell_depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._compositor._shell_returned()
+
+
 class Compositor:
     """All clients of one Wayland socket, and the agent's view of their windows."""
 
@@ -100,6 +114,7 @@ class Compositor:
         self._numbers = itertools.count(1)
         self._windows: dict[int, Window] = {}
         self._shell_depth = 0
+        self._shell_call = _ShellCall(self)
         self._faults: list[tuple[ClientCore, int, ErrorCode | int, str]] = []
         # Pipe writes for the I/O layer, and the clipboard and primary selection.
         self.transfers = Transfers(self._wake)
@@ -216,18 +231,16 @@ class Compositor:
         else:
             client.post_error(object_id, code, message)
 
-    @contextmanager
-    def shell_call(self) -> Iterator[None]:
+    def shell_call(self) -> _ShellCall:
         """Around a call into the shell: errors found meanwhile wait for its end."""
-        self._shell_depth += 1
-        try:
-            yield
-        finally:
-            self._shell_depth -= 1
-            if not self._shell_depth:
-                faults, self._faults = self._faults, []
-                for client, object_id, code, message in faults:
-                    client.post_error(object_id, code, message)
+        return self._shell_call
+
+    def _shell_returned(self) -> None:
+        self._shell_depth -= 1
+        if not self._shell_depth:
+            faults, self._faults = self._faults, []
+            for client, object_id, code, message in faults:
+                client.post_error(object_id, code, message)
 
     # -- the agent's side ------------------------------------------------------------
 

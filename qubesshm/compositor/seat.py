@@ -25,16 +25,18 @@ from typing import TYPE_CHECKING, Protocol
 from ..objects.objectmap import WaylandObject
 from ..wire.codec import ArgValue, WireError
 from . import picking
+from .cursor import cursor_committed
+from .datadevice import ICON_ROLE
 from .keyboard import Keyboard
 from .keymap import Keymap
 from .pointer import Pointer
+from .popup import Popup
 from .surfaces import Surface
 from .windows import Window, window_of
 
 if TYPE_CHECKING:
     from .client import ClientCore, Handler
     from .core import Compositor
-    from .popup import Popup
     from .shell import ShellWindow
 
 SEAT_NAME = "seat0"
@@ -256,8 +258,6 @@ class Seat:
         """``xdg_popup.grab``: granted (True) for a serial of a recent press sent to the
         popup's client, when the popup's parent is the topmost grabbing popup or (no
         chain yet) not a popup; else denied, and the popup is to be dismissed."""
-        from .popup import Popup
-
         client = popup.client
         if not self.serial_is_press(client, serial):
             return False
@@ -331,19 +331,13 @@ class Seat:
         self._focus_changed()
 
     def surface_committed(self, surface: Surface) -> None:
-        from .datadevice import ICON_ROLE
-
         if surface.role in ("cursor", ICON_ROLE):
             # Shown by nothing (a cursor image or drag icon cannot cross to dom0): its
             # buffer and frame callbacks are done with at once.
-            from .cursor import cursor_committed
-
             cursor_committed(surface)
 
     def window_unmapped(self, window: Window) -> None:
         """``window`` no longer shows: focus on its surfaces goes (with ``leave``)."""
-        from .popup import Popup
-
         if isinstance(window, Popup):
             self.popup_gone(window)
         if self._last_pointer is not None and self._last_pointer[0] is window:
@@ -375,8 +369,6 @@ class Seat:
         kept.append(serial)
 
     def _chain_owner(self) -> Window | None:
-        from .popup import Popup
-
         if not self.popup_chain:
             return None
         node: Window | None = self.popup_chain[0]
@@ -385,8 +377,6 @@ class Seat:
         return node
 
     def _in_chain_family(self, window: Window) -> bool:
-        from .popup import Popup
-
         return (isinstance(window, Popup) and window in self.popup_chain) or \
             window is self._chain_owner()
 
@@ -461,8 +451,6 @@ class Seat:
         """The surface under root point (rx, ry) of ``window`` among the mapped windows
         of its client, placed on the screen by ``Shell.window_origin``: popups (the
         newest first) before or after ``window`` itself, then its other windows."""
-        from .popup import Popup
-
         shell = self.compositor.shell
         popups = [o for o in reversed(window.client.windows)
                   if isinstance(o, Popup) and o.mapped and o is not window]
