@@ -22,7 +22,7 @@ from qubesshm.compositor.core import Compositor
 from qubesshm.compositor.registry import IMPLEMENTED_VERSIONS
 from qubesshm.compositor.shell import ToplevelState
 from qubesshm.objects.objectmap import SERVER_ID_MIN
-from qubesshm.pixels.region import Rect
+from qubesshm.pixels.region import Rect, surface_size
 from qubesshm.shm.clientpool import MAX_SPENT_POOLS
 from qubesshm.wire.codec import ErrorCode, UntypedNewId
 from qubesshm.wire.protocol import Arg, ArgKind, MessageSpec, ProtocolTable, load_protocols
@@ -408,6 +408,22 @@ def test_a_replaced_unrendered_buffer_is_released_at_once(world: World) -> None:
     app.show(surface, app.buffer(pixels(10, 10)))
     app.c.roundtrip()
     assert [e.object_id for e in app.c.take("wl_buffer", "release")] == [waiting]
+
+
+@pytest.mark.parametrize("transform", range(8))
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_a_surface_is_its_buffer_turned_and_scaled_down(world: World, transform: int,
+                                                       scale: int) -> None:
+    app = world.app()
+    surface, _, _ = app.toplevel()
+    app.c.request(surface, "set_buffer_transform", transform)
+    app.c.request(surface, "set_buffer_scale", scale)
+    app.show(surface, app.buffer(pixels(36, 12)))
+    app.c.roundtrip()
+    state = world.shell.commits[-1].tree.state
+    turned = (36, 12) if transform % 2 == 0 else (12, 36)
+    assert (state.width, state.height) == (turned[0] // scale, turned[1] // scale)
+    assert (state.width, state.height) == surface_size(36, 12, transform, scale)
 
 
 def test_damage_gathers_in_buffer_pixels_until_a_render(world: World) -> None:

@@ -153,7 +153,15 @@ class Surface:
         if self.buffer is None:
             return 0, 0
         data = self.buffer.data
-        w, h = surface_size(data.width, data.height, self.transform, self.scale, self.viewport)
+        viewport = self.viewport
+        if viewport.source is None and viewport.destination is None:
+            # ``surface_size`` floored, without its Fractions: the common case.
+            scale = self.scale
+            if self.transform % 2 == 0:
+                return data.width // scale, data.height // scale
+            return data.height // scale, data.width // scale
+        w, h = surface_size(data.width, data.height, self.transform, scale=self.scale,
+                            viewport=viewport)
         return math.floor(w), math.floor(h)
 
     def snapshot(self, full_damage: bool) -> SurfaceState:
