@@ -11,6 +11,7 @@ import dataclasses
 import os
 import struct
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -174,17 +175,20 @@ def test_an_object_argument_that_was_destroyed_is_invalid_arguments(world: World
 def test_the_object_limit_holds_for_created_and_bound_objects(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     app = world.app()
-    limit = len(app.c.core.objects) + 2
+    assert isinstance(app.c, CoreClient)
+    core = app.c.core
+    limit = len(core.objects) + 2
     monkeypatch.setattr("qubesshm.compositor.client.MAX_OBJECTS", limit)
     for _ in range(2):
         app.c.create(app.compositor, "create_region", "wl_region")
-    assert len(app.c.core.objects) == limit and not app.c.core.closed
+    assert len(core.objects) == limit and not core.closed
     app.c.create(app.compositor, "create_region", "wl_region")
     err = error_of(app)
     assert (err.object_id, err.code) == (1, ErrorCode.NO_MEMORY)
     assert f"too many objects: a client may have {limit}" in err.message
 
     bound = world.app()  # bind, whose new id carries its interface, counts alike
+    assert isinstance(bound.c, CoreClient)
     monkeypatch.setattr("qubesshm.compositor.client.MAX_OBJECTS", len(bound.c.core.objects))
     bound.c.bind("wl_compositor")
     err = error_of(bound)
@@ -423,7 +427,8 @@ def test_a_surface_is_its_buffer_turned_and_scaled_down(world: World, transform:
     state = world.shell.commits[-1].tree.state
     turned = (36, 12) if transform % 2 == 0 else (12, 36)
     assert (state.width, state.height) == (turned[0] // scale, turned[1] // scale)
-    assert (state.width, state.height) == surface_size(36, 12, transform, scale)
+    assert surface_size(36, 12, transform, scale) == (Fraction(state.width),
+                                                      Fraction(state.height))
 
 
 def test_damage_gathers_in_buffer_pixels_until_a_render(world: World) -> None:
