@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from ..relay.listener import Listener
-from ..relay.transport import FdsTruncated, PeerClosed, Transport
+from ..relay.transport import RECV_SIZE, FdsTruncated, PeerClosed, Transport
 from ..shm.clientpool import SPENT_POOL_DELAY
 from ..wire.codec import ErrorCode
 from .client import ClientCore
@@ -79,6 +79,11 @@ class Connection:
                     break
                 data, fds = received
                 core.feed(data, fds)
+                if len(data) < RECV_SIZE:
+                    # A short read: the socket held no more (or the kernel stopped at
+                    # a message's fds, and the loop calls again). The replies go now,
+                    # not after one more read that would find nothing.
+                    break
         except PeerClosed:
             core.eof()
             core.close()
