@@ -115,12 +115,21 @@ class RecordingShell:
     cursors: list[tuple[int, str | None]] = field(default_factory=list)  # (window id, shape)
     # What window_committed answers (False: the agent is busy).
     render_result: bool = True
+    # What window_due answers (False: the agent draws later, asking with render_pending).
+    due_result: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def window_mapped(self, w: ShellWindow) -> None:
         with self.lock:
             self.calls.append(("mapped", w))
             self.mapped[w.id] = w
+
+    def window_due(self, w: ShellWindow) -> bool:
+        with self.lock:
+            if self.due_result:
+                return True
+            self.calls.append(("due", w))
+            return False
 
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         image = render(tree, geometry)

@@ -398,6 +398,41 @@ def test_buffers_are_released_once_rendered_and_held_while_the_agent_waits(
     assert window.render_pending() is True  # nothing waits any more
 
 
+def test_a_shell_that_draws_later_gets_the_tree_only_when_it_draws(world: World) -> None:
+    app = world.app()
+    output = app.c.bind("wl_output")
+    world.shell.due_result = False  # as the agent between refreshes
+    surface, _, _ = app.toplevel()
+    buffer = app.buffer(pixels(10, 10))
+    app.show(surface, buffer)
+    app.c.roundtrip()
+    # Noted, not offered: no tree built, nothing entered, the buffer still held.
+    assert [name for name, _ in world.shell.calls] == ["mapped", "due"]
+    assert world.shell.commits == []
+    assert app.c.take("wl_surface", "enter") == []
+    assert app.c.take("wl_buffer", "release") == []
+    window = world.shell.calls[-1][1]
+    world.shell.due_result = True  # it draws: the newest tree, offered once
+    assert window.render_pending() is True
+    app.c.receive(0)
+    assert len(world.shell.commits) == 1 and world.shell.commits[0].geometry == Rect(
+        0, 0, 10, 10)
+    assert [e.args for e in app.c.take("wl_surface", "enter")] == [(output,)]
+    assert [e.object_id for e in app.c.take("wl_buffer", "release")] == [buffer]
+
+    # A window that closes before the shell draws it never entered, so never leaves.
+    world.shell.due_result = False
+    other, _, top = app.toplevel("closed early")
+    app.show(other, app.buffer(pixels(10, 10)))
+    app.c.roundtrip()
+    app.c.destroy(top)
+    app.c.destroy(other)
+    app.c.roundtrip()
+    assert app.c.take("wl_surface", "enter") == []
+    assert app.c.take("wl_surface", "leave") == []
+    assert len(world.shell.commits) == 1
+
+
 def test_a_replaced_unrendered_buffer_is_released_at_once(world: World) -> None:
     app = world.app()
     surface, _, _ = app.toplevel()

@@ -105,13 +105,19 @@ class AgentShell:
         self.windows.window_mapped(w)
         self.changed()
 
+    def window_due(self, w: ShellWindow) -> bool:
+        """Drawn now while drawing (``render_now``); else noted for the next refresh,
+        and the compositor builds no tree for it until then."""
+        self._client(w)
+        if self.render_now:
+            return True
+        w.coalesce = True
+        self.due.add(w)
+        self.render_soon()
+        return False
+
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         self._client(w)
-        if not self.render_now:
-            w.coalesce = True
-            self.due.add(w)
-            self.render_soon()
-            return False
         before = self.windows.counters.damaged_pixels
         done = self.windows.window_committed(w, tree, geometry)
         if done:

@@ -319,6 +319,9 @@ class AgentWindows(Generic[A]):
         self._windows[w] = win
         self._by_id[win.id] = win
 
+    def window_due(self, w: ShellWindow) -> bool:
+        return True  # drawn at every commit (the agent's shell paces it: AgentShell)
+
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         win = self._windows.get(w)
         if win is None:

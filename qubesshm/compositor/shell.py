@@ -91,6 +91,14 @@ class Shell(Protocol):
     def window_mapped(self, w: ShellWindow) -> None:
         """``w`` has a first buffer to show; ``window_committed`` follows at once."""
 
+    def window_due(self, w: ShellWindow) -> bool:
+        """A commit changed what ``w`` shows. True: offer it now (``window_committed``
+        follows at once, with the tree); False: the shell draws later and asks for the
+        newest tree then with ``w.render_pending()``. The tree is built, and the
+        surfaces enter the output, only once it is offered, not for commits a shell
+        that draws at its own pace never shows."""
+        ...
+
     def window_committed(self, w: ShellWindow, tree: SceneNode, geometry: Rect) -> bool:
         """A commit changed what ``w`` shows. ``geometry`` is the window geometry in
         root-surface coordinates. True: rendered (the compositor releases the

@@ -188,7 +188,11 @@ class Window:
         return clamped if not clamped.empty else wanted
 
     def offer(self) -> None:
-        """Give the agent the current tree; on success, let go of what it used."""
+        """Give the agent the current tree when it draws now (``Shell.window_due``); on
+        success, let go of what it used."""
+        self.render_waiting = True
+        if not self.compositor.shell.window_due(self.shell_window):
+            return  # it asks again with render_pending when it draws
         tree, surfaces = build_tree(self.surface, self._rendered)
         geometry = self._geometry_of(tree)
         w = self.shell_window
@@ -201,7 +205,6 @@ class Window:
         for surface in surfaces:
             outputs.enter(surface)
         self._shown = surfaces
-        self.render_waiting = True
         with self.compositor.shell_call():
             rendered = self.compositor.shell.window_committed(w, tree, geometry)
         if rendered and self.mapped and not self.client.closed:
