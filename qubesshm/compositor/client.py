@@ -60,7 +60,6 @@ class _Route(NamedTuple):
     handler: Handler | None
     objects: tuple[tuple[int, Arg], ...]  # its object arguments, checked before the handler
     new_id: tuple[int, InterfaceSpec] | None  # the argument index and interface it creates
-    destructor: bool
 
 
 class _Queueing:
@@ -135,7 +134,6 @@ class ClientCore:
 
     def _pump(self, *, at_eof: bool) -> None:
         reader = self._reader
-        entries = self.objects.entries
         routes = self._routes
         inflight: list[int] = []
         try:
@@ -147,13 +145,7 @@ class ClientCore:
                                         f"({reader.buffered_bytes} bytes left over)")
                     break
                 object_id, opcode, size = head
-                obj = entries.get(object_id)
-                if obj is None or not obj.alive or opcode >= len(obj.interface.requests):
-                    obj, spec = self._resolve(object_id, opcode)
-                else:
-                    spec = obj.interface.requests[opcode]
-                    if spec.since > obj.version:
-                        obj, spec = self._resolve(object_id, opcode)
+                obj, spec = self._resolve(object_id, opcode)
                 route = routes.get(id(spec))
                 if route is None:
                     route = self._route(spec)
@@ -201,21 +193,18 @@ class ClientCore:
         route = _Route(
             self.handlers.get((spec.interface, spec.name)),
             tuple((i, arg) for i, arg in enumerate(spec.args) if arg.kind is ArgKind.OBJECT),
-            new_id, spec.destructor)
+            new_id)
         self._routes[id(spec)] = route
         return route
 
     def _check_objects(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
                        args: list[ArgValue]) -> None:
-        entries = self.objects.entries
         for index, arg in route.objects:
             value = args[index]
             if value is None:
                 continue
             assert isinstance(value, int)
-            target = entries.get(value)
-            if target is not None and not target.alive:
-                target = None
+            target = self.objects.live(value)
             if target is None or (arg.interface is not None
                                   and target.interface.name != arg.interface):
                 what = f"invalid object {value}" if target is None else str(target)
@@ -224,17 +213,15 @@ class ClientCore:
 
     def _dispatch(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
                   args: list[ArgValue], fds: list[int]) -> None:
-        new_id = route.new_id
-        if new_id is not None:
+        if spec.new_id_index is not None:
             if len(self.objects) >= MAX_OBJECTS:
                 raise WireError(f"qubesshm: too many objects: a client may have {MAX_OBJECTS}",
                                 ErrorCode.NO_MEMORY)
-            value = args[new_id[0]]
-            assert isinstance(value, int)
-            self.objects.create_by_client(value, new_id[1], obj.version)
-        elif spec.new_id_index is not None and len(self.objects) >= MAX_OBJECTS:
-            raise WireError(f"qubesshm: too many objects: a client may have {MAX_OBJECTS}",
-                            ErrorCode.NO_MEMORY)
+            if route.new_id is not None:
+                index, interface = route.new_id
+                value = args[index]
+                assert isinstance(value, int)
+                self.objects.create_by_client(value, interface, obj.version)
         handler = route.handler
         if handler is not None:
             # A handler that keeps an fd takes it out of ``fds``; the rest are closed.
@@ -242,7 +229,7 @@ class ClientCore:
         if fds:
             _close_all(fds)
             fds.clear()
-        if route.destructor and obj.alive and self.objects.entries.get(obj.id) is obj:
+        if spec.destructor and self.objects.live(obj.id) is obj:
             self.destroy(obj.id)
 
     # -- output ----------------------------------------------------------------
@@ -260,11 +247,10 @@ class ClientCore:
         no such event: a newer version's)."""
         if self.closed:
             return False
-        obj = self.objects.entries.get(object_id)
-        if obj is None or not obj.alive:
+        obj = self.objects.live(object_id)
+        if obj is None:
             return False
-        key = (obj.interface.name, name)
-        spec = self._events[key] if key in self._events else self._event_spec(*key)
+        spec = self._event_spec(obj.interface.name, name)
         if spec is None or spec.since > obj.version:
             return False
         data, fds = encode_message(object_id, spec, args)
@@ -344,11 +330,8 @@ class ClientCore:
         self.objects.destroyed(obj, by_compositor=True)
         if object_id < SERVER_ID_MIN:
             self.objects.delete_id(object_id)
-            self._queueing += 1  # queued, as libwayland-server does (``queueing``)
-            try:
+            with self.queueing():  # as libwayland-server does
                 self.send(DISPLAY_ID, "delete_id", object_id)
-            finally:
-                self._queueing -= 1
 
     # -- errors and the end ----------------------------------------------------
 

@@ -132,13 +132,11 @@ class WireReader:
 
     def take(self, size: int, fd_count: int) -> tuple[Frame, list[int]] | None:
         """Consume the message ``peek`` described, with its fds; None while fds are owed."""
-        if len(self._fds) < fd_count:
+        taken = self.take_bytes(size, fd_count)
+        if taken is None:
             return None
-        start = self._pos
-        data = self._buf[start : start + size]
-        self._pos = start + size
+        data, fds = taken
         object_id, word = HEADER.unpack_from(data)
-        fds = [self._fds.popleft() for _ in range(fd_count)] if fd_count else []
         return Frame(object_id, word & 0xFFFF, data), fds
 
     def take_bytes(self, size: int, fd_count: int) -> tuple[bytes, list[int]] | None:
