@@ -9,7 +9,6 @@ made of, with the damage gathered since the window was last rendered.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from ..pixels.region import (
     Rect,
     Region,
     Viewport,
+    surface_pixels,
     surface_size,
     surface_to_buffer,
 )
@@ -153,16 +153,8 @@ class Surface:
         if self.buffer is None:
             return 0, 0
         data = self.buffer.data
-        viewport = self.viewport
-        if viewport.source is None and viewport.destination is None:
-            # ``surface_size`` floored, without its Fractions: the common case.
-            scale = self.scale
-            if self.transform % 2 == 0:
-                return data.width // scale, data.height // scale
-            return data.height // scale, data.width // scale
-        w, h = surface_size(data.width, data.height, self.transform, scale=self.scale,
-                            viewport=viewport)
-        return math.floor(w), math.floor(h)
+        return surface_pixels(data.width, data.height, self.transform, self.scale,
+                              self.viewport)
 
     def snapshot(self, full_damage: bool) -> SurfaceState:
         width, height = self.size()

@@ -230,6 +230,18 @@ def surface_size(buffer_width: int, buffer_height: int, transform: int, scale: i
     return Fraction(tw, scale), Fraction(th, scale)
 
 
+def surface_pixels(buffer_width: int, buffer_height: int, transform: int, scale: int,
+                   viewport: Viewport = NO_VIEWPORT) -> tuple[int, int]:
+    """``surface_size`` floored to whole pixels; without a viewport, in integers (no
+    Fractions made: the common case, at every map and render)."""
+    if viewport.source is None and viewport.destination is None:
+        tw, th = (buffer_width, buffer_height) if transform % 2 == 0 else (buffer_height,
+                                                                         buffer_width)
+        return tw // scale, th // scale
+    w, h = surface_size(buffer_width, buffer_height, transform, scale, viewport)
+    return math.floor(w), math.floor(h)
+
+
 def surface_to_buffer(rect: Rect, buffer_width: int, buffer_height: int, transform: int,
                       scale: int, viewport: Viewport = NO_VIEWPORT) -> Rect:
     """The buffer pixels a surface-coordinate rectangle covers, clipped to the buffer."""
