@@ -28,6 +28,7 @@ from qubesshm.grants.simulated import SimHypervisor
 from qubesshm.objects.objectmap import SERVER_ID_MIN
 from qubesshm.pixels.region import MAX_RECTS
 from qubesshm.relay.session import RelaySession, Step, carries_sync
+from qubesshm.shm import bridge
 from qubesshm.shm.clientpool import MAX_SPENT_POOLS
 from qubesshm.shm.outputs import MAX_OUTPUTS_PER_SURFACE
 from qubesshm.wire.codec import (
@@ -826,6 +827,27 @@ def test_spent_pools_are_bounded(world: World) -> None:
     assert kept[-1].fd >= 0
     world.session.end()
     assert kept[-1].fd == -1
+
+
+def test_the_pools_a_client_may_hold_are_counted_until_nothing_needs_them(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool holds an fd in the proxy while the client has it or a buffer of it: past
+    the bound a new pool is no_memory. A destroyed pool whose buffer lives still counts;
+    once its buffer goes too, it no longer does."""
+    monkeypatch.setattr(bridge, "MAX_POOLS_PER_CLIENT", 3)
+    first, _ = world.pool(4096)
+    _, buffer = world.buffer(first, 0, 16, 16, 64)
+    world.send(req(first, "wl_shm_pool", "destroy"))  # its buffer keeps it
+    second, _ = world.pool(4096)
+    world.pool(4096)
+    world.send(req(second, "wl_shm_pool", "destroy"))  # nothing needs it: room for one
+    world.pool(4096)
+    world.send(req(buffer, "wl_buffer", "destroy"))  # the first is spent: room for one
+    world.pool(4096)
+    step, _ = world.send(req(world.shm, "wl_shm", "create_pool", world.new_id(),
+                             os.dup(world.memfd(4096)), 4096))
+    assert step.error is not None and step.error.code is ErrorCode.NO_MEMORY
+    assert "too many wl_shm pools: a client may hold 3 at once" in step.error.message
 
 
 def test_everything_is_released_at_the_end(world: World) -> None:

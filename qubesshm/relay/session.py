@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..grants.ledger import ClientCounters
 from ..objects.idmap import UpstreamIds
 from ..objects.objectmap import DISPLAY_ID, ObjectMap, WaylandObject
-from ..shm.bridge import OwnObject, ShmBridge, Verdict
+from ..shm.bridge import OwnObject, ShmBridge, ShmHandler, Verdict
 from ..wire.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
@@ -34,7 +34,7 @@ from ..wire.codec import (
     decode_args,
     encode_message,
 )
-from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
+from ..wire.protocol import Arg, ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 from .fastpath import Relay, select_fast_path
 
 # A message header's first word: the object id, as the codec writes it.
@@ -133,6 +133,16 @@ class Step:
     own_events_wait: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What the full path does with one kind of request, worked out at its first."""
+
+    objects: tuple[tuple[int, Arg], ...]  # the object arguments, with their indices
+    ids: tuple[tuple[int, Arg], ...]  # the object and new_id arguments, with theirs
+    # The bridge's handler when the bridge takes this request, else None.
+    shm: ShmHandler | None
+
+
 @dataclass(slots=True)
 class _Global:
     interface: InterfaceSpec
@@ -184,6 +194,8 @@ class RelaySession:
         self._requests = WireReader(max_message_size)
         self._events = WireReader(max_message_size)
         self._globals: dict[int, _Global] = {}
+        # Each request kind's route, by id of its (long-lived) MessageSpec.
+        self._routes: dict[int, _Route] = {}
         self._hidden_globals: set[int] = set()
         self._display_error = protocol["wl_display"].events[0]
         self._delete_id = protocol["wl_display"].events[1]
@@ -466,12 +478,24 @@ class RelaySession:
 
     # -- requests ------------------------------------------------------------
 
+    def _route(self, spec: MessageSpec) -> _Route:
+        route = self._routes.get(id(spec))
+        if route is None:
+            route = self._routes[id(spec)] = _Route(
+                tuple((i, a) for i, a in enumerate(spec.args) if a.kind is ArgKind.OBJECT),
+                tuple((i, a) for i, a in enumerate(spec.args)
+                      if a.kind is ArgKind.OBJECT or a.kind is ArgKind.NEW_ID),
+                None if self.shm is None else self.shm.handler(spec))
+        return route
+
     def _relay_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
                        fds: list[int], up: Outbox, down: Outbox) -> bool:
         """Validate, track and relay one request; False if it must wait (parked)."""
         args = self._decode(obj, spec, frame, fds)
-        for arg, value in zip(spec.args, args, strict=True):
-            if arg.kind is ArgKind.OBJECT and value is not None:
+        route = self._route(spec)
+        for index, arg in route.objects:
+            value = args[index]
+            if value is not None:
                 # libwayland reports bad object arguments as invalid arguments, on
                 # wl_display.
                 assert isinstance(value, int)
@@ -493,8 +517,9 @@ class RelaySession:
                           args: list[ArgValue], fds: list[int], up: Outbox,
                           down: Outbox) -> bool:
         verdict = Verdict.FORWARD
-        if self.shm is not None and self.shm.handles(obj.interface.name):
-            verdict = self.shm.request(obj, spec, args, fds, up, down)
+        handler = self._route(spec).shm
+        if handler is not None:
+            verdict = handler(obj, args, fds, up, down)
             if verdict is Verdict.BLOCKED:
                 self._parked = (obj, spec, frame, args)
                 if self.tracer is not None:
@@ -533,7 +558,8 @@ class RelaySession:
         renumbered = target != obj.id
         changed = False  # an argument differs
         translated: list[ArgValue] = list(args)
-        for index, (arg, value) in enumerate(zip(spec.args, args, strict=True)):
+        for index, arg in self._route(spec).ids:
+            value = args[index]
             kind = arg.kind
             if kind is ArgKind.OBJECT and value is not None:
                 assert isinstance(value, int)

@@ -81,6 +81,10 @@ class Outbox(Protocol):
     def add(self, data: bytes, fds: list[int]) -> None: ...
 
 
+# A request the bridge takes: (object, args, fds, to the compositor, to the client).
+ShmHandler = Callable[[WaylandObject, list[ArgValue], list[int], Outbox, Outbox], Verdict]
+
+
 @dataclass(eq=False)
 class OwnObject:
     """An object the proxy created upstream."""
@@ -119,6 +123,9 @@ class ShmBridge:
         self.wake: Callable[[], None] | None = None
         self.clock = clock
         self.pools: dict[int, ClientPool] = {}
+        # Pools the client has not destroyed, or whose buffers it still has: the fds
+        # the proxy holds for it (``_held_pools``), counted.
+        self._needed_pools = 0
         self.buffers: dict[int, ClientBuffer] = {}
         self.surfaces: dict[int, Surface] = {}
         self.viewports: dict[int, int] = {}  # wp_viewport id -> surface id
@@ -141,7 +148,7 @@ class ShmBridge:
             (iface.name, m.name): m for iface in protocol.interfaces.values()
             for m in iface.requests
         }
-        handlers: dict[tuple[str, str], Callable[..., Verdict]] = {
+        handlers: dict[tuple[str, str], ShmHandler] = {
             ("wl_shm", "create_pool"): self._create_pool,
             ("wl_shm_pool", "create_buffer"): self._create_buffer,
             ("wl_shm_pool", "resize"): self._resize_pool,
@@ -167,15 +174,10 @@ class ShmBridge:
 
     # -- what the session calls ----------------------------------------------
 
-    def handles(self, interface: str) -> bool:
-        return interface in _INTERCEPTED
-
-    def request(self, obj: WaylandObject, spec: MessageSpec, args: list[ArgValue],
-                fds: list[int], up: Outbox, down: Outbox) -> Verdict:
-        handler = self._handlers.get((obj.interface.name, spec.name))
-        if handler is None:
-            return Verdict.FORWARD
-        return handler(obj, args, fds, up, down)
+    def handler(self, spec: MessageSpec) -> ShmHandler | None:
+        """What takes ``spec``'s requests first, or None: the session relays them as
+        they are (``Verdict.FORWARD``)."""
+        return self._handlers.get((spec.interface, spec.name))
 
     def observe_event(self, obj: WaylandObject, spec: MessageSpec,
                       args: list[ArgValue]) -> bool:
@@ -230,6 +232,7 @@ class ShmBridge:
         self.spent.close()
         self.pools.clear()
         self.buffers.clear()
+        self._needed_pools = 0
 
     # -- pools and buffers -----------------------------------------------------
 
@@ -244,12 +247,13 @@ class ShmBridge:
                      up: Outbox, down: Outbox) -> Verdict:
         new_id, fd, size = args
         assert isinstance(new_id, int) and isinstance(fd, int) and isinstance(size, int)
-        if len(self._held_pools()) >= MAX_POOLS_PER_CLIENT:
+        if self._needed_pools >= MAX_POOLS_PER_CLIENT:
             raise WireError(f"qubesshm: too many wl_shm pools: a client may hold "
                             f"{MAX_POOLS_PER_CLIENT} at once", ErrorCode.NO_MEMORY, DISPLAY_ID)
         pool = open_pool(new_id, fd, size, obj.id)
         fds.clear()  # the pool owns the fd now
         self.pools[new_id] = pool
+        self._needed_pools += 1
         for c in self.counters:
             c.client_pools += 1
         return Verdict.CONSUMED
@@ -279,8 +283,13 @@ class ShmBridge:
         pool = self.pools.pop(obj.id)
         pool.alive = False
         if not pool.needed:
-            self.spent.add(pool)
+            self._spend(pool)
         return Verdict.CONSUMED
+
+    def _spend(self, pool: ClientPool) -> None:
+        """Nothing needs ``pool`` any more: its fd is closed with the spent pools."""
+        self._needed_pools -= 1
+        self.spent.add(pool)
 
     def _destroy_buffer(self, obj: WaylandObject, args: list[ArgValue], fds: list[int],
                         up: Outbox, down: Outbox) -> Verdict:
@@ -290,7 +299,7 @@ class ShmBridge:
         buffer.alive = False
         buffer.pool.buffers.discard(buffer.client_id)
         if not buffer.pool.needed:
-            self.spent.add(buffer.pool)
+            self._spend(buffer.pool)
         for out in [o for o in self._orphans if o.source is buffer]:
             # The compositor shows a closed window's output, which stands for this
             # buffer: without the proxy it would now lose the buffer, so it loses the
@@ -691,8 +700,6 @@ class ShmBridge:
         out.add(data, fds)
 
 
-_INTERCEPTED = frozenset({"wl_shm", "wl_shm_pool", "wl_buffer", "wl_surface",
-                          "wp_viewporter", "wp_viewport"})
 # The (interface, request) pairs the bridge acts on; every other request of those
 # interfaces is forwarded as the plain relay would (the relay's fast path may take it).
 INTERCEPTED_REQUESTS = frozenset({
