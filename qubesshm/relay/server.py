@@ -7,9 +7,9 @@ add to its queue; the session is dropped if that peer accepts nothing for
 ``stall_timeout`` seconds) and tears a session down when either end goes away.
 It also chooses when: the proxy's own events (its delete_ids, its early releases)
 wait for the compositor's answer to their batch when the session says they may
-(``OWN_EVENTS_DELAY``), and the grant cache is trimmed to its bound and pools the
-client is done with are closed a moment after a step's output went
-(``SPENT_POOL_DELAY``), while the compositor answers it.
+(``OWN_EVENTS_DELAY``), the grant cache is trimmed to its bound
+once a step's output went, and pools the client is done with are closed a moment
+after (``SPENT_POOL_DELAY``).
 """
 
 from __future__ import annotations
@@ -135,8 +135,7 @@ class ClientRelay:
         # Set once the session is over but the client still has bytes to read.
         self._finishing: str | None = None
         self._stall: dict[Peer, asyncio.TimerHandle] = {}
-        # Trimming the grant cache and closing spent pools, a moment after a step.
-        self._tidy_timer: asyncio.TimerHandle | None = None
+        self._spent_timer: asyncio.TimerHandle | None = None
         # The proxy's own events, waiting for the compositor's answer (OWN_EVENTS_DELAY).
         self._held_own_events: list[Segment] = []
         self._own_events_timer: asyncio.TimerHandle | None = None
@@ -306,12 +305,13 @@ class ClientRelay:
         self._send(self.compositor, step.to_compositor)
         self._send(self.client, step.to_client)
         lifetimes = self.server.lifetimes
-        if (self._tidy_timer is None and not self.closed
-                and (self.session.spent or (lifetimes is not None and lifetimes.trim_due))):
-            # Areas given back in this step wait for the cache's bound (a file read
-            # away), and spent pools to be closed (their pages freed), until the
-            # compositor has had the time to answer what was just sent.
-            self._tidy_timer = self.loop.call_later(SPENT_POOL_DELAY, self._tidy)
+        if lifetimes is not None and lifetimes.trim_due:
+            # Areas given back in this step wait for the cache's bound until now: off
+            # the path of the replies just sent (the bound is a file read away), and
+            # before the next take, which would trim first, on the client's path.
+            lifetimes.trim()
+        if self.session.spent and self._spent_timer is None and not self.closed:
+            self._spent_timer = self.loop.call_later(SPENT_POOL_DELAY, self._close_spent)
         if (self.session.blocked or self._blocked) and not self.closed:
             # The session relays the requests read while blocked itself, in the step
             # that unblocks it; here only what may be read changes.
@@ -322,21 +322,14 @@ class ClientRelay:
             self.server.ended(self.number, f"{who} protocol error: {step.error}")
             self.finish(f"{who} protocol error")
 
-    def _tidy(self) -> None:
-        self._tidy_timer = None
+    def _close_spent(self) -> None:
+        self._spent_timer = None
         if self.closed:
             return
         try:
-            self._trim()
             self.session.close_spent()
         except Exception:
             self._internal_error()
-
-    def _trim(self) -> None:
-        """Bring the grant cache within its bound, if areas were given back."""
-        lifetimes = self.server.lifetimes
-        if lifetimes is not None and lifetimes.trim_due:
-            lifetimes.trim()
 
     def _fail_client(self, error: WireError) -> None:
         self._send(self.client, [(display_error(self.server.protocol, error), [])])
@@ -480,10 +473,9 @@ class ClientRelay:
         for handle in self._stall.values():
             handle.cancel()
         self._stall.clear()
-        if self._tidy_timer is not None:
-            self._tidy_timer.cancel()  # the session's end closes the spent pools
-            self._tidy_timer = None
-            self._trim()
+        if self._spent_timer is not None:
+            self._spent_timer.cancel()  # the session's end closes the spent pools
+            self._spent_timer = None
         self._send(self.client, self._take_own_events())  # closed: only their fds close
         self._update_readers()
         for transport in self._waiting_to_write:
