@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from qubesshm.relay.server import ahead
 from qubesshm.wire.codec import HEADER, ArgValue, UntypedNewId, decode_args, encode_message
 from qubesshm.wire.protocol import MessageSpec, load_protocols
 
@@ -1364,3 +1365,15 @@ def test_two_proxies_relaying_to_each_other_refuse_the_loop(harness: Harness) ->
                lambda: f"both proxies back to the fds they held before the loop (A "
                        f"{baselines['A']}, B {baselines['B']}; A holds {fd_count(a.pid)}, "
                        f"B {fd_count(b.pid)})")
+
+
+def test_the_proxys_own_events_go_ahead_in_the_same_segment() -> None:
+    """Held own events (no fds) join the first segment of the answer they wait for: one
+    segment, one sendmsg; an fd of that segment travels with bytes before its message,
+    which is allowed. Own events with fds (none today) would stay segments of their own."""
+    own = [(b"delete_id", []), (b"release", [])]
+    assert ahead(own, [(b"done", [7]), (b"later", [8])]) == [
+        (b"delete_idreleasedone", [7]), (b"later", [8])]
+    assert ahead(own, [(b"done", [])]) == [(b"delete_idreleasedone", [])]
+    assert ahead(own, []) == own
+    assert ahead([(b"odd", [3])], [(b"done", [])]) == [(b"odd", [3]), (b"done", [])]

@@ -339,7 +339,7 @@ class ClientRelay:
 
     def _send(self, dest: Peer, segments: list[Segment]) -> None:
         if dest is self.client and segments and self._held_own_events:
-            segments = self._take_own_events() + segments  # made first, so sent first
+            segments = ahead(self._take_own_events(), segments)  # made first, sent first
         if self.closed or dest.closed or (self._draining and dest is self.compositor):
             for _, fds in segments:
                 for fd in fds:
@@ -531,6 +531,16 @@ def _name_upstream(upstream: socket.socket, chain: list[int], number: int) -> No
             return
         except OSError:
             continue  # a name in use: another attempt, else the connection stays unnamed
+
+
+def ahead(first: list[Segment], then: list[Segment]) -> list[Segment]:
+    """``first`` sent before ``then``. The proxy's own events carry no fds, so they go in
+    one segment with the first of ``then`` (whose fds then travel with bytes before their
+    message, as fds may): a single segment takes the transport's one-``sendmsg`` path."""
+    if not then or any(fds for _, fds in first):
+        return first + then
+    data, fds = then[0]
+    return [(b"".join([*(d for d, _ in first), data]), fds), *then[1:]]
 
 
 def display_error(protocol: ProtocolTable, error: WireError) -> bytes:

@@ -388,8 +388,8 @@ class RelaySession:
             self._check_unclaimed(self._requests)
             parked_obj, parked_spec, parked_frame, parked_args = self._parked
             self._parked = None
-            if not self._dispatch_request(parked_obj, parked_spec, parked_frame, parked_args,
-                                          [], up, down):
+            if not self._dispatch_request(parked_obj, parked_spec, self._route(parked_spec),
+                                          parked_frame, parked_args, [], up, down):
                 return
         reader = self._requests
         fast = None if self._fast is None else self._fast.requests
@@ -511,13 +511,13 @@ class RelaySession:
                         ErrorCode.INVALID_METHOD, DISPLAY_ID)
         if spec.new_id_index is not None:
             self._create_from_request(obj, spec, args)
-        return self._dispatch_request(obj, spec, frame, args, fds, up, down)
+        return self._dispatch_request(obj, spec, route, frame, args, fds, up, down)
 
-    def _dispatch_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
-                          args: list[ArgValue], fds: list[int], up: Outbox,
+    def _dispatch_request(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
+                          frame: Frame, args: list[ArgValue], fds: list[int], up: Outbox,
                           down: Outbox) -> bool:
         verdict = Verdict.FORWARD
-        handler = self._route(spec).shm
+        handler = route.shm
         if handler is not None:
             verdict = handler(obj, args, fds, up, down)
             if verdict is Verdict.BLOCKED:
@@ -544,11 +544,12 @@ class RelaySession:
             return True
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=False)
-        self._forward_request(obj, spec, frame, args, fds, up)
+        self._forward_request(obj, spec, route, frame, args, fds, up)
         return True
 
-    def _forward_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
-                         args: list[ArgValue], fds: list[int], up: Outbox) -> None:
+    def _forward_request(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
+                         frame: Frame, args: list[ArgValue], fds: list[int],
+                         up: Outbox) -> None:
         ids = self.ids
         target = ids.upstream(obj.id)
         if target is None:
@@ -558,7 +559,7 @@ class RelaySession:
         renumbered = target != obj.id
         changed = False  # an argument differs
         translated: list[ArgValue] = list(args)
-        for index, arg in self._route(spec).ids:
+        for index, arg in route.ids:
             value = args[index]
             kind = arg.kind
             if kind is ArgKind.OBJECT and value is not None:
