@@ -1371,7 +1371,7 @@ def test_the_proxys_own_events_go_ahead_in_the_same_segment() -> None:
     """Held own events (no fds) join the first segment of the answer they wait for: one
     segment, one sendmsg; an fd of that segment travels with bytes before its message,
     which is allowed. Own events with fds (none today) would stay segments of their own."""
-    own = [(b"delete_id", []), (b"release", [])]
+    own: list[tuple[bytes, list[int]]] = [(b"delete_id", []), (b"release", [])]
     assert ahead(own, [(b"done", [7]), (b"later", [8])]) == [
         (b"delete_idreleasedone", [7]), (b"later", [8])]
     assert ahead(own, [(b"done", [])]) == [(b"delete_idreleasedone", [])]
