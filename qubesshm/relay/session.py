@@ -135,7 +135,7 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    """What the full path does with one kind of request, worked out at its first."""
+    """What the full path does with a kind of request, worked out when the first comes."""
 
     objects: tuple[tuple[int, Arg], ...]  # the object arguments, with their indices
     ids: tuple[tuple[int, Arg], ...]  # the object and new_id arguments, with theirs
