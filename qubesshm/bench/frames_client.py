@@ -3,7 +3,7 @@
 One xdg_toplevel of ``--width`` x ``--height`` xrgb8888 pixels, ``--buffers``
 wl_shm buffers in one pool. Each frame it takes a released buffer (waiting for
 ``wl_buffer.release`` when none is; the pool is a memfd sealed against shrinking,
-as toolkits built on libwayland make it, unless ``--unsealed``), really writes
+as Weston's clients make it, unless ``--unsealed``, as GTK's are), really writes
 the damaged pixels (the whole
 buffer for ``full``; a ``--region`` square that stays put for ``static`` or
 jumps by its own width every frame for ``moving``, repainting where it was),

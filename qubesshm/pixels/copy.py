@@ -4,9 +4,10 @@ Both buffers have the same stride, so a pixel lives at the same offset in each.
 Two ways, chosen by what the client's file allows:
 
 - ``copy_region_mapped``: the client's memfd is sealed against shrinking
-  (``F_SEAL_SHRINK``, as libwayland-based toolkits seal it) and long enough, so
+  (``F_SEAL_SHRINK``, as Weston's clients seal it) and long enough, so
   its mapping can never fault; numpy copies each rectangle row by row.
-- ``copy_region``: any other file is read with ``preadv`` straight into the
+- ``copy_region``: any other file, and a pool's first commit (a mapping costs
+  more than one read), is read with ``preadv`` straight into the
   mmapped grant pages: no SIGBUS when the client shrinks its file, and a short
   read says exactly that. Each rectangle costs one system call per 512 rows: the
   bytes between its rows go to a scratch buffer, so only damaged bytes are

@@ -1,10 +1,12 @@
 """The client's ``wl_shm`` pools and buffers, as the proxy holds them.
 
-A client pool is an fd and a size, mapped lazily at its first commit (a pool
-that is never attached, as Xwayland makes many, costs one fd) and only when the
-mapping can never fault: the file is sealed against shrinking and long enough
-for the pool. Any other file is read with ``preadv``, since a client may
-truncate it at any moment and a mapping would then kill the proxy with SIGBUS.
+A client pool is an fd and a size, mapped lazily at its second commit (a pool
+that is never attached, as Xwayland makes many, costs one fd; one drawn into once,
+as a churning window's or a popup's, is read once: a mapping, its page faults and
+its unmapping cost more than one ``preadv``) and only when the mapping can never
+fault: the file is sealed against shrinking and long enough for the pool. Any
+other file is read with ``preadv``, since a client may truncate it at any moment
+and a mapping would then kill the proxy with SIGBUS.
 The checks are libwayland's, with its error codes and wording.
 """
 
@@ -53,11 +55,17 @@ class ClientPool:
     mapping: mmap.mmap | None = None
     # Whether the file was found unmappable (not sealed, or too short) at this size.
     unmappable_at: int = -1
+    # A commit was copied from the pool: the next ones may map it.
+    copied: bool = False
 
     def mapped(self) -> mmap.mmap | None:
-        """A read-only mapping of the pool if it can never fault, else None."""
+        """A read-only mapping of the pool for a commit's copy, if it can never fault
+        and a commit was copied from the pool before; else None: read it."""
         if self.mapping is not None:
             return self.mapping
+        if not self.copied:
+            self.copied = True
+            return None
         if self.unmappable_at == self.size:
             return None
         try:
