@@ -29,7 +29,7 @@ from ..wire.codec import (
     decode_args,
     encode_message,
 )
-from ..wire.protocol import Arg, ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
+from ..wire.protocol import InterfaceSpec, MessageSpec, ProtocolTable
 
 if TYPE_CHECKING:
     from .core import Compositor
@@ -58,7 +58,6 @@ class _Route(NamedTuple):
     """How one kind of request is handled once it decoded (``ClientCore._route``)."""
 
     handler: Handler | None
-    objects: tuple[tuple[int, Arg], ...]  # its object arguments, checked before the handler
     new_id: tuple[int, InterfaceSpec] | None  # the argument index and interface it creates
 
 
@@ -157,8 +156,8 @@ class ClientCore:
                     break
                 data, inflight = taken
                 args = decode_args(spec, data, inflight)
-                if route.objects:
-                    self._check_objects(obj, spec, route, args)
+                if spec.object_args:
+                    self._check_objects(obj, spec, args)
                 self._dispatch(obj, spec, route, args, inflight)
                 inflight = []
             if reader.buffered_fds > MAX_UNCLAIMED_FDS:
@@ -190,16 +189,13 @@ class ClientCore:
             # None: wl_registry.bind's untyped new id, which its handler checks and makes.
             if interface is not None:
                 new_id = (index, self.protocol[interface])
-        route = _Route(
-            self.handlers.get((spec.interface, spec.name)),
-            tuple((i, arg) for i, arg in enumerate(spec.args) if arg.kind is ArgKind.OBJECT),
-            new_id)
+        route = _Route(self.handlers.get((spec.interface, spec.name)), new_id)
         self._routes[id(spec)] = route
         return route
 
-    def _check_objects(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
+    def _check_objects(self, obj: WaylandObject, spec: MessageSpec,
                        args: list[ArgValue]) -> None:
-        for index, arg in route.objects:
+        for index, arg in spec.object_args:
             value = args[index]
             if value is None:
                 continue

@@ -107,8 +107,7 @@ def _plan(spec: MessageSpec, full_path: bool) -> WordPlan | None:
                 "i" if a.kind in (ArgKind.INT, ArgKind.FIXED) else "I" for a in head))
             plan = WordPlan(
                 size=HEADER_SIZE + body.size, body=body,
-                objects=tuple((i, a.interface, a.nullable) for i, a in enumerate(spec.args)
-                              if a.kind is ArgKind.OBJECT),
+                objects=tuple((i, a.interface, a.nullable) for i, a in spec.object_args),
                 new_id=-1 if spec.new_id_index is None else spec.new_id_index,
                 new_interface=("" if spec.new_id_index is None
                                else spec.args[spec.new_id_index].interface or ""),

@@ -34,7 +34,7 @@ from ..wire.codec import (
     decode_args,
     encode_message,
 )
-from ..wire.protocol import Arg, ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
+from ..wire.protocol import ArgKind, InterfaceSpec, MessageSpec, ProtocolTable
 from .fastpath import Relay, select_fast_path
 
 # A message header's first word: the object id, as the codec writes it.
@@ -133,16 +133,6 @@ class Step:
     own_events_wait: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _Route:
-    """What the full path does with a kind of request, worked out when the first comes."""
-
-    objects: tuple[tuple[int, Arg], ...]  # the object arguments, with their indices
-    ids: tuple[tuple[int, Arg], ...]  # the object and new_id arguments, with theirs
-    # The bridge's handler when the bridge takes this request, else None.
-    shm: ShmHandler | None
-
-
 @dataclass(slots=True)
 class _Global:
     interface: InterfaceSpec
@@ -194,8 +184,9 @@ class RelaySession:
         self._requests = WireReader(max_message_size)
         self._events = WireReader(max_message_size)
         self._globals: dict[int, _Global] = {}
-        # Each request kind's route, by id of its (long-lived) MessageSpec.
-        self._routes: dict[int, _Route] = {}
+        # The bridge's handler of each request kind (None: relayed as it is), by id of
+        # its (long-lived) MessageSpec.
+        self._shm_handlers: dict[int, ShmHandler | None] = {}
         self._hidden_globals: set[int] = set()
         self._display_error = protocol["wl_display"].events[0]
         self._delete_id = protocol["wl_display"].events[1]
@@ -388,8 +379,9 @@ class RelaySession:
             self._check_unclaimed(self._requests)
             parked_obj, parked_spec, parked_frame, parked_args = self._parked
             self._parked = None
-            if not self._dispatch_request(parked_obj, parked_spec, self._route(parked_spec),
-                                          parked_frame, parked_args, [], up, down):
+            if not self._dispatch_request(parked_obj, parked_spec,
+                                          self._shm_handler(parked_spec), parked_frame,
+                                          parked_args, [], up, down):
                 return
         reader = self._requests
         fast = None if self._fast is None else self._fast.requests
@@ -478,22 +470,19 @@ class RelaySession:
 
     # -- requests ------------------------------------------------------------
 
-    def _route(self, spec: MessageSpec) -> _Route:
-        route = self._routes.get(id(spec))
-        if route is None:
-            route = self._routes[id(spec)] = _Route(
-                tuple((i, a) for i, a in enumerate(spec.args) if a.kind is ArgKind.OBJECT),
-                tuple((i, a) for i, a in enumerate(spec.args)
-                      if a.kind is ArgKind.OBJECT or a.kind is ArgKind.NEW_ID),
-                None if self.shm is None else self.shm.handler(spec))
-        return route
+    def _shm_handler(self, spec: MessageSpec) -> ShmHandler | None:
+        key = id(spec)
+        if key in self._shm_handlers:
+            return self._shm_handlers[key]
+        handler = self._shm_handlers[key] = (None if self.shm is None
+                                             else self.shm.handler(spec))
+        return handler
 
     def _relay_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
                        fds: list[int], up: Outbox, down: Outbox) -> bool:
         """Validate, track and relay one request; False if it must wait (parked)."""
         args = self._decode(obj, spec, frame, fds)
-        route = self._route(spec)
-        for index, arg in route.objects:
+        for index, arg in spec.object_args:
             value = args[index]
             if value is not None:
                 # libwayland reports bad object arguments as invalid arguments, on
@@ -511,13 +500,13 @@ class RelaySession:
                         ErrorCode.INVALID_METHOD, DISPLAY_ID)
         if spec.new_id_index is not None:
             self._create_from_request(obj, spec, args)
-        return self._dispatch_request(obj, spec, route, frame, args, fds, up, down)
+        return self._dispatch_request(obj, spec, self._shm_handler(spec), frame, args, fds,
+                                      up, down)
 
-    def _dispatch_request(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
-                          frame: Frame, args: list[ArgValue], fds: list[int], up: Outbox,
-                          down: Outbox) -> bool:
+    def _dispatch_request(self, obj: WaylandObject, spec: MessageSpec,
+                          handler: ShmHandler | None, frame: Frame, args: list[ArgValue],
+                          fds: list[int], up: Outbox, down: Outbox) -> bool:
         verdict = Verdict.FORWARD
-        handler = route.shm
         if handler is not None:
             verdict = handler(obj, args, fds, up, down)
             if verdict is Verdict.BLOCKED:
@@ -544,12 +533,11 @@ class RelaySession:
             return True
         if spec.destructor:
             self.objects.destroyed(obj, by_compositor=False)
-        self._forward_request(obj, spec, route, frame, args, fds, up)
+        self._forward_request(obj, spec, frame, args, fds, up)
         return True
 
-    def _forward_request(self, obj: WaylandObject, spec: MessageSpec, route: _Route,
-                         frame: Frame, args: list[ArgValue], fds: list[int],
-                         up: Outbox) -> None:
+    def _forward_request(self, obj: WaylandObject, spec: MessageSpec, frame: Frame,
+                         args: list[ArgValue], fds: list[int], up: Outbox) -> None:
         ids = self.ids
         target = ids.upstream(obj.id)
         if target is None:
@@ -559,7 +547,7 @@ class RelaySession:
         renumbered = target != obj.id
         changed = False  # an argument differs
         translated: list[ArgValue] = list(args)
-        for index, arg in route.ids:
+        for index, arg in spec.id_args:
             value = args[index]
             kind = arg.kind
             if kind is ArgKind.OBJECT and value is not None:
@@ -757,8 +745,9 @@ class RelaySession:
         if self.ids.identical():
             return args
         translated: list[ArgValue] | None = None
-        for index, (arg, value) in enumerate(zip(spec.args, args, strict=True)):
-            if arg.kind is not ArgKind.OBJECT or value is None:
+        for index, _ in spec.object_args:
+            value = args[index]
+            if value is None:
                 continue
             assert isinstance(value, int)
             if obj.id == DISPLAY_ID and spec is self._display_error:

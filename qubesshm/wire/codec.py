@@ -198,8 +198,7 @@ def _plan(spec: MessageSpec) -> _ScalarPlan | bool:
                                all(a.kind in (ArgKind.INT, ArgKind.UINT) for a in spec.args),
                                all(a.kind not in (ArgKind.FD, ArgKind.FIXED)
                                    for a in spec.args),
-                               tuple(i for i, a in enumerate(spec.args)
-                                     if a.kind in (ArgKind.OBJECT, ArgKind.NEW_ID)),
+                               tuple(i for i, _ in spec.id_args),
                                struct.Struct("=II" + words))
         else:
             plan = False

@@ -65,6 +65,10 @@ class MessageSpec:
     destructor: bool = False
     fd_count: int = field(init=False)
     new_id_index: int | None = field(init=False)
+    # The object arguments with their indices (what is checked to be live objects),
+    # and those with the new_id arguments (what names an object: translated, or 0-checked).
+    object_args: tuple[tuple[int, Arg], ...] = field(init=False, repr=False)
+    id_args: tuple[tuple[int, Arg], ...] = field(init=False, repr=False)
     # The codec's precompiled decoder for this signature, made on first use.
     codec_plan: object = field(default=None, init=False, compare=False, repr=False)
     # The relay's fast-path plan for this message, made on first use.
@@ -76,6 +80,11 @@ class MessageSpec:
         if len(new_ids) > 1:
             raise ProtocolLoadError(f"{self.interface}.{self.name} creates more than one object")
         object.__setattr__(self, "new_id_index", new_ids[0] if new_ids else None)
+        object.__setattr__(self, "object_args", tuple(
+            (i, a) for i, a in enumerate(self.args) if a.kind is ArgKind.OBJECT))
+        object.__setattr__(self, "id_args", tuple(
+            (i, a) for i, a in enumerate(self.args)
+            if a.kind is ArgKind.OBJECT or a.kind is ArgKind.NEW_ID))
 
     def __str__(self) -> str:
         return f"{self.interface}.{self.name}"
